@@ -1,0 +1,101 @@
+"""Model bundles: safetensors weights + JSON config + JSON model card, in one folder.
+
+Layout::
+
+    BUNDLE/
+      model.safetensors   the weights (safetensors: no pickle, ever)
+      config.json         everything needed to rebuild the network (architecture, sizes, ...)
+      model_card.json     intended use, training data, metrics, limitations
+
+A bundle is written into a temporary sibling folder and renamed into place, so an interrupted
+save never leaves a half-written bundle behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .api import ModelCard
+from .errors import BundleError
+
+WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "model_card.json"
+
+
+@dataclass
+class Bundle:
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    config: dict[str, Any]
+    card: ModelCard
+    sha256: str  # SHA-256 of model.safetensors: the weights' identity in every output
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_bundle(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    config: Mapping[str, Any],
+    card: ModelCard,
+) -> str:
+    """Write a bundle atomically (replacing any old one) and return the weights' SHA-256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        weights = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(weights, str(tmp / WEIGHTS))
+        (tmp / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
+        (tmp / CARD).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return sha256_file(path / WEIGHTS)
+
+
+def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> Bundle:
+    """Read a bundle; BundleError names the missing or corrupt part."""
+    path = Path(path)
+    for part in (WEIGHTS, CONFIG, CARD):
+        if not (path / part).is_file():
+            raise BundleError(f"model bundle {path}: missing {part} (expected {WEIGHTS}, {CONFIG}, {CARD})")
+    try:
+        tensors = load_file(str(path / WEIGHTS), device=str(device))
+    except Exception as exc:
+        raise BundleError(f"model bundle {path}: cannot read {WEIGHTS}: {exc}") from exc
+    try:
+        config = json.loads((path / CONFIG).read_text())
+        card = ModelCard.from_dict(json.loads((path / CARD).read_text()))
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BundleError(f"model bundle {path}: bad {CONFIG} or {CARD}: {exc}") from exc
+    return Bundle(path, tensors, config, card, sha256_file(path / WEIGHTS))
+
+
+def pick_device(preferred: str | None = None) -> torch.device:
+    """``preferred`` if given, else CUDA when available, else CPU (chosen at run time)."""
+    if preferred:
+        return torch.device(preferred)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

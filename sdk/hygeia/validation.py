@@ -1,0 +1,109 @@
+"""Input checks shared by every plugin: each failure is an InputError naming the input."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import InputError, UnsupportedConditionError
+from .vocab import CONDITION_LABELS
+
+MAX_N = 100_000  # hard ceiling on one generate() call; plugins may set a lower one
+
+
+def check_images(
+    images: Any, *, size: tuple[int, int] | None, channels: int = 1, name: str = "images"
+) -> np.ndarray:
+    """Return ``images`` as float32 ``[B, channels, H, W]``.
+
+    Accepts a numpy array or torch tensor, ``[H, W]``, ``[B, H, W]`` or ``[B, C, H, W]`` of a
+    floating dtype, and RGB (C=3) when ``channels`` is 1 (converted to luminance). Raises
+    InputError on other dtypes, shapes, sizes, empty batches or non-finite values.
+    """
+    if hasattr(images, "detach"):  # torch.Tensor
+        images = images.detach().cpu().numpy()
+    if isinstance(images, (list, tuple)):
+        try:
+            images = np.stack([np.asarray(i) for i in images])
+        except ValueError:
+            raise InputError(name, "images of one shape", got="a list of differently shaped arrays") from None
+    if not isinstance(images, np.ndarray):
+        raise InputError(name, "a numpy array or torch tensor", got=type(images).__name__)
+    if not np.issubdtype(images.dtype, np.floating):
+        raise InputError(name, "a floating-point array (float32, intensities in [0, 1])", got=f"dtype {images.dtype}")
+    a = images.astype(np.float32, copy=False)
+    if a.ndim == 2:
+        a = a[None, None]
+    elif a.ndim == 3:
+        a = a[:, None]
+    if a.ndim != 4:
+        raise InputError(name, "shape [H, W], [B, H, W] or [B, C, H, W]", got=f"shape {list(images.shape)}")
+    if a.shape[0] == 0:
+        raise InputError(name, "at least one image", got="an empty batch")
+    if a.shape[1] != channels:
+        if channels == 1 and a.shape[1] == 3:
+            a = (0.299 * a[:, 0:1] + 0.587 * a[:, 1:2] + 0.114 * a[:, 2:3]).astype(np.float32)
+        else:
+            raise InputError(name, f"{channels} channel(s) (or 3 for RGB)", got=f"{a.shape[1]} channels")
+    if size is not None and tuple(a.shape[2:]) != tuple(size):
+        raise InputError(name, f"images of {size[0]}x{size[1]} pixels (resize with hygeia.data.prepare_image)",
+                         got=f"{a.shape[2]}x{a.shape[3]}")
+    if not np.isfinite(a).all():
+        bad = int((~np.isfinite(a)).sum())
+        raise InputError(name, "finite pixel values", got=f"{bad} NaN/inf pixel(s)")
+    return np.ascontiguousarray(a)
+
+
+def check_texts(texts: Sequence[str] | None, batch: int, name: str = "texts") -> list[str] | None:
+    """``None`` or one string per image."""
+    if texts is None:
+        return None
+    if isinstance(texts, str):
+        texts = [texts]
+    texts = list(texts)
+    if len(texts) != batch:
+        raise InputError(name, f"one string per image ({batch})", got=f"{len(texts)} strings")
+    for t in texts:
+        if not isinstance(t, str):
+            raise InputError(name, "strings", got=type(t).__name__)
+    return texts
+
+
+def check_n(n: Any, max_n: int = MAX_N, name: str = "n") -> int:
+    """A positive integer no larger than ``max_n``."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise InputError(name, "a positive integer", got=repr(n))
+    if n <= 0:
+        raise InputError(name, "a positive integer (n > 0)", got=n)
+    if n > max_n:
+        raise InputError(name, f"at most {max_n} per call (memory)", got=n)
+    return int(n)
+
+
+def check_seed(seed: Any, name: str = "seed") -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
+        raise InputError(name, "an integer in [0, 2**63)", got=repr(seed))
+    return int(seed)
+
+
+def condition_kind(condition: Any) -> str:
+    """Classify a condition: ``none``, ``label`` (a vocabulary label), ``text``, ``properties``."""
+    if condition is None or (isinstance(condition, str) and not condition.strip()):
+        return "none"
+    if isinstance(condition, str):
+        return "label" if condition.strip().lower() in CONDITION_LABELS else "text"
+    if isinstance(condition, dict):
+        return "properties"
+    return type(condition).__name__
+
+
+def check_condition(condition: Any, supported: frozenset[str] | set[str], plugin: str) -> str:
+    """Return the condition's kind, or raise UnsupportedConditionError naming what the plugin takes."""
+    kind = condition_kind(condition)
+    if kind not in supported:
+        raise UnsupportedConditionError(
+            f"condition for {plugin!r}",
+            "one of: " + ", ".join(sorted(supported)) + f" (labels: {', '.join(CONDITION_LABELS)})",
+            got=f"{kind} {condition!r}"[:200],
+        )
+    return kind
