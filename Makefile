@@ -1,0 +1,41 @@
+# Two commands set up a fresh machine: `make demo` (the main job) and `make test`.
+# Both create .venv when missing and install the system packages they need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip -q --disable-pip-version-check
+STAMP := $(VENV)/.hygeia-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb
+
+.PHONY: demo test venv system-deps clean
+
+venv: $(STAMP)
+
+# torch==2.13.0 FIRST (a CPU build on local disk); a bare `torch` would pull GBs of CUDA packages.
+$(STAMP): pyproject.toml tests/example_plugin/pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e ".[serving,text,generative,pacs,test]"
+	$(PIP) install -e tests/example_plugin
+	$(PY) -c "import numpy; assert numpy.__version__ < '2', numpy.__version__"
+	@touch $@
+
+system-deps:
+	@missing=""; for c in dciodvfy dsrdump storescu Orthanc; do command -v $$c >/dev/null || missing=1; done; \
+	 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing=1; \
+	 if [ -n "$$missing" ]; then \
+	   $(SUDO) apt-get update -qq && \
+	   DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(APT_PACKAGES) >/dev/null; \
+	 fi
+
+demo: $(STAMP) system-deps
+	$(PY) -m hygeia demo --out out/demo
+
+test: $(STAMP) system-deps
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) out

@@ -1,0 +1,48 @@
+"""Hygeia DICOM integration: TID 1500 Structured Reports for diagnoses, synthetic Secondary
+Captures for generated images. Registered through ``hygeia_output_formats`` (formats ``sr`` and
+``dicom-sc``); DICOM reading itself lives in the core (:mod:`hygeia.data.io`).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+from hygeia import hookimpl
+from hygeia.api import OutputFormat
+
+__all__ = ["build_sc", "build_sr", "write_sc", "write_sr"]
+
+
+def __getattr__(name: str) -> Any:  # lazy: importing highdicom costs ~1 s
+    if name in ("build_sr", "write_sr"):
+        from . import sr
+
+        return getattr(sr, name)
+    if name in ("build_sc", "write_sc"):
+        from . import sc
+
+        return getattr(sc, name)
+    raise AttributeError(name)
+
+
+def _write_sr(results: Any, out: Any, **context: Any) -> list[Any]:
+    from .sr import write_sr
+
+    return write_sr(results, out, **context)
+
+
+def _write_sc(results: Any, out: Any, **context: Any) -> list[Any]:
+    from .sc import write_sc
+
+    return write_sc(results, out, **context)
+
+
+@hookimpl
+def hygeia_output_formats() -> Iterator[OutputFormat]:
+    yield OutputFormat(
+        name="sr", accepts="diagnosis",
+        description="DICOM Comprehensive 3D SR, TID 1500 Measurement Report (one per study, not verified)",
+        write=_write_sr)
+    yield OutputFormat(
+        name="dicom-sc", accepts="images",
+        description="DICOM Secondary Capture per generated image, marked synthetic (ConversionType SYN)",
+        write=_write_sc)

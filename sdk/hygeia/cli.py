@@ -1,0 +1,275 @@
+"""The ``hygeia`` command line (also ``python -m hygeia``).
+
+Commands and flags here are a contract that users' scripts rely on: keep them stable.
+Errors from bad input are printed as one line (``error: ...``) with exit status 2, no traceback.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import HygeiaError, InputError
+
+app = typer.Typer(
+    name="hygeia",
+    help="Hygeia: plugin-based clinical imaging SDK (generators, conditioners, diagnosers).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+evaluate_app = typer.Typer(help="Evaluate a plugin on held-out data.", no_args_is_help=True)
+app.add_typer(evaluate_app, name="evaluate")
+console = Console()
+err = Console(stderr=True)
+
+# Core modules that add their own commands (they live in the sdk, so the core may import them).
+_COMMAND_MODULES = ("hygeia.serving.cli",)
+
+
+def _parse_options(options: list[str] | None) -> dict[str, Any]:
+    """``--option key=value`` pairs; values are parsed as JSON when possible (numbers, bools)."""
+    out: dict[str, Any] = {}
+    for item in options or []:
+        if "=" not in item:
+            raise InputError("--option", "KEY=VALUE", got=repr(item))
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except ValueError:
+            out[k.strip()] = v
+    return out
+
+
+def _progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=err, transient=True)
+
+
+# --------------------------------------------------------------------------- plugins
+@app.command()
+def plugins(json_out: bool = typer.Option(False, "--json", help="Print a JSON list.")) -> None:
+    """List installed plugins: kind, name, version and source package."""
+    from .plugins import get_registry
+
+    reg = get_registry()
+    specs = reg.all()
+    if json_out:
+        console.print_json(json.dumps([s.metadata() for s in specs]))
+    else:
+        t = Table("kind", "name", "version", "package", "description")
+        for s in specs:
+            t.add_row(s.kind, s.name, s.version, s.package, s.description)
+        console.print(t)
+    for f in reg.failures:
+        err.print(f"[yellow]warning:[/] plugin {f.name!r} ({f.package}) failed to load: {f.error}")
+
+
+# --------------------------------------------------------------------------- generate
+@app.command()
+def generate(
+    plugin: str = typer.Option(..., "--plugin", "-p", help="Generator plugin name (see `hygeia plugins`)."),
+    n: int = typer.Option(16, "-n", help="How many samples."),
+    seed: int = typer.Option(0, "--seed", help="Random seed: same seed, same output."),
+    condition: Optional[str] = typer.Option(None, "--condition", "-c",
+                                            help="A finding label, free text, or JSON properties."),
+    out: Path = typer.Option(Path("samples.png"), "--out", "-o",
+                             help="PNG grid for images; .smi or .sdf for molecules."),
+    dicom: Optional[Path] = typer.Option(None, "--dicom", help="Also write DICOM Secondary Captures here."),
+    server: Optional[str] = typer.Option(None, "--server", help="Generate on a Triton server HOST:PORT."),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="Plugin option KEY=VALUE (repeatable)."),
+) -> None:
+    """Generate synthetic images (PNG grid) or molecules (.smi/.sdf)."""
+    cond: Any = condition
+    if condition and condition.lstrip().startswith("{"):
+        try:
+            cond = json.loads(condition)
+        except ValueError as exc:
+            raise InputError("--condition", "valid JSON for property targets", got=str(exc)) from None
+    gen = _plugin("generator", plugin, server)
+    opts = _parse_options(option)
+    with _progress() as prog:
+        task = prog.add_task(f"generating with {plugin}", total=n)
+        results = gen.generate(n, condition=cond, seed=seed,
+                               progress=lambda done, total: prog.update(task, completed=done, total=total), **opts)
+        prog.update(task, completed=n)
+    if gen.output == "molecule":
+        smiles = [m.smiles for m in results]
+        if out.suffix.lower() == ".sdf":
+            from .evaluation.molecules import write_molecules
+
+            write_molecules(smiles, out)
+        else:
+            from .outputs import write_text
+
+            write_text(out, "\n".join(smiles) + "\n")
+        valid = sum(m.valid for m in results)
+        console.print(f"wrote {len(results)} molecules ({valid} valid) to {out}")
+        return
+    from .outputs import write_image_grid
+
+    write_image_grid(out, results)
+    console.print(f"wrote {len(results)} synthetic images to {out}")
+    if dicom is not None:
+        from .plugins import get_registry
+
+        paths = get_registry().output_format("dicom-sc").write(results, dicom, sources=None)
+        console.print(f"wrote {len(paths)} DICOM Secondary Captures (synthetic) to {dicom}")
+
+
+# --------------------------------------------------------------------------- diagnose
+@app.command()
+def diagnose(
+    inputs: list[Path] = typer.Argument(..., help="DICOM (.dcm), PNG or .npy/.npz images.", exists=True,
+                                        dir_okay=False),
+    plugin: str = typer.Option("cnn", "--plugin", "-p", help="Diagnoser plugin name."),
+    text: Optional[list[str]] = typer.Option(None, "--text", "-t",
+                                             help="Clinical history/indication (one, or one per image)."),
+    json_out: bool = typer.Option(False, "--json", help="Print findings as JSON."),
+    sr: Optional[Path] = typer.Option(None, "--sr", help="Write a DICOM TID 1500 Structured Report (DICOM input)."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Write heat-map overlays as PNG (first image)."),
+    server: Optional[str] = typer.Option(None, "--server", help="Diagnose on a Triton server HOST:PORT."),
+) -> None:
+    """Diagnose images: findings with probabilities, thresholds, regions."""
+    import numpy as np
+
+    from .data.io import load_image, prepare_image
+
+    diag = _plugin("diagnoser", plugin, server)
+    loaded = [load_image(p) for p in inputs]
+    batch = np.stack([prepare_image(li.pixels, size=diag.input_size) for li in loaded])
+    texts = None
+    if text:
+        texts = list(text) * len(inputs) if len(text) == 1 else list(text)
+    results = diag.diagnose(batch, texts=texts)
+    if json_out:
+        console.print_json(json.dumps([{"input": str(p), **d.to_dict()} for p, d in zip(inputs, results)]))
+    else:
+        for p, d in zip(inputs, results):
+            t = Table("finding", "SNOMED CT", "probability", "threshold", "present", "region",
+                      title=f"{p} - {d.model.name} {d.model.version}")
+            for f in d.findings:
+                region = "" if f.region is None else f"{f.region.kind} @ ({f.region.center()[0]:.0f}, {f.region.center()[1]:.0f})"
+                t.add_row(f.label, f.code.value, f"{f.probability:.3f}", f"{f.threshold:.3f}",
+                          "[bold red]yes[/]" if f.present else "no", region)
+            console.print(t)
+    if png is not None:
+        from .outputs import write_diagnosis_png
+
+        write_diagnosis_png(png, batch[0, 0], results[0])
+        err.print(f"wrote {png}")
+    if sr is not None:
+        from .plugins import get_registry
+
+        sources = [li.dataset if li.dataset is not None else li.path for li in loaded]
+        get_registry().output_format("sr").write(results, sr, sources=sources)
+        err.print(f"wrote DICOM SR {sr}")
+
+
+def _plugin(kind: Any, name: str, server: Optional[str]) -> Any:
+    if server:
+        from .serving import connect
+
+        return connect(kind, name, server)
+    from .plugins import get_registry
+
+    return get_registry().create(kind, name)
+
+
+# --------------------------------------------------------------------------- train
+@app.command()
+def train(
+    plugin: str = typer.Argument(..., help="Plugin to train (must declare a trainer)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle folder (default: the plugin's default)."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same seed reproduces the same weights."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the plugin's)."),
+    resume: bool = typer.Option(False, "--resume", help="Resume from the last checkpoint, if the plugin supports it."),
+    option: Optional[list[str]] = typer.Option(None, "--option", help="Trainer option KEY=VALUE (repeatable)."),
+) -> None:
+    """Train a plugin's model reproducibly and write its bundle."""
+    from .plugins import get_registry
+
+    spec = get_registry().find(plugin)
+    if spec.train is None:
+        raise InputError("plugin", f"a plugin with a trainer ({spec.kind} {plugin!r} has none)")
+    opts = _parse_options(option)
+    if out is not None:
+        opts["out"] = out
+    if epochs is not None:
+        opts["epochs"] = epochs
+    if resume:
+        opts["resume"] = True
+    path = spec.train(seed=seed, progress=True, **opts)
+    console.print(f"trained {spec.kind} {plugin!r}; bundle at {path}")
+
+
+# --------------------------------------------------------------------------- evaluate
+@evaluate_app.command("diagnoser")
+def evaluate_diagnoser(
+    name: str = typer.Argument(..., help="Diagnoser plugin name."),
+    n: int = typer.Option(2000, "-n", help="Held-out phantoms."),
+    json_out: bool = typer.Option(False, "--json"),
+    roc: Optional[Path] = typer.Option(None, "--roc", help="Write ROC curves as PNG."),
+) -> None:
+    """Per-finding AUROC, sensitivity/specificity, ECE and localisation on held-out phantoms."""
+    from .evaluation.diagnosers import main as run
+
+    run(name, n=n, json_out=json_out, roc=roc)
+
+
+@evaluate_app.command("molecules")
+def evaluate_molecules(
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="A .smi file, one SMILES per line."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """The MOSES metric table for a SMILES file, next to the published baselines."""
+    from .evaluation.molecules import main as run
+
+    run(path, json_out=json_out)
+
+
+# --------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("out/demo"), "--out", "-o", help="Output folder."),
+    seed: int = typer.Option(0, "--seed"),
+    server: Optional[str] = typer.Option(None, "--server", help="Diagnose through this Triton server."),
+    local: bool = typer.Option(False, "--local", help="Diagnose in-process instead of through Triton."),
+) -> None:
+    """The main job: a phantom study -> diagnosis -> findings JSON, PNG (and SR, SC where installed)."""
+    from .demo import run_demo
+
+    run_demo(out, seed=seed, server=server, local=local, console=console)
+
+
+def _load_command_plugins() -> None:
+    import importlib
+
+    for mod in _COMMAND_MODULES:
+        try:
+            importlib.import_module(mod).register(app)
+        except ImportError as exc:  # optional extra not installed
+            err.print(f"[yellow]warning:[/] commands from {mod} unavailable: {exc}")
+    from .plugins import get_registry
+
+    get_registry().pm.hook.hygeia_cli_commands(app=app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the CLI; HygeiaError -> one line on stderr, exit 2."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        _load_command_plugins()
+        app(args=argv, standalone_mode=True)
+    except HygeiaError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)

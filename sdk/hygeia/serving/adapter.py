@@ -1,0 +1,255 @@
+"""The Triton Python-backend model behind every generated ``triton_models/*/1/model.py``.
+
+It reads the plugin's kind and name from the model config parameters, finds the plugin
+through the plugin registry (loading only the entry point that registers it, so a stub does
+not import every installed plugin), builds it on the instance's device, and converts tensors
+<-> plugin calls with :mod:`hygeia.serving.wire`.
+
+Errors: an :class:`hygeia.errors.InputError` becomes an ``INVALID_ARG`` error response carrying
+its message (the client rebuilds the InputError); anything else becomes ``INTERNAL``. A bad
+request never affects the other requests of a dynamic batch, and the model keeps serving.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import time
+import traceback
+from typing import Any, Callable
+
+import numpy as np
+
+from ..errors import InputError
+from ..validation import check_images
+from . import wire
+
+PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress messages a second per request
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _lookup(kind: str, name: str, entry_point: str) -> Any:
+    """The plugin spec, loading only its own entry point when known (fast stub start)."""
+    from ..plugins import PluginRegistry, get_registry
+    from .repository import find_entry_point
+
+    ep = find_entry_point(entry_point) if entry_point else None
+    if ep is not None:
+        reg = PluginRegistry(load_entry_points=False)
+        reg.register(ep.load(), name=ep.name, package=ep.dist.name if ep.dist is not None else "?")
+        try:
+            return reg.get(kind, name)  # type: ignore[arg-type]
+        except LookupError:
+            pass
+    return get_registry().get(kind, name)  # type: ignore[arg-type]
+
+
+def _accepts(fn: Callable[..., Any], param: str) -> bool:
+    try:
+        return param in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class TritonPythonModel:
+    """Serves one Hygeia plugin (any kind) in Triton's Python backend."""
+
+    def initialize(self, args: dict[str, str]) -> None:
+        import triton_python_backend_utils as pb  # only exists inside the stub
+
+        self.pb = pb
+        self.config = json.loads(args["model_config"])
+        self.model_name = args.get("model_name", self.config.get("name", "?"))
+        p = {k: v.get("string_value", "") for k, v in self.config.get("parameters", {}).items()}
+        self.params = p
+        self.kind, self.name = p["hygeia_kind"], p["hygeia_name"]
+        self.info = json.loads(p.get("hygeia_info", "{}"))
+        spec = _lookup(self.kind, self.name, p.get("hygeia_entry_point", ""))
+        device = "cpu"
+        if args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args.get('model_instance_device_id', '0')}"
+        self.device = device
+        opts = {"device": device} if _accepts(spec.factory, "device") else {}
+        self.plugin = spec.factory(**opts)
+        ident = self.plugin.identity
+        want = (p.get("hygeia_version"), p.get("hygeia_weights_sha256") or None)
+        if (ident.version, ident.weights_sha256) != want:
+            raise RuntimeError(
+                f"model {self.model_name} is stale: its config describes version {want[0]} weights "
+                f"{want[1]}, the installed plugin is version {ident.version} weights {ident.weights_sha256}; "
+                "run `hygeia triton build` to refresh the repository")
+        self._execute = {"diagnoser": self._diagnose, "conditioner": self._condition,
+                         "generator": self._generate}[self.kind]
+        if self.kind == "diagnoser":
+            self.labels = list(self.info["findings"])
+            self.size = tuple(self.info["input_size"])
+            self.channels = int(self.info.get("channels", 1))
+            self.heatmap_kw = next((k for k in ("heatmaps", "heatmap", "gradcam")
+                                    if _accepts(self.plugin.diagnose, k)), None)
+        if self.kind == "generator":
+            self.takes_progress = _accepts(self.plugin.generate, "progress")
+        self._log("info", f"{self.model_name}: serving {self.kind} {self.name!r} v{ident.version} on {device}")
+
+    # ----------------------------------------------------------------- helpers
+    def _log(self, level: str, msg: str) -> None:
+        logger = getattr(self.pb, "Logger", None)
+        if logger is not None:
+            getattr(logger, f"log_{level}")(msg)
+        else:  # pragma: no cover
+            print(msg, file=sys.stderr)
+
+    def _error(self, exc: BaseException) -> Any:
+        pb = self.pb
+        if isinstance(exc, InputError):
+            return pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
+        self._log("error", f"{self.model_name}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        return pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}", pb.TritonError.INTERNAL))
+
+    def _input(self, request: Any, name: str) -> np.ndarray | None:
+        t = self.pb.get_input_tensor_by_name(request, name)
+        return None if t is None else t.as_numpy()
+
+    def _response(self, outputs: dict[str, np.ndarray]) -> Any:
+        return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, v) for k, v in outputs.items()])
+
+    def execute(self, requests: list[Any]) -> list[Any] | None:
+        return self._execute(requests)
+
+    def finalize(self) -> None:
+        self.plugin = None
+
+    # ----------------------------------------------------------------- diagnoser
+    def _diagnose_call(self, images: np.ndarray, texts: list[str] | None, heatmaps: bool) -> dict[str, np.ndarray]:
+        kw = {self.heatmap_kw: heatmaps} if self.heatmap_kw else {}
+        result = self.plugin.diagnose(images, texts, **kw)
+        if len(result) != len(images):
+            raise RuntimeError(f"{self.name}.diagnose returned {len(result)} results for {len(images)} images")
+        return wire.encode_diagnoses(result, self.labels, heatmaps=heatmaps)
+
+    def _diagnose(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        groups: dict[tuple[bool, bool], list[tuple[int, np.ndarray, list[str] | None]]] = {}
+        for i, r in enumerate(requests):
+            try:
+                raw = self._input(r, wire.IMAGES)
+                if raw is None:
+                    raise InputError(wire.IMAGES, "an FP32 tensor [B, C, H, W]", got="no IMAGES input")
+                imgs = check_images(raw, size=self.size, channels=self.channels, name=wire.IMAGES)  # type: ignore[arg-type]
+                tx = self._input(r, wire.TEXTS)
+                texts = wire.decode_strings(tx, wire.TEXTS) if tx is not None else None
+                if texts is not None and len(texts) != len(imgs):
+                    raise InputError(wire.TEXTS, f"one text per image ({len(imgs)})", got=f"{len(texts)} texts")
+                want = wire.HEATMAPS in r.requested_output_names()
+                groups.setdefault((texts is None, want), []).append((i, imgs, texts))
+            except Exception as exc:
+                responses[i] = self._error(exc)
+        for (no_text, want), items in groups.items():
+            try:
+                images = np.concatenate([im for _, im, _ in items])
+                texts = None if no_text else [t for _, _, ts in items for t in ts]  # type: ignore[union-attr]
+                out = self._diagnose_call(images, texts, want)
+                start = 0
+                for i, im, _ in items:
+                    stop = start + len(im)
+                    responses[i] = self._response({k: v[start:stop] for k, v in out.items()})
+                    start = stop
+            except Exception:
+                for i, im, ts in items:  # isolate the bad request: run each alone
+                    try:
+                        responses[i] = self._response(self._diagnose_call(im, ts, want))
+                    except Exception as exc:
+                        responses[i] = self._error(exc)
+        return responses
+
+    # ----------------------------------------------------------------- conditioner
+    def _encode(self, conditions: list[Any]) -> np.ndarray:
+        emb = self.plugin.encode(conditions)
+        if hasattr(emb, "detach"):
+            emb = emb.detach().float().cpu().numpy()
+        return np.asarray(emb, np.float32)
+
+    def _condition(self, requests: list[Any]) -> list[Any]:
+        responses: list[Any] = [None] * len(requests)
+        items: list[tuple[int, list[Any]]] = []
+        for i, r in enumerate(requests):
+            try:
+                conds = [wire.decode_condition(s) for s in wire.decode_strings(self._input(r, wire.CONDITION), wire.CONDITION)]
+                if not conds:
+                    raise InputError(wire.CONDITION, "at least one condition", got="none")
+                items.append((i, conds))
+            except Exception as exc:
+                responses[i] = self._error(exc)
+        if items:
+            try:
+                emb = self._encode([c for _, cs in items for c in cs])
+                start = 0
+                for i, cs in items:
+                    responses[i] = self._response({wire.EMBEDDING: emb[start:start + len(cs)]})
+                    start += len(cs)
+            except Exception:
+                for i, cs in items:
+                    try:
+                        responses[i] = self._response({wire.EMBEDDING: self._encode(cs)})
+                    except Exception as exc:
+                        responses[i] = self._error(exc)
+        return responses
+
+    # ----------------------------------------------------------------- generator
+    def _scalar(self, request: Any, name: str) -> int:
+        a = self._input(request, name)
+        if a is None or a.size != 1:
+            raise InputError(name, "one INT64 value (shape [1, 1]): one generate() call per request",
+                             got="nothing" if a is None else f"shape {list(a.shape)}")
+        return int(a.reshape(-1)[0])
+
+    def _generate(self, requests: list[Any]) -> None:
+        pb = self.pb
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        for r in requests:
+            sender = r.get_response_sender()
+            try:
+                n, seed = self._scalar(r, wire.N), self._scalar(r, wire.SEED)
+                c = self._input(r, wire.CONDITION)
+                cond = wire.decode_condition(wire.decode_strings(c, wire.CONDITION)[0]) if c is not None else None
+                o = self._input(r, wire.OPTIONS)
+                options: dict[str, Any] = {}
+                if o is not None:
+                    text = wire.decode_strings(o, wire.OPTIONS)[0]
+                    try:
+                        options = json.loads(text) if text.strip() else {}
+                    except json.JSONDecodeError as exc:
+                        raise InputError(wire.OPTIONS, "a JSON object", got=f"invalid JSON ({exc})") from None
+                    if not isinstance(options, dict):
+                        raise InputError(wire.OPTIONS, "a JSON object", got=type(options).__name__)
+                    if "progress" in options:
+                        raise InputError(wire.OPTIONS, "no 'progress' key (progress is streamed)", got="'progress'")
+                last = [0.0]
+
+                def progress(done: int, total: int) -> None:
+                    if r.is_cancelled():
+                        raise _Cancelled()
+                    now = time.monotonic()
+                    if done >= total or now - last[0] >= PROGRESS_INTERVAL_S:
+                        last[0] = now
+                        sender.send(self._response({wire.PROGRESS: np.array([[done, total]], np.int64)}))
+
+                kw = {"progress": progress} if self.takes_progress else {}
+                if not self.takes_progress:
+                    progress(0, n)
+                items = self.plugin.generate(n, condition=cond, seed=seed, **options, **kw)
+                out = wire.encode_generated(items)
+                out[wire.PROGRESS] = np.array([[n, n]], np.int64)
+                sender.send(self._response(out), flags=final)
+            except _Cancelled:
+                sender.send(flags=final)
+            except Exception as exc:
+                sender.send(self._error(exc), flags=final)
+        return None
+
+
+if os.environ.get("HYGEIA_SERVING_DEBUG"):  # pragma: no cover
+    print(f"hygeia.serving.adapter loaded in pid {os.getpid()}", file=sys.stderr)
