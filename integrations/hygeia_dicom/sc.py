@@ -151,7 +151,7 @@ def _mark_synthetic(sc: Any, img: GeneratedImage, banner: bool, bits: int) -> No
     sc.ImageType = ["DERIVED", "SECONDARY", "SYNTHETIC"]
     sc.ConversionType = "SYN"
     if "Laterality" not in sc and "BodyPartExamined" not in sc:
-        sc.BodyPartExamined = "CHEST"  # what the phantoms imitate; an unpaired part (no Laterality)
+        sc.BodyPartExamined = str(img.provenance.get("body_part", "CHEST"))[:16]  # unpaired: no Laterality
     sc.BurnedInAnnotation = "YES" if banner else "NO"
     sc.RecognizableVisualFeatures = "NO"
     sc.ImageComments = _describe(img)[:10240]

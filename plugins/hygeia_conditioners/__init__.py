@@ -9,3 +9,6 @@ def hygeia_conditioners():  # type: ignore[no-untyped-def]
     from . import label
 
     yield label.SPEC
+    from . import property
+
+    yield property.SPEC

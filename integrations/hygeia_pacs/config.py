@@ -1,0 +1,122 @@
+"""Gateway configuration: a JSON (or TOML) file, every field documented in docs/gateway.md."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from hygeia.errors import InputError
+
+DEFAULT_MODALITIES = ("CR", "DX", "CT", "MR", "OT")
+DEFAULT_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2",  # Implicit VR Little Endian
+    "1.2.840.10008.1.2.1",  # Explicit VR Little Endian
+    "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
+    "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
+    "1.2.840.10008.1.2.5",  # RLE Lossless
+)
+
+
+@dataclass
+class CStoreDestination:
+    """Where SRs go by DIMSE C-STORE."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass
+class StowDestination:
+    """Where SRs go by DICOMweb STOW-RS (``url`` is the DICOMweb root, e.g. http://host:8042/dicom-web)."""
+
+    url: str
+    username: str | None = None
+    password: str | None = None
+    password_env: str | None = None  # read the password from this environment variable instead
+
+    def resolved_password(self) -> str | None:
+        if self.password_env:
+            return os.environ.get(self.password_env)
+        return self.password
+
+
+@dataclass
+class GatewayConfig:
+    """Everything the gateway needs; see docs/gateway.md for the meaning of each field."""
+
+    spool: Path
+    ae_title: str = "HYGEIA"
+    host: str = "127.0.0.1"
+    port: int = 11112
+    allowed_callers: tuple[str, ...] = ()
+    diagnoser: str = "cnn"
+    server: str | None = None  # Triton gRPC HOST:PORT; None = run the diagnoser in-process
+    study_timeout_s: float = 10.0
+    modalities: tuple[str, ...] = DEFAULT_MODALITIES
+    transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
+    cstore: CStoreDestination | None = None
+    stow: StowDestination | None = None
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 60.0
+    give_up_after_s: float | None = 86400.0
+    batch_size: int = 16
+    keep_instances: bool = False
+    poll_s: float = 0.2
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.spool = Path(self.spool)
+        if not self.allowed_callers:
+            raise InputError("gateway config allowed_callers", "a non-empty list of calling AE titles",
+                             got="an empty list (the gateway accepts only configured AE titles)")
+        self.allowed_callers = tuple(str(a).strip() for a in self.allowed_callers)
+        for a in (self.ae_title, *self.allowed_callers):
+            if not a or len(a) > 16 or "\\" in a:
+                raise InputError("gateway config AE title", "1-16 characters without backslash", got=repr(a))
+        self.modalities = tuple(str(m).upper() for m in self.modalities)
+        self.transfer_syntaxes = tuple(str(t) for t in self.transfer_syntaxes)
+        if isinstance(self.cstore, dict):
+            self.cstore = CStoreDestination(**self.cstore)
+        if isinstance(self.stow, dict):
+            self.stow = StowDestination(**self.stow)
+        if self.cstore is None and self.stow is None:
+            raise InputError("gateway config", "at least one destination: cstore and/or stow", got="none")
+        if self.study_timeout_s <= 0 or self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
+            raise InputError("gateway config timings", "study_timeout_s > 0 and 0 < retry_initial_s <= retry_max_s",
+                             got=(self.study_timeout_s, self.retry_initial_s, self.retry_max_s))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "GatewayConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InputError("gateway config", f"only the keys {', '.join(sorted(known))}", got=f"unknown {unknown}")
+        if "spool" not in d:
+            raise InputError("gateway config", "a 'spool' folder (the durable queue)", got="no spool")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "GatewayConfig":
+        """Read a ``.json`` or ``.toml`` file; relative spool paths are relative to the file."""
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except OSError as exc:
+            raise InputError(f"gateway config {str(p)!r}", "a readable JSON or TOML file", got=str(exc)) from None
+        try:
+            if p.suffix.lower() == ".toml":
+                import tomllib
+
+                d = tomllib.loads(text)
+            else:
+                d = json.loads(text)
+        except ValueError as exc:
+            raise InputError(f"gateway config {str(p)!r}", "valid JSON (or TOML for .toml)", got=str(exc)) from None
+        if not isinstance(d, dict):
+            raise InputError(f"gateway config {str(p)!r}", "a JSON object", got=type(d).__name__)
+        if "spool" in d and not Path(d["spool"]).is_absolute():
+            d["spool"] = str(p.parent / d["spool"])
+        return cls.from_dict(d)

@@ -1,0 +1,73 @@
+"""Sending an SR to the PACS: DIMSE C-STORE (pynetdicom) and DICOMweb STOW-RS (dicomweb-client).
+
+Each sender raises :class:`TransientError` when retrying later may help (connection refused,
+association rejected or aborted, HTTP 5xx, time-outs) and :class:`PermanentError` when the PACS
+refused the object itself (a C-STORE failure status, STOW-RS items in FailedSOPSequence, HTTP 4xx).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from .config import CStoreDestination, StowDestination
+
+
+class TransientError(Exception):
+    """Worth retrying later (PACS or network down)."""
+
+
+class PermanentError(Exception):
+    """The object was refused; retrying the same object will not help."""
+
+
+def send_cstore(ds: Any, dest: CStoreDestination, calling_ae: str, timeout_s: float = 30.0) -> None:
+    """C-STORE ``ds`` to ``dest``; returns on status Success (0x0000) or a warning (0xB000-0xBFFF)."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
+    ae.add_requested_context(ds.SOPClassUID, str(ds.file_meta.TransferSyntaxUID))
+    if str(ds.file_meta.TransferSyntaxUID) != "1.2.840.10008.1.2.1":
+        ae.add_requested_context(ds.SOPClassUID, "1.2.840.10008.1.2.1")
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    if not assoc.is_established:
+        reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+        raise TransientError(f"C-STORE association to {dest.ae_title}@{dest.host}:{dest.port} {reason}")
+    try:
+        status = assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+    if not status or "Status" not in status:
+        raise TransientError(f"C-STORE to {dest.ae_title}: no response (connection lost or time-out)")
+    code = int(status.Status)
+    if code == 0x0000 or 0xB000 <= code <= 0xBFFF:
+        return
+    comment = str(getattr(status, "ErrorComment", ""))
+    if code in (0xA700, 0xA701, 0xA702) or 0xA700 <= code <= 0xA7FF:  # out of resources: try later
+        raise TransientError(f"C-STORE to {dest.ae_title}: status 0x{code:04X} (out of resources) {comment}")
+    raise PermanentError(f"C-STORE to {dest.ae_title}: failure status 0x{code:04X} {comment}".strip())
+
+
+def send_stow(ds: Any, dest: StowDestination, timeout_s: float = 30.0) -> None:
+    """STOW-RS ``ds`` to ``dest.url``; success means an empty (or absent) FailedSOPSequence."""
+    import requests
+    from dicomweb_client.api import DICOMwebClient
+    from dicomweb_client.session_utils import create_session_from_user_pass
+
+    session = None
+    password = dest.resolved_password()
+    if dest.username is not None:
+        session = create_session_from_user_pass(dest.username, password or "")
+    client = DICOMwebClient(url=dest.url, session=session)
+    try:
+        resp = client.store_instances(datasets=[ds])
+    except requests.exceptions.HTTPError as exc:
+        code = exc.response.status_code if exc.response is not None else 0
+        if code >= 500 or code in (408, 429) or code == 0:
+            raise TransientError(f"STOW-RS to {dest.url}: HTTP {code}") from None
+        raise PermanentError(f"STOW-RS to {dest.url}: HTTP {code}") from None
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise TransientError(f"STOW-RS to {dest.url}: {type(exc).__name__}") from None
+    failed = getattr(resp, "FailedSOPSequence", None) if resp is not None else None
+    if failed is not None and len(failed) > 0:
+        reasons = [str(getattr(item, "FailureReason", "?")) for item in failed]
+        raise PermanentError(f"STOW-RS to {dest.url}: {len(failed)} instance(s) failed, reasons {reasons}")

@@ -1,0 +1,171 @@
+"""The gateway's durable on-disk queue.
+
+Layout under the spool folder::
+
+    incoming/<StudyInstanceUID>/<SOPInstanceUID>.dcm   received, study still open
+    processing/<job>/                                   study closed; job = <StudyUID>.<ns timestamp>
+        instances/*.dcm  sr.dcm  state.json             state: attempts, next attempt, sent-to list
+    done/<job>.json                                     success record (SR UID, destinations)
+    failed/<job>.json (+ failed/<job>/ kept files)      failure record with the reason
+
+Every received instance is written to a temporary file, fsync'ed, renamed into place and its
+folder fsync'ed before the C-STORE is acknowledged, so an acknowledged instance survives a crash
+or power loss. Closing a study is one ``rename`` (atomic). State files are replaced atomically.
+After a restart, open studies in ``incoming/`` close after the time-out counted from their
+newest file, and every job in ``processing/`` resumes where its state says.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+UID_RE = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def durable_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that it is on disk when this returns (tmp, fsync, rename, fsync dir)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    durable_write(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return default
+
+
+class Spool:
+    """The queue's folders and the few atomic operations on them. Thread-safe."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.incoming = self.root / "incoming"
+        self.processing = self.root / "processing"
+        self.done = self.root / "done"
+        self.failed = self.root / "failed"
+        for d in (self.incoming, self.processing, self.done, self.failed):
+            d.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.Lock()
+        self._last_activity: dict[str, float] = {}
+        for study in self.incoming.iterdir():
+            if study.is_dir():
+                mtimes = [f.stat().st_mtime for f in study.glob("*.dcm")]
+                self._last_activity[study.name] = max(mtimes, default=study.stat().st_mtime)
+
+    # -- receiving ---------------------------------------------------------------
+    def store(self, study_uid: str, sop_uid: str, data: bytes) -> Path:
+        """Durably store one received instance (returns after fsync)."""
+        if not UID_RE.match(study_uid) or not UID_RE.match(sop_uid) or len(study_uid) > 64 or len(sop_uid) > 64:
+            raise ValueError("Study/SOP Instance UID is not a valid DICOM UID")
+        with self.lock:
+            study_dir = self.incoming / study_uid
+            new_dir = not study_dir.exists()
+            study_dir.mkdir(parents=True, exist_ok=True)
+            if new_dir:
+                fsync_dir(self.incoming)
+            path = study_dir / f"{sop_uid}.dcm"
+            durable_write(path, data)
+            self._last_activity[study_uid] = time.time()
+        return path
+
+    def open_studies(self) -> dict[str, float]:
+        with self.lock:
+            return dict(self._last_activity)
+
+    def close_idle(self, timeout_s: float, now: float | None = None) -> list[Path]:
+        """Move studies idle for ``timeout_s`` from incoming/ to processing/ (one rename each)."""
+        now = time.time() if now is None else now
+        closed = []
+        with self.lock:
+            for study_uid, last in list(self._last_activity.items()):
+                if now - last < timeout_s:
+                    continue
+                src = self.incoming / study_uid
+                del self._last_activity[study_uid]
+                if not src.exists() or not any(src.glob("*.dcm")):
+                    shutil.rmtree(src, ignore_errors=True)
+                    continue
+                job = self.processing / f"{study_uid}.{time.time_ns()}"
+                job.mkdir()
+                os.replace(src, job / "instances")
+                fsync_dir(job)
+                fsync_dir(self.incoming)
+                write_json(job / "state.json", {"study_uid": study_uid, "attempts": 0, "next_attempt": 0.0,
+                                                "created": now, "sent": [], "last_error": None})
+                closed.append(job)
+        return closed
+
+    # -- jobs --------------------------------------------------------------------
+    def jobs(self) -> list[Path]:
+        """Jobs waiting in processing/, oldest first."""
+        return sorted((p for p in self.processing.iterdir() if p.is_dir()), key=lambda p: p.name.rsplit(".", 1)[-1])
+
+    @staticmethod
+    def state(job: Path) -> dict[str, Any]:
+        return read_json(job / "state.json", default=None) or {"study_uid": job.name.rsplit(".", 1)[0],
+                                                             "attempts": 0, "next_attempt": 0.0, "sent": [],
+                                                             "created": time.time(), "last_error": None}
+
+    @staticmethod
+    def save_state(job: Path, state: dict[str, Any]) -> None:
+        write_json(job / "state.json", state)
+
+    def finish(self, job: Path, record: dict[str, Any], keep_instances: bool) -> Path:
+        """Success: write done/<job>.json, keep the SR beside it, drop the job folder."""
+        out = self.done / f"{job.name}.json"
+        if (job / "sr.dcm").exists():
+            os.replace(job / "sr.dcm", self.done / f"{job.name}.sr.dcm")
+        if keep_instances:
+            os.replace(job / "instances", self.done / f"{job.name}.instances")
+        write_json(out, record)
+        shutil.rmtree(job, ignore_errors=True)
+        fsync_dir(self.processing)
+        return out
+
+    def fail(self, job: Path, record: dict[str, Any]) -> Path:
+        """Explicit failure: write failed/<job>.json and keep the job's files in failed/<job>/."""
+        out = self.failed / f"{job.name}.json"
+        write_json(out, record)
+        os.replace(job, self.failed / job.name)
+        fsync_dir(self.failed)
+        fsync_dir(self.processing)
+        return out
+
+    def summary(self) -> dict[str, int]:
+        return {
+            "open_studies": len(self.open_studies()),
+            "processing": len(self.jobs()),
+            "done": len(list(self.done.glob("*.json"))),
+            "failed": len(list(self.failed.glob("*.json"))),
+        }

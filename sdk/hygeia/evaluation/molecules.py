@@ -1,0 +1,231 @@
+"""MOSES metrics for generated molecules, next to the published baselines.
+
+``evaluate_smiles`` runs :func:`moses.get_all_metrics` (``pip install --no-deps molsets==0.3.1``
+plus ``fcd_torch``) against the MOSES test set; ``render_table`` prints the result beside the
+MOSES paper's baselines; ``write_molecules`` writes .smi or .sdf atomically. RDKit and MOSES
+are imported lazily, so ``import hygeia`` stays light.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ..errors import InputError
+
+# MOSES paper (Polykovskiy et al. 2020, Table 2), mean over 3 runs, 30,000 samples vs test set.
+_BASELINES: dict[str, dict[str, float]] = {
+    "CharRNN": {"valid": 0.975, "unique@1000": 1.0, "unique@10000": 0.999, "FCD/Test": 0.073,
+                "FCD/TestSF": 0.520, "SNN/Test": 0.601, "SNN/TestSF": 0.565, "Frag/Test": 1.000,
+                "Frag/TestSF": 0.998, "Scaf/Test": 0.924, "Scaf/TestSF": 0.110, "IntDiv": 0.856,
+                "IntDiv2": 0.850, "Filters": 0.994, "Novelty": 0.842},
+    "VAE": {"valid": 0.977, "unique@1000": 1.0, "unique@10000": 0.998, "FCD/Test": 0.099,
+            "FCD/TestSF": 0.567, "SNN/Test": 0.626, "SNN/TestSF": 0.578, "Frag/Test": 0.999,
+            "Frag/TestSF": 0.998, "Scaf/Test": 0.939, "Scaf/TestSF": 0.059, "IntDiv": 0.856,
+            "IntDiv2": 0.850, "Filters": 0.997, "Novelty": 0.695},
+    "AAE": {"valid": 0.937, "unique@1000": 1.0, "unique@10000": 0.997, "FCD/Test": 0.556,
+            "FCD/TestSF": 1.057, "SNN/Test": 0.608, "SNN/TestSF": 0.568, "Frag/Test": 0.991,
+            "Frag/TestSF": 0.990, "Scaf/Test": 0.902, "Scaf/TestSF": 0.079, "IntDiv": 0.856,
+            "IntDiv2": 0.850, "Filters": 0.996, "Novelty": 0.793},
+    "JTN-VAE": {"valid": 1.0, "unique@1000": 1.0, "unique@10000": 0.9996, "FCD/Test": 0.395,
+                "FCD/TestSF": 0.938, "SNN/Test": 0.548, "SNN/TestSF": 0.519, "Frag/Test": 0.996,
+                "Frag/TestSF": 0.995, "Scaf/Test": 0.896, "Scaf/TestSF": 0.100, "IntDiv": 0.855,
+                "IntDiv2": 0.849, "Filters": 0.976, "Novelty": 0.914},
+    "LatentGAN": {"valid": 0.897, "unique@1000": 1.0, "unique@10000": 0.997, "FCD/Test": 0.296,
+                  "FCD/TestSF": 0.824, "SNN/Test": 0.538, "SNN/TestSF": 0.514, "Frag/Test": 0.999,
+                  "Frag/TestSF": 0.998, "Scaf/Test": 0.886, "Scaf/TestSF": 0.100, "IntDiv": 0.857,
+                  "IntDiv2": 0.850, "Filters": 0.973, "Novelty": 0.949},
+}
+# Direction of "better" for each metric (FCD: lower; the rest: higher).
+_LOWER_IS_BETTER = {"FCD/Test", "FCD/TestSF"}
+METRIC_ORDER = ("valid", "unique@1000", "unique@10000", "FCD/Test", "FCD/TestSF", "SNN/Test",
+                "SNN/TestSF", "Frag/Test", "Frag/TestSF", "Scaf/Test", "Scaf/TestSF", "IntDiv",
+                "IntDiv2", "Filters", "Novelty", "logP", "SA", "QED", "weight")
+PROPERTY_NAMES: tuple[str, ...] = ("logP", "QED", "SA", "MW")
+
+
+def baselines() -> dict[str, dict[str, float]]:
+    """The MOSES paper's metrics for CharRNN, VAE, AAE, JTN-VAE and LatentGAN (a copy)."""
+    return {k: dict(v) for k, v in _BASELINES.items()}
+
+
+def quiet_rdkit() -> None:
+    """Silence RDKit's per-molecule warnings (parse errors, deprecations) for bulk work."""
+    from rdkit import RDLogger
+
+    RDLogger.DisableLog("rdApp.*")
+
+
+def _sascorer() -> Any:
+    import importlib
+
+    from rdkit.Chem import RDConfig
+
+    path = os.path.join(RDConfig.RDContribDir, "SA_Score")
+    if path not in sys.path:
+        sys.path.append(path)
+    return importlib.import_module("sascorer")
+
+
+def molecular_properties(mol: Any) -> dict[str, float]:
+    """RDKit logP (Crippen), QED, SA score (Ertl) and molecular weight of a SMILES or Mol.
+
+    Raises InputError for a SMILES that RDKit cannot parse.
+    """
+    from rdkit import Chem
+    from rdkit.Chem import QED, Crippen, Descriptors
+
+    if isinstance(mol, str):
+        m = Chem.MolFromSmiles(mol)
+        if m is None:
+            raise InputError("smiles", "a SMILES string RDKit can parse", got=repr(mol)[:100])
+        mol = m
+    return {"logP": float(Crippen.MolLogP(mol)), "QED": float(QED.qed(mol)),
+            "SA": float(_sascorer().calculateScore(mol)), "MW": float(Descriptors.MolWt(mol))}
+
+
+def read_smiles(path: str | os.PathLike[str]) -> list[str]:
+    """SMILES from a .smi/.txt file (first whitespace-separated field of each non-empty line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("path", "an existing .smi file (one SMILES per line)", got=str(path))
+    out = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            out.append(line.split()[0])
+    if not out:
+        raise InputError(str(path), "at least one SMILES line", got="an empty file")
+    return out
+
+
+def write_molecules(smiles: Sequence[str], path: str | os.PathLike[str]) -> Path:
+    """Write SMILES to ``.smi`` (one per line) or ``.sdf`` (RDKit, 2D coordinates), atomically.
+
+    In an SDF, SMILES that RDKit cannot parse are written as empty molecules named with the
+    SMILES and a ``valid`` property of 0, so line i of the input stays record i.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".smi", ".txt", ".sdf"):
+        raise InputError("out", "a .smi or .sdf path", got=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix == ".sdf":
+            from rdkit import Chem
+            from rdkit.Chem import AllChem
+
+            quiet_rdkit()
+            writer = Chem.SDWriter(tmp)
+            for i, s in enumerate(smiles):
+                mol = Chem.MolFromSmiles(s)
+                valid = mol is not None
+                if mol is None:
+                    mol = Chem.Mol()
+                else:
+                    AllChem.Compute2DCoords(mol)
+                mol.SetProp("_Name", f"hygeia-{i}")
+                mol.SetProp("SMILES", s)
+                mol.SetProp("valid", str(int(valid)))
+                mol.SetProp("synthetic", "1")
+                writer.write(mol)
+            writer.close()
+        else:
+            with open(tmp, "w") as f:
+                f.write("".join(s + "\n" for s in smiles))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def evaluate_smiles(smiles: Sequence[str], n_jobs: int = 1, device: str = "cpu",
+                    batch_size: int = 512) -> dict[str, float]:
+    """``moses.get_all_metrics`` on ``smiles`` against the MOSES test and scaffold-test sets.
+
+    Returns the MOSES metrics (valid, unique@1000/10000, FCD/SNN/Frag/Scaf on Test and TestSF,
+    IntDiv, IntDiv2, Filters, Novelty, property Wasserstein distances) plus ``n`` (samples).
+    """
+    smiles = list(smiles)
+    if not smiles or not all(isinstance(s, str) for s in smiles):
+        raise InputError("smiles", "a non-empty list of SMILES strings", got=f"{len(smiles)} items")
+    from ._moses_compat import import_moses
+
+    moses = import_moses()
+    quiet_rdkit()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Can't compute unique@10000" for small n: reported as NaN
+        metrics = moses.get_all_metrics(smiles, n_jobs=n_jobs, device=device, batch_size=batch_size)
+    if len(smiles) < 10000:
+        metrics["unique@10000"] = float("nan")
+    out = {k: float(v) for k, v in metrics.items()}
+    out["n"] = float(len(smiles))
+    return out
+
+
+def _fmt(v: float | None) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.3f}"
+
+
+def render_table(metrics: dict[str, float], title: str = "MOSES metrics") -> Any:
+    """A rich Table: our metrics next to the MOSES baselines (FCD lower is better)."""
+    from rich.table import Table
+
+    base = baselines()
+    t = Table(title=f"{title} (n={int(metrics.get('n', 0)) or '?'})")
+    t.add_column("metric")
+    t.add_column("ours", style="bold")
+    for name in base:
+        t.add_column(name)
+    for key in METRIC_ORDER:
+        if key not in metrics:
+            continue
+        arrow = "↓" if key in _LOWER_IS_BETTER or key in ("logP", "SA", "QED", "weight") else "↑"
+        t.add_row(f"{key} {arrow}", _fmt(metrics[key]), *[_fmt(base[m].get(key)) for m in base])
+    return t
+
+
+def main(path: Path, json_out: bool = False, n_jobs: int = 1, device: str | None = None) -> dict[str, float]:
+    """``hygeia evaluate molecules PATH``: read a .smi file, run MOSES, print the table or JSON."""
+    from rich.console import Console
+
+    smiles = read_smiles(path)
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    err = Console(stderr=True)
+    with err.status(f"MOSES metrics on {len(smiles)} SMILES (FCD on {device})..."):
+        metrics = evaluate_smiles(smiles, n_jobs=n_jobs, device=device)
+    console = Console()
+    if json_out:
+        console.print_json(json.dumps({"metrics": {k: (None if math.isnan(v) else v) for k, v in metrics.items()},
+                                       "baselines": baselines()}))
+    else:
+        console.print(render_table(metrics, title=f"MOSES metrics for {path}"))
+    return metrics
+
+
+def property_rows(smiles: Iterable[str]) -> list[dict[str, float]]:
+    """``molecular_properties`` for every SMILES RDKit parses (invalid ones are left out)."""
+    from rdkit import Chem
+
+    quiet_rdkit()
+    rows = []
+    for s in smiles:
+        m = Chem.MolFromSmiles(s)
+        if m is not None:
+            rows.append(molecular_properties(m))
+    return rows

@@ -1,0 +1,326 @@
+"""Run the real ``tritonserver`` shipped in the nvidia-pytriton wheel, as a context manager.
+
+::
+
+    with TritonServer("triton_models", grpc_port=8001) as server:
+        print(server.grpc_url)          # 127.0.0.1:8001, every model ready
+
+The server runs in its own process group; leaving the block (or :meth:`stop`) sends SIGTERM to
+the group, waits ``exit_timeout`` seconds, then SIGKILLs whatever is left (Python-backend stubs
+included), so no stray processes survive.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from ..errors import HygeiaError
+
+
+class TritonServerError(HygeiaError):
+    """tritonserver could not be found, did not start, or a model failed to load."""
+
+
+def _pytriton_root() -> Path:
+    try:
+        import pytriton  # type: ignore[import-not-found]
+    except ImportError:
+        raise TritonServerError("tritonserver not found: install the serving extra "
+                                "(pip install 'hygeia[serving]', which brings nvidia-pytriton)") from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise TritonServerError(f"tritonserver not found under {root}")
+    return root
+
+
+def tritonserver_binary() -> Path:
+    """Path of the tritonserver executable (env ``HYGEIA_TRITONSERVER`` overrides)."""
+    env = os.environ.get("HYGEIA_TRITONSERVER")
+    if env:
+        return Path(env)
+    return _pytriton_root() / "bin" / "tritonserver"
+
+
+def backend_directory() -> Path:
+    """A backends folder whose python backend has the stub for this Python (3.x).
+
+    The wheel ships the stubs apart (``python_backend_stubs/3.11/``); Triton expects the stub next
+    to ``libtriton_python.so``. We assemble a private copy in the user cache (never touching
+    site-packages), once per wheel location and Python version.
+    """
+    env = os.environ.get("HYGEIA_TRITON_BACKENDS")
+    if env:
+        return Path(env)
+    root = _pytriton_root()
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / pyver / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonServerError(f"no Python backend stub for Python {pyver} in {stub.parent.parent}")
+    src = root / "backends" / "python"
+    if (src / "triton_python_backend_stub").is_file():
+        return root / "backends"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hygeia" / "triton"
+    key = f"{hashlib.sha256(str(root).encode()).hexdigest()[:10]}-py{pyver}-{int(stub.stat().st_mtime)}"
+    dest = cache / key / "backends"
+    if (dest / "python" / "triton_python_backend_stub").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".backends.", dir=dest.parent))
+    try:
+        (tmp / "python").mkdir()
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / "python" / f.name)
+        shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port (the OS picks one from the ephemeral, high range)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def server_env(threads: int | None = None) -> dict[str, str]:
+    """Environment for tritonserver: this venv's ``bin`` first on PATH (the stub runs its Python)."""
+    env = dict(os.environ)
+    venv_bin = str(Path(sys.prefix) / "bin")
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONNOUSERSITE", "1")
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
+
+
+@dataclass
+class ModelState:
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+
+class TritonServer:
+    """A tritonserver process serving ``repo``; the context manager waits for readiness.
+
+    Ports default to free ones. ``models`` limits the models loaded (explicit model control);
+    ``None`` loads every model in the repository. ``log`` is the file receiving the server's
+    output (a temp file by default; :meth:`log_tail` reads it).
+    """
+
+    def __init__(self, repo: str | os.PathLike[str] = "triton_models", *, grpc_port: int | None = None,
+                 http_port: int | None = None, metrics_port: int | None = None, host: str = "127.0.0.1",
+                 models: Sequence[str] | None = None, exit_timeout: int = 3, startup_timeout: float = 120.0,
+                 threads: int | None = None, log: str | os.PathLike[str] | None = None,
+                 verbose: int = 0, extra_args: Iterable[str] = ()) -> None:
+        self.repo = Path(repo).resolve()
+        self.host = host
+        self.grpc_port = grpc_port or free_port()
+        self.http_port = http_port or free_port()
+        self.metrics_port = metrics_port or free_port()
+        self.models = list(models) if models is not None else None
+        self.exit_timeout = exit_timeout
+        self.startup_timeout = startup_timeout
+        self.threads = threads
+        self.verbose = verbose
+        self.extra_args = list(extra_args)
+        self._own_log = log is None
+        self.log_path = Path(log) if log else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.started_at = 0.0
+        self.ready_after: float | None = None  # seconds from launch to every model ready
+
+    # ------------------------------------------------------------------ addresses
+    @property
+    def _client_host(self) -> str:
+        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self._client_host}:{self.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self._client_host}:{self.http_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self._client_host}:{self.metrics_port}/metrics"
+
+    # ------------------------------------------------------------------ lifecycle
+    def command(self) -> list[str]:
+        if not self.repo.is_dir():
+            raise TritonServerError(f"model repository {self.repo} does not exist (run `hygeia triton build`)")
+        cmd = [str(tritonserver_binary()), f"--model-repository={self.repo}",
+               f"--backend-directory={backend_directory()}",
+               f"--http-address={self.host}", f"--http-port={self.http_port}",
+               f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
+               f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}", "--allow-metrics=true",
+               f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.verbose}"]
+        if self.models is not None:
+            cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models)]
+        return cmd + self.extra_args
+
+    def start(self) -> "TritonServer":
+        """Launch tritonserver in a new process group (returns at once; see :meth:`wait_ready`)."""
+        cmd = self.command()
+        logf = open(self.log_path, "ab")
+        try:
+            self.started_at = time.monotonic()
+            self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env=server_env(self.threads), start_new_session=True)
+        finally:
+            logf.close()
+        return self
+
+    def _get(self, path: str, timeout: float = 1.0) -> tuple[int, bytes]:
+        try:
+            with urllib.request.urlopen(self.http_url + path, timeout=timeout) as r:
+                return r.status, r.read()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return 0, b""
+
+    def is_ready(self) -> bool:
+        return self._get("/v2/health/ready")[0] == 200
+
+    def wait_ready(self, timeout: float | None = None) -> float:
+        """Block until the server and every model are ready; return seconds since launch."""
+        assert self.proc is not None, "start() first"
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise TritonServerError(f"tritonserver exited with code {self.proc.returncode} before it was "
+                                        f"ready:\n{self.log_tail()}")
+            if self.is_ready():
+                self.ready_after = time.monotonic() - self.started_at
+                return self.ready_after
+            time.sleep(0.05)
+        states = ", ".join(f"{m.name}={m.state}" for m in self.model_states())
+        self.stop()
+        raise TritonServerError(f"tritonserver not ready after {timeout or self.startup_timeout:.0f} s "
+                                f"(models: {states or 'unknown'}):\n{self.log_tail()}")
+
+    def model_states(self) -> list[ModelState]:
+        code, body = self._get_index()
+        if code != 200:
+            return []
+        return [ModelState(m.get("name", "?"), m.get("version", ""), m.get("state", "UNKNOWN"), m.get("reason", ""))
+                for m in json.loads(body or b"[]")]
+
+    def _get_index(self) -> tuple[int, bytes]:
+        req = urllib.request.Request(self.http_url + "/v2/repository/index", data=b"{}", method="POST")
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return r.status, r.read()
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return 0, b""
+
+    def stop(self) -> int | None:
+        """SIGTERM the process group, wait ``exit_timeout`` (+2 s), then SIGKILL it."""
+        p = self.proc
+        if p is None:
+            return None
+        try:
+            pgid = os.getpgid(p.pid)
+        except ProcessLookupError:
+            pgid = p.pid
+        if p.poll() is None:
+            try:
+                os.killpg(pgid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(timeout=self.exit_timeout + 2)
+            except subprocess.TimeoutExpired:
+                pass
+        try:  # stubs or a hung server: nothing of the group may survive
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if p.poll() is None:
+            p.wait(timeout=5)
+        self.proc = None
+        return p.returncode
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-chars:]
+        except OSError:
+            return ""
+
+    def stub_pids(self) -> dict[str, int]:
+        """Python-backend stub processes of this server: model name -> pid (Linux /proc)."""
+        out: dict[str, int] = {}
+        if self.proc is None:
+            return out
+        pgid = os.getpgid(self.proc.pid)
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                if os.getpgid(int(d.name)) != pgid:
+                    continue
+                args = (d / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ProcessLookupError):
+                continue
+            if args and args[0].endswith(b"triton_python_backend_stub") and len(args) > 1:
+                # argv[1] is the model path: <repo>/<model>/1/model.py
+                model = Path(args[1].decode()).parent.parent.name
+                out[model] = int(d.name)
+        return out
+
+    def __enter__(self) -> "TritonServer":
+        self.start()
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+        if self._own_log and exc[0] is None:
+            try:
+                self.log_path.unlink()
+            except OSError:
+                pass
+
+
+def check(server: str, timeout: float = 5.0, **opts: Any) -> tuple[bool, bool, list[ModelState]]:
+    """(live, ready, model states) of the server at ``HOST:PORT`` (gRPC), via Triton's own endpoints."""
+    from .remote import Connection
+
+    conn = Connection(server, timeout=timeout, retries=0, **opts)
+    c = conn.client()
+    try:
+        live, ready = bool(c.is_server_live()), bool(c.is_server_ready())
+        index = c.get_model_repository_index(as_json=True, headers=conn.headers, client_timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - report, do not crash
+        raise TritonServerError(f"cannot reach Triton at {server}: {exc}") from None
+    states = [ModelState(m.get("name", "?"), m.get("version", ""), m.get("state", "UNKNOWN"), m.get("reason", ""))
+              for m in index.get("models", [])]
+    return live, ready, states
