@@ -97,9 +97,9 @@ def generate(
     opts = _parse_options(option)
     with _progress() as prog:
         task = prog.add_task(f"generating with {plugin}", total=n)
-        results = gen.generate(n, condition=cond, seed=seed,
-                               progress=lambda done, total: prog.update(task, completed=done, total=total), **opts)
-        prog.update(task, completed=n)
+        if _accepts_progress(gen.generate):
+            opts["progress"] = lambda done, total: prog.update(task, completed=done, total=total)
+        results = gen.generate(n, condition=cond, seed=seed, **opts)
     if gen.output == "molecule":
         smiles = [m.smiles for m in results]
         if out.suffix.lower() == ".sdf":
@@ -173,6 +173,12 @@ def diagnose(
         err.print(f"wrote DICOM SR {sr}")
 
 
+def _accepts_progress(fn: Any) -> bool:
+    import inspect
+
+    return "progress" in inspect.signature(fn).parameters
+
+
 def _plugin(kind: Any, name: str, server: Optional[str]) -> Any:
     if server:
         from .serving import connect
@@ -222,6 +228,19 @@ def evaluate_diagnoser(
     from .evaluation.diagnosers import main as run
 
     run(name, n=n, json_out=json_out, roc=roc)
+
+
+@evaluate_app.command("generator")
+def evaluate_generator(
+    name: str = typer.Argument(..., help="Image generator plugin name."),
+    n: int = typer.Option(200, "-n", help="Samples per condition."),
+    json_out: bool = typer.Option(False, "--json"),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of samples per condition."),
+) -> None:
+    """Conditional accuracy (judged by the cnn), Frechet distance, KID and MS-SSIM diversity."""
+    from .evaluation.generators import main as run
+
+    run(name, n=n, json_out=json_out, grid=grid)
 
 
 @evaluate_app.command("molecules")

@@ -155,11 +155,11 @@ def _tree(rng: np.random.Generator, root: np.ndarray, angles: np.ndarray, length
         ang = ang + rng.normal(0, 0.12, len(ang))
         L = L * rng.uniform(0.75, 1.25, len(L))
         ends = starts + np.stack([np.cos(ang), np.sin(ang)], 1) * L[:, None]
-        nstep = np.maximum(2, (L / step).astype(int))
-        for s, e, k, ww in zip(starts, ends, nstep, w):
-            t = np.linspace(0, 1, k, endpoint=False)[:, None]
-            pts.append(s + t * (e - s))
-            wid.append(np.full(k, ww))
+        k = max(2, int(np.ceil(L.max() / step)))
+        t = (np.arange(k) / k)[None, :, None]
+        pts.append((starts[:, None, :] + t * (ends - starts)[:, None, :]).reshape(-1, 2))
+        # the sample spacing differs per branch: fold it into the width so density is kept
+        wid.append(np.repeat(w * np.sqrt(L / (k * step)), k))
         # two children per branch
         sp = rng.uniform(0.6, 1.0, len(ang)) * spread
         starts = np.repeat(ends, 2, 0)
@@ -182,8 +182,8 @@ class _Anatomy:
         self.xm = self.xc + self.rot * self.W
         self.tilt = float(np.deg2rad(rng.normal(0, 2.0)))
         self.insp = float(rng.uniform(-1, 1))  # inspiration depth
-        self.y_apex = -128.0 * self.s + self.yc + rng.normal(0, 4)
-        self.y_dome = 52.0 * self.s + 17.0 * self.insp + self.yc  # right dome top
+        self.y_apex = -132.0 * self.s + self.yc + rng.normal(0, 4)
+        self.y_dome = 56.0 * self.s + 17.0 * self.insp + self.yc  # right dome top
         self.dome_h = 24.0 + 8.0 * rng.random()  # dome height above the costophrenic angles
         self.left_drop = float(rng.uniform(8, 22))  # left dome lower than the right
         self.clav_y = self.y_apex + rng.normal(8, 6)
@@ -195,7 +195,7 @@ class _Anatomy:
         self.ctr_normal = float(rng.uniform(0.38, 0.497))
         self.ctr_gamma = float(rng.gamma(2.0, 1.0))
         self.heart_tilt = float(np.deg2rad(rng.uniform(22, 40) - 8 * self.insp))
-        self.heart_aspect = float(rng.uniform(0.62, 0.78))
+        self.heart_aspect = float(rng.uniform(0.78, 0.92))
         self.knob_r = float(rng.uniform(10, 17) * self.s)
         self.exposure = float(rng.normal(0, 1))
         self.gamma = float(rng.uniform(0.85, 1.2))
@@ -212,7 +212,7 @@ class _Anatomy:
     # lung boundary: signed distance-like (mm, > 0 inside), per side (-1 image left = patient right)
     def lat_half(self, Y: np.ndarray) -> np.ndarray:
         t = np.clip((Y - self.y_apex) / (self.y_dome - self.y_apex), 0, 1.2)
-        return self.W * (0.8 + 0.2 * t ** 0.7)
+        return self.W * (0.7 + 0.3 * np.sqrt(t))
 
     def dome_top(self, sg: int) -> float:
         return self.y_dome + (self.left_drop if sg > 0 else 0.0)
@@ -226,7 +226,7 @@ class _Anatomy:
 
     def d_apex(self, X: np.ndarray, Y: np.ndarray, sg: int) -> np.ndarray:
         xa = self.xc + sg * 0.42 * self.W
-        return (Y - (self.y_apex + 0.010 / self.s * (X - xa) ** 2)) * 0.8
+        return (Y - (self.y_apex + 0.018 / self.s * (X - xa) ** 2)) * 0.8
 
     def d_med(self, X: np.ndarray, Y: np.ndarray, sg: int) -> np.ndarray:
         half = (19.0 + 9.0 * _ramp(-70 + self.yc - Y, 30.0)) * self.s
@@ -254,8 +254,8 @@ class _Anatomy:
         A = hw / 2 / np.sqrt(c ** 2 + self.heart_aspect ** 2 * s ** 2)
         B = self.heart_aspect * A
         # horizontal extent of the rotated ellipse: centre so that 1/3 lies right of the midline
-        hx = self.xm + hw * (0.5 - 0.34)
-        hy = self.y_dome + 0.5 * self.left_drop + 8 - 0.75 * np.sqrt((A * s) ** 2 + (B * c) ** 2)
+        hx = self.xm + hw * (0.5 - 0.29)
+        hy = self.y_dome + self.left_drop + 16 - 0.85 * np.sqrt((A * s) ** 2 + (B * c) ** 2)
         dx, dy = X - hx, Y - hy
         u = (c * dx + s * dy) / A
         v = (-s * dx + c * dy) / B
@@ -268,8 +268,8 @@ def _rib_layer(a: _Anatomy, X: np.ndarray, Y: np.ndarray, px: float) -> tuple[np
     u = np.abs(X - a.xc) / a.W
     soft = max(0.8, px)
     # posterior ribs: y = y0 + g(u), periodic in y0
-    g = -9.0 * u + 40.0 * u ** 2
-    slope = (-9.0 + 80.0 * u) / a.W
+    g = -14.0 * u + 55.0 * u ** 2
+    slope = (-14.0 + 110.0 * u) / a.W
     y0 = a.y_apex + 6.0
     ph = (Y - g - y0) / a.rib_sp
     k = np.round(ph)
@@ -281,7 +281,7 @@ def _rib_layer(a: _Anatomy, X: np.ndarray, Y: np.ndarray, px: float) -> tuple[np
     post = np.where(valid, band * ends, 0.0)
     # anterior ribs: descend medially from the lateral wall
     ya0 = a.y_apex + 6.0 + 31.0  # lateral end level of rib 0
-    ga = 62.0 * (1.0 - u) ** 1.15
+    ga = 62.0 * np.clip(1.0 - u, 0, None) ** 1.15
     slope_a = 70.0 * (1.0 - np.clip(u, 0, 1)) ** 0.15 / a.W
     pha = (Y - ga - ya0) / a.rib_sp
     ka = np.round(pha)
@@ -428,9 +428,10 @@ def make_phantom(
 
     # body and soft tissue
     bw = (a.W + 30 * a.s) * (1 + 0.3 * _ramp(-118 * a.s + a.yc - Y, 40.0)) * (1 - 0.0000015 * (Y - 20) ** 2)
-    body_u = np.clip(np.abs(X - a.xc) / bw, 0, 1)
+    body_u = np.abs(X - a.xc) / bw
     body_in = _ramp((1 - body_u) * bw, max(2.0, px))
-    body = body_in * (0.55 + 0.27 * np.sqrt(np.clip(1 - body_u ** 2, 0, 1)))
+    body_u = np.clip(body_u, 0, 1)
+    body = body_in * (0.45 + 0.35 * np.sqrt(np.clip(1 - body_u ** 2, 0, 1)))
     neck = _ramp(-150 * a.s + a.yc - Y, 10.0) * _ramp(55 * a.s - np.abs(X - a.xm), 6.0) * 0.08
     D = body + neck
 
@@ -443,7 +444,7 @@ def make_phantom(
     r2h, hsd = a.heart_sd(X, Y, ctr)
     heart_in = _ramp(hsd, max(1.5, px))
     heart_th = np.sqrt(np.clip(1 - r2h, 0, 1))
-    air = depth * (1 - 0.72 * heart_in - 0.1 * heart_th)
+    air = depth * (1 - 0.5 * heart_in - 0.25 * heart_th)
 
     # vessel tree from each hilum
     vp, vw = [], []
@@ -460,13 +461,13 @@ def make_phantom(
     big = vw_all > 2.0
     vessels = (_splat(vpts[big], vw_all[big] ** 2 * 1.8 / px, size, px, 1.6)
                + _splat(vpts[~big], vw_all[~big] ** 2 * 1.8 / px, size, px, 0.8))
-    vessels = vessels * a.vessel_gain * 0.022 * _ramp(lung_sd - 2, 4.0)
+    vessels = vessels * a.vessel_gain * 0.011 * _ramp(lung_sd - 2, 4.0)
 
     texture = _smooth_field(r_tex, 22, U, V) * 0.022 * (0.6 + 0.4 * diff)
     broad = _smooth_field(r_tex, 6, U, V) * 0.03
 
     bone, rib_dist = _rib_layer(a, X, Y, px)
-    spine = _ramp(17 * a.s - np.abs(X - a.xc), max(1.5, px)) * (0.05 + 0.03 * np.cos(2 * np.pi * (Y - a.yc) / 27.0) ** 8)
+    spine = _ramp(17 * a.s - np.abs(X - a.xc), max(1.5, px)) * (0.02 + 0.03 * np.cos(2 * np.pi * (Y - a.yc) / 27.0) ** 8)
     trachea = _ramp(7.5 * a.s - np.abs(X - a.xm - 0.04 * (Y + 60)), max(1.2, px)) * _ramp(-48 * a.s + a.yc - Y, 6.0)
     breast = np.zeros_like(D)
     if a.breast:
@@ -564,7 +565,6 @@ def make_phantom(
         gap = local - wsd  # > 0 inside the pleural space
         ptx = _ramp(gap, max(1.0, px)) * _ramp(sd[k], max(1.0, px))
         # no lung tissue peripheral to the line: full air, no markings
-        air_keep = air_keep * (1 - ptx) + ptx * (1.0 + 0.25 * min(1.0, cm)) * np.clip(1.0 / np.maximum(depth, 0.25), 1, 3.0)
         vessel_keep *= 1 - ptx
         pleura = _line(gap, 0.6, px) * (local > 2.0) * (sd[k] > 1.0)
         extra += 0.11 * min(1.3, cm) * pleura
@@ -579,7 +579,7 @@ def make_phantom(
         nx, ny, sg = pick_point(R + 3.0)
         if dmm < 14 and r_find.random() < 0.45:  # over a posterior rib
             u = abs(nx - a.xc) / a.W
-            gq = -9.0 * u + 40.0 * u ** 2
+            gq = -14.0 * u + 55.0 * u ** 2
             y0 = a.y_apex + 6.0
             kq = np.round((ny - gq - y0) / a.rib_sp)
             ny2 = y0 + gq + kq * a.rib_sp
@@ -609,7 +609,9 @@ def make_phantom(
 
     # ------------------------------------------------------------------ compose
     air_total = air * air_keep
-    D = (D - 0.52 * air_total + vessels * vessel_keep * depth + texture * depth + broad * body_in
+    if labels["pneumothorax"]:  # the pleural space: gas with no lung tissue, slightly darker than lung
+        air_total = air_total * (1 - ptx) + ptx * np.maximum(air_total, 0.5) * (1.0 + 0.08 * min(cm, 1.5))
+    D = (D - 0.62 * air_total + vessels * vessel_keep * depth + texture * depth + broad * body_in
          + bone * (0.6 + 0.4 * body_in) + spine + 0.12 * heart_in * (1 - depth) * 0
          - 0.10 * trachea - 0.16 * bubble + a.breast * breast + extra)
     # display: exposure-dependent window and gamma, detector blur, quantum noise

@@ -172,6 +172,18 @@ class GeneratorContract(_Contract):
                 assert isinstance(r, GeneratedMolecule)
                 assert isinstance(r.smiles, str) and isinstance(r.valid, bool)
 
+    def test_progress_reported(self, plugin: Any) -> None:
+        import inspect
+
+        if "progress" not in inspect.signature(plugin.generate).parameters:
+            pytest.skip("generate() takes no progress callback")
+        calls: list[tuple[int, int]] = []
+        plugin.generate(self.n, condition=self.condition(plugin), seed=0,
+                        progress=lambda done, total: calls.append((done, total)), **self.generate_options)
+        assert calls, "progress callback never called"
+        assert calls[-1][0] == calls[-1][1], f"progress must end at done == total, ended at {calls[-1]}"
+        assert [d for d, _ in calls] == sorted(d for d, _ in calls), "progress must not go backwards"
+
     def test_same_seed_same_output(self, plugin: Any) -> None:
         self.assert_same_outputs(plugin, plugin)
 

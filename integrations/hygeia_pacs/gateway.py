@@ -1,0 +1,348 @@
+"""The Hygeia PACS gateway: C-STORE SCP -> durable queue -> diagnoser -> TID 1500 SR -> PACS.
+
+- Associations are accepted only from the configured calling AE titles (others are rejected at
+  association time, reason "calling AE title not recognised").
+- Each received instance is checked (decodable data set, allowed modality, pixel data present,
+  one frame, pixels decodable) and written to disk with fsync BEFORE the C-STORE response is
+  sent; a bad instance gets a failure status with an Error Comment and the gateway keeps running.
+- Instances are grouped by Study Instance UID; a study closes ``study_timeout_s`` after its last
+  instance, then the diagnoser runs (in-process, or remotely: any object with ``.diagnose``),
+  one SR is built for the study and sent by C-STORE and/or STOW-RS.
+- PACS or Triton down: retried with exponential back-off; nothing is dropped. Every study ends
+  with its SR stored (``done/<job>.json``) or an explicit failure record (``failed/<job>.json``).
+
+Logs never contain patient data: a study is named by a short hash of its UID.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from hygeia.errors import InputError
+
+from .config import GatewayConfig
+from .senders import PermanentError, TransientError, send_cstore, send_stow
+from .spool import Spool, durable_write
+
+log = logging.getLogger("hygeia_pacs.gateway")
+
+# Failure statuses for rejected instances (0xC000-0xCFFF: "Cannot understand", PS3.4 B.2.3).
+STATUS_UNDECODABLE = 0xC210  # not a decodable DICOM data set
+STATUS_NO_PIXELS = 0xC211  # DICOM without pixel data
+STATUS_MODALITY = 0xC212  # modality not accepted
+STATUS_VOLUME = 0xC213  # 3D volume (several frames) where a 2D image is expected
+STATUS_PIXELS = 0xC214  # pixel data not decodable (transfer syntax / compression)
+STATUS_BAD_UID = 0xC215  # missing or malformed Study/SOP Instance UID
+STATUS_OUT_OF_RESOURCES = 0xA700  # could not write to the spool
+
+
+def study_tag(study_uid: str) -> str:
+    """A short, non-reversible name for a study in logs (no PHI, no UID)."""
+    return "study#" + hashlib.sha256(study_uid.encode()).hexdigest()[:10]
+
+
+def clinical_text(ds: Any) -> str:
+    """Clinical history carried by an image, if any (Additional Patient History, Reason for Study)."""
+    parts = [str(getattr(ds, kw, "") or "").strip() for kw in
+             ("AdditionalPatientHistory", "ReasonForTheRequestedProcedure", "ReasonForStudy")]
+    return " ".join(p for p in parts if p)
+
+
+@dataclass
+class StoreResult:
+    """What the gateway answered to one C-STORE (kept for the status counters)."""
+
+    status: int
+    reason: str
+
+
+class Gateway:
+    """Runs the SCP and the worker. ``diagnoser``: any object with ``diagnose(images, texts)`` and
+    ``input_size``; None builds it from the config (local plugin or Triton)."""
+
+    def __init__(self, config: GatewayConfig, diagnoser: Any | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.config = config
+        self.spool = Spool(config.spool)
+        self._diagnoser = diagnoser
+        self._clock = clock
+        self._server: Any = None
+        self._worker: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self.counters = {"accepted": 0, "rejected": 0, "sent": 0, "failed": 0, "retries": 0}
+        self._counter_lock = threading.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------
+    def start(self) -> "Gateway":
+        """Start listening and processing (returns at once; see :meth:`stop`)."""
+        from pynetdicom import AE, AllStoragePresentationContexts, evt
+        from pynetdicom.sop_class import Verification
+
+        if self._diagnoser is None and not self.config.server:
+            self.diagnoser()  # a local plugin that cannot load is a configuration error: fail now
+        ae = AE(ae_title=self.config.ae_title)
+        ae.require_calling_aet = list(self.config.allowed_callers)
+        ae.maximum_pdu_size = 0
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, list(self.config.transfer_syntaxes))
+        ae.add_supported_context(Verification)
+        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected),
+                    (evt.EVT_ABORTED, self._on_aborted)]
+        self._ae = ae
+        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        self._stop.clear()
+        self._worker = threading.Thread(target=self._work_loop, name="hygeia-gateway-worker", daemon=True)
+        self._worker.start()
+        log.info("gateway %s listening on %s:%d (callers %s); spool %s", self.config.ae_title, self.config.host,
+                 self.config.port, ",".join(self.config.allowed_callers), self.config.spool)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop accepting, let the current job step finish, stop the worker."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+        self._stop.set()
+        self._wake.set()
+        if self._worker is not None:
+            self._worker.join(timeout)
+            self._worker = None
+
+    def __enter__(self) -> "Gateway":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def diagnoser(self) -> Any:
+        """The diagnoser, built on first use (a remote one may fail now and succeed later)."""
+        if self._diagnoser is None:
+            if self.config.server:
+                from hygeia.serving import connect
+
+                self._diagnoser = connect("diagnoser", self.config.diagnoser, self.config.server)
+            else:
+                import hygeia
+
+                self._diagnoser = hygeia.create("diagnoser", self.config.diagnoser)
+        return self._diagnoser
+
+    # -- receiving -----------------------------------------------------------------
+    def _count(self, key: str, n: int = 1) -> None:
+        with self._counter_lock:
+            self.counters[key] += n
+
+    def _reject(self, event: Any, status: int, reason: str) -> Any:
+        from pydicom import Dataset
+
+        self._count("rejected")
+        caller = getattr(getattr(event.assoc, "requestor", None), "ae_title", "?")
+        sop_class = str(getattr(getattr(event, "request", None), "AffectedSOPClassUID", "?"))
+        log.warning("rejected instance from %s: %s (SOP Class %s, status 0x%04X)", caller, reason, sop_class, status)
+        ds = Dataset()
+        ds.Status = status
+        ds.ErrorComment = reason[:64]
+        return ds
+
+    def _on_rejected(self, event: Any) -> None:
+        caller = getattr(getattr(event.assoc, "requestor", None), "ae_title", "?")
+        log.warning("association from AE title %r rejected (not in allowed_callers)", caller)
+
+    def _on_aborted(self, event: Any) -> None:
+        log.info("association aborted")
+
+    def _on_store(self, event: Any) -> Any:
+        """C-STORE handler: validate, store durably, then answer."""
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            _ = [elem for elem in ds]  # force parsing of every top-level element
+        except Exception as exc:
+            return self._reject(event, STATUS_UNDECODABLE, f"not a decodable DICOM data set ({type(exc).__name__})")
+        study_uid, sop_uid = str(getattr(ds, "StudyInstanceUID", "")), str(getattr(ds, "SOPInstanceUID", ""))
+        if not study_uid or not sop_uid:
+            return self._reject(event, STATUS_BAD_UID, "missing Study Instance UID or SOP Instance UID")
+        modality = str(getattr(ds, "Modality", "")).upper()
+        if modality not in self.config.modalities:
+            return self._reject(event, STATUS_MODALITY,
+                                f"modality {modality or 'none'} not accepted ({'/'.join(self.config.modalities)})")
+        if "PixelData" not in ds:
+            return self._reject(event, STATUS_NO_PIXELS, "no Pixel Data: an image is expected")
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        if frames > 1:
+            return self._reject(event, STATUS_VOLUME, f"3D volume ({frames} frames): 2D image expected")
+        from hygeia.data.io import load_dataset
+
+        try:
+            load_dataset(ds, name="received instance")
+        except InputError as exc:
+            return self._reject(event, STATUS_PIXELS, f"pixel data not usable: {exc.got}"[:64])
+        try:
+            self.spool.store(study_uid, sop_uid, event.encoded_dataset(include_meta=True))
+        except ValueError as exc:
+            return self._reject(event, STATUS_BAD_UID, str(exc))
+        except OSError as exc:
+            log.error("cannot write to the spool: %s", exc)
+            return self._reject(event, STATUS_OUT_OF_RESOURCES, "gateway spool not writable")
+        self._count("accepted")
+        return 0x0000
+
+    # -- processing ----------------------------------------------------------------
+    def _work_loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.run_pending()
+            except Exception:  # never let the worker die: log and go on
+                log.exception("gateway worker step failed")
+            self._wake.wait(self.config.poll_s)
+            self._wake.clear()
+
+    def run_pending(self) -> int:
+        """Close idle studies and process every job that is due; returns how many jobs finished."""
+        now = self._clock()
+        for job in self.spool.close_idle(self.config.study_timeout_s, now=now):
+            log.info("%s closed: %d instance(s)", study_tag(job.name.rsplit(".", 1)[0]),
+                     len(list((job / "instances").glob("*.dcm"))))
+        finished = 0
+        for job in self.spool.jobs():
+            if self._stop.is_set():
+                break
+            state = self.spool.state(job)
+            if state.get("next_attempt", 0.0) > self._clock():
+                continue
+            finished += self.process(job, state)
+        return finished
+
+    def process(self, job: Path, state: dict[str, Any]) -> int:
+        """One attempt at a job: build the SR (once), send it to every destination not yet done."""
+        tag = study_tag(state.get("study_uid", job.name))
+        if not (job / "instances").is_dir():
+            if (job / "sr.dcm").exists():
+                pass  # instances dropped after a previous attempt built the SR: keep sending
+            else:  # a crash between creating the job folder and moving the study into it
+                log.warning("%s: empty job folder left by a crash, removed", tag)
+                import shutil
+
+                shutil.rmtree(job, ignore_errors=True)
+                return 0
+        started = self._clock()
+        try:
+            import pydicom
+
+            if not (job / "sr.dcm").exists():
+                sr = self.build_sr(job)
+                buf = io.BytesIO()
+                pydicom.dcmwrite(buf, sr, enforce_file_format=True)
+                durable_write(job / "sr.dcm", buf.getvalue())
+                log.info("%s: SR built (%d finding group(s))", tag, _count_groups(sr))
+            sr_ds = pydicom.dcmread(job / "sr.dcm")
+            for name, send in self._destinations():
+                if name in state["sent"]:
+                    continue
+                send(sr_ds)
+                state["sent"].append(name)
+                self.spool.save_state(job, state)
+                log.info("%s: SR sent by %s", tag, name)
+        except (InputError, PermanentError) as exc:
+            self._count("failed")
+            record = {"study": tag, "study_uid": state.get("study_uid"), "status": "failed",
+                      "reason": f"{type(exc).__name__}: {exc}", "attempts": state["attempts"] + 1,
+                      "sent": state["sent"], "time": self._clock()}
+            out = self.spool.fail(job, record)
+            log.error("%s: FAILED (%s); record %s", tag, record["reason"], out)
+            return 1
+        except Exception as exc:  # PACS/Triton down, network: retry with back-off
+            state["attempts"] += 1
+            delay = min(self.config.retry_max_s, self.config.retry_initial_s * 2 ** (state["attempts"] - 1))
+            state["next_attempt"] = self._clock() + delay
+            state["last_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            self._count("retries")
+            give_up = self.config.give_up_after_s
+            if give_up is not None and self._clock() - state.get("created", started) > give_up:
+                self._count("failed")
+                record = {"study": tag, "study_uid": state.get("study_uid"), "status": "failed",
+                          "reason": f"gave up after {state['attempts']} attempts over {give_up:g} s; last error: "
+                                    f"{state['last_error']}", "attempts": state["attempts"], "sent": state["sent"],
+                          "time": self._clock()}
+                out = self.spool.fail(job, record)
+                log.error("%s: FAILED (%s); record %s", tag, record["reason"], out)
+                return 1
+            self.spool.save_state(job, state)
+            log.warning("%s: attempt %d failed (%s); retrying in %.1f s", tag, state["attempts"],
+                        state["last_error"], delay)
+            return 0
+        sr_uid = str(sr_ds.SOPInstanceUID)
+        record = {"study": tag, "study_uid": state.get("study_uid"), "status": "done", "sr_sop_instance_uid": sr_uid,
+                  "sr_series_instance_uid": str(sr_ds.SeriesInstanceUID), "sent": state["sent"],
+                  "attempts": state["attempts"] + 1, "time": self._clock()}
+        self.spool.finish(job, record, keep_instances=self.config.keep_instances)
+        self._count("sent")
+        log.info("%s: done (SR stored in the PACS)", tag)
+        return 1
+
+    def _destinations(self) -> list[tuple[str, Callable[[Any], None]]]:
+        out: list[tuple[str, Callable[[Any], None]]] = []
+        if self.config.cstore is not None:
+            dest = self.config.cstore
+            out.append(("cstore", lambda ds: send_cstore(ds, dest, self.config.ae_title)))
+        if self.config.stow is not None:
+            sdest = self.config.stow
+            out.append(("stow", lambda ds: send_stow(ds, sdest)))
+        return out
+
+    def build_sr(self, job: Path) -> Any:
+        """Read the study's instances, run the diagnoser, build one TID 1500 SR."""
+        import pydicom
+
+        from hygeia.data.io import load_dataset, prepare_image
+        from hygeia_dicom.sr import build_sr
+
+        files = sorted((job / "instances").glob("*.dcm"))
+        if not files:
+            raise InputError("study", "at least one received image", got="none")
+        datasets = [pydicom.dcmread(f) for f in files]
+        datasets.sort(key=lambda d: (str(getattr(d, "SeriesInstanceUID", "")), int(getattr(d, "InstanceNumber", 0) or 0)))
+        diag = self.diagnoser()
+        size = tuple(getattr(diag, "input_size", (64, 64)))
+        images = np.stack([prepare_image(load_dataset(d).pixels, size=size) for d in datasets])
+        texts = [clinical_text(d) for d in datasets]
+        texts_arg = texts if any(texts) else None
+        diagnoses: list[Any] = []
+        bs = max(1, self.config.batch_size)
+        for i in range(0, len(datasets), bs):
+            diagnoses.extend(diag.diagnose(images[i:i + bs], texts=None if texts_arg is None else texts_arg[i:i + bs]))
+        if len(diagnoses) != len(datasets):
+            raise InputError("diagnoser output", f"one Diagnosis per image ({len(datasets)})", got=len(diagnoses))
+        return build_sr(diagnoses, datasets)
+
+    # -- status --------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        with self._counter_lock:
+            counters = dict(self.counters)
+        return {**self.spool.summary(), **counters}
+
+    def wait_idle(self, timeout: float = 60.0) -> bool:
+        """Block until no study is open or in processing (tests, benchmarks)."""
+        end = time.time() + timeout
+        while time.time() < end:
+            s = self.spool.summary()
+            if s["open_studies"] == 0 and s["processing"] == 0:
+                return True
+            time.sleep(0.05)
+        return False
+
+
+def _count_groups(sr: Any) -> int:
+    try:
+        return sum(1 for _ in sr.ContentSequence[-1].ContentSequence)
+    except Exception:
+        return 0
