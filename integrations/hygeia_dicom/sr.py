@@ -241,16 +241,25 @@ def build_sr(
     return sr
 
 
+_TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                        "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def _header_only(ds: Any) -> Any:
-    """A shallow copy of ``ds`` without bulk pixel data (evidence needs only the header)."""
+    """A shallow copy of ``ds`` without bulk pixel data (evidence needs only the header).
+
+    Patient and study attributes of type 2 that the source lacks (modalities often omit them)
+    are added empty in the copy, as PS3.3 allows for type 2; the source is not changed.
+    """
     import pydicom
 
-    if "PixelData" not in ds:
-        return ds
     out = pydicom.Dataset()
     for elem in ds:
         if elem.tag != 0x7FE00010:
             out.add(elem)
+    for kw in _TYPE2_PATIENT_STUDY:
+        if kw not in out:
+            setattr(out, kw, None)
     if hasattr(ds, "file_meta"):
         out.file_meta = ds.file_meta
     return out

@@ -171,12 +171,12 @@ class Gateway:
         study_uid, sop_uid = str(getattr(ds, "StudyInstanceUID", "")), str(getattr(ds, "SOPInstanceUID", ""))
         if not study_uid or not sop_uid:
             return self._reject(event, STATUS_BAD_UID, "missing Study Instance UID or SOP Instance UID")
+        if "PixelData" not in ds:
+            return self._reject(event, STATUS_NO_PIXELS, "no Pixel Data: an image is expected")
         modality = str(getattr(ds, "Modality", "")).upper()
         if modality not in self.config.modalities:
             return self._reject(event, STATUS_MODALITY,
                                 f"modality {modality or 'none'} not accepted ({'/'.join(self.config.modalities)})")
-        if "PixelData" not in ds:
-            return self._reject(event, STATUS_NO_PIXELS, "no Pixel Data: an image is expected")
         frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
         if frames > 1:
             return self._reject(event, STATUS_VOLUME, f"3D volume ({frames} frames): 2D image expected")

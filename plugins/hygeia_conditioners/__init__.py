@@ -12,3 +12,6 @@ def hygeia_conditioners():  # type: ignore[no-untyped-def]
     from . import property
 
     yield property.SPEC
+    from . import text
+
+    yield text.SPEC

@@ -9,3 +9,6 @@ def hygeia_generators():  # type: ignore[no-untyped-def]
     from . import molecule
 
     yield molecule.SPEC
+    from . import image
+
+    yield image.SPEC

@@ -63,8 +63,8 @@ class VAEConfig:
 
     vocab: list[str] = field(default_factory=list)
     embed: int = 64
-    enc_hidden: int = 256
-    dec_hidden: int = 512
+    enc_hidden: int = 128
+    dec_hidden: int = 256
     dec_layers: int = 1
     latent: int = 64
     cond_dim: int = COND_DIM
@@ -109,28 +109,35 @@ class MoleculeVAE(nn.Module):
     @torch.no_grad()
     def sample(self, z: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
                temperature: float = 1.0) -> torch.Tensor:
-        """Autoregressive sampling -> token ids ``[B, <= max_len + 1]`` (EOS then PAD)."""
+        """Autoregressive sampling -> token ids ``[B, <= max_len + 1]`` (EOS, then PAD).
+
+        Finished rows leave the batch, so the cost follows the mean length, not the longest.
+        Random draws come from ``generator`` (CPU) in a fixed order: reproducible from its seed.
+        """
         b = z.shape[0]
         zc = torch.cat([z, cond], 1)
         step = self.to_step(zc)[:, None]
         h = self._h0(zc)
         bos, eos = self.cfg.vocab.index(BOS), self.cfg.vocab.index(EOS)
+        out = torch.zeros(b, self.cfg.max_len + 1, dtype=torch.long)
+        active = torch.arange(b)
         tok = torch.full((b, 1), bos, dtype=torch.long, device=z.device)
-        done = torch.zeros(b, dtype=torch.bool, device=z.device)
-        out = []
-        for _ in range(self.cfg.max_len + 1):
+        t = 0
+        for t in range(self.cfg.max_len + 1):
             y, h = self.decoder(self.embed(tok) + step, h)
-            logits = self.out(y[:, 0]) / temperature
+            logits = self.out(y[:, 0]).float().cpu() / temperature
             logits[:, :2] = -1e9  # never PAD or BOS
-            probs = torch.softmax(logits, -1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(z.device)[:, 0]
-            nxt = torch.where(done, torch.zeros_like(nxt), nxt)
-            out.append(nxt)
-            done |= nxt == eos
-            if bool(done.all()):
+            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+            out[active, t] = nxt
+            keep = nxt != eos
+            if not bool(keep.any()):
                 break
-            tok = nxt[:, None]
-        return torch.stack(out, 1)
+            if not bool(keep.all()):
+                idx = keep.nonzero()[:, 0]
+                active, nxt, step = active[idx], nxt[idx], step[idx.to(z.device)]
+                h = h[:, idx.to(z.device)].contiguous()
+            tok = nxt[:, None].to(z.device)
+        return out[:, :t + 1]
 
 
 # --------------------------------------------------------------------------- generator
@@ -310,11 +317,16 @@ class _Batches(torch.utils.data.Dataset):
 
 # --------------------------------------------------------------------------- training
 def _cond_from_props(props: torch.Tensor, drop: float, g: torch.Generator) -> torch.Tensor:
-    """Measured properties ``[B, 4]`` -> conditioner vectors, each property hidden with p=drop."""
-    from hygeia_conditioners.property import PropertyConditioner
+    """Measured properties ``[B, 4]`` -> conditioner vectors with random properties hidden.
 
-    z = PropertyConditioner.normalise(props)
+    A quarter of the rows hide every property (so unconditional sampling is trained as
+    such); in the others each property is hidden with probability ``drop``.
+    """
+    from hygeia.plugins import get_registry
+
+    z = get_registry().get("conditioner", "property").factory.normalise(props)
     mask = (torch.rand(z.shape, generator=g) >= drop).float()
+    mask *= (torch.rand(z.shape[0], 1, generator=g) >= 0.25).float()
     return torch.cat([z * mask, mask], 1)
 
 
@@ -329,7 +341,7 @@ def _loss(model: MoleculeVAE, ids: torch.Tensor, lengths: torch.Tensor, cond: to
     kl_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean(0)  # [latent], nats
     kl = kl_dim.sum()
     loss = rec + beta * torch.clamp(kl_dim, min=free_bits).sum()
-    return loss, {"loss": float(loss), "rec": float(rec), "kl": float(kl)}
+    return loss, {"loss": float(loss.detach()), "rec": float(rec.detach()), "kl": float(kl.detach())}
 
 
 def _optim_state_tensors(opt: torch.optim.Optimizer, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -371,8 +383,8 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
           batch_size: int = 128, lr: float = 1e-3, free_bits: float = 0.1, beta: float = 1.0,
           cond_drop: float = 0.3, max_minutes: float | None = None, checkpoint_every: int = 500,
           val_size: int = 2000, device: str | None = None, workers: int = 1,
-          checkpoints: str | Path | None = None, embed: int = 64, enc_hidden: int = 256,
-          dec_hidden: int = 512, dec_layers: int = 1, latent: int = 64, max_len: int = 100,
+          checkpoints: str | Path | None = None, embed: int = 64, enc_hidden: int = 128,
+          dec_hidden: int = 256, dec_layers: int = 1, latent: int = 64, max_len: int = 100,
           threads: int | None = None) -> Path:
     """Train the molecule VAE and write a bundle to ``out`` (the best checkpoint by validation loss).
 
@@ -523,6 +535,21 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     return out
 
 
+def _shipped_card() -> ModelCard:
+    """The model card of the shipped weights (with their measured metrics), if present."""
+    try:
+        return ModelCard.from_dict(json.loads((WEIGHTS / "model_card.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return _card({}, "MOSES training set (molsets 0.3.1)")
+
+
+def update_card_metrics(bundle: str | Path, metrics: dict[str, Any]) -> None:
+    """Merge measured ``metrics`` into a bundle's model card (weights unchanged)."""
+    b = load_bundle(bundle)
+    card = ModelCard.from_dict({**b.card.to_dict(), "metrics": {**dict(b.card.metrics), **metrics}})
+    save_bundle(bundle, b.tensors, b.config, card)
+
+
 SPEC = PluginSpec(
     kind="generator",
     name=NAME,
@@ -535,6 +562,6 @@ SPEC = PluginSpec(
                        description='JSON property targets, e.g. {"logP": 2.5, "QED": 0.8}')),
     outputs=(TensorSpec("SMILES", "BYTES", (-1,), description="one SMILES per molecule"),
              TensorSpec("VALID", "BOOL", (-1,), description="RDKit parses it")),
-    model_card=_card({}, "MOSES training set (molsets 0.3.1)"),
+    model_card=_shipped_card(),
     train=train,
 )

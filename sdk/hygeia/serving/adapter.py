@@ -104,8 +104,8 @@ class TritonPythonModel:
 
     def _error(self, exc: BaseException) -> Any:
         pb = self.pb
-        if isinstance(exc, InputError):
-            return pb.InferenceResponse(error=pb.TritonError(str(exc), pb.TritonError.INVALID_ARG))
+        if isinstance(exc, InputError):  # "InputError: invalid X: expected ..., got ..." (class kept for the client)
+            return pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}", pb.TritonError.INVALID_ARG))
         self._log("error", f"{self.model_name}: {type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         return pb.InferenceResponse(error=pb.TritonError(f"{type(exc).__name__}: {exc}", pb.TritonError.INTERNAL))
 
@@ -123,16 +123,27 @@ class TritonPythonModel:
         self.plugin = None
 
     # ----------------------------------------------------------------- diagnoser
-    def _diagnose_call(self, images: np.ndarray, texts: list[str] | None, heatmaps: bool) -> dict[str, np.ndarray]:
-        kw = {self.heatmap_kw: heatmaps} if self.heatmap_kw else {}
+    def _diagnose_call(self, images: np.ndarray, texts: list[str] | None, heatmaps: bool | None) -> dict[str, np.ndarray]:
+        """``heatmaps``: False = not requested; None = the plugin's default; True = asked for."""
+        kw = {self.heatmap_kw: heatmaps} if self.heatmap_kw and heatmaps is not None else {}
         result = self.plugin.diagnose(images, texts, **kw)
         if len(result) != len(images):
             raise RuntimeError(f"{self.name}.diagnose returned {len(result)} results for {len(images)} images")
-        return wire.encode_diagnoses(result, self.labels, heatmaps=heatmaps)
+        return wire.encode_diagnoses(result, self.labels, heatmaps=heatmaps is not False)
+
+    @staticmethod
+    def _want_heatmaps(request: Any) -> bool | None:
+        if wire.HEATMAPS not in request.requested_output_names():
+            return False
+        try:
+            value = json.loads(request.parameters() or "{}").get("heatmaps")
+        except (ValueError, AttributeError):
+            value = None
+        return None if value is None else bool(value)
 
     def _diagnose(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
-        groups: dict[tuple[bool, bool], list[tuple[int, np.ndarray, list[str] | None]]] = {}
+        groups: dict[tuple[bool, bool | None], list[tuple[int, np.ndarray, list[str] | None]]] = {}
         for i, r in enumerate(requests):
             try:
                 raw = self._input(r, wire.IMAGES)
@@ -143,7 +154,7 @@ class TritonPythonModel:
                 texts = wire.decode_strings(tx, wire.TEXTS) if tx is not None else None
                 if texts is not None and len(texts) != len(imgs):
                     raise InputError(wire.TEXTS, f"one text per image ({len(imgs)})", got=f"{len(texts)} texts")
-                want = wire.HEATMAPS in r.requested_output_names()
+                want = self._want_heatmaps(r)
                 groups.setdefault((texts is None, want), []).append((i, imgs, texts))
             except Exception as exc:
                 responses[i] = self._error(exc)
@@ -227,11 +238,12 @@ class TritonPythonModel:
                         raise InputError(wire.OPTIONS, "a JSON object", got=type(options).__name__)
                     if "progress" in options:
                         raise InputError(wire.OPTIONS, "no 'progress' key (progress is streamed)", got="'progress'")
-                last = [0.0]
+                last: list[Any] = [0.0, (n, n)]  # time of the last message, last (done, total) seen
 
                 def progress(done: int, total: int) -> None:
                     if r.is_cancelled():
                         raise _Cancelled()
+                    last[1] = (int(done), int(total))
                     now = time.monotonic()
                     if done >= total or now - last[0] >= PROGRESS_INTERVAL_S:
                         last[0] = now
@@ -242,7 +254,8 @@ class TritonPythonModel:
                     progress(0, n)
                 items = self.plugin.generate(n, condition=cond, seed=seed, **options, **kw)
                 out = wire.encode_generated(items)
-                out[wire.PROGRESS] = np.array([[n, n]], np.int64)
+                done, total = last[1]
+                out[wire.PROGRESS] = np.array([[max(done, total), total]], np.int64)
                 sender.send(self._response(out), flags=final)
             except _Cancelled:
                 sender.send(flags=final)

@@ -19,8 +19,9 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from ..api import Diagnosis, GeneratedImage, GeneratedMolecule, ModelIdentity
+from .. import errors
 from ..errors import HygeiaError, InputError, PluginNotFoundError
-from ..validation import check_images, check_n, check_seed, check_texts
+from ..validation import check_condition, check_images, check_n, check_seed, check_texts
 from . import wire
 
 ProgressFn = Callable[[int, int], None]
@@ -38,6 +39,7 @@ class RemoteTimeoutError(RemoteError, TimeoutError):
     """A request ran past its deadline."""
 
 
+_CLASS_RE = re.compile(r"^(\w+Error): ")
 _INPUT_RE = re.compile(r"invalid (.+?): expected (.*?)(?:, got (.*))?$", re.S)
 _TRITON_INPUT_RE = re.compile(r"input '([^']+)'")
 _RETRYABLE = ("StatusCode.UNAVAILABLE",)
@@ -49,9 +51,15 @@ def map_error(exc: Exception, model: str) -> Exception:
     status = str(getattr(exc, "status", lambda: "")() or "")
     msg = str(getattr(exc, "message", lambda: str(exc))() or exc)
     if status == "StatusCode.INVALID_ARGUMENT":
+        cls: type[InputError] = InputError
+        c = _CLASS_RE.match(msg)
+        if c:  # the adapter sends "<ErrorClass>: <message>"
+            found = getattr(errors, c.group(1), None)
+            if isinstance(found, type) and issubclass(found, InputError):
+                cls, msg = found, msg[c.end():]
         m = _INPUT_RE.search(msg)
         if m:
-            err = InputError(m.group(1), m.group(2), got=m.group(3))
+            err = cls(m.group(1), m.group(2), got=m.group(3))
         else:
             t = _TRITON_INPUT_RE.search(msg)
             err = InputError(t.group(1) if t else f"request to {model}", msg)
@@ -138,15 +146,19 @@ class Connection:
             if isinstance(exc, ServerUnavailableError):
                 raise
             kind, _, name = model.partition("_")
-            raise PluginNotFoundError(f"remote {kind} at {self.server}", name, self.model_names()) from None
+            raise PluginNotFoundError(f"remote {kind} at {self.server}", name, self.model_names(kind)) from None
 
-    def model_names(self) -> list[str]:
+    def model_names(self, kind: str | None = None) -> list[str]:
+        """Models in the server's repository; with ``kind``: the plugin names of that kind."""
         try:
             idx = self.client().get_model_repository_index(headers=self.headers, as_json=True,
                                                             client_timeout=self.timeout)
-            return sorted(m["name"] for m in idx.get("models", []))
+            names = sorted(m["name"] for m in idx.get("models", []))
         except Exception:  # noqa: BLE001 - only used to enrich an error message
             return []
+        if kind is None:
+            return names
+        return [n[len(kind) + 1:] for n in names if n.startswith(f"{kind}_")]
 
 
 class _Remote:
@@ -159,7 +171,7 @@ class _Remote:
         cfg = self.conn.model_config(self.model)
         self.params = {k: v.get("string_value", "") for k, v in cfg.get("parameters", {}).items()}
         if self.params.get("hygeia_kind") != self.kind:
-            raise PluginNotFoundError(f"remote {self.kind} at {self.conn.server}", name, self.conn.model_names())
+            raise PluginNotFoundError(f"remote {self.kind} at {self.conn.server}", name, self.conn.model_names(self.kind))
         self.max_batch_size = int(cfg.get("max_batch_size", 0)) or 1
         self.info = json.loads(self.params.get("hygeia_info", "{}"))
         self.identity = ModelIdentity(self.params.get("hygeia_identity_name") or name,
@@ -170,7 +182,8 @@ class _Remote:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, server={self.conn.server!r})"
 
-    def _infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str]) -> dict[str, np.ndarray]:
+    def _infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
+               parameters: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
         import tritonclient.grpc as grpcclient
         from tritonclient.utils import np_to_triton_dtype
 
@@ -181,7 +194,8 @@ class _Remote:
             ins.append(t)
         outs = [grpcclient.InferRequestedOutput(o) for o in outputs]
         res = self.conn.call(self.model, lambda c: c.infer(self.model, ins, outputs=outs, headers=self.conn.headers,
-                                                           client_timeout=self.conn.timeout))
+                                                           client_timeout=self.conn.timeout,
+                                                           parameters=dict(parameters) if parameters else None))
         return {o: res.as_numpy(o) for o in outputs}
 
 
@@ -227,17 +241,20 @@ class RemoteDiagnoser(_Remote):
         self.channels = int(self.info.get("channels", 1))
         self.codes: dict[str, dict[str, str]] = self.info.get("codes", {})
 
-    def diagnose(self, images: Any, texts: Sequence[str] | None = None, heatmaps: bool = False) -> list[Diagnosis]:
-        """One Diagnosis per image; ``heatmaps=True`` asks the model for heat maps (if it makes them)."""
+    def diagnose(self, images: Any, texts: Sequence[str] | None = None, heatmaps: bool | None = None
+                 ) -> list[Diagnosis]:
+        """One Diagnosis per image. ``heatmaps``: None = the model's default, False = none (faster),
+        True = ask for them (models that cannot make them return none)."""
         a = check_images(images, size=self.input_size, channels=self.channels)
         tx = check_texts(texts, len(a))
-        outputs = [wire.PROBS, wire.THRESHOLDS, wire.REGIONS] + ([wire.HEATMAPS] if heatmaps else [])
+        outputs = [wire.PROBS, wire.THRESHOLDS, wire.REGIONS] + ([wire.HEATMAPS] if heatmaps is not False else [])
+        params = {"heatmaps": True} if heatmaps else None
         result: list[Diagnosis] = []
         for i in range(0, len(a), self.max_batch_size):
             inputs = {wire.IMAGES: a[i:i + self.max_batch_size]}
             if tx is not None:
                 inputs[wire.TEXTS] = wire.encode_strings(tx[i:i + self.max_batch_size])
-            out = self._infer(inputs, outputs)
+            out = self._infer(inputs, outputs, params)
             result += wire.decode_diagnoses(out, self.findings, self.identity, self.input_size, self.codes)
         return result
 
@@ -255,6 +272,7 @@ class RemoteGenerator(_Remote):
                  **options: Any) -> list[GeneratedImage] | list[GeneratedMolecule]:
         """Like the local ``generate``; ``progress(done, total)`` is called as the server reports."""
         n, seed = check_n(n), check_seed(seed)
+        check_condition(condition, self.condition_kinds, self.name)
         inputs = {wire.N: np.array([[n]], np.int64), wire.SEED: np.array([[seed]], np.int64)}
         cond = wire.encode_condition(condition)
         if cond is not None:

@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import urllib.error
@@ -108,6 +109,21 @@ def server_env(threads: int | None = None) -> dict[str, str]:
     venv_bin = str(Path(sys.prefix) / "bin")
     env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
     env.setdefault("PYTHONNOUSERSITE", "1")
+    # The stub links libpython3.X.so: it must load the libpython of the Python that runs us (else
+    # e.g. Debian's 3.11.2 libpython meets pyenv's 3.11.7 stdlib and `import ssl` fails), and it
+    # finds libcudart through an RPATH relative to the wheel, which our copy of the stub breaks.
+    paths = []
+    libdir = sysconfig.get_config_var("LIBDIR")
+    ldlib = sysconfig.get_config_var("LDLIBRARY") or ""
+    if libdir and ldlib and (Path(libdir) / ldlib).exists():
+        paths.append(libdir)
+    try:
+        libs = _pytriton_root().parent.parent / "nvidia_pytriton.libs"
+        if libs.is_dir():
+            paths.append(str(libs))
+    except TritonServerError:
+        pass
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (*paths, env.get("LD_LIBRARY_PATH", "")) if p)
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env

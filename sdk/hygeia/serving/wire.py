@@ -35,7 +35,7 @@ from ..api import (
     ModelIdentity,
     Region,
 )
-from ..errors import InputError
+from ..errors import InputError, UnsupportedConditionError
 from ..vocab import Code, finding
 
 MAX_TEXT_BYTES = 16_384
@@ -88,8 +88,8 @@ def encode_condition(condition: Any) -> str | None:
         return condition
     if isinstance(condition, Mapping):
         return json.dumps(dict(condition), sort_keys=True)
-    raise InputError("condition", "None, a string (label or text) or a dict of property targets",
-                     got=type(condition).__name__)
+    raise UnsupportedConditionError("condition", "None, a string (label or text) or a dict of property targets",
+                                    got=f"{type(condition).__name__} {condition!r}"[:200])
 
 
 def decode_condition(text: str | None) -> Any:

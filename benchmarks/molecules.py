@@ -1,0 +1,128 @@
+"""Benchmark the ``molecule-vae`` generator: valid molecules per second on CPU, MOSES metrics,
+and how well property conditioning moves samples toward their targets.
+
+    python benchmarks/molecules.py                       # speed only (target >= 2000 valid/s)
+    python benchmarks/molecules.py --moses 30000         # + the MOSES table on 30k samples
+    python benchmarks/molecules.py --conditioning 200    # + property-conditioning correlations
+    python benchmarks/molecules.py --moses 30000 --conditioning 200 --update-card  # record in the card
+
+Every figure is measured in this run and printed next to its target as a ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+TARGET_VALID_PER_S = 2000.0
+TARGETS = {"valid": (">=", 0.95), "unique@10000": (">=", 0.998), "Novelty": (">=", 0.80), "FCD/Test": ("<=", 1.0)}
+# Targets per property: spread over the MOSES training range (see hygeia_conditioners.property).
+COND_TARGETS = {"logP": [0.5, 1.5, 2.5, 3.5, 4.5], "QED": [0.6, 0.7, 0.8, 0.9], "SA": [1.8, 2.2, 2.6, 3.0, 3.4],
+                "MW": [260.0, 285.0, 310.0, 335.0]}
+
+
+def speed(gen: Any, n: int, seed: int) -> dict[str, float]:
+    gen.generate(min(n, 500), seed=seed + 1)  # warm-up
+    t = time.perf_counter()
+    mols = gen.generate(n, seed=seed)
+    dt = time.perf_counter() - t
+    valid = sum(m.valid for m in mols)
+    return {"n": n, "seconds": dt, "valid": valid, "valid_per_s": valid / dt, "samples_per_s": n / dt,
+            "threads": torch.get_num_threads()}
+
+
+def conditioning(gen: Any, per_target: int, seed: int) -> dict[str, dict[str, Any]]:
+    """For each property: sample at several targets; Pearson r(target, measured) and the means."""
+    from hygeia.evaluation.molecules import property_rows
+
+    base = property_rows([m.smiles for m in gen.generate(per_target * 2, seed=seed)])
+    out: dict[str, dict[str, Any]] = {}
+    for prop, targets in COND_TARGETS.items():
+        xs, ys, means = [], [], []
+        for i, t in enumerate(targets):
+            rows = property_rows([m.smiles for m in gen.generate(per_target, condition={prop: t}, seed=seed + 1 + i)])
+            vals = [r[prop] for r in rows]
+            xs += [t] * len(vals)
+            ys += vals
+            means.append(float(np.mean(vals)) if vals else float("nan"))
+        r = float(np.corrcoef(xs, ys)[0, 1]) if len(set(xs)) > 1 and len(ys) > 2 else float("nan")
+        r_means = float(np.corrcoef(targets, means)[0, 1])
+        out[prop] = {"targets": targets, "sample_means": [round(m, 3) for m in means],
+                     "unconditional_mean": round(float(np.mean([b[prop] for b in base])), 3),
+                     "pearson_r_samples": round(r, 3), "pearson_r_means": round(r_means, 3)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=20000, help="samples for the speed measurement")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--bundle", type=Path, default=None, help="weights bundle (default: shipped)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--moses", type=int, default=0, help="also run MOSES metrics on this many samples")
+    ap.add_argument("--conditioning", type=int, default=0, help="samples per property target (0: skip)")
+    ap.add_argument("--samples-out", type=Path, default=None, help="write the MOSES samples (.smi)")
+    ap.add_argument("--update-card", action="store_true", help="write the figures into the bundle's model card")
+    ap.add_argument("--json", type=Path, default=None, help="write all figures as JSON")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import hygeia
+
+    opts = {"bundle": str(args.bundle)} if args.bundle else {}
+    gen = hygeia.create("generator", "molecule-vae", device="cpu", **opts)
+    report: dict[str, Any] = {}
+    s = speed(gen, args.n, args.seed)
+    report["speed"] = s
+    print(f"sampling on CPU ({s['threads']} thread(s)): {s['n']} samples in {s['seconds']:.2f} s, "
+          f"{s['valid']} valid")
+    print(f"  valid molecules/s   ours {s['valid_per_s']:8.0f}   target {TARGET_VALID_PER_S:6.0f}   "
+          f"ratio {s['valid_per_s'] / TARGET_VALID_PER_S:.2f}x")
+    if args.moses:
+        from rich.console import Console
+
+        from hygeia.evaluation.molecules import evaluate_smiles, render_table, write_molecules
+
+        t = time.perf_counter()
+        smiles = [m.smiles for m in gen.generate(args.moses, seed=args.seed)]
+        if args.samples_out:
+            write_molecules(smiles, args.samples_out)
+        metrics = evaluate_smiles(smiles, n_jobs=1, device="cpu")
+        report["moses"] = metrics
+        Console(width=140).print(render_table(metrics, title=f"molecule-vae, seed {args.seed}"))
+        for k, (op, target) in TARGETS.items():
+            v = metrics.get(k, float("nan"))
+            ok = (v >= target) if op == ">=" else (v <= target)
+            print(f"  {k:<13} ours {v:7.4f}   target {op} {target:<6}  {'met' if ok else 'NOT met'}")
+        print(f"  (MOSES metrics took {time.perf_counter() - t:.0f} s)")
+    if args.conditioning:
+        c = conditioning(gen, args.conditioning, args.seed)
+        report["conditioning"] = c
+        print("property conditioning (mean of valid samples per target):")
+        for prop, d in c.items():
+            print(f"  {prop:<5} targets {d['targets']} -> means {d['sample_means']} "
+                  f"(unconditional {d['unconditional_mean']}); r(samples) {d['pearson_r_samples']}, "
+                  f"r(means) {d['pearson_r_means']}")
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=float))
+    if args.update_card:
+        from hygeia_vae.molecule import WEIGHTS, update_card_metrics
+
+        m: dict[str, Any] = {"cpu_valid_molecules_per_s": round(s["valid_per_s"], 1),
+                             "cpu_threads_for_speed": s["threads"]}
+        if "moses" in report:
+            m.update({f"moses_{k}": (None if math.isnan(v) else round(v, 4)) for k, v in report["moses"].items()})
+        if "conditioning" in report:
+            m.update({f"conditioning_r_{p}": d["pearson_r_samples"] for p, d in report["conditioning"].items()})
+        update_card_metrics(args.bundle or WEIGHTS, m)
+        print(f"model card updated: {args.bundle or WEIGHTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""The ``cnn`` diagnoser: 64x64 chest phantom -> 5 finding probabilities, Grad-CAM heat maps, regions.
+
+Image-only: clinical text is accepted (and checked) but not used. The network is a small MONAI
+``ResNet`` (2-D, 1 channel in, 5 logits out); per-finding thresholds were chosen on a validation
+split (Youden's J) and live in the bundle's config. Heat maps come from ``monai.visualize.GradCAM``
+on ``net.layer3``; a present finding gets a box around the hottest blob of its heat map.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from hygeia.api import Diagnosis, Finding, ModelCard, ModelIdentity, PluginSpec, Region, TensorSpec
+from hygeia.bundles import load_bundle, pick_device, save_bundle
+from hygeia.validation import check_images, check_texts
+from hygeia.vocab import FINDING_LABELS, finding
+
+NAME, VERSION = "cnn", "1.0.0"
+INPUT_SIZE = (64, 64)
+WEIGHTS = Path(__file__).parent / "weights" / "cnn"
+
+DEFAULT_ARCH: dict[str, Any] = {
+    "network": "monai.networks.nets.ResNet",
+    "block": "basic",
+    "layers": [1, 1, 1, 1],
+    "block_inplanes": [16, 32, 64, 128],
+    "conv1_t_size": 5,
+    "conv1_t_stride": 1,
+    "no_max_pool": False,
+    "mean": 0.5,
+    "std": 0.25,
+    "cam_layer": "net.layer3",
+}
+
+CARD = ModelCard(
+    intended_use=("Demonstration and test diagnoser for the Hygeia SDK: flags nodule, consolidation, effusion, "
+                  "cardiomegaly and pneumothorax on 64x64 synthetic chest-radiograph phantoms. Not for clinical use."),
+    training_data="Synthetic phantoms only (hygeia.data.make_phantom_set, split 'train'); thresholds on split 'val'.",
+    metrics={},
+    limitations=("Trained and measured on procedural phantoms, never on patient images: its numbers say nothing about "
+                 "real radiographs. Image-only (ignores clinical text). Grad-CAM regions are coarse (8x8 feature map)."),
+)
+
+
+def _shipped_card() -> ModelCard:
+    """The shipped bundle's model card (its measured metrics), or the static card if none is shipped."""
+    import json
+
+    try:
+        return ModelCard.from_dict(json.loads((WEIGHTS / "model_card.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return CARD
+
+
+class CnnNet(nn.Module):
+    """Intensity normalisation + a MONAI ResNet (2-D, 1 -> 5 logits)."""
+
+    def __init__(self, arch: dict[str, Any]) -> None:
+        super().__init__()
+        from monai.networks.nets import ResNet
+
+        self.mean, self.std = float(arch["mean"]), float(arch["std"])
+        self.net = ResNet(block=arch["block"], layers=list(arch["layers"]), block_inplanes=list(arch["block_inplanes"]),
+                          spatial_dims=2, n_input_channels=1, num_classes=len(FINDING_LABELS),
+                          conv1_t_size=int(arch["conv1_t_size"]), conv1_t_stride=int(arch["conv1_t_stride"]),
+                          no_max_pool=bool(arch["no_max_pool"]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.std)
+
+
+def region_from_heatmap(heat: np.ndarray, level: float = 0.5) -> Region | None:
+    """A box (DICOM x=column, y=row pixel coordinates) around the blob holding the heat map's maximum."""
+    from scipy import ndimage
+
+    if not np.isfinite(heat).all() or heat.max() <= 0:
+        return None
+    lab, _ = ndimage.label(heat >= level * heat.max())
+    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    rows, cols = np.nonzero(lab == lab[r, c])
+    return Region("box", ((float(cols.min()), float(rows.min())), (float(cols.max() + 1), float(rows.max() + 1))))
+
+
+class CnnDiagnoser:
+    """``diagnose(images [B,1,64,64] float in [0,1], texts=None) -> list[Diagnosis]``."""
+
+    input_size = INPUT_SIZE
+    findings = FINDING_LABELS
+
+    def __init__(self, bundle: str | Path | None = None, device: str | None = None, heatmaps: bool = True,
+                 batch_size: int = 256) -> None:
+        self.device = pick_device(device)
+        b = load_bundle(bundle or WEIGHTS)
+        self.config = dict(b.config)
+        self.card = b.card
+        self.arch = {**DEFAULT_ARCH, **self.config.get("arch", {})}
+        self.net = CnnNet(self.arch)
+        self.net.load_state_dict(b.tensors)
+        self.net.to(self.device).eval()
+        self.thresholds = np.asarray(self.config.get("thresholds", [0.5] * len(FINDING_LABELS)), np.float64)
+        self.heatmaps = bool(heatmaps)
+        self.batch_size = int(batch_size)
+        self.identity = ModelIdentity(NAME, VERSION, "diagnoser", b.sha256)
+        self._cam: Any = None
+
+    # -- inference ------------------------------------------------------------
+    @torch.no_grad()
+    def predict_proba(self, images: Any) -> np.ndarray:
+        """Probabilities float32 ``[B, 5]`` (FINDING_LABELS order); the same input checks as diagnose."""
+        x = check_images(images, size=INPUT_SIZE)
+        out = []
+        for i in range(0, len(x), self.batch_size):
+            xb = torch.from_numpy(x[i:i + self.batch_size]).to(self.device)
+            out.append(torch.sigmoid(self.net(xb)).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def gradcam(self, images: Any, classes: Sequence[int] | None = None) -> np.ndarray:
+        """Grad-CAM heat maps float32 ``[B, 5, H, W]`` in [0, 1] (zeros for classes not asked for)."""
+        from monai.visualize import GradCAM
+
+        x = torch.from_numpy(check_images(images, size=INPUT_SIZE)).to(self.device)
+        if self._cam is None:
+            self._cam = GradCAM(nn_module=self.net, target_layers=self.arch["cam_layer"])
+        maps = np.zeros((x.shape[0], len(FINDING_LABELS), *INPUT_SIZE), np.float32)
+        with torch.enable_grad():
+            for k in classes if classes is not None else range(len(FINDING_LABELS)):
+                m = self._cam(x, class_idx=int(k))
+                maps[:, k] = np.nan_to_num(m[:, 0].detach().float().cpu().numpy()).clip(0, 1)
+        self.net.zero_grad(set_to_none=True)
+        return maps
+
+    def diagnose(self, images: Any, texts: Sequence[str] | None = None, heatmaps: bool | None = None) -> list[Diagnosis]:
+        x = check_images(images, size=INPUT_SIZE)
+        check_texts(texts, len(x))  # accepted and checked; this model is image-only
+        probs = self.predict_proba(x)
+        want = self.heatmaps if heatmaps is None else bool(heatmaps)
+        maps = None
+        if want:
+            maps = np.concatenate([self.gradcam(x[i:i + self.batch_size])
+                                   for i in range(0, len(x), self.batch_size)])
+        out = []
+        for b in range(len(x)):
+            fs = []
+            for k, label in enumerate(FINDING_LABELS):
+                p, t = float(probs[b, k]), float(self.thresholds[k])
+                heat = None if maps is None else maps[b, k]
+                region = region_from_heatmap(heat) if heat is not None and p >= t else None
+                fs.append(Finding(label, finding(label).code, p, t, region, heat))
+            out.append(Diagnosis(fs, self.identity, INPUT_SIZE))
+        return out
+
+    def save(self, path: str | Path) -> str:
+        """Write the current weights, config and model card as a bundle; returns the weights' SHA-256."""
+        return save_bundle(path, self.net.state_dict(), self.config, self.card)
+
+
+def _train(**kwargs: Any) -> Path:
+    from .training import train
+
+    return train(**kwargs)
+
+
+SPEC = PluginSpec(
+    kind="diagnoser",
+    name=NAME,
+    version=VERSION,
+    description="Image-only multi-label chest finding classifier (MONAI ResNet, 64x64) with Grad-CAM regions",
+    factory=CnnDiagnoser,
+    inputs=(
+        TensorSpec("IMAGE", "FP32", (1, 64, 64), description="chest image in [0, 1]"),
+        TensorSpec("TEXT", "BYTES", (1,), optional=True, description="clinical text (accepted, not used)"),
+    ),
+    outputs=(
+        TensorSpec("PROBABILITIES", "FP32", (len(FINDING_LABELS),), description="per finding, FINDING_LABELS order"),
+        TensorSpec("THRESHOLDS", "FP32", (len(FINDING_LABELS),), description="decision thresholds (val split)"),
+        TensorSpec("HEATMAPS", "FP32", (len(FINDING_LABELS), 64, 64), optional=True, description="Grad-CAM in [0, 1]"),
+    ),
+    model_card=_shipped_card(),
+    train=_train,
+)

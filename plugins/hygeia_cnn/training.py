@@ -1,0 +1,156 @@
+"""Reproducible training of the ``cnn`` diagnoser on phantoms (``hygeia train cnn``).
+
+Train split: fit; val split: per-finding thresholds (Youden's J); test split: the AUROC recorded in
+the model card. The same seed, options and phantom code give the same weights (CPU).
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hygeia.api import ModelCard
+from hygeia.bundles import pick_device, save_bundle
+from hygeia.data import DEFAULT_DIFFICULTY, PhantomSet, load_npz, make_phantom_set, save_npz
+from hygeia.data import phantoms as _phantoms
+from hygeia.errors import InputError
+from hygeia.vocab import FINDING_LABELS
+
+from .model import CARD, DEFAULT_ARCH, INPUT_SIZE, VERSION, WEIGHTS, CnnDiagnoser, CnnNet
+
+DEFAULTS: dict[str, Any] = {
+    "epochs": 8, "n_train": 12000, "n_val": 2000, "n_test": 2000, "batch_size": 64, "lr": 3e-3,
+    "weight_decay": 1e-4, "difficulty": DEFAULT_DIFFICULTY, "threads": 2, "cache_dir": None, "device": None,
+    "shift": 3,
+}
+
+
+def _phantom_code_hash() -> str:
+    return hashlib.sha256(Path(_phantoms.__file__).read_bytes()).hexdigest()[:12]
+
+
+def phantom_data(split: str, n: int, difficulty: float, progress: bool, cache_dir: str | Path | None) -> PhantomSet:
+    """A phantom split, cached as .npz under ``cache_dir`` (keyed by the phantom code's hash)."""
+    if cache_dir is None:
+        return make_phantom_set(n, split, size=INPUT_SIZE[0], difficulty=difficulty, progress=progress)
+    p = Path(cache_dir) / f"{split}_{n}_{INPUT_SIZE[0]}_{difficulty:g}_{_phantom_code_hash()}.npz"
+    if p.is_file():
+        return load_npz(p)
+    ps = make_phantom_set(n, split, size=INPUT_SIZE[0], difficulty=difficulty, progress=progress)
+    save_npz(p, ps)
+    return ps
+
+
+def youden_thresholds(labels: np.ndarray, probs: np.ndarray) -> list[float]:
+    """Per-finding threshold maximising sensitivity + specificity - 1 on a validation split."""
+    from sklearn.metrics import roc_curve
+
+    out = []
+    for k in range(labels.shape[1]):
+        fpr, tpr, thr = roc_curve(labels[:, k], probs[:, k])
+        j = int(np.argmax(tpr - fpr))
+        out.append(float(np.clip(thr[j], 1e-4, 1.0)))
+    return out
+
+
+def _augment(x: torch.Tensor, g: torch.Generator, shift: int) -> torch.Tensor:
+    """Small random translations and exposure changes (no flips: laterality matters)."""
+    b, _, h, w = x.shape
+    if shift:
+        pad = torch.nn.functional.pad(x, (shift,) * 4, mode="replicate")
+        dy = torch.randint(0, 2 * shift + 1, (b,), generator=g)
+        dx = torch.randint(0, 2 * shift + 1, (b,), generator=g)
+        x = torch.stack([pad[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+    c = 1 + 0.1 * (torch.rand(b, 1, 1, 1, generator=g) - 0.5) * 2
+    o = 0.03 * torch.randn(b, 1, 1, 1, generator=g)
+    return ((x - 0.5) * c + 0.5 + o).clamp(0, 1)
+
+
+def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, **options: Any) -> Path:
+    """Train the cnn on phantoms and write its bundle atomically to ``out``; returns ``out``.
+
+    Options (defaults in :data:`DEFAULTS`): epochs, n_train, n_val, n_test, batch_size, lr,
+    weight_decay, difficulty, threads, cache_dir (reuse generated phantoms), device, shift, arch
+    (overrides of :data:`DEFAULT_ARCH`).
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from hygeia.evaluation.diagnosers import evaluate
+
+    arch = {**DEFAULT_ARCH, **(options.pop("arch", None) or {})}
+    unknown = set(options) - set(DEFAULTS)
+    if unknown:
+        raise InputError("train options", f"some of {', '.join(sorted(DEFAULTS))} or arch", got=", ".join(sorted(unknown)))
+    o = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
+    epochs, bs = int(o["epochs"]), int(o["batch_size"])
+    if epochs < 1:
+        raise InputError("epochs", "a positive integer", got=epochs)
+    t0 = time.time()
+    torch.set_num_threads(int(o["threads"]))
+    torch.manual_seed(seed)
+    device = pick_device(o["device"])
+
+    train_set = phantom_data("train", int(o["n_train"]), float(o["difficulty"]), progress, o["cache_dir"])
+    val_set = phantom_data("val", int(o["n_val"]), float(o["difficulty"]), progress, o["cache_dir"])
+    x_all = torch.from_numpy(train_set.images)
+    y_all = torch.from_numpy(train_set.labels)
+    net = CnnNet(arch).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=float(o["lr"]), weight_decay=float(o["weight_decay"]))
+    steps_per_epoch = len(x_all) // bs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(o["lr"]), total_steps=epochs * steps_per_epoch,
+                                                pct_start=0.15)
+    g = torch.Generator().manual_seed(seed)
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+    cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*cols, disable=not progress) as bar:
+        task = bar.add_task("training cnn", total=epochs * steps_per_epoch)
+        for ep in range(epochs):
+            net.train()
+            perm = torch.randperm(len(x_all), generator=g)
+            run = 0.0
+            for s in range(steps_per_epoch):
+                idx = perm[s * bs:(s + 1) * bs]
+                xb = _augment(x_all[idx], g, int(o["shift"])).to(device)
+                yb = y_all[idx].to(device)
+                loss = loss_fn(net(xb), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                run = 0.98 * run + 0.02 * float(loss) if s else float(loss)
+                bar.update(task, advance=1, description=f"training cnn: epoch {ep + 1}/{epochs} loss {run:.4f}")
+    net.eval()
+    with torch.no_grad():
+        xv = torch.from_numpy(val_set.images)
+        pv = torch.cat([torch.sigmoid(net(xv[i:i + 512].to(device))).cpu() for i in range(0, len(xv), 512)]).numpy()
+    thresholds = youden_thresholds(val_set.labels, pv)
+    train_s = time.time() - t0
+    config = {"arch": arch, "thresholds": thresholds, "findings": list(FINDING_LABELS), "input_size": list(INPUT_SIZE),
+              "version": VERSION, "seed": seed,
+              "training": {k: (str(v) if k in ("cache_dir", "device") else v) for k, v in o.items()},
+              "phantom_code_sha256_12": _phantom_code_hash(), "train_seconds": round(train_s, 1)}
+    out = Path(out)
+    save_bundle(out, net.state_dict(), config, CARD)
+    # held-out test split: the numbers the model card reports
+    test_set = phantom_data("test", int(o["n_test"]), float(o["difficulty"]), progress, o["cache_dir"])
+    res = evaluate(CnnDiagnoser(out, device=str(device), heatmaps=False), test_set, localisation=False)
+    metrics = {
+        "test_auroc": {k: round(v["auroc"], 4) for k, v in res["per_finding"].items()},
+        "test_macro_auroc": round(res["macro_auroc"], 4),
+        "test_sensitivity": {k: round(v["sensitivity"], 4) for k, v in res["per_finding"].items()},
+        "test_specificity": {k: round(v["specificity"], 4) for k, v in res["per_finding"].items()},
+        "n_test": res["n"], "test_split": "test", "difficulty": float(o["difficulty"]),
+        "thresholds_youden_val": dict(zip(FINDING_LABELS, [round(t, 4) for t in thresholds])),
+        "train_seconds": round(train_s, 1),
+    }
+    card = ModelCard(intended_use=CARD.intended_use,
+                     training_data=(f"{o['n_train']} synthetic 64x64 phantoms (hygeia.data, split 'train', difficulty "
+                                    f"{o['difficulty']}), {epochs} epochs, seed {seed}; thresholds on {o['n_val']} "
+                                    f"'val' phantoms; metrics on {o['n_test']} 'test' phantoms (seeds never used in training)."),
+                     metrics=metrics, limitations=CARD.limitations, license=CARD.license)
+    save_bundle(out, net.state_dict(), config, card)
+    return out

@@ -1,0 +1,71 @@
+"""Built-in ``fusion`` diagnoser: MONAI ResNet vision encoder + frozen all-MiniLM-L6-v2 language
+encoder + co-attention fusion + multi-label finding head, with per-finding heat maps and regions.
+
+Registered through the ``hygeia`` entry point ``fusion = "hygeia_fusion"``, like any third-party
+plugin. Heavy imports (torch, MONAI, transformers) happen only when the plugin is created.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from hygeia import hookimpl
+from hygeia.api import PluginSpec, TensorSpec
+
+NAME, VERSION = "fusion", "1.0.0"
+
+
+def _factory(**options: Any) -> Any:
+    from .diagnoser import FusionDiagnoser
+
+    return FusionDiagnoser(**options)
+
+
+def _train(**options: Any) -> Any:
+    from .training import train
+
+    return train(**options)
+
+
+def _card() -> Any:
+    """The shipped bundle's model card (metrics measured at training), else the static one."""
+    import json
+    from pathlib import Path
+
+    from hygeia.api import ModelCard
+
+    f = Path(__file__).parent / "weights" / "fusion" / "model_card.json"
+    if f.is_file():
+        try:
+            return ModelCard.from_dict(json.loads(f.read_text()))
+        except (ValueError, TypeError, KeyError):
+            pass
+    from .training import card
+
+    return card()
+
+
+SPEC = PluginSpec(
+    kind="diagnoser",
+    name=NAME,
+    version=VERSION,
+    description=("Vision (MONAI ResNet) + language (frozen all-MiniLM-L6-v2) co-attention fusion: 5 chest findings "
+                 "from a 64x64 image and an optional clinical history line, with heat maps and regions"),
+    factory=_factory,
+    inputs=(
+        TensorSpec("IMAGES", "FP32", (1, 64, 64), description="grayscale image in [0, 1] (RGB is converted to luminance)"),
+        TensorSpec("TEXTS", "BYTES", (1,), optional=True, description="clinical history/indication, UTF-8; "
+                   "absent or empty: image-only"),
+    ),
+    outputs=(
+        TensorSpec("PROBS", "FP32", (5,), description="probability per finding, hygeia.vocab order"),
+        TensorSpec("THRESHOLDS", "FP32", (5,), description="decision threshold per finding"),
+        TensorSpec("HEATMAPS", "FP32", (5, 64, 64), description="per-finding heat map in [0, 1]"),
+    ),
+    model_card=_card(),
+    train=_train,
+)
+
+
+@hookimpl
+def hygeia_diagnosers():  # type: ignore[no-untyped-def]
+    yield SPEC

@@ -1,0 +1,223 @@
+"""The ``fusion`` diagnoser: image + clinical text -> coded findings with heat maps and regions.
+
+``FusionDiagnoser.diagnose(images, texts=None)`` runs the :class:`~hygeia_fusion.network.FusionNet`
+on 64x64 chest-radiograph images (grayscale ``[B,1,H,W]`` or RGB ``[B,3,H,W]``, float in [0, 1]),
+with one clinical history/indication line per image or none (image-only mode). Text is encoded by
+the frozen shared encoder (:mod:`hygeia.text`, all-MiniLM-L6-v2), truncated with a warning past
+its 128-token limit.
+
+Localisation: each finding's evidence map (the model's own class-activation map, 16x16) is
+upsampled bilinearly to the image size and min-max scaled to [0, 1]: that is the heat map. Its
+peak becomes the finding's region: a point for nodules; for the other findings the convex hull of
+the heat map's connected part at >= 50% of the peak around it (a closed polyline). Regions are
+given for findings called present (probability >= threshold).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import warnings
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hygeia.api import Diagnosis, Finding, ModelIdentity, Region
+from hygeia.bundles import load_bundle, pick_device, save_bundle
+from hygeia.errors import BundleError, InputError
+from hygeia.validation import check_images, check_texts
+from hygeia.vocab import FINDING_LABELS, finding
+
+from .network import FusionNet
+
+NAME, VERSION = "fusion", "1.0.0"
+WEIGHTS = Path(__file__).parent / "weights" / "fusion"
+INPUT_SIZE = (64, 64)
+ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+
+RegionKind = Literal["auto", "point", "polygon", "none"]
+
+
+@functools.lru_cache(maxsize=4)
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def encoder_identity() -> dict[str, str]:
+    """Name, folder and SHA-256 of the frozen text encoder's weights (recorded in the bundle)."""
+    from hygeia.text import encoder_path
+
+    p = encoder_path()
+    return {"name": ENCODER_NAME, "sha256": _file_sha256(str(p / "model.safetensors")), "path": str(p)}
+
+
+def encode_texts(texts: Sequence[str], max_tokens: int = 128, batch: int = 64,
+                 name: str = "texts") -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen token states ``[B, T, 384]`` (float32) and attention mask ``[B, T]`` for ``texts``.
+
+    An empty string is "no text" for that image (all-zero mask: only the learned no-text token is
+    attended to). Text longer than ``max_tokens`` tokens is truncated with a warning.
+    """
+    from hygeia.text import load_encoder, tokenize
+
+    _, model = load_encoder()
+    texts = list(texts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        tok = tokenize(texts, max_tokens=max_tokens, name=name)  # warns (once per call) on truncation
+    lengths = tok.attention_mask.sum(1)
+    order = torch.argsort(lengths, stable=True)  # batches of similar length: little padding
+    hidden = torch.zeros(len(texts), tok.input_ids.shape[1], model.config.hidden_size)
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch):
+            j = order[i:i + batch]
+            t = int(lengths[j].max())
+            ids, am = tok.input_ids[j, :t], tok.attention_mask[j, :t]
+            hidden[j, :t] = model(input_ids=ids, attention_mask=am).last_hidden_state.float()
+    mask = tok.attention_mask.clone()
+    for i, t in enumerate(texts):
+        if not t.strip():
+            mask[i] = 0
+    return hidden, mask
+
+
+def heat_region(heat: np.ndarray, kind: Literal["point", "polygon"]) -> Region:
+    """A region from a heat map ``[H, W]`` in [0, 1]: its peak (point), or the hull around it."""
+    from scipy import ndimage
+
+    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    if kind == "point":
+        return Region("point", ((float(c) + 0.5, float(r) + 0.5),))
+    lab, _ = ndimage.label(heat >= 0.5 * float(heat[r, c]))
+    rows, cols = np.nonzero(lab == lab[r, c])
+    box = Region("box", ((float(cols.min()), float(rows.min())), (float(cols.max() + 1), float(rows.max() + 1))))
+    if len(rows) < 2:
+        return box
+    pts = np.concatenate([np.stack([cols + dx, rows + dy], 1) for dx in (0, 1) for dy in (0, 1)]).astype(float)
+    try:
+        from scipy.spatial import ConvexHull
+
+        hull = ConvexHull(pts)
+    except Exception:  # collinear pixels: a box is the honest answer
+        return box
+    poly = [(float(pts[i, 0]), float(pts[i, 1])) for i in hull.vertices]
+    return Region("polyline", tuple(poly + [poly[0]]))
+
+
+class FusionDiagnoser:
+    """Vision (MONAI ResNet) + language (frozen all-MiniLM-L6-v2) co-attention finding classifier.
+
+    Options: ``bundle`` (other weights than the shipped ones), ``device`` (default: CUDA if
+    available), ``resize`` (False: images of another size than 64x64 are rejected; True: they are
+    resized with :func:`hygeia.data.prepare_image`, MONAI area/bilinear ``Resize``), ``regions``
+    (``auto``: nodule -> point, others -> polygon; ``point``; ``polygon``; ``none``),
+    ``use_text`` (False: always image-only, texts are ignored).
+    """
+
+    findings: tuple[str, ...] = FINDING_LABELS
+    input_size: tuple[int, int] = INPUT_SIZE
+    condition_kinds = frozenset({"text", "none"})
+
+    def __init__(self, bundle: str | Path | None = None, device: str | None = None, resize: bool = False,
+                 regions: RegionKind = "auto", use_text: bool = True, batch_size: int = 256) -> None:
+        if regions not in ("auto", "point", "polygon", "none"):
+            raise InputError("regions", "one of auto, point, polygon, none", got=repr(regions))
+        path = Path(bundle) if bundle is not None else WEIGHTS
+        self.device = pick_device(device)
+        b = load_bundle(path)
+        self.config: dict[str, Any] = b.config
+        self.card = b.card
+        arch = dict(self.config["architecture"])
+        arch["widths"] = tuple(arch["widths"])
+        self.net = FusionNet(**arch)
+        try:
+            self.net.load_state_dict(b.tensors, strict=True)
+        except RuntimeError as exc:
+            raise BundleError(f"model bundle {path}: weights do not fit the fusion architecture: {exc}") from exc
+        self.net.to(self.device).eval()
+        self.thresholds = np.asarray(self.config["thresholds"], np.float32)
+        self.thresholds_no_text = np.asarray(self.config.get("thresholds_no_text", self.thresholds), np.float32)
+        if self.thresholds.shape != (len(FINDING_LABELS),) or self.thresholds_no_text.shape != self.thresholds.shape:
+            raise BundleError(f"model bundle {path}: expected {len(FINDING_LABELS)} thresholds")
+        self.max_tokens = int(self.config.get("max_tokens", 128))
+        self.identity = ModelIdentity(NAME, VERSION, "diagnoser", b.sha256)
+        self.resize, self.regions, self.use_text, self.batch_size = bool(resize), regions, bool(use_text), int(batch_size)
+        self._codes = [finding(k).code for k in FINDING_LABELS]
+        self._check_encoder()
+
+    def _check_encoder(self) -> None:
+        want = self.config.get("text_encoder", {}).get("sha256")
+        if not want or not self.use_text:
+            return
+        try:
+            have = encoder_identity()["sha256"]
+        except Exception:  # the encoder is loaded (and fails clearly) on the first text
+            return
+        if have != want:
+            warnings.warn(f"fusion: the installed text encoder ({have[:12]}) is not the one the weights were "
+                          f"trained with ({want[:12]}); text results may be off", stacklevel=3)
+
+    # ------------------------------------------------------------------ inputs
+    def _images(self, images: Any) -> np.ndarray:
+        if not self.resize:
+            return check_images(images, size=self.input_size, channels=1, name="images")
+        a = check_images(images, size=None, channels=1, name="images")
+        if tuple(a.shape[2:]) == self.input_size:
+            return a
+        from hygeia.data import prepare_image
+
+        return np.stack([prepare_image(im[0], size=self.input_size) for im in a]).astype(np.float32)
+
+    # ------------------------------------------------------------------ core
+    def predict(self, images: Any, texts: Sequence[str] | None = None,
+                maps: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Probabilities ``[B, 5]`` and heat maps ``[B, 5, H, W]`` in [0, 1] (or None)."""
+        a = self._images(images)
+        tx = check_texts(texts, len(a), name="texts")
+        if not self.use_text or (tx is not None and not any(t.strip() for t in tx)):
+            tx = None
+        probs, heat = [], []
+        with torch.inference_mode():
+            for i in range(0, len(a), self.batch_size):
+                x = torch.from_numpy(a[i:i + self.batch_size]).to(self.device)
+                states = mask = None
+                if tx is not None:
+                    states, mask = encode_texts(tx[i:i + self.batch_size], self.max_tokens)
+                    states, mask = states.to(self.device), mask.to(self.device)
+                out = self.net(x, states, mask)
+                probs.append(torch.sigmoid(out["logits"]).float().cpu().numpy())
+                if maps:
+                    m = F.interpolate(out["maps"], size=self.input_size, mode="bilinear", align_corners=False)
+                    lo = m.amin(dim=(2, 3), keepdim=True)
+                    hi = m.amax(dim=(2, 3), keepdim=True)
+                    heat.append(((m - lo) / (hi - lo).clamp(min=1e-6)).float().cpu().numpy())
+        return np.concatenate(probs), (np.concatenate(heat) if maps else None)
+
+    def diagnose(self, images: Any, texts: Sequence[str] | None = None, heatmaps: bool = True) -> list[Diagnosis]:
+        """One :class:`~hygeia.api.Diagnosis` per image; ``texts``: one line per image, or None."""
+        probs, heat = self.predict(images, texts, maps=True)
+        tx = check_texts(texts, len(probs), name="texts") if self.use_text else None
+        out: list[Diagnosis] = []
+        for b in range(len(probs)):
+            fs: list[Finding] = []
+            thresholds = self.thresholds if tx is not None and tx[b].strip() else self.thresholds_no_text
+            for j, label in enumerate(FINDING_LABELS):
+                p, thr = float(probs[b, j]), float(thresholds[j])
+                region = None
+                if self.regions != "none" and p >= thr:
+                    kind = self.regions if self.regions != "auto" else ("point" if label == "nodule" else "polygon")
+                    region = heat_region(heat[b, j], kind)  # type: ignore[index, arg-type]
+                fs.append(Finding(label, self._codes[j], p, thr, region,
+                                  heat[b, j] if heatmaps and heat is not None else None))
+            out.append(Diagnosis(fs, self.identity, self.input_size))
+        return out
+
+    def save(self, path: str | Path) -> str:
+        """Write these weights as a bundle (trainable weights only; the text encoder is recorded)."""
+        return save_bundle(path, self.net.state_dict(), self.config, self.card)

@@ -1,0 +1,131 @@
+"""The fusion network: MONAI ResNet image encoder + frozen text token states + co-attention.
+
+Shapes (batch ``B``, image tokens ``N = 16 * 16``, text tokens ``T``, width ``d``)::
+
+    image [B,1,64,64] -> ResNet (MONAI) -> feature pyramid -> image tokens [B,N,d]
+    text token states [B,T,384] (frozen all-MiniLM-L6-v2) -> linear -> text tokens [B,1+T,d]
+        (a learned "no text" token is always first, so an image with no text still has a key)
+    co-attention (x layers): image tokens attend to text tokens and text tokens to image tokens
+    finding head:
+        evidence maps  S = linear(image tokens)          [B,5,16,16]  (the heat maps)
+        image logit    s_k = LSE-pool(S_k, r_k)          [B,5]        (log-sum-exp pooling)
+        text logit     u_k = w_k . attn(q_k, text tokens) [B,5]        (one query per finding)
+        logit_k = s_k + u_k + b_k
+
+Without text only the "no text" token is present: ``u_k`` is then a learned constant and the
+model is a pure image classifier whose evidence maps are its class activation maps.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import ResNet
+from torch import nn
+
+TEXT_DIM = 384  # all-MiniLM-L6-v2 hidden size
+
+
+class CoAttentionBlock(nn.Module):
+    """One bidirectional co-attention layer (ViLBERT-style), pre-norm, with residual FFNs."""
+
+    def __init__(self, d: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.ni, self.nt = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.i2t = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.t2i = nn.MultiheadAttention(d, heads, dropout=dropout, batch_first=True)
+        self.fi = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.ft = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, t_pad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xi, tt = self.ni(x), self.nt(t)
+        x2 = x + self.i2t(xi, tt, tt, key_padding_mask=t_pad, need_weights=False)[0]
+        t2 = t + self.t2i(tt, xi, xi, need_weights=False)[0]
+        return x2 + self.fi(x2), t2 + self.ft(t2)
+
+
+class FusionNet(nn.Module):
+    """Vision encoder + language token projection + co-attention + multi-label finding head."""
+
+    def __init__(
+        self,
+        n_findings: int = 5,
+        width: int = 64,
+        heads: int = 4,
+        layers: int = 1,
+        widths: tuple[int, ...] = (16, 32, 64, 128),
+        text_dim: int = TEXT_DIM,
+        grid: int = 16,
+        dropout: float = 0.0,
+        pool: bool = False,
+    ) -> None:
+        super().__init__()
+        self.n_findings, self.grid, self.pool = n_findings, grid, pool
+        # MONAI ResNet as the vision encoder: 3x3 stride-2 stem (+ max-pool if ``pool``), then four
+        # basic blocks: 32, 16, 8, 4 px maps (16, 8, 4, 2 with the pool)
+        self.backbone = ResNet("basic", [1, 1, 1, 1], list(widths), spatial_dims=2, n_input_channels=1,
+                               conv1_t_size=3, conv1_t_stride=2, no_max_pool=not pool, feed_forward=False)
+        self.lat = nn.ModuleList([nn.Conv2d(c, width, 1) for c in (widths if pool else widths[1:])])
+        self.smooth = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.pos = nn.Parameter(torch.zeros(1, grid * grid, width))
+        nn.init.normal_(self.pos, std=0.02)
+        self.text_proj = nn.Sequential(nn.Linear(text_dim, width), nn.LayerNorm(width))
+        self.null_text = nn.Parameter(torch.zeros(1, 1, width))
+        nn.init.normal_(self.null_text, std=0.02)
+        self.blocks = nn.ModuleList([CoAttentionBlock(width, heads, dropout) for _ in range(layers)])
+        self.norm = nn.LayerNorm(width)
+        self.evidence = nn.Linear(width, n_findings)  # per-location logit for each finding
+        self.log_r = nn.Parameter(torch.full((n_findings,), math.log(4.0)))  # LSE sharpness per finding
+        self.queries = nn.Parameter(torch.randn(1, n_findings, width) * 0.02)
+        self.q_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.tnorm = nn.LayerNorm(width)
+        self.text_w = nn.Parameter(torch.zeros(n_findings, width))
+        self.bias = nn.Parameter(torch.zeros(n_findings))
+        self.drop = nn.Dropout(dropout)
+
+    def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        b = self.backbone
+        x = b.act(b.bn1(b.conv1(images)))
+        if self.pool:
+            x = b.maxpool(x)
+        f1 = b.layer1(x)
+        f2 = b.layer2(f1)
+        f3 = b.layer3(f2)
+        f4 = b.layer4(f3)
+        g = (self.grid, self.grid)
+        feats = (f1, f2, f3, f4) if self.pool else (f2, f3, f4)
+        y = sum(F.interpolate(lat(f), size=g, mode="bilinear", align_corners=False) if f.shape[-1] != g[1] else lat(f)
+                for lat, f in zip(self.lat, feats))
+        y = self.smooth(y)
+        return y.flatten(2).transpose(1, 2) + self.pos  # [B, N, d]
+
+    def text_tokens(self, states: torch.Tensor | None, mask: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 1+T, d] tokens (the no-text token first) and their padding mask (True = ignore)."""
+        null = self.null_text.expand(batch, 1, -1)
+        if states is None:
+            return null, torch.zeros(batch, 1, dtype=torch.bool, device=null.device)
+        t = self.text_proj(states.to(null.dtype))
+        pad = ~(mask.bool())
+        return torch.cat([null, t], 1), torch.cat([torch.zeros(batch, 1, dtype=torch.bool, device=null.device), pad], 1)
+
+    def forward(self, images: torch.Tensor, states: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> dict[str, Any]:
+        """``images`` [B,1,64,64]; ``states`` [B,T,384] frozen text token states (or None); ``mask`` [B,T]."""
+        bsz = images.shape[0]
+        x = self.image_tokens(images)
+        t, t_pad = self.text_tokens(states, mask, bsz)
+        for blk in self.blocks:
+            x, t = blk(x, t, t_pad)
+        x = self.norm(x)
+        s_map = self.evidence(self.drop(x))  # [B, N, 5]
+        r = self.log_r.exp()
+        n = s_map.shape[1]
+        s_img = (torch.logsumexp(s_map * r, dim=1) - math.log(n)) / r  # [B, 5]
+        q = self.queries.expand(bsz, -1, -1)
+        tq = self.q_attn(q, t, t, key_padding_mask=t_pad, need_weights=False)[0]
+        u = (self.tnorm(tq) * self.text_w).sum(-1)  # [B, 5]
+        logits = s_img + u + self.bias
+        maps = s_map.transpose(1, 2).reshape(bsz, self.n_findings, self.grid, self.grid)
+        return {"logits": logits, "maps": maps, "image_logits": s_img, "text_logits": u}

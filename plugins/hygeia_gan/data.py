@@ -1,0 +1,36 @@
+"""Training data of the conditional GAN: phantoms with exactly one condition each.
+
+For every condition of :data:`hygeia.vocab.CONDITION_LABELS` ('normal' and the five findings)
+``n_per_condition`` phantoms of the ``train`` split are drawn with that finding forced on and the
+others off; condition ``k`` uses image indices ``k*n .. (k+1)*n - 1`` so no patient repeats. The
+set depends only on ``n_per_condition`` (and the phantom generator's version), never on the
+training seed; it can be cached as an .npz (written atomically by :func:`hygeia.data.save_npz`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from hygeia.data import PhantomSet, load_npz, make_phantom_set, save_npz
+from hygeia.vocab import CONDITION_LABELS
+
+
+def conditional_set(n_per_condition: int, split: str = "train", size: int = 64, start: int = 0,
+                    progress: bool = True, cache: str | Path | None = None) -> tuple[PhantomSet, np.ndarray]:
+    """Phantoms and their condition index into CONDITION_LABELS (``int64 [N]``)."""
+    if cache is not None and Path(cache).is_file():
+        ps = load_npz(cache)
+        if len(ps) == n_per_condition * len(CONDITION_LABELS):
+            return ps, np.repeat(np.arange(len(CONDITION_LABELS)), n_per_condition)
+    parts = []
+    for k, label in enumerate(CONDITION_LABELS):
+        findings = [] if label == "normal" else [label]
+        parts.append(make_phantom_set(n_per_condition, split=split, size=size, findings=findings,
+                                      start=start + k * n_per_condition, progress=progress))
+    ps = PhantomSet(np.concatenate([p.images for p in parts]), np.concatenate([p.labels for p in parts]),
+                    np.concatenate([p.masks for p in parts]), [t for p in parts for t in p.texts],
+                    np.concatenate([p.seeds for p in parts]), split, parts[0].difficulty)
+    if cache is not None:
+        save_npz(cache, ps)
+    return ps, np.repeat(np.arange(len(CONDITION_LABELS)), n_per_condition)

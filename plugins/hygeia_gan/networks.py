@@ -1,0 +1,79 @@
+"""Networks of the conditional GAN (DCGAN-sized, so that it trains on a CPU): a generator with
+condition-modulated group norm, and a spectrally normalised projection discriminator
+(Miyato & Koyama 2018, "cGANs with projection discriminator"), for 64x64 grayscale.
+
+Conditions arrive as ``{conditioner name: [B, D]}``: each conditioner's vectors (``label`` 32-d,
+``text`` 384-d, ...) get their own learned linear map, and the maps' outputs are summed; a row a
+conditioner does not condition is zero in its tensor. The null condition (unconditional) is all
+zeros: the generator's modulation then falls back to its biases and the discriminator's
+projection term vanishes.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.nn.utils import spectral_norm
+
+
+class CondNorm(nn.Module):
+    """Group norm whose scale and shift are predicted from ``[z, e]`` (independent of the batch,
+    so an image depends only on its own noise and condition)."""
+
+    def __init__(self, ch: int, cdim: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(min(8, max(1, ch // 4)), ch, affine=False)
+        self.affine = nn.Linear(cdim, 2 * ch)
+        nn.init.zeros_(self.affine.weight)
+        nn.init.zeros_(self.affine.bias)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        g, b = self.affine(c).chunk(2, dim=1)
+        return self.norm(x) * (1 + g[:, :, None, None]) + b[:, :, None, None]
+
+
+def embed(maps: nn.ModuleDict, conds: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of each conditioner's linear map of its rows: rows a conditioner does not condition
+    are zero in its tensor, so they contribute nothing (and an all-zero row is unconditional)."""
+    return sum(maps[k](v) for k, v in conds.items())  # type: ignore[return-value]
+
+
+class Generator(nn.Module):
+    """``G(z [B, z_dim], {conditioner: [B, D]}) -> [B, 1, 64, 64]`` in [0, 1]."""
+
+    def __init__(self, dims: dict[str, int], z_dim: int = 96, embed_dim: int = 64, ch: int = 32) -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.embed = nn.ModuleDict({k: nn.Linear(d, embed_dim, bias=False) for k, d in dims.items()})
+        chans = [8 * ch, 4 * ch, 2 * ch, ch]  # at 4, 8, 16, 32 px
+        cdim = z_dim + embed_dim
+        self.fc = nn.Linear(cdim, chans[0] * 16)
+        self.norms = nn.ModuleList([CondNorm(c, cdim) for c in chans])
+        self.ups = nn.ModuleList([nn.ConvTranspose2d(a, b, 4, 2, 1) for a, b in zip(chans[:-1], chans[1:])])
+        self.out = nn.ConvTranspose2d(chans[-1], 1, 4, 2, 1)  # 32 -> 64 px
+
+    def forward(self, z: torch.Tensor, conds: dict[str, torch.Tensor]) -> torch.Tensor:
+        c = torch.cat([z, embed(self.embed, conds)], dim=1)  # every layer sees noise and condition
+        h = self.fc(c).view(z.shape[0], -1, 4, 4)
+        for norm, up in zip(self.norms[:-1], self.ups):
+            h = up(F.relu(norm(h, c)))
+        return torch.sigmoid(self.out(F.relu(self.norms[-1](h, c))))
+
+
+class Discriminator(nn.Module):
+    """Projection discriminator: ``D(x, e) = psi(phi(x)) + <proj(e), phi(x)>`` (hinge loss)."""
+
+    def __init__(self, dims: dict[str, int], ch: int = 32) -> None:
+        super().__init__()
+        chans = [1, ch, 2 * ch, 4 * ch, 8 * ch]  # 64 -> 32 -> 16 -> 8 -> 4 px
+        layers: list[nn.Module] = []
+        for a, b in zip(chans[:-1], chans[1:]):
+            layers += [spectral_norm(nn.Conv2d(a, b, 4, 2, 1)), nn.LeakyReLU(0.1)]
+        layers += [spectral_norm(nn.Conv2d(chans[-1], chans[-1], 3, 1, 1)), nn.LeakyReLU(0.1)]
+        self.features = nn.Sequential(*layers)
+        self.linear = spectral_norm(nn.Linear(chans[-1], 1))
+        self.proj = nn.ModuleDict({k: spectral_norm(nn.Linear(d, chans[-1], bias=False)) for k, d in dims.items()})
+
+    def forward(self, x: torch.Tensor, conds: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = self.features(x * 2 - 1).sum(dim=(2, 3))  # global sum pooling
+        return self.linear(h).squeeze(1) + (embed(self.proj, conds) * h).sum(1)

@@ -1,0 +1,210 @@
+"""The ``gan`` generator: a conditional GAN for 64x64 grayscale chest-radiograph phantoms.
+
+Conditioned through conditioner plugins: the shipped bundle was trained with the ``label``
+conditioner (finding labels) and the ``text`` conditioner (free-text prompts) at once, so
+``generate(n, "effusion")`` and ``generate(n, "chest radiograph with a pleural effusion")`` both
+work; ``condition=None`` (or "") is unconditional. Architecture: see :mod:`hygeia_gan.networks`.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from hygeia.api import GeneratedImage, ModelCard, ModelIdentity, PluginSpec, TensorSpec
+from hygeia.bundles import load_bundle, pick_device, save_bundle
+from hygeia.data import FOV_MM
+from hygeia.errors import InputError
+from hygeia.validation import check_condition, check_n, check_seed
+from hygeia.vocab import CONDITION_LABELS, finding
+
+from .networks import Generator
+
+NAME, VERSION = "gan", "1.0.0"
+WEIGHTS = Path(__file__).parent / "weights" / "gan"
+SIZE = 64
+MAX_N = 20_000  # one call keeps n float32 64x64 images in memory (~16 kB each)
+MAX_BATCH = 4096
+CARD = ModelCard(
+    intended_use="Research and software testing: synthetic 64x64 chest-radiograph phantoms with a "
+                 "requested finding (label or free text). Not for clinical use; never real patients.",
+    training_data="Hygeia phantoms (hygeia.data.make_phantom_set, split 'train', default difficulty), "
+                  "an equal number per condition: normal and each of the five findings alone.",
+    metrics={},
+    limitations="64x64 grayscale only. Learned one finding at a time (no co-occurring findings). "
+                "Text conditioning saw ~20 phrasings per condition: unrelated or negated text maps "
+                "to an arbitrary mixture. Small findings (faint nodules) are often not rendered.",
+)
+
+# Prompts used to train text conditioning: prefix + phrase, for each condition.
+PHRASES: dict[str, tuple[str, ...]] = {
+    "normal": ("normal chest", "no acute cardiopulmonary abnormality", "clear lungs and a normal heart size",
+               "unremarkable chest", "no finding"),
+    "nodule": ("a pulmonary nodule", "a solitary lung nodule", "a small rounded opacity in the lung",
+               "a lung mass", "a nodule"),
+    "consolidation": ("lung consolidation", "airspace opacity", "patchy consolidation in keeping with pneumonia",
+                      "lobar pneumonia", "consolidation"),
+    "effusion": ("a pleural effusion", "a blunted costophrenic angle", "pleural fluid with a meniscus",
+                 "an effusion", "effusion"),
+    "cardiomegaly": ("cardiomegaly", "an enlarged heart", "a cardiothoracic ratio above 0.5",
+                     "enlarged cardiac silhouette", "cardiac enlargement"),
+    "pneumothorax": ("a pneumothorax", "a visible pleural line with absent lung markings", "a collapsed lung",
+                     "pneumothorax", "air in the pleural space"),
+}
+PREFIXES: tuple[str, ...] = ("", "chest radiograph with ", "frontal chest x-ray showing ", "findings: ")
+
+
+def prompts() -> list[tuple[int, str]]:
+    """(condition index, prompt) pairs the text conditioning was trained on."""
+    return [(k, p + s) for k, c in enumerate(CONDITION_LABELS) for s in PHRASES[c] for p in PREFIXES]
+
+
+def _progress(total: int, what: str, show: bool) -> tuple[Callable[[int], None], Callable[[], None]]:
+    if not show:
+        return (lambda k: None), (lambda: None)
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc=what, unit="img")
+    return bar.update, bar.close
+
+
+class GanGenerator:
+    """``generate(n, condition, seed) -> list[GeneratedImage]``: float32 ``[1, 64, 64]`` in [0, 1].
+
+    ``bundle``: weights to load (default: the shipped ones); ``device``: "cpu", "cuda", ... (default:
+    CUDA when available). Image ``i`` of a call depends only on ``seed``, ``i`` and the condition
+    (its noise is row ``i`` of a CPU ``torch.Generator`` seeded with ``seed``), so the first ``k``
+    images of ``generate(n, c, s)`` equal ``generate(k, c, s)``.
+    """
+
+    output = "image"
+
+    def __init__(self, bundle: str | Path | None = None, device: str | None = None) -> None:
+        b = load_bundle(bundle or WEIGHTS)
+        cfg = b.config
+        self.config = cfg
+        self.conditioners: dict[str, dict[str, Any]] = cfg["conditioners"]
+        dims = {k: int(v["dim"]) for k, v in self.conditioners.items()}
+        self.device = pick_device(device)
+        self.net = Generator(dims, z_dim=cfg["z_dim"], embed_dim=cfg["embed_dim"], ch=cfg["g_ch"])
+        self.net.load_state_dict(b.tensors, strict=True)
+        self.net.to(self.device).eval()
+        self.identity = ModelIdentity(NAME, VERSION, "generator", b.sha256)
+        self.card = b.card
+        # which conditioner takes each condition kind (first listed wins: label -> label, text -> text)
+        self.route: dict[str, str] = {}
+        for cname, info in self.conditioners.items():
+            for kind in info["kinds"]:
+                self.route.setdefault(kind, cname)
+        self.condition_kinds = frozenset({"none", *self.route})
+        self._cond_objs: dict[str, Any] = {}
+
+    def _conditioner(self, name: str) -> Any:
+        if name not in self._cond_objs:
+            from hygeia.plugins import get_registry
+
+            self._cond_objs[name] = get_registry().create("conditioner", name)
+        return self._cond_objs[name]
+
+    def condition_vectors(self, condition: Any) -> tuple[dict[str, torch.Tensor], str, str | None]:
+        """``({conditioner: [1, D]}, kind, conditioner name)`` for one condition; the null
+        condition is all zeros (and no conditioner)."""
+        kind = check_condition(condition, self.condition_kinds, NAME)
+        conds = {k: torch.zeros(1, int(v["dim"])) for k, v in self.conditioners.items()}
+        if kind == "none":
+            return conds, kind, None
+        cname = self.route[kind]
+        value = finding(condition).label if kind == "label" else condition.strip()
+        conds[cname] = self._conditioner(cname).encode([value]).float().cpu()
+        return conds, kind, cname
+
+    def generate(
+        self,
+        n: int,
+        condition: Any = None,
+        seed: int = 0,
+        progress: bool | None = None,
+        batch_size: int = 256,
+        truncation: float | None = None,
+        **options: Any,
+    ) -> list[GeneratedImage]:
+        """``n`` synthetic images of ``condition`` (a finding label, a text prompt, or None).
+
+        ``truncation``: resample noise values with ``|z| > truncation`` (0.5..4; None = off):
+        lower gives more typical, less diverse images. ``progress``: show a progress bar
+        (None: when ``n`` > ``batch_size``).
+        """
+        if options:
+            raise InputError("options", "batch_size, truncation or progress", got=", ".join(sorted(options)))
+        n = check_n(n, max_n=MAX_N)
+        seed = check_seed(seed)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+            raise InputError("batch_size", f"an integer in [1, {MAX_BATCH}]", got=repr(batch_size))
+        if truncation is not None and (isinstance(truncation, bool) or not isinstance(truncation, (int, float))
+                                       or not 0.5 <= truncation <= 4.0):
+            raise InputError("truncation", "a number in [0.5, 4] or None", got=repr(truncation))
+        conds, kind, cname = self.condition_vectors(condition)
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, self.net.z_dim, generator=g)
+        if truncation is not None:
+            for _ in range(100):
+                bad = z.abs() > truncation
+                if not bad.any():
+                    break
+                z[bad] = torch.randn(int(bad.sum()), generator=g)
+            z = z.clamp(-truncation, truncation)
+        update, close = _progress(n, "gan: sampling", n > batch_size if progress is None else bool(progress))
+        out: list[GeneratedImage] = []
+        prov = {"generator": NAME, "generator_version": VERSION, "conditioner": cname,
+                "conditioner_version": None if cname is None else self.conditioners[cname].get("version"),
+                "condition_kind": kind,
+                "truncation": truncation, "weights_sha256": self.identity.weights_sha256,
+                "training": {k: self.config.get(k) for k in ("seed", "epochs", "phantom_difficulty")}}
+        spacing = (FOV_MM / SIZE, FOV_MM / SIZE)
+        try:
+            with torch.inference_mode():
+                for s in range(0, n, batch_size):
+                    zb = z[s:s + batch_size].to(self.device)
+                    cb = {k: v.to(self.device).expand(zb.shape[0], -1) for k, v in conds.items()}
+                    x = self.net(zb, cb).float().clamp(0, 1).cpu().numpy()
+                    for j in range(x.shape[0]):
+                        out.append(GeneratedImage(
+                            pixels=np.ascontiguousarray(x[j], dtype=np.float32), pixel_spacing=spacing,
+                            modality="DX", seed=seed, condition=condition, model=self.identity,
+                            provenance={**prov, "index": s + j, "device": str(self.device)}))
+                    update(x.shape[0])
+        finally:
+            close()
+        return out
+
+    def save(self, path: str | Path) -> str:
+        """Write the generator's weights as a bundle (safetensors + config + model card)."""
+        return save_bundle(path, self.net.state_dict(), self.config, self.card)
+
+
+def _train(**kwargs: Any) -> Path:
+    from .train import train
+
+    return train(**kwargs)
+
+
+SPEC = PluginSpec(
+    kind="generator",
+    name=NAME,
+    version=VERSION,
+    description="Conditional GAN (projection discriminator, spectral norm, hinge loss): 64x64 chest "
+                "phantoms from a finding label or a text prompt, via the label and text conditioners",
+    factory=GanGenerator,
+    inputs=(
+        TensorSpec("N", "INT64", (1,), description="number of images"),
+        TensorSpec("CONDITION", "BYTES", (1,), optional=True, description="finding label or text; empty = none"),
+        TensorSpec("SEED", "INT64", (1,), optional=True),
+    ),
+    outputs=(TensorSpec("IMAGES", "FP32", (-1, 1, SIZE, SIZE), description="synthetic, in [0, 1]"),),
+    model_card=CARD,
+    train=_train,
+)

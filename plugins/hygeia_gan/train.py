@@ -1,0 +1,206 @@
+"""Training of the conditional GAN (what ``hygeia train gan`` runs).
+
+Hinge loss, one discriminator step per generator step, Adam (2e-4, betas 0.5/0.999), an
+exponential moving average of the generator's weights (shipped instead of the raw weights).
+Each training image is conditioned through one conditioner picked at random (``label`` with the
+finding label, ``text`` with one of :data:`hygeia_gan.plugin.PHRASES`' prompts), or through none
+with probability ``p_null`` (so unconditional sampling works). Everything random is drawn from
+``seed``: on CPU, the same seed and options give the same weights.
+
+After every epoch the bundle is rewritten atomically (an interrupted run keeps the last complete
+epoch) and a PNG grid of samples (one row per condition) is written to ``samples``.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.nn import functional as F
+
+from hygeia.bundles import pick_device, save_bundle
+from hygeia.errors import InputError
+from hygeia.vocab import CONDITION_LABELS
+
+from .data import conditional_set
+from .networks import Discriminator, Generator
+from .plugin import CARD, NAME, VERSION, WEIGHTS, prompts
+
+SUPPORTED = ("label", "text")
+
+
+def _conditioner_tables(names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], dict[str, list[np.ndarray]], dict[str, Any]]:
+    """Per conditioner: a table of condition vectors, the rows usable for each class, its metadata."""
+    from hygeia.plugins import get_registry
+
+    reg = get_registry()
+    tables, rows, meta = {}, {}, {}
+    for name in names:
+        if name not in SUPPORTED:
+            raise InputError("conditioners", f"a subset of {SUPPORTED}", got=name)
+        spec = reg.get("conditioner", name)
+        cond = reg.create("conditioner", name)
+        if name == "label":
+            table = cond.encode(list(CONDITION_LABELS))
+            rows[name] = [np.array([k]) for k in range(len(CONDITION_LABELS))]
+        else:
+            pairs = prompts()
+            table = cond.encode([p for _, p in pairs])
+            cls = np.array([k for k, _ in pairs])
+            rows[name] = [np.flatnonzero(cls == k) for k in range(len(CONDITION_LABELS))]
+        tables[name] = table.float().cpu()
+        meta[name] = {"dim": int(cond.dim), "kinds": sorted(cond.condition_kinds), "version": spec.version,
+                      "weights_sha256": cond.identity.weights_sha256}
+    return tables, rows, meta
+
+
+def train(
+    out: str | Path = WEIGHTS,
+    seed: int = 0,
+    progress: bool = True,
+    epochs: int = 12,
+    n_per_condition: int = 1200,
+    batch_size: int = 32,
+    lr: float = 2e-4,
+    p_null: float = 0.1,
+    conditioners: tuple[str, ...] | str = SUPPORTED,
+    g_ch: int = 24,
+    d_ch: int = 16,
+    z_dim: int = 96,
+    embed_dim: int = 64,
+    ema: float = 0.999,
+    threads: int | None = None,
+    device: str | None = None,
+    cache: str | Path | None = None,
+    samples: str | Path | None = "runs/gan",
+    max_minutes: float | None = None,
+    **options: Any,
+) -> Path:
+    """Train the GAN on phantoms and write its bundle to ``out``; returns ``out``.
+
+    ``cache``: an .npz to keep the training phantoms in (made on first use). ``max_minutes``:
+    stop after the first epoch that ends past this wall-clock budget (the bundle records the
+    epochs trained; rerunning with that many epochs reproduces it).
+    """
+    if options:
+        raise InputError("gan trainer options", "epochs, n_per_condition, batch_size, lr, p_null, conditioners, "
+                         "g_ch, d_ch, z_dim, embed_dim, ema, threads, device, cache, samples, max_minutes",
+                         got=", ".join(sorted(options)))
+    for key, val, lo in (("epochs", epochs, 1), ("n_per_condition", n_per_condition, 8), ("batch_size", batch_size, 2)):
+        if isinstance(val, bool) or not isinstance(val, int) or val < lo:
+            raise InputError(key, f"an integer >= {lo}", got=repr(val))
+    if isinstance(conditioners, str):
+        conditioners = tuple(c.strip() for c in conditioners.split(",") if c.strip())
+    if threads:
+        torch.set_num_threads(int(threads))
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
+
+    tables, rows, meta = _conditioner_tables(tuple(conditioners))
+    data, classes = conditional_set(n_per_condition, progress=progress, cache=cache)
+    images = torch.from_numpy(data.images)
+    dims = {k: v["dim"] for k, v in meta.items()}
+    names = list(tables)
+
+    G = Generator(dims, z_dim=z_dim, embed_dim=embed_dim, ch=g_ch).to(dev)
+    D = Discriminator(dims, ch=d_ch).to(dev)
+    G_ema = copy.deepcopy(G).eval()
+    for p in G_ema.parameters():
+        p.requires_grad_(False)
+    opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
+
+    def batch_conds(cls: np.ndarray) -> dict[str, torch.Tensor]:
+        b = len(cls)
+        conds = {k: torch.zeros(b, dims[k]) for k in names}
+        which = rng.integers(len(names), size=b)
+        null = rng.random(b) < p_null
+        for i, k in enumerate(cls):
+            if null[i]:
+                continue
+            name = names[which[i]]
+            r = rows[name][k]
+            conds[name][i] = tables[name][r[rng.integers(len(r))]]
+        return {k: v.to(dev) for k, v in conds.items()}
+
+    # fixed noise and label conditions for the per-epoch grid: one row per condition, 8 columns
+    grid_z = torch.randn(8 * len(CONDITION_LABELS), z_dim, generator=gen)
+    grid_cls = np.repeat(np.arange(len(CONDITION_LABELS)), 8)
+    grid_conds = {k: torch.zeros(len(grid_cls), dims[k]) for k in names}
+    gname = "label" if "label" in names else names[0]
+    for i, k in enumerate(grid_cls):
+        grid_conds[gname][i] = tables[gname][rows[gname][k][0]]
+
+    n = len(images)
+    steps = n // batch_size
+    config: dict[str, Any] = {
+        "conditioners": meta, "z_dim": z_dim, "embed_dim": embed_dim, "g_ch": g_ch, "d_ch": d_ch, "size": 64,
+        "seed": seed, "epochs": 0, "iterations": 0, "batch_size": batch_size, "lr": lr, "p_null": p_null,
+        "ema": ema, "n_per_condition": n_per_condition, "phantom_difficulty": data.difficulty,
+        "condition_labels": list(CONDITION_LABELS), "version": VERSION, "loss": "hinge",
+    }
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=epochs * steps, desc=f"{NAME}: training", unit="it")
+    t0 = time.time()
+    it = 0
+    try:
+        for epoch in range(epochs):
+            perm = rng.permutation(n)
+            sums = np.zeros(2)
+            for s in range(steps):
+                idx = perm[s * batch_size:(s + 1) * batch_size]
+                x = images[idx].to(dev)
+                c_real = batch_conds(classes[idx])
+                z = torch.randn(batch_size, z_dim, generator=gen).to(dev)
+                with torch.no_grad():
+                    fake = G(z, c_real)
+                loss_d = F.relu(1 - D(x, c_real)).mean() + F.relu(1 + D(fake, c_real)).mean()
+                opt_d.zero_grad(set_to_none=True)
+                loss_d.backward()
+                opt_d.step()
+
+                c_gen = batch_conds(rng.integers(len(CONDITION_LABELS), size=batch_size))
+                z = torch.randn(batch_size, z_dim, generator=gen).to(dev)
+                loss_g = -D(G(z, c_gen), c_gen).mean()
+                opt_g.zero_grad(set_to_none=True)
+                loss_g.backward()
+                opt_g.step()
+                with torch.no_grad():
+                    decay = min(ema, (1 + it) / (10 + it))
+                    for pe, p in zip(G_ema.parameters(), G.parameters()):
+                        pe.lerp_(p, 1 - decay)
+                    for be, b in zip(G_ema.buffers(), G.buffers()):
+                        be.copy_(b)
+                it += 1
+                sums += (loss_d.item(), loss_g.item())
+                if bar is not None:
+                    bar.update(1)
+                    if s % 20 == 0:
+                        bar.set_postfix(epoch=epoch + 1, d=f"{loss_d.item():.3f}", g=f"{loss_g.item():.3f}")
+            config.update(epochs=epoch + 1, iterations=it, last_loss_d=round(sums[0] / steps, 4),
+                          last_loss_g=round(sums[1] / steps, 4))
+            save_bundle(out, G_ema.state_dict(), config, CARD)
+            if samples is not None:
+                from hygeia.evaluation.generators import write_grid
+
+                with torch.no_grad():
+                    grid = G_ema(grid_z.to(dev), {k: v.to(dev) for k, v in grid_conds.items()}).cpu().numpy()
+                write_grid(grid, Path(samples) / f"epoch_{epoch + 1:03d}.png", ncol=8,
+                           row_labels=list(CONDITION_LABELS))
+            msg = (f"{NAME}: epoch {epoch + 1}/{epochs}  loss_d {sums[0] / steps:.3f}  loss_g {sums[1] / steps:.3f}  "
+                   f"{time.time() - t0:.0f}s")
+            (bar.write if bar is not None else print)(msg)
+            if max_minutes is not None and time.time() - t0 > 60 * max_minutes:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+    return Path(out)

@@ -1,0 +1,373 @@
+"""``vae``: an image VAE (diffusers ``AutoencoderKL``) with a label-conditional latent prior.
+
+Model: a small KL autoencoder (diffusers ``AutoencoderKL``, 3 levels, 16/32/64 channels) maps a
+64x64 radiograph to a ``4 x 16 x 16`` latent. It is trained as a VAE: Gaussian likelihood with a
+fixed decoder noise ``recon_sigma`` plus the KL to N(0, I), so the latent space is smooth enough
+both to sample from and to serve as the latent space of the ``diffusion`` plugin.
+
+Conditional generation: after training, a Gaussian prior ``p(z | c)`` is fitted to the posterior
+means of each condition's training images (one per label of :data:`hygeia.vocab.CONDITION_LABELS`
+plus a pooled one for ``condition=None``). Each prior is low-rank plus diagonal: the class mean,
+the top ``prior_rank`` principal directions with their standard deviations, and a per-dimension
+residual. Sampling draws ``z ~ p(z | c)`` (noise scaled by ``temperature``) and decodes it.
+
+Training data: 64x64 phantoms, one clean condition per image (``findings=[label]``), an equal
+number per label, each label drawn from its own range of training-split seeds.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from hygeia.api import GeneratedImage, ModelCard, ModelIdentity, PluginSpec, TensorSpec
+from hygeia.bundles import load_bundle, pick_device, save_bundle
+from hygeia.data import FOV_MM
+from hygeia.errors import InputError
+from hygeia.validation import check_condition, check_n, check_seed
+from hygeia.vocab import CONDITION_LABELS, finding
+
+NAME, VERSION = "vae", "1.0.0"
+WEIGHTS = Path(__file__).parent / "weights" / NAME
+SIZE = 64
+PIXEL_SPACING = (FOV_MM / SIZE, FOV_MM / SIZE)
+MAX_N = 4096
+"""Most images one ``generate`` call may return (a 64x64 float32 image is 16 KiB; latents are tiny)."""
+PRIORS: tuple[str, ...] = (*CONDITION_LABELS, "none")
+"""Rows of the prior tensors: one per condition label, then the pooled (unconditional) prior."""
+
+AUTOENCODER = dict(
+    in_channels=1,
+    out_channels=1,
+    down_block_types=["DownEncoderBlock2D"] * 3,
+    up_block_types=["UpDecoderBlock2D"] * 3,
+    block_out_channels=[16, 32, 64],
+    layers_per_block=1,
+    latent_channels=4,
+    norm_num_groups=8,
+    sample_size=SIZE,
+)
+"""diffusers ``AutoencoderKL`` arguments of the shipped model (64x64x1 -> 4x16x16)."""
+
+CARD = ModelCard(
+    intended_use=(
+        "Synthetic 64x64 chest-radiograph phantoms conditioned on a finding label, for testing "
+        "pipelines and data augmentation research; the latent space of the diffusion plugin. "
+        "Not for clinical use; every output is marked synthetic."
+    ),
+    training_data=(
+        "Hygeia phantoms (hygeia.data.make_phantom_set, split 'train', 64x64, default difficulty): "
+        "an equal number per condition label (normal + 5 findings), one finding per image."
+    ),
+    metrics={},
+    limitations=(
+        "Knows only the phantom domain at 64x64. Samples are smoother than real phantoms (a VAE "
+        "decoder averages detail) and the Gaussian label prior captures a finding's typical "
+        "appearance better than its rare variants; small or thin findings (faint nodules, "
+        "pneumothorax lines) are the least faithful. Co-occurring findings are not modelled."
+    ),
+)
+
+
+def _card(metrics: dict[str, Any]) -> ModelCard:
+    return ModelCard(CARD.intended_use, CARD.training_data, metrics, CARD.limitations, CARD.license)
+
+
+def build_autoencoder(config: dict[str, Any] | None = None) -> Any:
+    """A diffusers ``AutoencoderKL`` from its config (default: :data:`AUTOENCODER`)."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**(config or AUTOENCODER))
+
+
+# --------------------------------------------------------------------------- plugin
+class ImageVAE:
+    """Label-conditional image VAE: ``generate(n, condition="effusion", seed=0)``.
+
+    ``bundle``: another trained bundle than the shipped one; ``device``: ``"cpu"``, ``"cuda"``
+    or None (CUDA when available).
+    """
+
+    output = "image"
+    condition_kinds = frozenset({"none", "label"})
+    max_n = MAX_N
+
+    def __init__(self, bundle: str | Path | None = None, device: str | None = None) -> None:
+        b = load_bundle(bundle or WEIGHTS)
+        self.config: dict[str, Any] = b.config
+        self.card = b.card
+        self._tensors = b.tensors  # kept as loaded: save() writes exactly these bytes again
+        self.device = pick_device(device)
+        self.identity = ModelIdentity(NAME, VERSION, "generator", b.sha256)
+        ae = build_autoencoder(self.config["autoencoder"])
+        ae.load_state_dict({k[len("autoencoder."):]: v for k, v in b.tensors.items() if k.startswith("autoencoder.")})
+        self.autoencoder = ae.eval().requires_grad_(False).to(self.device)
+        self.latent_shape: tuple[int, int, int] = tuple(self.config["latent_shape"])  # type: ignore[assignment]
+        self.prior = {k[len("prior."):]: v.float().to(self.device) for k, v in b.tensors.items() if k.startswith("prior.")}
+
+    # -- latent space (used by the diffusion plugin's latent mode) ---------------------
+    @property
+    def scaling_factor(self) -> float:
+        """Multiply latents by this to get unit variance (diffusers' convention)."""
+        return float(self.autoencoder.config.scaling_factor)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 1, 64, 64]`` in [0, 1] -> posterior means ``[B, 4, 16, 16]`` (unscaled)."""
+        return self.autoencoder.encode(images.to(self.device) * 2 - 1).latent_dist.mean
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents ``[B, 4, 16, 16]`` (unscaled) -> images ``[B, 1, 64, 64]`` in [0, 1]."""
+        return ((self.autoencoder.decode(latents.to(self.device)).sample + 1) / 2).clamp(0, 1)
+
+    # -- generation -------------------------------------------------------------------
+    def generate(
+        self,
+        n: int,
+        condition: Any = None,
+        seed: int = 0,
+        progress: Callable[[int, int], Any] | None = None,
+        temperature: float = 1.0,
+        batch_size: int = 256,
+        **options: Any,
+    ) -> list[GeneratedImage]:
+        """``n`` images for ``condition`` (a finding label, or None), reproducible from ``seed``.
+
+        ``temperature`` in (0, 2] scales the prior's noise (lower: closer to the label's mean
+        image, less diverse). ``progress(done, total)`` is called after each decoded batch.
+        """
+        n = check_n(n, max_n=self.max_n)
+        seed = check_seed(seed)
+        if options:
+            raise InputError("generate options", "temperature, batch_size, progress", got=", ".join(sorted(options)))
+        kind = check_condition(condition, self.condition_kinds, NAME)
+        label = finding(condition).label if kind == "label" else None
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature <= 2:
+            raise InputError("temperature", "a number in (0, 2]", got=repr(temperature))
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InputError("batch_size", "a positive integer", got=repr(batch_size))
+        z = sample_prior(self.prior, PRIORS.index(label or "none"), n, seed, float(temperature))
+        z = z.view(n, *self.latent_shape)
+        out: list[np.ndarray] = []
+        for start in range(0, n, batch_size):
+            out.append(self.decode(z[start:start + batch_size].to(self.device)).float().cpu().numpy())
+            if progress is not None:
+                progress(min(start + batch_size, n), n)
+        pixels = np.concatenate(out).astype(np.float32)
+        prov = {"generator": NAME, "version": VERSION, "weights_sha256": self.identity.weights_sha256,
+                "condition_kind": kind, "temperature": float(temperature), "sampler": "label-conditional latent prior"}
+        return [
+            GeneratedImage(np.ascontiguousarray(pixels[i]), PIXEL_SPACING, "DX", seed, label, self.identity,
+                           {**prov, "index": i})
+            for i in range(n)
+        ]
+
+    def save(self, path: str | Path) -> str:
+        """Write this model's bundle to ``path``; returns the weights' SHA-256."""
+        return save_bundle(path, self._tensors, self.config, self.card)
+
+
+def sample_prior(prior: dict[str, torch.Tensor], row: int, n: int, seed: int, temperature: float = 1.0) -> torch.Tensor:
+    """``n`` flat latents from the low-rank-plus-diagonal Gaussian ``row`` (noise drawn on CPU)."""
+    g = torch.Generator().manual_seed(seed)
+    mean, comps, scales, resid = (prior[k][row] for k in ("mean", "components", "scales", "residual"))
+    e1 = torch.randn(n, scales.shape[0], generator=g).to(mean.device)
+    e2 = torch.randn(n, mean.shape[0], generator=g).to(mean.device)
+    return mean + temperature * ((e1 * scales) @ comps.T + e2 * resid)
+
+
+def fit_prior(latents: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
+    """Low-rank-plus-diagonal Gaussian fitted to flat latents ``[N, D]``."""
+    x = latents.double()
+    mean = x.mean(0)
+    xc = x - mean
+    _, s, vh = torch.linalg.svd(xc, full_matrices=False)
+    k = min(rank, vh.shape[0])
+    scales = s[:k] / math.sqrt(max(x.shape[0] - 1, 1))
+    comps = vh[:k].T  # [D, k]
+    explained = (comps * scales).pow(2).sum(1)
+    resid = (xc.var(0) - explained).clamp_min(1e-8).sqrt()
+    if k < rank:  # fewer samples than the rank: pad with zero-variance directions
+        comps = torch.cat([comps, comps.new_zeros(comps.shape[0], rank - k)], 1)
+        scales = torch.cat([scales, scales.new_zeros(rank - k)])
+    return {"mean": mean.float(), "components": comps.float(), "scales": scales.float(), "residual": resid.float()}
+
+
+# --------------------------------------------------------------------------- training
+def class_conditional_set(n_per_class: int, size: int = SIZE, cache: str | Path | None = None,
+                          progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Training images ``[N, 1, size, size]`` and condition indices ``[N]`` (into CONDITION_LABELS).
+
+    Label ``k`` uses training-split seeds ``k*n .. (k+1)*n - 1`` with ``findings=[label]``, so each
+    condition is clean and no two conditions share a patient. ``cache``: a folder for the .npz files.
+    """
+    from hygeia.data import load_npz, make_phantom_set, save_npz
+
+    images, conds = [], []
+    for k, label in enumerate(CONDITION_LABELS):
+        f = Path(cache) / f"train_{label}_{n_per_class}_{size}.npz" if cache else None
+        if f is not None and f.is_file():
+            ps = load_npz(f)
+        else:
+            ps = make_phantom_set(n_per_class, split="train", size=size, findings=[label], start=k * n_per_class,
+                                  progress=progress)
+            if f is not None:
+                save_npz(f, ps)
+        images.append(ps.images)
+        conds.append(np.full(len(ps), k, np.int64))
+    return np.concatenate(images), np.concatenate(conds)
+
+
+def train(
+    out: str | Path = WEIGHTS,
+    seed: int = 0,
+    progress: bool = True,
+    epochs: int = 4,
+    n_per_class: int = 1000,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    recon_sigma: float = 0.05,
+    prior_rank: int = 48,
+    samples_dir: str | Path | None = None,
+    cache: str | Path | None = None,
+    threads: int | None = None,
+    **options: Any,
+) -> Path:
+    """Train the VAE and fit its label priors; write the bundle to ``out`` (what ``hygeia train vae`` runs).
+
+    Reproducible from ``seed`` on one device and thread count. A PNG grid of samples (one row
+    per condition) is written to ``samples_dir`` (default ``runs/vae``) after every epoch.
+    """
+    if options:
+        raise InputError("train options", "epochs, n_per_class, batch_size, lr, recon_sigma, prior_rank, samples_dir, "
+                         "cache, threads", got=", ".join(sorted(options)))
+    for name, v, lo in (("epochs", epochs, 1), ("n_per_class", n_per_class, 8), ("batch_size", batch_size, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise InputError(name, f"an integer >= {lo}", got=repr(v))
+    if threads:
+        torch.set_num_threads(int(threads))
+    out = Path(out)
+    samples_dir = Path(samples_dir) if samples_dir else Path("runs") / NAME
+    torch.manual_seed(seed)
+    device = pick_device()
+    images, conds = class_conditional_set(n_per_class, cache=cache, progress=progress)
+    x_all = torch.from_numpy(images)
+    ae = build_autoencoder().to(device).train()
+    opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=1e-4)
+    steps_per_epoch = len(x_all) // batch_size
+    total = epochs * steps_per_epoch
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)
+    g = torch.Generator().manual_seed(seed)
+    w_rec = 1.0 / (2 * recon_sigma ** 2)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    t0 = time.time()
+    log: dict[str, float] = {}
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  TextColumn("{task.fields[info]}"), disable=not progress) as bar:
+        task = bar.add_task("vae", total=total, info="")
+        for epoch in range(epochs):
+            perm = torch.randperm(len(x_all), generator=g)
+            rec_sum = kl_sum = 0.0
+            for i in range(steps_per_epoch):
+                xb = x_all[perm[i * batch_size:(i + 1) * batch_size]].to(device) * 2 - 1
+                post = ae.encode(xb).latent_dist
+                z = post.mean + post.std * torch.randn(post.mean.shape, generator=g).to(device)
+                rec = ae.decode(z).sample
+                # per-image negative ELBO: Gaussian NLL (fixed sigma, on the [0, 1] scale) + KL
+                mse = ((rec - xb) / 2).pow(2).flatten(1).sum(1)
+                kl = post.kl()
+                loss = (w_rec * mse + kl).mean() / xb[0].numel()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(ae.parameters(), 1.0)
+                opt.step()
+                sched.step()
+                rec_sum += float(mse.detach().mean()) / xb[0].numel()
+                kl_sum += float(kl.detach().mean())
+                bar.update(task, advance=1, description=f"vae epoch {epoch + 1}/{epochs}",
+                           info=f"mse {rec_sum / (i + 1):.5f} kl {kl_sum / (i + 1):.0f}")
+            log = {"train_mse": rec_sum / steps_per_epoch, "train_kl": kl_sum / steps_per_epoch}
+            ae.eval()
+            _write_epoch_grid(ae, x_all, conds, samples_dir / f"epoch_{epoch + 1:03d}.png", prior_rank, seed)
+            ae.train()
+    ae.eval()
+    # latent statistics, the label priors and held-out reconstruction error
+    with torch.no_grad():
+        mu = torch.cat([ae.encode(x_all[i:i + 256].to(device) * 2 - 1).latent_dist.mean.cpu()
+                        for i in range(0, len(x_all), 256)])
+    scaling = float(1.0 / mu.std())
+    ae.register_to_config(scaling_factor=scaling)
+    prior = _fit_priors(mu.flatten(1), torch.from_numpy(conds), prior_rank)
+    from hygeia.data import make_phantom_set
+
+    val = torch.from_numpy(make_phantom_set(256, split="val", size=SIZE).images)
+    with torch.no_grad():
+        r = (ae.decode(ae.encode(val.to(device) * 2 - 1).latent_dist.mean).sample.cpu() + 1) / 2
+    val_mse = float((r.clamp(0, 1) - val).pow(2).mean())
+    metrics = {**{k: round(v, 6) for k, v in log.items()}, "val_reconstruction_mse": round(val_mse, 6),
+               "val_reconstruction_psnr_db": round(10 * math.log10(1.0 / max(val_mse, 1e-12)), 2),
+               "train_minutes": round((time.time() - t0) / 60, 1)}
+    tensors = {f"autoencoder.{k}": v for k, v in ae.state_dict().items()}
+    tensors.update({f"prior.{k}": v for k, v in prior.items()})
+    config = {
+        "autoencoder": {**AUTOENCODER, "scaling_factor": scaling},
+        "latent_shape": list(mu.shape[1:]),
+        "priors": list(PRIORS),
+        "prior_rank": prior_rank,
+        "image_size": SIZE,
+        "pixel_spacing_mm": list(PIXEL_SPACING),
+        "training": {"seed": seed, "epochs": epochs, "n_per_class": n_per_class, "batch_size": batch_size, "lr": lr,
+                     "recon_sigma": recon_sigma, "device": str(device), "torch": torch.__version__},
+    }
+    save_bundle(out, tensors, config, _card(metrics))
+    return out
+
+
+def _fit_priors(flat: torch.Tensor, conds: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
+    parts = [fit_prior(flat[conds == k], rank) for k in range(len(CONDITION_LABELS))] + [fit_prior(flat, rank)]
+    return {k: torch.stack([p[k] for p in parts]) for k in parts[0]}
+
+
+def _write_epoch_grid(ae: Any, x_all: torch.Tensor, conds: np.ndarray, path: Path, rank: int, seed: int) -> None:
+    """Samples from priors fitted on 128 images per label: one row of 8 per condition label."""
+    from hygeia.outputs import image_grid, write_png
+
+    device = next(ae.parameters()).device
+    idx = np.concatenate([np.flatnonzero(conds == k)[:128] for k in range(len(CONDITION_LABELS))])
+    with torch.no_grad():
+        mu = ae.encode(x_all[idx].to(device) * 2 - 1).latent_dist.mean.cpu()
+        prior = _fit_priors(mu.flatten(1), torch.from_numpy(conds[idx]), min(rank, 32))
+        rows = []
+        for k in range(len(CONDITION_LABELS)):
+            z = sample_prior(prior, k, 8, seed).view(8, *mu.shape[1:])
+            rows.append(((ae.decode(z.to(device)).sample.cpu() + 1) / 2).clamp(0, 1).numpy())
+    write_png(path, image_grid(list(np.concatenate(rows)), ncols=8), {"Synthetic": "true",
+              "Description": "SYNTHETIC: vae training samples, rows: " + ", ".join(CONDITION_LABELS)})
+
+
+SPEC = PluginSpec(
+    kind="generator",
+    name=NAME,
+    version=VERSION,
+    description="Image VAE (diffusers AutoencoderKL, 4x16x16 latent) with a label-conditional Gaussian prior; 64x64 DX",
+    factory=ImageVAE,
+    inputs=(
+        TensorSpec("N", "INT64", (1,), description="number of images (one generate() call)"),
+        TensorSpec("SEED", "INT64", (1,), description="random seed: same seed, same images"),
+        TensorSpec("CONDITION", "BYTES", (1,), optional=True, description="finding label (normal, nodule, ...) or empty"),
+        TensorSpec("OPTIONS", "BYTES", (1,), optional=True, description='JSON options, e.g. {"temperature": 0.8}'),
+    ),
+    outputs=(
+        TensorSpec("IMAGES", "FP32", (-1, 1, SIZE, SIZE), description="synthetic images in [0, 1]"),
+        TensorSpec("META", "BYTES", (-1,), description="JSON per image: seed, condition, spacing, provenance"),
+        TensorSpec("PROGRESS", "INT64", (2,), description="(done, total) batches decoded"),
+    ),
+    model_card=CARD,
+    train=train,
+)

@@ -1,0 +1,218 @@
+"""Held-out evaluation of any diagnoser on phantoms: AUROC, sensitivity/specificity, ECE, localisation.
+
+``evaluate(diagnoser, phantom_set)`` works for every :class:`hygeia.api.Diagnoser` (local or
+remote): images are resized to the diagnoser's ``input_size`` when they differ, the phantoms'
+clinical texts are passed along, and findings the diagnoser does not report are skipped.
+``hygeia evaluate diagnoser NAME`` runs :func:`main`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from ..vocab import FINDING_LABELS
+
+__all__ = ["evaluate", "expected_calibration_error", "main"]
+
+
+def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
+    """ECE with equal-width probability bins."""
+    y, p = np.asarray(y, float), np.asarray(p, float)
+    idx = np.clip((p * bins).astype(int), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            ece += m.mean() * abs(p[m].mean() - y[m].mean())
+    return float(ece)
+
+
+def _resize(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    import torch
+    import torch.nn.functional as F
+
+    t = torch.from_numpy(np.ascontiguousarray(images, np.float32))
+    return F.interpolate(t, size=tuple(size), mode="area").numpy()
+
+
+def evaluate(diagnoser: Any, phantom_set: Any, batch_size: int = 256, progress: bool = False,
+             localisation: bool = True) -> dict[str, Any]:
+    """Per-finding AUROC (sklearn), macro AUROC, sensitivity/specificity at the diagnoser's thresholds,
+    ECE, and (where heat maps or regions come back) the pointing-game localisation rate: the share of
+    true-positive calls whose region centre (or heat-map maximum) lies in the true mask.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    images = np.asarray(phantom_set.images, np.float32)
+    if images.ndim != 4 or len(images) == 0:
+        raise InputError("phantom_set.images", "a non-empty float32 array [N, 1, H, W]", got=images.shape)
+    size = tuple(getattr(diagnoser, "input_size", images.shape[-2:]))
+    x = _resize(images, size)
+    labels = np.asarray(phantom_set.labels, np.float32)
+    masks = getattr(phantom_set, "masks", None)
+    texts = list(phantom_set.texts) if getattr(phantom_set, "texts", None) is not None else None
+    reported = tuple(getattr(diagnoser, "findings", FINDING_LABELS))
+    n = len(x)
+    probs = np.full((n, len(FINDING_LABELS)), np.nan)
+    thresholds = np.full(len(FINDING_LABELS), np.nan)
+    hits = np.zeros(len(FINDING_LABELS))
+    tps = np.zeros(len(FINDING_LABELS))
+
+    def run(i: int) -> None:
+        sl = slice(i, min(n, i + batch_size))
+        kw: dict[str, Any] = {}
+        if not localisation and "heatmaps" in _params(diagnoser.diagnose):
+            kw["heatmaps"] = False
+        res = diagnoser.diagnose(x[sl], texts=texts[sl] if texts is not None else None, **kw)
+        for j, d in enumerate(res):
+            b = sl.start + j
+            for f in d.findings:
+                if f.label not in FINDING_LABELS:
+                    continue
+                k = FINDING_LABELS.index(f.label)
+                probs[b, k] = f.probability
+                thresholds[k] = f.threshold
+                if localisation and masks is not None and f.present and labels[b, k] > 0:
+                    pt = _point(f, size, masks.shape[-2:])
+                    if pt is not None:
+                        tps[k] += 1
+                        r, c = pt
+                        hits[k] += bool(masks[b, k, r, c])
+
+    starts = list(range(0, n, batch_size))
+    if progress:
+        from rich.progress import Progress
+
+        with Progress() as bar:
+            task = bar.add_task(f"evaluating {getattr(getattr(diagnoser, 'identity', None), 'name', '')}", total=n)
+            for i in starts:
+                run(i)
+                bar.update(task, completed=min(n, i + batch_size))
+    else:
+        for i in starts:
+            run(i)
+
+    per: dict[str, dict[str, Any]] = {}
+    aurocs = []
+    for k, label in enumerate(FINDING_LABELS):
+        if label not in reported or np.isnan(probs[:, k]).all():
+            continue
+        y, p = labels[:, k], probs[:, k]
+        pos = int(y.sum())
+        row: dict[str, Any] = {"n_pos": pos, "n_neg": int(n - pos), "threshold": float(thresholds[k])}
+        if 0 < pos < n:
+            row["auroc"] = float(roc_auc_score(y, p))
+            aurocs.append(row["auroc"])
+            call = p >= thresholds[k]
+            row["sensitivity"] = float(call[y > 0].mean())
+            row["specificity"] = float((~call)[y == 0].mean())
+        row["ece"] = expected_calibration_error(y, p)
+        if tps[k]:
+            row["localisation"] = float(hits[k] / tps[k])
+        per[label] = row
+    ident = getattr(diagnoser, "identity", None)
+    return {
+        "model": None if ident is None else {"name": ident.name, "version": ident.version,
+                                             "weights_sha256": ident.weights_sha256},
+        "n": n,
+        "split": getattr(phantom_set, "split", ""),
+        "difficulty": getattr(phantom_set, "difficulty", None),
+        "per_finding": per,
+        "macro_auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
+        "probabilities": probs,
+        "labels": labels,
+    }
+
+
+def _params(fn: Any) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(fn).parameters)
+    except (TypeError, ValueError):
+        return set()
+
+
+def _point(f: Any, size: tuple[int, int], mask_shape: tuple[int, int]) -> tuple[int, int] | None:
+    """(row, col) in mask pixels of a finding's region centre or heat-map maximum."""
+    sy, sx = mask_shape[0] / size[0], mask_shape[1] / size[1]
+    if f.region is not None:
+        cx, cy = f.region.center()
+    elif f.heatmap is not None:
+        r, c = np.unravel_index(int(np.argmax(f.heatmap)), f.heatmap.shape)
+        cx, cy = c + 0.5, r + 0.5
+    else:
+        return None
+    return (int(np.clip(cy * sy, 0, mask_shape[0] - 1)), int(np.clip(cx * sx, 0, mask_shape[1] - 1)))
+
+
+def _roc_png(path: Path, result: dict[str, Any]) -> Path:
+    import os
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for k, label in enumerate(FINDING_LABELS):
+        row = result["per_finding"].get(label)
+        if not row or "auroc" not in row:
+            continue
+        fpr, tpr, _ = roc_curve(result["labels"][:, k], result["probabilities"][:, k])
+        ax.plot(fpr, tpr, label=f"{label} ({row['auroc']:.3f})")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    name = (result.get("model") or {}).get("name", "")
+    ax.set_title(f"{name} on {result['n']} held-out phantoms (synthetic)")
+    ax.legend(loc="lower right", fontsize=8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = None, size: int = 64,
+         difficulty: float | None = None) -> dict[str, Any]:
+    """``hygeia evaluate diagnoser NAME``: ``n`` test-split phantoms, print a table or JSON."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..data import DEFAULT_DIFFICULTY, make_phantom_set
+    from ..plugins import get_registry
+    from ..validation import check_n
+
+    n = check_n(n, name="n")
+    diag = get_registry().create("diagnoser", name)
+    console = Console(stderr=json_out)
+    ps = make_phantom_set(n, "test", size=size, difficulty=DEFAULT_DIFFICULTY if difficulty is None else difficulty,
+                          progress=True)
+    res = evaluate(diag, ps, progress=True)
+    public = {k: v for k, v in res.items() if k not in ("probabilities", "labels")}
+    if json_out:
+        print(json.dumps(public, indent=2))
+    else:
+        t = Table("finding", "n+", "AUROC", "sens", "spec", "threshold", "ECE", "localisation",
+                  title=f"{name} on {n} held-out phantoms (test split, difficulty {ps.difficulty})")
+        for label, r in res["per_finding"].items():
+            f = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
+            t.add_row(label, str(r["n_pos"]), f("auroc"), f("sensitivity"), f("specificity"), f("threshold"),
+                      f("ece"), f("localisation"))
+        t.add_row("macro", "", f"{res['macro_auroc']:.3f}", "", "", "", "", "")
+        console.print(t)
+    if roc is not None:
+        _roc_png(Path(roc), res)
+        console.print(f"wrote ROC curves to {roc}")
+    return public

@@ -1,0 +1,320 @@
+"""Evaluation of image generators against held-out phantoms, judged by an image-only diagnoser.
+
+For each condition ('normal' and each finding of :data:`hygeia.vocab.FINDING_LABELS`) the
+generator draws ``n`` images and the phantom generator draws ``n`` held-out real images (split
+``test``, that finding alone). Then:
+
+- **conditional accuracy**: the judge (the ``cnn`` diagnoser, trained on real phantoms only)
+  says whether each image shows the requested finding (for 'normal': no finding at all).
+  ``real_conditional_accuracy`` is the same judge on the real images; their ratio is the figure
+  that counts, since the judge itself is imperfect (design.md, "Judging generators fairly").
+- **Fréchet distance** (MONAI ``FIDMetric``) and **KID** (unbiased MMD² with the cubic polynomial
+  kernel, Bińkowski et al. 2018) between the judge's penultimate features of all generated and
+  all real images.
+- **diversity**: mean MS-SSIM (MONAI ``MultiScaleSSIMMetric``, kernel 3 at 64 px) over pairs of
+  images of one condition, generated and real; a generator that collapses scores higher.
+
+The sdk finds the generator and the judge only through the plugin registry.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import InputError
+from ..vocab import CONDITION_LABELS, FINDING_LABELS, finding
+
+JUDGE = "cnn"
+MAX_N = 5000  # per condition: 6 conditions x (generated + real) images and features in memory
+MIN_N = 10
+TARGETS = {"accuracy_ratio": 0.95, "ms_ssim_gap": 0.05,
+           "conditional_accuracy": {"diffusion": 0.90, "gan": 0.90, "vae": 0.80}}
+TEXT_PROMPTS = {"normal": "normal chest radiograph", **{f: f"chest radiograph with {finding(f).code.meaning.lower()}"
+                                                         for f in FINDING_LABELS}}
+"""Prompts used for generators that take text but not labels."""
+
+
+# --------------------------------------------------------------------------- images
+def write_grid(images: Any, path: str | os.PathLike[str], ncol: int = 8, row_labels: Sequence[str] | None = None,
+               scale: int = 2, pad: int = 2) -> Path:
+    """Write ``images`` (``[N, 1, H, W]`` or ``[N, H, W]`` in [0, 1]) as one PNG grid, atomically.
+
+    ``row_labels`` are drawn at the left of each row (one per row of ``ncol`` images).
+    """
+    from PIL import Image, ImageDraw
+
+    a = np.asarray(images, dtype=np.float32)
+    if a.ndim == 4:
+        a = a[:, 0]
+    if a.ndim != 3 or len(a) == 0:
+        raise InputError("images", "a non-empty [N, 1, H, W] or [N, H, W] array", got=f"shape {list(a.shape)}")
+    n, h, w = a.shape
+    nrow = -(-n // ncol)
+    left = 0 if not row_labels else 8 + 7 * max(len(s) for s in row_labels)
+    canvas = np.full((nrow * (h * scale + pad) + pad, left + ncol * (w * scale + pad) + pad), 255, np.uint8)
+    tiles = (np.clip(a, 0, 1) * 255).round().astype(np.uint8).repeat(scale, 1).repeat(scale, 2)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        y, x = pad + r * (h * scale + pad), left + pad + c * (w * scale + pad)
+        canvas[y:y + h * scale, x:x + w * scale] = tiles[i]
+    img = Image.fromarray(canvas, mode="L")
+    if row_labels:
+        draw = ImageDraw.Draw(img)
+        for r, label in enumerate(row_labels[:nrow]):
+            draw.text((4, pad + r * (h * scale + pad) + h * scale // 2 - 5), str(label), fill=0)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        img.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------- metrics
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets ``[N, F]`` (MONAI FIDMetric)."""
+    import torch
+    from monai.metrics import FIDMetric
+
+    return float(FIDMetric()(torch.from_numpy(np.asarray(feats_a, np.float64)),
+                             torch.from_numpy(np.asarray(feats_b, np.float64))))
+
+
+def kernel_inception_distance(feats_a: np.ndarray, feats_b: np.ndarray, subsets: int = 50,
+                              subset_size: int = 200, seed: int = 0) -> tuple[float, float]:
+    """KID: mean and std over random subsets of the unbiased MMD² with kernel ``(x.y/d + 1)^3``."""
+    a, b = np.asarray(feats_a, np.float64), np.asarray(feats_b, np.float64)
+    m = min(subset_size, len(a), len(b))
+    if m < 2:
+        raise InputError("features", "at least 2 feature vectors per set for KID", got=m)
+    d = a.shape[1]
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(subsets):
+        x, y = a[rng.choice(len(a), m, replace=False)], b[rng.choice(len(b), m, replace=False)]
+        kxx, kyy, kxy = (x @ x.T / d + 1) ** 3, (y @ y.T / d + 1) ** 3, (x @ y.T / d + 1) ** 3
+        mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) - 2 * kxy.mean()
+        vals.append(mmd)
+    return float(np.mean(vals)), float(np.std(vals))
+
+
+def ms_ssim_diversity(images: np.ndarray, pairs: int | None = None, seed: int = 0) -> float:
+    """Mean MS-SSIM over random pairs of distinct images ``[N, 1, H, W]`` (lower = more diverse).
+
+    MONAI's MultiScaleSSIMMetric with a 3-pixel kernel (its default 11 needs images of >= 160 px
+    for 5 scales); pairs are ``(p[i], p[i+1])`` along a seeded random permutation ``p``.
+    """
+    import torch
+    from monai.metrics import MultiScaleSSIMMetric
+
+    x = np.asarray(images, np.float32)
+    if x.ndim != 4 or len(x) < 2:
+        raise InputError("images", "at least 2 images [N, 1, H, W]", got=f"shape {list(x.shape)}")
+    perm = np.random.default_rng(seed).permutation(len(x))
+    k = len(x) - 1 if pairs is None else min(pairs, len(x) - 1)
+    a, b = torch.from_numpy(x[perm[:k]]), torch.from_numpy(x[perm[1:k + 1]])
+    metric = MultiScaleSSIMMetric(spatial_dims=2, data_range=1.0, kernel_size=3)
+    return float(metric(a, b).mean())
+
+
+# --------------------------------------------------------------------------- the judge
+def judge_features(judge: Any, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """The judge's penultimate features ``[N, F]``.
+
+    Uses ``judge.features(images)`` when the diagnoser has it; otherwise the input of the last
+    ``torch.nn.Linear`` of ``judge.net`` (a forward hook), which is the penultimate layer of a
+    classifier ending in a linear head.
+    """
+    if hasattr(judge, "features"):
+        return np.asarray(judge.features(images), np.float32)
+    import torch
+
+    net = getattr(judge, "net", None)
+    linears = [m for m in net.modules() if isinstance(m, torch.nn.Linear)] if isinstance(net, torch.nn.Module) else []
+    if not linears:
+        raise InputError(f"judge {getattr(judge.identity, 'name', judge)!r}",
+                         "a diagnoser with features(images) or a torch network ending in a Linear layer")
+    grabbed: list[np.ndarray] = []
+    hook = linears[-1].register_forward_hook(lambda m, inp, out: grabbed.append(inp[0].detach().float().cpu().numpy()))
+    try:
+        for i in range(0, len(images), batch_size):
+            judge.predict_proba(images[i:i + batch_size]) if hasattr(judge, "predict_proba") else \
+                judge.diagnose(images[i:i + batch_size])
+    finally:
+        hook.remove()
+    return np.concatenate(grabbed).reshape(len(images), -1)
+
+
+def judge_probabilities(judge: Any, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities ``[N, 5]`` and thresholds ``[5]`` (FINDING_LABELS order)."""
+    if hasattr(judge, "predict_proba") and hasattr(judge, "thresholds"):
+        return np.asarray(judge.predict_proba(images)), np.asarray(judge.thresholds, np.float64)
+    ds = judge.diagnose(images)
+    probs = np.array([[next(f.probability for f in d.findings if f.label == k) for k in FINDING_LABELS] for d in ds])
+    thr = np.array([next(f.threshold for f in ds[0].findings if f.label == k) for k in FINDING_LABELS])
+    return probs, thr
+
+
+def shows_condition(probs: np.ndarray, thresholds: np.ndarray, condition: str) -> np.ndarray:
+    """bool ``[N]``: the judge calls the requested finding present ('normal': nothing present)."""
+    present = probs >= thresholds[None]
+    if condition == "normal":
+        return ~present.any(1)
+    return present[:, FINDING_LABELS.index(condition)]
+
+
+# --------------------------------------------------------------------------- evaluation
+def _check_n(n: Any) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not MIN_N <= n <= MAX_N:
+        raise InputError("n", f"an integer number of samples per condition in [{MIN_N}, {MAX_N}]", got=repr(n))
+    return int(n)
+
+
+def _conditions_for(gen: Any, kind: str | None) -> tuple[str, list[Any]]:
+    kinds = set(getattr(gen, "condition_kinds", ()))
+    if kind is None:
+        kind = "label" if "label" in kinds else "text" if "text" in kinds else "none"
+    if kind not in kinds or kind not in ("label", "text", "none"):
+        raise InputError("condition kind", f"one the generator takes, of label, text, none ({sorted(kinds)})",
+                         got=repr(kind))
+    if kind == "label":
+        return kind, list(CONDITION_LABELS)
+    if kind == "text":
+        return kind, [TEXT_PROMPTS[c] for c in CONDITION_LABELS]
+    return kind, [None]
+
+
+def real_images(n: int, progress: bool = False) -> dict[str, np.ndarray]:
+    """Held-out real phantoms (split ``test``), ``n`` per condition, each finding alone."""
+    from ..data import make_phantom_set
+
+    out = {}
+    for k, c in enumerate(CONDITION_LABELS):
+        out[c] = make_phantom_set(n, split="test", findings=[] if c == "normal" else [c], start=k * n,
+                                  progress=progress).images
+    return out
+
+
+def evaluate_generator(gen: Any, judge: Any, n: int = 200, condition_kind: str | None = None, seed: int = 0,
+                       progress: bool = False, real: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """All generator metrics as a JSON-able dict (see the module docstring)."""
+    n = _check_n(n)
+    if getattr(gen, "output", None) != "image":
+        raise InputError("generator", "an image generator (output='image')", got=getattr(gen, "output", None))
+    kind, conds = _conditions_for(gen, condition_kind)
+    real = real if real is not None else real_images(n, progress=progress)
+    labels = list(CONDITION_LABELS) if kind != "none" else ["(unconditional)"]
+    gen_imgs: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    for k, (label, cond) in enumerate(zip(labels, conds)):
+        out = gen.generate(n, condition=cond, seed=seed + 1000 * (k + 1), progress=progress)
+        gen_imgs[label] = np.stack([np.asarray(r.pixels, np.float32) for r in out])
+    sampling_s = time.perf_counter() - t0
+    real_all = np.concatenate([real[c][:n] for c in CONDITION_LABELS])
+    gen_all = np.concatenate(list(gen_imgs.values()))
+
+    per: dict[str, dict[str, Any]] = {}
+    acc = racc = None
+    if kind != "none":
+        hits, rhits = [], []
+        for label in labels:
+            p, thr = judge_probabilities(judge, gen_imgs[label])
+            rp, _ = judge_probabilities(judge, real[label][:n])
+            h, rh = shows_condition(p, thr, label), shows_condition(rp, thr, label)
+            hits.append(h)
+            rhits.append(rh)
+            per[label] = {"conditional_accuracy": float(h.mean()), "real_conditional_accuracy": float(rh.mean()),
+                          "ms_ssim_generated": ms_ssim_diversity(gen_imgs[label], seed=seed),
+                          "ms_ssim_real": ms_ssim_diversity(real[label][:n], seed=seed)}
+        acc, racc = float(np.concatenate(hits).mean()), float(np.concatenate(rhits).mean())
+        ms_gen = float(np.mean([v["ms_ssim_generated"] for v in per.values()]))
+        ms_real = float(np.mean([v["ms_ssim_real"] for v in per.values()]))
+    else:
+        ms_gen = ms_ssim_diversity(gen_all, seed=seed)
+        ms_real = float(np.mean([ms_ssim_diversity(real[c][:n], seed=seed) for c in CONDITION_LABELS]))
+    fg, fr = judge_features(judge, gen_all), judge_features(judge, real_all)
+    kid_mean, kid_std = kernel_inception_distance(fg, fr, seed=seed)
+    return {
+        "generator": gen.identity.name,
+        "generator_weights_sha256": gen.identity.weights_sha256,
+        "judge": judge.identity.name,
+        "judge_weights_sha256": judge.identity.weights_sha256,
+        "condition_kind": kind,
+        "n_per_condition": n,
+        "seed": seed,
+        "conditional_accuracy": acc,
+        "real_conditional_accuracy": racc,
+        "accuracy_ratio": None if acc is None or not racc else acc / racc,
+        "frechet": frechet_distance(fg, fr),
+        "kid": kid_mean,
+        "kid_std": kid_std,
+        "ms_ssim_generated": ms_gen,
+        "ms_ssim_real": ms_real,
+        "ms_ssim_gap": abs(ms_gen - ms_real),
+        "feature_dim": int(fg.shape[1]),
+        "sampling_seconds": sampling_s,
+        "per_condition": per,
+        "_samples": {label: imgs[:8] for label, imgs in gen_imgs.items()},
+    }
+
+
+def render_table(result: dict[str, Any]) -> Any:
+    """A rich Table of the headline metrics and the per-condition breakdown."""
+    from rich.table import Table
+
+    def f(v: Any, digits: int = 3) -> str:
+        return "-" if v is None else f"{v:.{digits}f}"
+
+    t = Table(title=f"generator {result['generator']!r} judged by {result['judge']!r} "
+                    f"({result['n_per_condition']} per condition, {result['condition_kind']} conditions)")
+    for col in ("condition", "cond. accuracy", "real accuracy", "ratio", "MS-SSIM gen", "MS-SSIM real"):
+        t.add_column(col, justify="left" if col == "condition" else "right")
+    for label, v in result["per_condition"].items():
+        ratio = v["conditional_accuracy"] / v["real_conditional_accuracy"] if v["real_conditional_accuracy"] else None
+        t.add_row(label, f(v["conditional_accuracy"]), f(v["real_conditional_accuracy"]), f(ratio),
+                  f(v["ms_ssim_generated"]), f(v["ms_ssim_real"]))
+    t.add_row("[b]all[/b]", f(result["conditional_accuracy"]), f(result["real_conditional_accuracy"]),
+              f(result["accuracy_ratio"]), f(result["ms_ssim_generated"]), f(result["ms_ssim_real"]))
+    t.caption = (f"Fréchet distance {result['frechet']:.3f}   KID {result['kid']:.4f} ± {result['kid_std']:.4f}   "
+                 f"MS-SSIM gap {result['ms_ssim_gap']:.3f}   (features: {result['judge']} penultimate, "
+                 f"{result['feature_dim']}-d)")
+    return t
+
+
+def main(name: str, n: int = 200, json_out: bool = False, grid: Path | None = None,
+         condition_kind: str | None = None, seed: int = 0) -> dict[str, Any]:
+    """What ``hygeia evaluate generator NAME`` runs: print JSON or a table (and write a PNG grid)."""
+    from rich.console import Console
+
+    from ..plugins import get_registry
+
+    n = _check_n(n)
+    reg = get_registry()
+    spec = reg.get("generator", name)  # PluginNotFoundError names the generators there are
+    gen = spec.factory()
+    _conditions_for(gen, condition_kind)  # bad condition kind: fail before any work
+    judge = reg.create("diagnoser", JUDGE)
+    console = Console(stderr=json_out)
+    result = evaluate_generator(gen, judge, n=n, condition_kind=condition_kind, seed=seed, progress=not json_out)
+    samples = result.pop("_samples")
+    if json_out:
+        print(json.dumps(result, indent=2))
+        if grid is not None:
+            write_grid(np.concatenate(list(samples.values())), grid, ncol=8, row_labels=list(samples))
+        return result
+    console.print(render_table(result))
+    path = write_grid(np.concatenate(list(samples.values())), grid or Path("out/evaluate") / f"generator-{name}.png",
+                      ncol=8, row_labels=list(samples))
+    console.print(f"samples (8 per condition): {path}")
+    return result

@@ -1,0 +1,136 @@
+"""``hygeia serve`` and ``hygeia triton build``: mounted on the main CLI by :func:`register`."""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+err = Console(stderr=True)
+DEFAULT_REPO = Path("triton_models")
+
+
+def _build(repo: Path, device: str, instances: int, queue_delay_us: int, plugins: list[str] | None,
+           quiet: bool = False) -> Any:
+    from .repository import build_repository
+
+    with err.status(f"building Triton repository {repo} (instantiating each plugin once)...", spinner="dots"):
+        res = build_repository(repo, device=device, instances=instances,  # type: ignore[arg-type]
+                               queue_delay_us=queue_delay_us, names=plugins or None)
+    if not quiet:
+        t = Table("model", "status", title=f"Triton repository {repo.resolve()}")
+        for m in res.written:
+            t.add_row(m, "[green]written[/]")
+        for m in res.unchanged:
+            t.add_row(m, "unchanged")
+        for m in res.removed:
+            t.add_row(m, "[yellow]removed (plugin no longer installed)[/]")
+        for m, e in res.failed.items():
+            t.add_row(m, f"[red]failed: {e}[/]")
+        err.print(t)
+    elif res.failed:
+        for m, e in res.failed.items():
+            err.print(f"[red]warning:[/] {m} left out: {e}", highlight=False)
+    return res
+
+
+def _check(server: str, timeout: float) -> None:
+    from .server import check
+
+    live, ready, states = check(server, timeout=timeout)
+    t = Table("model", "version", "state", "reason", title=f"Triton at {server}: live={live} ready={ready}")
+    for m in states:
+        style = "green" if m.state == "READY" else "red"
+        t.add_row(m.name, m.version, f"[{style}]{m.state}[/]", m.reason)
+    console.print(t)
+    all_ready = ready and bool(states) and all(m.state == "READY" for m in states)
+    raise typer.Exit(0 if all_ready else 1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve`` and the ``triton`` sub-app (``build``) to ``app``."""
+    triton_app = typer.Typer(help="Triton model repository tools.", no_args_is_help=True)
+
+    @triton_app.command("build")
+    def build(
+        repo: Path = typer.Option(DEFAULT_REPO, "--repo", "-r", help="Model repository folder to write/refresh."),
+        device: str = typer.Option("cpu", "--device", help="Instance kind: cpu (KIND_CPU), gpu (KIND_GPU) or auto."),
+        instances: int = typer.Option(1, "--instances", min=1, help="Model instances per plugin."),
+        queue_delay_us: int = typer.Option(0, "--queue-delay-us", min=0,
+                                           help="Dynamic batching: max queue delay (microseconds)."),
+        plugin: Optional[list[str]] = typer.Option(None, "--plugin", "-p", help="Only these plugins (repeatable)."),
+    ) -> None:
+        """Write one Triton model per installed plugin (third-party ones included)."""
+        if device not in ("cpu", "gpu", "auto"):
+            from ..errors import InputError
+
+            raise InputError("--device", "cpu, gpu or auto", got=repr(device))
+        res = _build(repo, device, instances, queue_delay_us, plugin)
+        if res.failed:
+            raise typer.Exit(1)
+
+    app.add_typer(triton_app, name="triton")
+
+    @app.command("serve")
+    def serve(
+        repo: Path = typer.Option(DEFAULT_REPO, "--repo", "-r", help="Model repository folder."),
+        grpc_port: int = typer.Option(8001, "--grpc-port", help="gRPC port."),
+        http_port: int = typer.Option(8000, "--http-port", help="HTTP port (health, metadata)."),
+        metrics_port: int = typer.Option(8002, "--metrics-port", help="Prometheus metrics port (/metrics)."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+        build_first: bool = typer.Option(True, "--build/--no-build",
+                                         help="Refresh the repository from the installed plugins first."),
+        device: str = typer.Option("cpu", "--device", help="Instance kind when building: cpu, gpu or auto."),
+        model: Optional[list[str]] = typer.Option(None, "--model", "-m",
+                                                  help="Load only these Triton models (repeatable)."),
+        check: Optional[str] = typer.Option(None, "--check", metavar="HOST:PORT",
+                                            help="Do not serve: print the state of every model of that server."),
+        timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for readiness (or --check)."),
+        log: Optional[Path] = typer.Option(None, "--log", help="Write tritonserver's log here."),
+        verbose: int = typer.Option(0, "--log-verbose", help="tritonserver --log-verbose level."),
+    ) -> None:
+        """Serve every plugin with the embedded tritonserver until Ctrl-C / SIGTERM."""
+        if check:
+            _check(check, timeout=min(timeout, 30.0))
+            return
+        from .server import TritonServer
+
+        if build_first:
+            _build(repo, device, 1, 0, None, quiet=True)
+        server = TritonServer(repo, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
+                              host=host, models=model, startup_timeout=timeout, log=log, verbose=verbose)
+        stop = {"signal": 0}
+
+        def on_signal(signum: int, _frame: Any) -> None:
+            stop["signal"] = signum
+            raise KeyboardInterrupt
+
+        old = signal.signal(signal.SIGTERM, on_signal)
+        try:
+            server.start()
+            with err.status("starting tritonserver...", spinner="dots"):
+                took = server.wait_ready()
+            states = server.model_states()
+            err.print(f"[green]ready[/] in {took:.1f} s: {len(states)} model(s) "
+                      f"({', '.join(m.name for m in states)})", highlight=False)
+            console.print(f"gRPC     {server.grpc_url}", highlight=False)
+            console.print(f"HTTP     {server.http_url}", highlight=False)
+            console.print(f"metrics  {server.metrics_url}", highlight=False)
+            console.print(f"log      {server.log_path}", highlight=False)
+            sys.stdout.flush()
+            while server.proc is not None and server.proc.poll() is None:
+                time.sleep(0.2)
+            code = server.proc.returncode if server.proc is not None else 0
+            err.print(f"[red]tritonserver exited[/] with code {code}:\n{server.log_tail(2000)}", highlight=False)
+            raise typer.Exit(1)
+        except KeyboardInterrupt:
+            err.print("stopping tritonserver...", highlight=False)
+        finally:
+            server.stop()
+            signal.signal(signal.SIGTERM, old)

@@ -1,0 +1,216 @@
+"""The PACS gateway against a real Orthanc (DICOM + DICOMweb) with dcmtk's storescu/findscu.
+
+Flow tested: phantom study --storescu--> gateway --(cnn diagnoser)--> TID 1500 SR --C-STORE and
+STOW-RS--> Orthanc; the SR is then found with findscu (C-FIND) and QIDO-RS, retrieved with
+WADO-RS and checked. Failure modes: Orthanc stopped during a run and restarted (nothing lost),
+the gateway killed with SIGKILL after acknowledging a study and restarted (it resumes).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from orthanc import PASSWORD, USER, Orthanc, free_port, orthanc_bin, wait_port  # noqa: F401  (fixture)
+
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not shutil.which("storescu"), reason="needs dcmtk (storescu, findscu)")]
+
+GATEWAY_AET, SCU_AET = "HYGEIA", "STORESCU"
+
+
+def phantom_study(folder: Path, seeds: tuple[int, ...]) -> list[Path]:
+    """Real phantom DICOM files (hygeia.data.write_phantom_dicom) made into one study."""
+    from pydicom.uid import generate_uid
+
+    from hygeia.data import write_phantom_dicom
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [Path(write_phantom_dicom(folder / f"img{s}.dcm", seed=s)) for s in seeds]
+    study_uid, patient = generate_uid(), pydicom.dcmread(paths[0], stop_before_pixels=True)
+    for k, p in enumerate(paths, start=1):
+        ds = pydicom.dcmread(p)
+        ds.StudyInstanceUID, ds.PatientID, ds.PatientName = study_uid, patient.PatientID, patient.PatientName
+        ds.InstanceNumber = k
+        ds.save_as(p, enforce_file_format=True)
+    return paths
+
+
+def storescu(port: int, files: list[Path], aet: str = SCU_AET, aec: str = GATEWAY_AET) -> subprocess.CompletedProcess:
+    return subprocess.run(["storescu", "-aet", aet, "-aec", aec, "127.0.0.1", str(port), *map(str, files)],
+                          capture_output=True, text=True, timeout=60)
+
+
+def gateway_config(tmp: Path, orthanc: Orthanc, **over) -> dict:
+    cfg = {
+        "spool": str(tmp / "spool"), "ae_title": GATEWAY_AET, "host": "127.0.0.1", "port": free_port(),
+        "allowed_callers": [SCU_AET, "ORTHANC"], "diagnoser": "cnn", "study_timeout_s": 1.0,
+        "modalities": ["DX", "CR"], "retry_initial_s": 0.3, "retry_max_s": 1.0,
+        "cstore": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port},
+        "stow": {"url": orthanc.dicomweb_url, "username": USER, "password": PASSWORD},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def wait_for(pred, timeout: float, what: str, step: float = 0.1):
+    end = time.time() + timeout
+    while time.time() < end:
+        v = pred()
+        if v:
+            return v
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def done_records(spool: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((spool / "done").glob("*.json"))]
+
+
+def findscu_sr_series(orthanc: Orthanc, study_uid: str, workdir: Path) -> list[pydicom.Dataset]:
+    """C-FIND (dcmtk findscu) for SR series of a study; responses extracted as DICOM files."""
+    out = workdir / f"find-{time.time_ns()}"
+    out.mkdir()
+    r = subprocess.run(["findscu", "-S", "-aet", "FINDSCU", "-aec", orthanc.aet, "-X", "-od", str(out),
+                        "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study_uid}",
+                        "-k", "Modality=SR", "-k", "SeriesInstanceUID", "-k", "SeriesDescription",
+                        "127.0.0.1", str(orthanc.dicom_port)], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [pydicom.dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
+
+
+def dicomweb(orthanc: Orthanc):
+    from dicomweb_client.api import DICOMwebClient
+    from dicomweb_client.session_utils import create_session_from_user_pass
+
+    return DICOMwebClient(url=orthanc.dicomweb_url, session=create_session_from_user_pass(USER, PASSWORD))
+
+
+@pytest.fixture(scope="module")
+def orthanc(orthanc_bin, tmp_path_factory):
+    o = Orthanc(tmp_path_factory.mktemp("orthanc")).start()
+    yield o
+    o.stop()
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    import hygeia
+
+    return hygeia.create("diagnoser", "cnn")
+
+
+def test_study_to_sr_in_orthanc(orthanc, cnn, tmp_path):
+    import highdicom as hd
+
+    from hygeia_pacs import Gateway, GatewayConfig
+
+    files = phantom_study(tmp_path / "study", seeds=(101, 102, 103))
+    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    assert storescu(orthanc.dicom_port, files, aec=orthanc.aet).returncode == 0  # the images are in the PACS
+    cfg = GatewayConfig.from_dict(gateway_config(tmp_path, orthanc))
+    with Gateway(cfg, diagnoser=cnn) as gw:
+        r = storescu(cfg.port, files)
+        assert r.returncode == 0, r.stderr
+        assert gw.wait_idle(120), gw.status()
+        status = gw.status()
+    assert status["accepted"] == 3 and status["done"] == 1 and status["failed"] == 0
+    (record,) = done_records(cfg.spool)
+    assert record["sent"] == ["cstore", "stow"] and record["study_uid"] == study_uid
+    sr_uid = record["sr_sop_instance_uid"]
+
+    found = findscu_sr_series(orthanc, study_uid, tmp_path)  # C-FIND
+    assert [d.SeriesInstanceUID for d in found] == [record["sr_series_instance_uid"]]
+    client = dicomweb(orthanc)
+    series = client.search_for_series(study_instance_uid=study_uid, search_filters={"Modality": "SR"})  # QIDO-RS
+    assert len(series) == 1
+    instances = client.search_for_instances(study_instance_uid=study_uid,
+                                            series_instance_uid=record["sr_series_instance_uid"])
+    assert [i["00080018"]["Value"][0] for i in instances] == [sr_uid]
+    ds = client.retrieve_instance(study_uid, record["sr_series_instance_uid"], sr_uid)  # WADO-RS
+    assert ds.StudyInstanceUID == study_uid and ds.VerificationFlag == "UNVERIFIED"
+    report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
+    groups = report.get_planar_roi_measurement_groups() + report.get_image_measurement_groups()
+    assert len(groups) == 3 * len(cnn.findings)  # one group per image and finding
+    assert all(g.tracking_identifier and g.tracking_uid for g in groups)
+    library = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Image Library"]
+    lib_uids = {img.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                for grp in library[0].ContentSequence for img in grp.ContentSequence}
+    assert lib_uids == {pydicom.dcmread(f).SOPInstanceUID for f in files}
+
+
+def test_pacs_down_during_run_then_back(orthanc, cnn, tmp_path):
+    """Orthanc stops while a study is processed: the gateway retries; after a restart, nothing is lost."""
+    from hygeia_pacs import Gateway, GatewayConfig
+
+    studies = [phantom_study(tmp_path / f"s{k}", seeds=(200 + k,)) for k in range(2)]
+    cfg = GatewayConfig.from_dict(gateway_config(tmp_path, orthanc))
+    with Gateway(cfg, diagnoser=cnn) as gw:
+        orthanc.stop()
+        for files in studies:
+            assert storescu(cfg.port, files).returncode == 0
+        job_states = lambda: [json.loads((j / "state.json").read_text()) for j in gw.spool.jobs()]  # noqa: E731
+        wait_for(lambda: len(job_states()) == 2 and all(s["attempts"] >= 2 for s in job_states()), 60,
+                 "two retries per study while the PACS is down")
+        assert all("association" in s["last_error"] for s in job_states())
+        assert done_records(cfg.spool) == [] and not list((cfg.spool / "failed").glob("*.json"))
+        orthanc.start()
+        assert gw.wait_idle(120), gw.status()
+    records = done_records(cfg.spool)
+    assert len(records) == 2 and all(r["sent"] == ["cstore", "stow"] for r in records)
+    client = dicomweb(orthanc)
+    for files, rec in zip(sorted(studies, key=lambda f: pydicom.dcmread(f[0]).StudyInstanceUID),
+                          sorted(records, key=lambda r: r["study_uid"])):
+        found = client.search_for_instances(study_instance_uid=rec["study_uid"], search_filters={"Modality": "SR"})
+        assert rec["sr_sop_instance_uid"] in [i["00080018"]["Value"][0] for i in found]
+
+
+def test_gateway_killed_after_ack_resumes(orthanc, tmp_path):
+    """SIGKILL after the C-STORE was acknowledged: the restarted `hygeia gateway` finishes the study."""
+    files = phantom_study(tmp_path / "study", seeds=(301, 302))
+    study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
+    cfg = gateway_config(tmp_path, orthanc, study_timeout_s=2.0)
+    cfg_path = tmp_path / "gateway.json"
+    cfg_path.write_text(json.dumps(cfg))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "gateway.log", "ab")
+
+    def launch() -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-m", "hygeia", "gateway", str(cfg_path)], stdout=log,
+                             stderr=subprocess.STDOUT, env=env)
+        assert wait_port(cfg["port"], timeout=120), (tmp_path / "gateway.log").read_text()[-3000:]
+        return p
+
+    proc = launch()
+    try:
+        assert storescu(cfg["port"], files).returncode == 0
+        proc.send_signal(signal.SIGKILL)  # within the 2 s study time-out: nothing processed yet
+        proc.wait(10)
+        spool = Path(cfg["spool"])
+        received = list((spool / "incoming" / study_uid).glob("*.dcm"))
+        assert len(received) == 2  # acknowledged = on disk
+        assert done_records(spool) == []
+        proc = launch()
+        wait_for(lambda: done_records(spool), 180, "the study's SR after the restart")
+        (record,) = done_records(spool)
+        assert record["study_uid"] == study_uid and record["sent"] == ["cstore", "stow"]
+        assert not list((spool / "incoming").glob("*/*.dcm")) and not list((spool / "processing").iterdir())
+        found = findscu_sr_series(orthanc, study_uid, tmp_path)
+        assert record["sr_series_instance_uid"] in [d.SeriesInstanceUID for d in found]
+        assert subprocess.run(["echoscu", "-aet", SCU_AET, "-aec", GATEWAY_AET, "127.0.0.1", str(cfg["port"])],
+                              capture_output=True).returncode == 0  # still serving
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

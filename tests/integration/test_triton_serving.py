@@ -1,0 +1,349 @@
+"""Hygeia plugins served by a real tritonserver: results, errors, batching, health, metrics.
+
+No mocks: every test talks gRPC/HTTP to the server of the ``triton_server`` fixture
+(tests/integration/conftest.py) or starts its own.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hygeia
+from hygeia.errors import InputError, PluginNotFoundError, UnsupportedConditionError
+
+pytestmark = pytest.mark.integration
+grpcclient = pytest.importorskip("tritonclient.grpc")
+from tritonclient.utils import InferenceServerException  # noqa: E402
+
+from hygeia.serving import connect, wire  # noqa: E402
+from hygeia.serving.repository import build_repository, is_generated  # noqa: E402
+from hygeia.serving.server import TritonServer, check  # noqa: E402
+
+
+def _infer(url: str, model: str, inputs: dict[str, np.ndarray], outputs: list[str] | None = None):
+    """A raw tritonclient request (what a non-Hygeia client would send)."""
+    c = grpcclient.InferenceServerClient(url)
+    ins = []
+    for k, v in inputs.items():
+        dt = "BYTES" if v.dtype == np.object_ else {"float32": "FP32", "float64": "FP64", "int64": "INT64",
+                                                     "uint8": "UINT8"}[str(v.dtype)]
+        t = grpcclient.InferInput(k, list(v.shape), dt)
+        t.set_data_from_numpy(v)
+        ins.append(t)
+    outs = [grpcclient.InferRequestedOutput(o) for o in outputs] if outputs else None
+    return c.infer(model, ins, outputs=outs, client_timeout=60)
+
+
+def _raw_error(url: str, model: str, inputs: dict[str, np.ndarray]) -> InferenceServerException:
+    with pytest.raises(InferenceServerException) as ei:
+        _infer(url, model, inputs)
+    return ei.value
+
+
+# --------------------------------------------------------------------------- repository
+def test_build_cpu_and_gpu_configs_from_one_template(tmp_path: Path) -> None:
+    cpu = build_repository(tmp_path / "cpu", names=["label"])
+    gpu = build_repository(tmp_path / "gpu", names=["label"], device="gpu")
+    assert cpu.models == gpu.models == ["conditioner_label"]
+    a = (tmp_path / "cpu/conditioner_label/config.pbtxt").read_text()
+    b = (tmp_path / "gpu/conditioner_label/config.pbtxt").read_text()
+    assert "kind: KIND_CPU" in a and "kind: KIND_GPU" in b
+    assert a.replace("KIND_CPU", "KIND_GPU").replace('"cpu"', '"gpu"') == b
+    assert "dynamic_batching" in a and "TYPE_STRING" in a and "TYPE_FP32" in a
+    model_py = (tmp_path / "cpu/conditioner_label/1/model.py").read_text()
+    assert "hygeia.serving.adapter" in model_py and len(model_py.splitlines()) <= 3
+
+
+def test_build_refreshes_and_prunes_only_its_own(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    first = build_repository(repo, names=["label"])
+    assert first.written == ["conditioner_label"]
+    again = build_repository(repo, names=["label"])
+    assert again.written == [] and again.unchanged == ["conditioner_label"]
+    # a stale Hygeia model (plugin gone) is removed; a foreign model is left alone
+    stale = repo / "generator_uninstalled"
+    (stale / "1").mkdir(parents=True)
+    (stale / "config.pbtxt").write_text((repo / "conditioner_label/config.pbtxt").read_text())
+    foreign = repo / "someone_elses_model"
+    (foreign / "1").mkdir(parents=True)
+    (foreign / "config.pbtxt").write_text('name: "someone_elses_model"\nbackend: "python"\n')
+    assert is_generated(stale) and not is_generated(foreign)
+    build_repository(repo, kinds=("conditioner",), names=None, registry=_only_label_registry())
+    assert not stale.exists() and foreign.exists() and (repo / "conditioner_label").is_dir()
+
+
+def _only_label_registry():
+    from hygeia.plugins import PluginRegistry
+
+    import hygeia_conditioners
+
+    reg = PluginRegistry(load_entry_points=False)
+    reg.register(hygeia_conditioners, name="conditioners", package="hygeia")
+    return reg
+
+
+def test_build_includes_third_party_plugins(tmp_path: Path) -> None:
+    third = [s for s in hygeia.get_registry().all() if s.package not in ("hygeia", "")]
+    if not third:
+        pytest.skip("no third-party hygeia plugin installed (pip install -e tests/example_plugin)")
+    spec = third[0]
+    res = build_repository(tmp_path, names=[spec.name])
+    model = wire.model_name(spec.kind, spec.name)
+    if model in res.failed:
+        pytest.skip(f"third-party plugin {spec.name} cannot be instantiated here: {res.failed[model]}")
+    cfg = (tmp_path / model / "config.pbtxt").read_text()
+    assert f'string_value: "{spec.package}"' in cfg
+
+
+# --------------------------------------------------------------------------- results
+def test_conditioner_same_as_local(triton_server) -> None:
+    remote = connect("conditioner", "label", triton_server.grpc_url)
+    local = hygeia.create("conditioner", "label")
+    assert remote.identity == local.identity and remote.dim == local.dim
+    conds = ["effusion", "normal", "nodule", "Effusion"]
+    assert np.array_equal(remote.encode(conds).numpy(), local.encode(conds).numpy())
+
+
+def test_generator_same_as_local_with_streamed_progress(triton_server, require_model) -> None:
+    require_model("generator_phantom")
+    remote = connect("generator", "phantom", triton_server.grpc_url)
+    local = hygeia.create("generator", "phantom")
+    calls: list[tuple[int, int]] = []
+    got = remote.generate(3, condition="effusion", seed=11, progress=lambda d, t: calls.append((d, t)))
+    want = local.generate(3, condition="effusion", seed=11)
+    assert [g.pixels.tobytes() for g in got] == [w.pixels.tobytes() for w in want]
+    for g, w in zip(got, want):
+        assert g.synthetic and g.model == w.model and g.pixel_spacing == w.pixel_spacing
+        assert g.provenance["phantom_seed"] == w.provenance["phantom_seed"]
+        assert g.provenance["served_by"].endswith("/generator_phantom")
+    assert calls and calls[-1] == (3, 3) and calls == sorted(calls)
+
+
+def test_diagnoser_same_as_local(triton_server, require_model) -> None:
+    require_model("diagnoser_cnn")
+    remote = connect("diagnoser", "cnn", triton_server.grpc_url)
+    local = hygeia.create("diagnoser", "cnn")
+    assert remote.identity == local.identity
+    assert remote.findings == tuple(local.findings) and remote.input_size == tuple(local.input_size)
+    imgs = np.stack([g.pixels for g in hygeia.create("generator", "phantom").generate(3, "effusion", seed=2)])
+    r, lo = remote.diagnose(imgs, heatmaps=True), local.diagnose(imgs, heatmaps=True)
+    for dr, dl in zip(r, lo):
+        assert dr.model == dl.model and dr.image_size == dl.image_size
+        for fr, fl in zip(dr.findings, dl.findings):
+            assert (fr.label, fr.code, fr.threshold) == (fl.label, fl.code, fl.threshold)
+            assert fr.probability == pytest.approx(fl.probability, abs=1e-5)
+            assert fr.region == fl.region
+            assert fr.heatmap is not None and np.allclose(fr.heatmap, fl.heatmap, atol=1e-4)
+    fast = remote.diagnose(imgs, heatmaps=False)
+    assert all(f.heatmap is None for d in fast for f in d.findings)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_conditions_named_and_server_keeps_serving(triton_server) -> None:
+    url = triton_server.grpc_url
+    good = {"CONDITION": wire.encode_strings(["effusion"])}
+    cases = {
+        "empty prompt": (wire.encode_strings([""]), "condition"),
+        "100 kB prompt": (wire.encode_strings(["x" * 100_000]), "at most 16384 bytes"),
+        "not UTF-8": (np.array([[b"\xff\xfe"]], dtype=np.object_), "UTF-8"),
+        "unknown label": (wire.encode_strings(["tumour"]), "label"),
+    }
+    for what, (value, expect) in cases.items():
+        e = _raw_error(url, "conditioner_label", {"CONDITION": value})
+        assert e.status() == "StatusCode.INVALID_ARGUMENT", what
+        assert "InputError" in e.message() and expect in e.message(), (what, e.message())
+        assert _infer(url, "conditioner_label", good).as_numpy("EMBEDDING").shape == (1, 32)
+    e = _raw_error(url, "conditioner_label", {"CONDITION": np.ones((1, 1), np.float32)})
+    assert "CONDITION" in e.message() and "TYPE_STRING" in e.message() or "BYTES" in e.message()
+
+
+def test_bad_images_named_and_server_keeps_serving(triton_server, require_model) -> None:
+    require_model("diagnoser_cnn")
+    url, m = triton_server.grpc_url, "diagnoser_cnn"
+    good = np.full((1, 1, 64, 64), 0.5, np.float32)
+    nan = good.copy()
+    nan[0, 0, 3, 3] = np.nan
+    e = _raw_error(url, m, {"IMAGES": nan})
+    assert e.status() == "StatusCode.INVALID_ARGUMENT" and "IMAGES" in e.message() and "NaN" in e.message()
+    e = _raw_error(url, m, {"IMAGES": np.zeros((1, 1, 32, 32), np.float32)})
+    assert "IMAGES" in e.message() and "shape" in e.message()
+    e = _raw_error(url, m, {"IMAGES": good.astype(np.float64)})
+    assert "IMAGES" in e.message() and ("FP64" in e.message() or "data-type" in e.message())
+    e = _raw_error(url, m, {"IMAGES": good, "TEXTS": wire.encode_strings(["a" * 100_000])})
+    assert "TEXTS" in e.message() and "16384" in e.message()
+    out = _infer(url, m, {"IMAGES": good}, ["PROBS"]).as_numpy("PROBS")
+    assert out.shape == (1, 5) and np.isfinite(out).all()
+
+
+def test_unknown_model(triton_server) -> None:
+    e = _raw_error(triton_server.grpc_url, "diagnoser_nope", {"IMAGES": np.zeros((1, 1, 64, 64), np.float32)})
+    assert "diagnoser_nope" in e.message()
+    with pytest.raises(PluginNotFoundError, match="nope") as ei:
+        connect("diagnoser", "nope", triton_server.grpc_url)
+    assert ei.value.available is not None
+
+
+def test_remote_errors_are_hygeia_errors_with_server_message(triton_server) -> None:
+    remote = connect("conditioner", "label", triton_server.grpc_url)
+    with pytest.raises(UnsupportedConditionError) as ei:
+        remote.encode(["tumour"])
+    local = hygeia.create("conditioner", "label")
+    with pytest.raises(UnsupportedConditionError) as li:
+        local.encode(["tumour"])
+    assert str(ei.value) == str(li.value) and ei.value.name == li.value.name
+    with pytest.raises(InputError, match="16384 bytes"):
+        remote.encode(["x" * 100_000])
+    assert remote.encode(["normal"]).shape == (1, 32)
+
+
+def test_bad_request_in_a_dynamic_batch_fails_alone(triton_server) -> None:
+    """Concurrent requests land in one dynamic batch: only the bad one fails."""
+    url = triton_server.grpc_url
+    results: dict[int, object] = {}
+
+    def send(i: int) -> None:
+        cond = "tumour" if i == 3 else ["effusion", "normal", "nodule"][i % 3]
+        try:
+            results[i] = _infer(url, "conditioner_label", {"CONDITION": wire.encode_strings([cond])}).as_numpy("EMBEDDING")
+        except InferenceServerException as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(12)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert isinstance(results[3], InferenceServerException)
+    assert all(isinstance(results[i], np.ndarray) for i in results if i != 3)
+
+
+def test_bad_generator_requests(triton_server, require_model) -> None:
+    require_model("generator_phantom")
+    url = triton_server.grpc_url
+    remote = connect("generator", "phantom", url)
+    with pytest.raises(InputError, match="size"):  # checked by the plugin, on the server
+        remote.generate(1, condition="normal", seed=0, size=17)
+    with pytest.raises(UnsupportedConditionError):
+        remote.generate(1, condition=12345, seed=0)
+    assert len(remote.generate(1, condition="normal", seed=0)) == 1
+
+
+# --------------------------------------------------------------------------- health, metrics, CLI
+def test_readiness_metrics_and_check(triton_server, triton_models) -> None:
+    live, ready, states = check(triton_server.grpc_url)
+    assert live and ready
+    assert {s.name for s in states} == triton_models and all(s.state == "READY" for s in states)
+    with urllib.request.urlopen(triton_server.http_url + "/v2/health/ready", timeout=5) as r:
+        assert r.status == 200
+    connect("conditioner", "label", triton_server.grpc_url).encode(["normal"])
+    with urllib.request.urlopen(triton_server.metrics_url, timeout=5) as r:
+        text = r.read().decode()
+    assert 'nv_inference_request_success{model="conditioner_label"' in text
+
+
+def test_serve_check_command(triton_server) -> None:
+    from typer.testing import CliRunner
+    import typer
+
+    from hygeia.serving.cli import register
+
+    app = typer.Typer()
+    register(app)
+    res = CliRunner().invoke(app, ["serve", "--check", triton_server.grpc_url])
+    assert res.exit_code == 0, res.output
+    assert "conditioner_label" in res.output and "READY" in res.output
+    from hygeia.serving.server import free_port
+
+    res = CliRunner().invoke(app, ["serve", "--check", f"127.0.0.1:{free_port()}", "--timeout", "2"])
+    assert res.exit_code != 0
+
+
+def _procs(needle: bytes) -> set[int]:
+    """PIDs whose command line contains ``needle`` (Linux /proc)."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if needle in (d / "cmdline").read_bytes():
+                    out.add(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_serve_command_starts_and_stops_cleanly(triton_repo: Path) -> None:
+    """`hygeia serve` in a subprocess: prints the addresses when ready; SIGTERM leaves no process."""
+    from hygeia.serving.server import free_port
+
+    g, h, m = free_port(), free_port(), free_port()
+    before = _procs(b"triton_python_backend_stub")
+    code = "import typer; from hygeia.serving.cli import register; app = typer.Typer(); register(app); app()"
+    proc = subprocess.Popen([sys.executable, "-c", code, "serve", "--repo", str(triton_repo), "--no-build",
+                             "--model", "conditioner_label", "--grpc-port", str(g), "--http-port", str(h),
+                             "--metrics-port", str(m)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        lines = []
+        deadline = time.monotonic() + 180
+        assert proc.stdout is not None
+        while time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if line.startswith("metrics"):
+                break
+        out = "".join(lines)
+        assert f"127.0.0.1:{g}" in out and f":{h}" in out and f":{m}/metrics" in out, out
+        assert connect("conditioner", "label", f"127.0.0.1:{g}").encode(["normal"]).shape == (1, 32)
+        server = _procs(f"--grpc-port={g}".encode())
+        stubs = _procs(b"triton_python_backend_stub") - before
+        assert len(server) == 1 and stubs
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        time.sleep(0.5)
+        left = (server | stubs) & (_procs(f"--grpc-port={g}".encode()) | _procs(b"triton_python_backend_stub"))
+        assert not left, f"processes survived: {left}"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_crashed_stub_is_reported_and_model_comes_back(triton_repo: Path) -> None:
+    """Kill the Python-backend stub: tritonserver 2.51 fails the next request with 'Stub process ...
+    is not healthy', restarts the stub, and serves again; the remote client retries through it."""
+    with TritonServer(triton_repo, models=["conditioner_label"]) as server:
+        url = server.grpc_url
+        good = {"CONDITION": wire.encode_strings(["effusion"])}
+        assert _infer(url, "conditioner_label", good).as_numpy("EMBEDDING").shape == (1, 32)
+        pid = server.stub_pids()["conditioner_label"]
+        os.kill(pid, signal.SIGKILL)
+        time.sleep(0.5)
+        with pytest.raises(InferenceServerException) as ei:  # the crash is reported, not hidden
+            _infer(url, "conditioner_label", good)
+        assert "Stub process" in ei.value.message() or "not healthy" in ei.value.message()
+        deadline = time.monotonic() + 60
+        while True:  # Triton restarts the stub
+            try:
+                assert _infer(url, "conditioner_label", good).as_numpy("EMBEDDING").shape == (1, 32)
+                break
+            except InferenceServerException:
+                assert time.monotonic() < deadline, server.log_tail()
+                time.sleep(0.5)
+        assert server.stub_pids()["conditioner_label"] != pid
+        # the Hygeia client retries through a restart on its own
+        os.kill(server.stub_pids()["conditioner_label"], signal.SIGKILL)
+        time.sleep(0.5)
+        remote = connect("conditioner", "label", url, retries=6, backoff=0.5)
+        assert remote.encode(["normal"]).shape == (1, 32)
+        assert "is not healthy" in server.log_tail(200_000) or "unhealthy" in server.log_tail(200_000)

@@ -1,0 +1,232 @@
+"""DICOM outputs: TID 1500 SR from the real ``cnn`` diagnoser on phantom DICOM, synthetic SC.
+
+Validated with independent tools: dciodvfy (dicom3tools; no line may start with ``Error``, its
+exit code is unreliable) and ``dsrdump -v`` (dcmtk; no ``E:`` or ``W:`` lines), plus assertions
+on the template content read back with highdicom.
+"""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+import hygeia
+from hygeia.api import Diagnosis, Finding, GeneratedImage, ModelIdentity, Region
+from hygeia.data.io import load_image, prepare_image
+from hygeia.errors import InputError
+from hygeia.plugins import get_registry
+
+pytestmark = pytest.mark.skipif(not (shutil.which("dciodvfy") and shutil.which("dsrdump")),
+                                reason="needs dicom3tools (dciodvfy) and dcmtk (dsrdump)")
+
+
+def dciodvfy_errors(path: Path) -> list[str]:
+    out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
+    return [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith("Error")]
+
+
+def dsrdump_problems(path: Path) -> list[str]:
+    out = subprocess.run(["dsrdump", "-v", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return [ln for ln in (out.stdout + out.stderr).splitlines() if ln.startswith(("E:", "W:"))]
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    return hygeia.create("diagnoser", "cnn")
+
+
+@pytest.fixture(scope="module")
+def phantom_files(tmp_path_factory):
+    from hygeia.data import write_phantom_dicom
+
+    d = tmp_path_factory.mktemp("phantoms")
+    return [Path(write_phantom_dicom(d / f"p{seed}.dcm", seed=seed, finding=f))
+            for seed, f in ((11, "effusion"), (12, "nodule"), (13, None))]
+
+
+def _diagnose(cnn, paths):
+    loaded = [load_image(p) for p in paths]
+    batch = np.stack([prepare_image(li.pixels, size=cnn.input_size) for li in loaded])
+    return loaded, cnn.diagnose(batch)
+
+
+def test_sr_from_cnn_on_phantom_passes_validators(cnn, phantom_files, tmp_path):
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    loaded, diagnoses = _diagnose(cnn, phantom_files[:1])
+    src = loaded[0].dataset
+    out = get_registry().output_format("sr").write(diagnoses, tmp_path / "sr.dcm", sources=[src])
+    assert out == [tmp_path / "sr.dcm"]
+    assert dciodvfy_errors(out[0]) == []
+    assert dsrdump_problems(out[0]) == []
+
+    ds = pydicom.dcmread(out[0])
+    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"  # Comprehensive 3D SR
+    assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID
+    assert ds.SeriesInstanceUID != src.SeriesInstanceUID  # a new series of the source study
+    assert ds.VerificationFlag == "UNVERIFIED"
+    assert any(e.Manufacturer == "Hygeia" for e in ds.ContributingEquipmentSequence)
+
+    sr = hd.sr.Comprehensive3DSR.from_dataset(ds)
+    report = sr.content
+    assert isinstance(report, hd.sr.MeasurementReport)
+    root = ds.ContentSequence
+    names = [(i.ConceptNameCodeSequence[0].CodeMeaning, i.ValueType) for i in root]
+    assert ("Procedure reported", "CODE") in names and ("Image Library", "CONTAINER") in names
+    library = next(i for i in root if i.ConceptNameCodeSequence[0].CodeMeaning == "Image Library")
+    lib_uids = [img.ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+                for grp in library.ContentSequence for img in grp.ContentSequence]
+    assert lib_uids == [src.SOPInstanceUID]
+    # the device observer is the model
+    observer = [i for i in root if i.ConceptNameCodeSequence[0].CodeMeaning == "Device Observer Name"]
+    assert observer and observer[0].TextValue == cnn.identity.name
+
+    d = diagnoses[0]
+    groups = report.get_planar_roi_measurement_groups() + report.get_image_measurement_groups()
+    assert len(groups) == len(d.findings)
+    by_label = {g.tracking_identifier.split(" #")[0]: g for g in groups}
+    assert set(by_label) == {f.label for f in d.findings}
+    for f in d.findings:
+        g = by_label[f.label]
+        assert g.tracking_uid  # TID 4108 tracking UID
+        assert g.finding_type.value == f.code.value and g.finding_type.scheme_designator == "SCT"
+        (qe,) = g.get_qualitative_evaluations(name=hd.sr.CodedConcept(f.code.value, "SCT", f.code.meaning))
+        assert qe.value == (codes.SCT.Present if f.present else codes.SCT.Absent)
+        (prob,) = g.get_measurements(name=codes.DCM.Probability)
+        assert prob.value == pytest.approx(f.probability, abs=1e-6)
+        assert prob.unit.value == "1" and prob.unit.scheme_designator == "UCUM"
+        if f.region is not None:
+            assert isinstance(g, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
+            region = g.roi
+            assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+            data = np.asarray(region.value, float)
+            # scaled from the model's image_size space to the source's Rows x Columns
+            sx, sy = src.Columns / d.image_size[1], src.Rows / d.image_size[0]
+            cx, cy = f.region.center()
+            pts = data[:-1] if len(data) > 1 else data  # closed polylines repeat the first point
+            np.testing.assert_allclose(pts.mean(0), [cx * sx, cy * sy], atol=1.0)
+            assert 0 <= data[:, 0].min() and data[:, 0].max() <= src.Columns
+            assert 0 <= data[:, 1].min() and data[:, 1].max() <= src.Rows
+    text = subprocess.run(["dsrdump", str(out[0])], capture_output=True, text=True).stdout
+    assert "Algorithm Name" in text and cnn.identity.name in text
+    if cnn.identity.weights_sha256:
+        assert cnn.identity.weights_sha256[:12] in text
+
+
+def test_sr_for_a_study_of_several_images(cnn, tmp_path):
+    from hygeia.data import write_phantom_dicom
+
+    paths = [Path(write_phantom_dicom(tmp_path / f"s{i}.dcm", seed=40 + i)) for i in range(2)]
+    datasets = [pydicom.dcmread(p) for p in paths]
+    if datasets[0].StudyInstanceUID != datasets[1].StudyInstanceUID:  # put both in one study
+        for p, ds in zip(paths, datasets):
+            ds.StudyInstanceUID = datasets[0].StudyInstanceUID
+            ds.save_as(p)
+    loaded, diagnoses = _diagnose(cnn, paths)
+    out = get_registry().output_format("sr").write(diagnoses, tmp_path / "study_sr.dcm",
+                                                   sources=[li.dataset for li in loaded])
+    assert dciodvfy_errors(out[0]) == [] and dsrdump_problems(out[0]) == []
+    ds = pydicom.dcmread(out[0])
+    refs = {i.ReferencedSOPInstanceUID for s in ds.CurrentRequestedProcedureEvidenceSequence
+            for se in s.ReferencedSeriesSequence for i in se.ReferencedSOPSequence}
+    assert refs == {d.SOPInstanceUID for d in datasets}
+
+
+def test_sr_bad_sources(cnn, phantom_files, tmp_path):
+    from PIL import Image
+
+    loaded, diagnoses = _diagnose(cnn, phantom_files[:2])
+    fmt = get_registry().output_format("sr")
+    with pytest.raises(InputError, match="one source DICOM image per diagnosis"):
+        fmt.write(diagnoses, tmp_path / "x.dcm", sources=[loaded[0].dataset])
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "a.png")
+    with pytest.raises(InputError, match="sources\\[0\\]"):
+        fmt.write(diagnoses[:1], tmp_path / "x.dcm", sources=[tmp_path / "a.png"])
+    if loaded[0].dataset.StudyInstanceUID != loaded[1].dataset.StudyInstanceUID:
+        with pytest.raises(InputError, match="one study"):
+            fmt.write(diagnoses, tmp_path / "x.dcm", sources=[li.dataset for li in loaded])
+    assert not (tmp_path / "x.dcm").exists()
+
+
+def test_region_scaling_to_source_pixels():
+    from hygeia_dicom.sr import scale_region
+    from hygeia.vocab import finding
+
+    code = finding("nodule").code
+    f = Finding("nodule", code, 0.9, 0.5, Region("box", ((8.0, 16.0), (24.0, 32.0))))
+    gtype, data = scale_region(f, (64, 64), rows=512, columns=256)
+    assert gtype == "POLYLINE" and data.shape == (5, 2)
+    np.testing.assert_allclose(data[0], [32.0, 128.0])  # x * 256/64, y * 512/64
+    np.testing.assert_allclose(data[2], [96.0, 256.0])
+    np.testing.assert_allclose(data[0], data[-1])
+    p = Finding("nodule", code, 0.9, 0.5, Region("point", ((32.0, 32.0),)))
+    assert scale_region(p, (64, 64), 128, 128)[0] == "POINT"
+    np.testing.assert_allclose(scale_region(p, (64, 64), 128, 128)[1], [[64.0, 64.0]])
+
+
+def test_cli_diagnose_writes_sr(phantom_files, tmp_path):
+    out = tmp_path / "cli_sr.dcm"
+    r = subprocess.run([sys.executable, "-m", "hygeia", "diagnose", str(phantom_files[0]), "--sr", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert dciodvfy_errors(out) == [] and dsrdump_problems(out) == []
+    assert pydicom.dcmread(out).StudyInstanceUID == pydicom.dcmread(phantom_files[0]).StudyInstanceUID
+
+
+# --------------------------------------------------------------------------- Secondary Capture
+def _generated(n: int = 2, seed: int = 5) -> list[GeneratedImage]:
+    """GeneratedImage results as a generator returns them (pixels from real phantoms)."""
+    from hygeia.data import make_phantom
+
+    model = ModelIdentity("test-gen", "0.1", "generator", "ab" * 32)
+    return [GeneratedImage(make_phantom(seed + k).image[None], (6.25, 6.25), "DX", seed + k, "effusion", model)
+            for k in range(n)]
+
+
+def test_sc_marked_synthetic_and_valid(tmp_path):
+    images = _generated()
+    paths = get_registry().output_format("dicom-sc").write(images, tmp_path / "sc", sources=None)
+    assert len(paths) == 2
+    datasets = [pydicom.dcmread(p) for p in paths]
+    for p, ds, img in zip(paths, datasets, images):
+        assert dciodvfy_errors(p) == []
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
+        assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+        assert ds.ConversionType == "SYN" and ds.BurnedInAnnotation == "YES"
+        assert "SYNTHETIC" in ds.SeriesDescription and "test-gen 0.1" in ds.SeriesDescription
+        assert f"seed={img.seed}" in ds.ImageComments and "condition=effusion" in ds.ImageComments
+        assert "test-gen" in ds.ImageComments and ds.PatientName == "SYNTHETIC^HYGEIA"
+        assert any(e.PurposeOfReferenceCodeSequence[0].CodeValue == "109100" for e in ds.ContributingEquipmentSequence)
+        li = load_image(p)  # generated pixels come back (the banner strip is below them)
+        h = img.pixels.shape[1]
+        np.testing.assert_allclose(li.pixels[:h], img.pixels[0], atol=2e-5)
+        assert li.pixels[h:].max() > 0.9 and li.pixels[h:].min() < 0.01  # burned-in 'SYNTHETIC' banner
+        assert li.pixel_spacing == pytest.approx((6.25, 6.25))
+    assert len({ds.StudyInstanceUID for ds in datasets}) == 1 and len({ds.SeriesInstanceUID for ds in datasets}) == 1
+    again = get_registry().output_format("dicom-sc").write(_generated(), tmp_path / "sc2")
+    assert pydicom.dcmread(again[0]).StudyInstanceUID != datasets[0].StudyInstanceUID  # a new study each time
+
+
+def test_sc_into_source_study(tmp_path, phantom_files):
+    src = pydicom.dcmread(phantom_files[0])
+    paths = get_registry().output_format("dicom-sc").write(_generated(1), tmp_path, sources=src)
+    ds = pydicom.dcmread(paths[0])
+    assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID
+    assert ds.SeriesInstanceUID != src.SeriesInstanceUID and ds.ConversionType == "SYN"
+    assert dciodvfy_errors(paths[0]) == []
+
+
+def test_sc_bad_input(tmp_path):
+    img = _generated(1)[0]
+    img.pixels = np.zeros((2, 8, 8), np.float32)
+    with pytest.raises(InputError, match="C = 1 or 3"):
+        get_registry().output_format("dicom-sc").write([img], tmp_path)
+    with pytest.raises(InputError, match="GeneratedImage"):
+        get_registry().output_format("dicom-sc").write(["not an image"], tmp_path)

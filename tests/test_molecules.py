@@ -1,0 +1,162 @@
+"""The molecule VAE (``molecule-vae``), the ``property`` conditioner and the MOSES glue."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("rdkit")
+
+import hygeia  # noqa: E402
+from hygeia.errors import InputError, UnsupportedConditionError  # noqa: E402
+from hygeia.evaluation.molecules import (  # noqa: E402
+    baselines,
+    molecular_properties,
+    read_smiles,
+    render_table,
+    write_molecules,
+)
+
+TRAIN_SMILES = [  # MOSES training molecules
+    "CCCS(=O)c1ccc2[nH]c(=NC(=O)OC)[nH]c2c1",
+    "CC(C)(C)C(=O)C(Oc1ccc(Cl)cc1)n1ccnc1",
+    "Cc1c(Cl)cccc1Nc1ncccc1C(=O)OCC(O)CO",
+    "Cn1cnc2c1c(=O)n(CC(O)CO)c(=O)n2C",
+]
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return hygeia.create("generator", "molecule-vae")
+
+
+def test_registered_through_entry_points():
+    spec = hygeia.get_registry().get("generator", "molecule-vae")
+    assert spec.train is not None
+    assert any(t.name == "SMILES" and t.dtype == "BYTES" for t in spec.outputs)
+    assert "moses_valid" in spec.model_card.metrics
+    assert hygeia.get_registry().get("conditioner", "property").kind == "conditioner"
+
+
+def test_shipped_model_samples_valid_molecules(gen):
+    mols = gen.generate(200, seed=0)
+    assert len(mols) == 200
+    validity = sum(m.valid for m in mols) / len(mols)
+    assert validity >= 0.85, validity
+    assert len({m.smiles for m in mols if m.valid}) >= 190  # not a collapsed sampler
+    assert all(m.model.name == "molecule-vae" and m.model.weights_sha256 for m in mols)
+
+
+def test_generation_is_reproducible_from_seed(gen):
+    a = [m.smiles for m in gen.generate(64, seed=7)]
+    b = [m.smiles for m in gen.generate(64, seed=7)]
+    c = [m.smiles for m in gen.generate(64, seed=8)]
+    assert a == b
+    assert a != c
+    cond = {"logP": 1.0}
+    assert [m.smiles for m in gen.generate(32, condition=cond, seed=1)] == \
+           [m.smiles for m in gen.generate(32, condition=cond, seed=1)]
+
+
+def test_property_conditioning_moves_the_mean(gen):
+    def mean_logp(target: float) -> float:
+        mols = gen.generate(150, condition={"logP": target}, seed=3)
+        vals = [molecular_properties(m.smiles)["logP"] for m in mols if m.valid]
+        return sum(vals) / len(vals)
+
+    assert mean_logp(4.5) - mean_logp(0.5) > 1.0
+
+
+def test_generate_rejects_bad_input(gen):
+    with pytest.raises(InputError, match="logP"):
+        gen.generate(4, condition={"logP": 42.0})
+    with pytest.raises(InputError, match="n"):
+        gen.generate(0)
+    with pytest.raises(UnsupportedConditionError):
+        gen.generate(4, condition="effusion")
+    with pytest.raises(InputError, match="temperature"):
+        gen.generate(4, temperature=-1)
+
+
+def test_property_conditioner_encodes_and_checks_ranges():
+    cond = hygeia.create("conditioner", "property")
+    v = cond.encode([{"logP": 2.45, "QED": 0.9}, {"MW": 300, "sa": 3.0}, {}])
+    assert tuple(v.shape) == (3, cond.dim) == (3, 8)
+    assert v[0, 4:].tolist() == [1, 1, 0, 0] and v[1, 4:].tolist() == [0, 0, 1, 1]
+    assert abs(float(v[0, 0])) < 0.01 and float(v[0, 1]) > 0  # logP at the mean; QED above it
+    assert v[2].abs().sum() == 0  # nothing requested: all "don't care"
+    with pytest.raises(InputError, match=r"MW.*\[240, 360\]"):
+        cond.encode([{"MW": 900}])
+    with pytest.raises(InputError, match="QED"):
+        cond.encode([{"QED": -0.1}])
+    with pytest.raises(InputError, match="one of logP, QED, SA, MW"):
+        cond.encode([{"toxicity": 1}])
+    with pytest.raises(InputError, match="finite number"):
+        cond.encode([{"logP": "high"}])
+    with pytest.raises(InputError, match="non-empty list"):
+        cond.encode([])
+
+
+def test_write_smi_and_sdf(tmp_path: Path):
+    from rdkit import Chem
+
+    smiles = TRAIN_SMILES[:3] + ["C1CC"]  # the last is invalid (unclosed ring)
+    smi = write_molecules(smiles, tmp_path / "m.smi")
+    assert read_smiles(smi) == smiles
+    sdf = write_molecules(smiles, tmp_path / "m.sdf")
+    records = list(Chem.SDMolSupplier(str(sdf)))
+    assert len(records) == 4
+    assert [r.GetProp("valid") for r in records] == ["1", "1", "1", "0"]
+    assert Chem.MolToSmiles(records[0]) == Chem.CanonSmiles(smiles[0])
+    assert records[0].GetNumConformers() == 1 and records[0].GetProp("synthetic") == "1"
+    assert not list(tmp_path.glob(".*"))  # no temp files left behind
+    with pytest.raises(InputError, match=r"\.smi or \.sdf"):
+        write_molecules(smiles, tmp_path / "m.csv")
+
+
+def test_tiny_training_skips_and_counts_invalid_smiles_and_resumes(tmp_path: Path):
+    from hygeia.evaluation._moses_compat import import_moses
+    from hygeia_vae.molecule import MoleculeVAEGenerator, train
+
+    data = list(import_moses().get_dataset("test")[:300]) + ["C1CC", "not a molecule", "c1ccccc1X"]
+    (tmp_path / "train.smi").write_text("\n".join(data) + "\n")
+    kw = dict(data=tmp_path / "train.smi", checkpoints=tmp_path / "ckpt", batch_size=32, progress=False,
+              workers=0, embed=16, enc_hidden=16, dec_hidden=32, latent=8, checkpoint_every=4, val_size=40)
+    out = train(out=tmp_path / "bundle", epochs=1, **kw)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["training"]["skipped"]["invalid_smiles"] == 3
+    assert cfg["training"]["molecules"] == 300
+    first = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert first["history"][-1]["val_kl"] > 0  # free bits: the latent is in use
+    train(out=tmp_path / "bundle", epochs=2, resume=True, **kw)
+    second = json.loads((tmp_path / "ckpt" / "state.json").read_text())
+    assert second["step"] == 2 * first["step"] and second["epoch"] == 2
+    g = MoleculeVAEGenerator(out)
+    assert len(g.generate(8, seed=0)) == 8
+    with pytest.raises(InputError, match="valid SMILES"):
+        (tmp_path / "few.smi").write_text("CCO\nnot a molecule\n")
+        train(out=tmp_path / "b2", data=tmp_path / "few.smi", progress=False, workers=0)
+
+
+def test_baselines_and_table():
+    b = baselines()
+    assert set(b) >= {"CharRNN", "VAE", "AAE", "JTN-VAE", "LatentGAN"}
+    assert b["VAE"]["FCD/Test"] == 0.099 and b["CharRNN"]["Novelty"] == 0.8419
+    t = render_table({"valid": 0.97, "FCD/Test": 0.5, "n": 10})
+    assert t.row_count == 2 and len(t.columns) == 2 + len(b)
+
+
+@pytest.mark.slow
+def test_moses_metrics_on_training_molecules(tmp_path: Path, capsys):
+    from hygeia.evaluation._moses_compat import import_moses
+    from hygeia.evaluation.molecules import main
+
+    train = list(import_moses().get_dataset("train")[:300])
+    path = write_molecules(train + ["C1CC"], tmp_path / "train.smi")
+    metrics = main(path, json_out=True, device="cpu")
+    out = json.loads(capsys.readouterr().out)
+    assert out["metrics"]["valid"] == pytest.approx(300 / 301)
+    assert metrics["Novelty"] == 0.0  # every molecule is in the training set
+    assert 0 < metrics["FCD/Test"] < 50 and out["metrics"]["unique@10000"] is None
+    assert out["baselines"]["VAE"]["valid"] == 0.9767
