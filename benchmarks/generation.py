@@ -57,9 +57,9 @@ def default_condition(gen: Any) -> Any:
 def throughput(gen: Any, n: int, seed: int = 0, **options: Any) -> dict[str, Any]:
     """Images per second of ``gen.generate(n, ...)`` after a small warm-up call."""
     cond = default_condition(gen)
-    gen.generate(min(n, 8), condition=cond, seed=seed + 1, progress=False, **options)  # warm-up
+    gen.generate(min(n, 8), condition=cond, seed=seed + 1, **options)  # warm-up
     t = time.perf_counter()
-    out = gen.generate(n, condition=cond, seed=seed, progress=False, **options)
+    out = gen.generate(n, condition=cond, seed=seed, **options)
     dt = time.perf_counter() - t
     assert len(out) == n
     return {"n": n, "seconds": round(dt, 4), "images_per_s": round(n / dt, 2), "condition": cond,
@@ -81,6 +81,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if spec.name in COMPARISONS and not args.no_compare:
             results["comparisons"][spec.name] = COMPARISONS[spec.name](gen, args)
     return results
+
+
+@comparison("diffusion")
+def _diffusion_vs_vanilla(gen: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """Hygeia's diffusion sampler vs the vanilla diffusers loop (benchmarks/generation_diffusion.py)."""
+    import os
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from generation_diffusion import compare
+
+    return compare(gen, args)
 
 
 def render(results: dict[str, Any]) -> None:

@@ -60,7 +60,11 @@ def test_sr_from_cnn_on_phantom_passes_validators(cnn, phantom_files, tmp_path):
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    loaded, diagnoses = _diagnose(cnn, phantom_files[:1])
+    loaded, diagnoses = _diagnose(cnn, phantom_files)
+    # the report of an image with a located finding, so the SCOORD path is checked too
+    k = next((i for i, d in enumerate(diagnoses) if any(f.region is not None for f in d.findings)), None)
+    assert k is not None, "expected the cnn to locate a finding in one of the phantoms"
+    loaded, diagnoses = loaded[k:k + 1], diagnoses[k:k + 1]
     src = loaded[0].dataset
     out = get_registry().output_format("sr").write(diagnoses, tmp_path / "sr.dcm", sources=[src])
     assert out == [tmp_path / "sr.dcm"]

@@ -121,7 +121,8 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, **opt
                 loss.backward()
                 opt.step()
                 sched.step()
-                run = 0.98 * run + 0.02 * float(loss) if s else float(loss)
+                lv = loss.item()
+                run = 0.98 * run + 0.02 * lv if s else lv
                 bar.update(task, advance=1, description=f"training cnn: epoch {ep + 1}/{epochs} loss {run:.4f}")
     net.eval()
     with torch.no_grad():

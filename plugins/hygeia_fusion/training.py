@@ -61,11 +61,35 @@ def _dataset(split: str, n: int, data_dir: Path | None, progress: bool) -> Phant
     return ps
 
 
-def _text_states(texts: list[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Token states of unique texts, float16 ``[U, T, 384]``, mask ``[U, T]`` and index ``[N]``."""
+def _text_states(texts: list[str], max_tokens: int,
+                 cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token states of unique texts, float16 ``[U, T, 384]``, mask ``[U, T]`` and index ``[N]``.
+
+    With ``cache`` (a folder), the states are stored there as safetensors, keyed by the SHA-256 of
+    the texts, ``max_tokens`` and the encoder's weights, and reused by the next run.
+    """
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
     uniq, inv = np.unique(np.asarray(texts, dtype=object).astype(str), return_inverse=True)
+    idx = torch.from_numpy(inv.astype(np.int64).ravel())
+    f = None
+    if cache is not None:
+        h = hashlib.sha256("\x00".join(uniq).encode())
+        h.update(f"{max_tokens}:{encoder_identity()['sha256']}".encode())
+        f = Path(cache) / f"text_states_{h.hexdigest()[:16]}.safetensors"
+        if f.is_file():
+            t = load_file(str(f))
+            return t["states"], t["mask"], idx
     states, mask = encode_texts(list(uniq), max_tokens=max_tokens)
-    return states.half(), mask, torch.from_numpy(inv.astype(np.int64).ravel())
+    states = states.half()
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        tmp = f.with_name(f".{f.name}.tmp")
+        save_file({"states": states.contiguous(), "mask": mask.contiguous()}, str(tmp))
+        os.replace(tmp, f)
+    return states, mask, idx
 
 
 def _augment(x: torch.Tensor, g: torch.Generator, shift: int) -> torch.Tensor:
@@ -134,7 +158,16 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     o = {**DEFAULTS, **options}
     if epochs is not None:
         o["epochs"] = int(epochs)
+    threads = torch.get_num_threads()
     torch.set_num_threads(int(o["threads"]))
+    try:
+        return _train(out, seed, progress, o, data_dir, device, callback)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_dir: str | Path | None,
+           device: str | None, callback: Callable[[int, dict[str, float]], None] | None) -> Path:
     dev = pick_device(device)
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
@@ -142,8 +175,8 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     data_dir = Path(data_dir) if data_dir else (Path(os.environ["HYGEIA_DATA_CACHE"]) if os.environ.get("HYGEIA_DATA_CACHE") else None)
     tr = _dataset("train", int(o["n_train"]), data_dir, progress)
     va = _dataset("val", int(o["n_val"]), data_dir, progress)
-    tr_s, tr_m, tr_i = _text_states(tr.texts, int(o["max_tokens"]))
-    va_s, va_m, va_i = _text_states(va.texts, int(o["max_tokens"]))
+    tr_s, tr_m, tr_i = _text_states(tr.texts, int(o["max_tokens"]), data_dir)
+    va_s, va_m, va_i = _text_states(va.texts, int(o["max_tokens"]), data_dir)
     arch = {"n_findings": len(FINDING_LABELS), "width": int(o["width"]), "heads": int(o["heads"]),
             "layers": int(o["layers"]), "widths": [int(w) for w in o["widths"]], "grid": int(o["grid"]), "pool": bool(o["pool"]),
             "dropout": 0.0}

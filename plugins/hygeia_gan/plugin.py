@@ -63,8 +63,16 @@ def prompts() -> list[tuple[int, str]]:
     return [(k, p + s) for k, c in enumerate(CONDITION_LABELS) for s in PHRASES[c] for p in PREFIXES]
 
 
-def _progress(total: int, what: str, show: bool) -> tuple[Callable[[int], None], Callable[[], None]]:
-    if not show:
+def _progress(total: int, what: str, progress: Any) -> tuple[Callable[[int], None], Callable[[], None]]:
+    """``progress``: a callback ``(done, total)``, True (a tqdm bar), or None/False (silent)."""
+    if callable(progress):
+        done = [0]
+
+        def step(k: int) -> None:
+            done[0] += k
+            progress(done[0], total)
+        return step, (lambda: None)
+    if not progress:
         return (lambda k: None), (lambda: None)
     from tqdm.auto import tqdm
 
@@ -127,7 +135,7 @@ class GanGenerator:
         n: int,
         condition: Any = None,
         seed: int = 0,
-        progress: bool | None = None,
+        progress: Callable[[int, int], None] | bool | None = None,
         batch_size: int = 256,
         truncation: float | None = None,
         **options: Any,
@@ -135,8 +143,8 @@ class GanGenerator:
         """``n`` synthetic images of ``condition`` (a finding label, a text prompt, or None).
 
         ``truncation``: resample noise values with ``|z| > truncation`` (0.5..4; None = off):
-        lower gives more typical, less diverse images. ``progress``: show a progress bar
-        (None: when ``n`` > ``batch_size``).
+        lower gives more typical, less diverse images. ``progress``: a callback
+        ``progress(done, total)`` called after each batch, or True for a progress bar.
         """
         if options:
             raise InputError("options", "batch_size, truncation or progress", got=", ".join(sorted(options)))
@@ -157,7 +165,7 @@ class GanGenerator:
                     break
                 z[bad] = torch.randn(int(bad.sum()), generator=g)
             z = z.clamp(-truncation, truncation)
-        update, close = _progress(n, "gan: sampling", n > batch_size if progress is None else bool(progress))
+        update, close = _progress(n, "gan: sampling", progress)
         out: list[GeneratedImage] = []
         prov = {"generator": NAME, "generator_version": VERSION, "conditioner": cname,
                 "conditioner_version": None if cname is None else self.conditioners[cname].get("version"),

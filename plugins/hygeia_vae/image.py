@@ -1,6 +1,6 @@
 """``vae``: an image VAE (diffusers ``AutoencoderKL``) with a label-conditional latent prior.
 
-Model: a small KL autoencoder (diffusers ``AutoencoderKL``, 3 levels, 16/32/64 channels) maps a
+Model: a small KL autoencoder (diffusers ``AutoencoderKL``, 3 levels, 8/16/32 channels) maps a
 64x64 radiograph to a ``4 x 16 x 16`` latent. It is trained as a VAE: Gaussian likelihood with a
 fixed decoder noise ``recon_sigma`` plus the KL to N(0, I), so the latent space is smooth enough
 both to sample from and to serve as the latent space of the ``diffusion`` plugin.
@@ -45,7 +45,7 @@ AUTOENCODER = dict(
     out_channels=1,
     down_block_types=["DownEncoderBlock2D"] * 3,
     up_block_types=["UpDecoderBlock2D"] * 3,
-    block_out_channels=[16, 32, 64],
+    block_out_channels=[8, 16, 32],
     layers_per_block=1,
     latent_channels=4,
     norm_num_groups=8,
@@ -156,7 +156,7 @@ class ImageVAE:
         out: list[np.ndarray] = []
         for start in range(0, n, batch_size):
             out.append(self.decode(z[start:start + batch_size].to(self.device)).float().cpu().numpy())
-            if progress is not None:
+            if callable(progress):  # progress=False/None: no callback
                 progress(min(start + batch_size, n), n)
         pixels = np.concatenate(out).astype(np.float32)
         prov = {"generator": NAME, "version": VERSION, "weights_sha256": self.identity.weights_sha256,
@@ -227,9 +227,9 @@ def train(
     out: str | Path = WEIGHTS,
     seed: int = 0,
     progress: bool = True,
-    epochs: int = 4,
+    epochs: int = 2,
     n_per_class: int = 1000,
-    batch_size: int = 32,
+    batch_size: int = 16,
     lr: float = 2e-3,
     recon_sigma: float = 0.05,
     prior_rank: int = 48,
@@ -292,6 +292,9 @@ def train(
                 kl_sum += float(kl.detach().mean())
                 bar.update(task, advance=1, description=f"vae epoch {epoch + 1}/{epochs}",
                            info=f"mse {rec_sum / (i + 1):.5f} kl {kl_sum / (i + 1):.0f}")
+                if progress and not bar.console.is_terminal and (i + 1) % 50 == 0:  # a log line when piped
+                    print(f"epoch {epoch + 1}/{epochs} step {i + 1}/{steps_per_epoch} mse {rec_sum / (i + 1):.5f} "
+                          f"kl {kl_sum / (i + 1):.0f} {(time.time() - t0) / 60:.1f} min", flush=True)
             log = {"train_mse": rec_sum / steps_per_epoch, "train_kl": kl_sum / steps_per_epoch}
             ae.eval()
             _write_epoch_grid(ae, x_all, conds, samples_dir / f"epoch_{epoch + 1:03d}.png", prior_rank, seed)

@@ -27,21 +27,11 @@ pytestmark = [pytest.mark.integration,
 GATEWAY_AET, SCU_AET = "HYGEIA", "STORESCU"
 
 
-def phantom_study(folder: Path, seeds: tuple[int, ...]) -> list[Path]:
-    """Real phantom DICOM files (hygeia.data.write_phantom_dicom) made into one study."""
-    from pydicom.uid import generate_uid
+def phantom_study(folder: Path, seed: int, n: int) -> list[Path]:
+    """A real phantom study (hygeia.data.write_phantom_study): n DX instances, one series."""
+    from hygeia.data import write_phantom_study
 
-    from hygeia.data import write_phantom_dicom
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [Path(write_phantom_dicom(folder / f"img{s}.dcm", seed=s)) for s in seeds]
-    study_uid, patient = generate_uid(), pydicom.dcmread(paths[0], stop_before_pixels=True)
-    for k, p in enumerate(paths, start=1):
-        ds = pydicom.dcmread(p)
-        ds.StudyInstanceUID, ds.PatientID, ds.PatientName = study_uid, patient.PatientID, patient.PatientName
-        ds.InstanceNumber = k
-        ds.save_as(p, enforce_file_format=True)
-    return paths
+    return [Path(p) for p in write_phantom_study(folder, n=n, seed=seed)]
 
 
 def storescu(port: int, files: list[Path], aet: str = SCU_AET, aec: str = GATEWAY_AET) -> subprocess.CompletedProcess:
@@ -113,7 +103,7 @@ def test_study_to_sr_in_orthanc(orthanc, cnn, tmp_path):
 
     from hygeia_pacs import Gateway, GatewayConfig
 
-    files = phantom_study(tmp_path / "study", seeds=(101, 102, 103))
+    files = phantom_study(tmp_path / "study", seed=101, n=3)
     study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
     assert storescu(orthanc.dicom_port, files, aec=orthanc.aet).returncode == 0  # the images are in the PACS
     cfg = GatewayConfig.from_dict(gateway_config(tmp_path, orthanc))
@@ -151,13 +141,13 @@ def test_pacs_down_during_run_then_back(orthanc, cnn, tmp_path):
     """Orthanc stops while a study is processed: the gateway retries; after a restart, nothing is lost."""
     from hygeia_pacs import Gateway, GatewayConfig
 
-    studies = [phantom_study(tmp_path / f"s{k}", seeds=(200 + k,)) for k in range(2)]
+    studies = [phantom_study(tmp_path / f"s{k}", seed=200 + k, n=1) for k in range(2)]
     cfg = GatewayConfig.from_dict(gateway_config(tmp_path, orthanc))
     with Gateway(cfg, diagnoser=cnn) as gw:
         orthanc.stop()
         for files in studies:
             assert storescu(cfg.port, files).returncode == 0
-        job_states = lambda: [json.loads((j / "state.json").read_text()) for j in gw.spool.jobs()]  # noqa: E731
+        job_states = lambda: [gw.spool.state(j) for j in gw.spool.jobs()]  # noqa: E731
         wait_for(lambda: len(job_states()) == 2 and all(s["attempts"] >= 2 for s in job_states()), 60,
                  "two retries per study while the PACS is down")
         assert all("association" in s["last_error"] for s in job_states())
@@ -175,7 +165,7 @@ def test_pacs_down_during_run_then_back(orthanc, cnn, tmp_path):
 
 def test_gateway_killed_after_ack_resumes(orthanc, tmp_path):
     """SIGKILL after the C-STORE was acknowledged: the restarted `hygeia gateway` finishes the study."""
-    files = phantom_study(tmp_path / "study", seeds=(301, 302))
+    files = phantom_study(tmp_path / "study", seed=301, n=2)
     study_uid = pydicom.dcmread(files[0]).StudyInstanceUID
     cfg = gateway_config(tmp_path, orthanc, study_timeout_s=2.0)
     cfg_path = tmp_path / "gateway.json"

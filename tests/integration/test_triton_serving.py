@@ -160,7 +160,7 @@ def test_bad_conditions_named_and_server_keeps_serving(triton_server) -> None:
     for what, (value, expect) in cases.items():
         e = _raw_error(url, "conditioner_label", {"CONDITION": value})
         assert e.status() == "StatusCode.INVALID_ARGUMENT", what
-        assert "InputError" in e.message() and expect in e.message(), (what, e.message())
+        assert "Error: invalid" in e.message() and expect in e.message(), (what, e.message())
         assert _infer(url, "conditioner_label", good).as_numpy("EMBEDDING").shape == (1, 32)
     e = _raw_error(url, "conditioner_label", {"CONDITION": np.ones((1, 1), np.float32)})
     assert "CONDITION" in e.message() and "TYPE_STRING" in e.message() or "BYTES" in e.message()
@@ -320,30 +320,30 @@ def test_serve_command_starts_and_stops_cleanly(triton_repo: Path) -> None:
 
 
 def test_crashed_stub_is_reported_and_model_comes_back(triton_repo: Path) -> None:
-    """Kill the Python-backend stub: tritonserver 2.51 fails the next request with 'Stub process ...
-    is not healthy', restarts the stub, and serves again; the remote client retries through it."""
+    """Kill the Python-backend stub. tritonserver 2.51 reports it ("Stub process ... is not healthy")
+    but never restarts it; TritonServer's watchdog reloads the model, and the remote client
+    retries through the restart on its own."""
     with TritonServer(triton_repo, models=["conditioner_label"]) as server:
         url = server.grpc_url
         good = {"CONDITION": wire.encode_strings(["effusion"])}
         assert _infer(url, "conditioner_label", good).as_numpy("EMBEDDING").shape == (1, 32)
         pid = server.stub_pids()["conditioner_label"]
         os.kill(pid, signal.SIGKILL)
-        time.sleep(0.5)
         with pytest.raises(InferenceServerException) as ei:  # the crash is reported, not hidden
             _infer(url, "conditioner_label", good)
-        assert "Stub process" in ei.value.message() or "not healthy" in ei.value.message()
-        deadline = time.monotonic() + 60
-        while True:  # Triton restarts the stub
+        assert "not healthy" in ei.value.message()
+        deadline = time.monotonic() + 90
+        while True:  # the watchdog reloads the model
             try:
                 assert _infer(url, "conditioner_label", good).as_numpy("EMBEDDING").shape == (1, 32)
                 break
             except InferenceServerException:
                 assert time.monotonic() < deadline, server.log_tail()
                 time.sleep(0.5)
+        assert [m for m, _ in server.restarts] == ["conditioner_label"]
         assert server.stub_pids()["conditioner_label"] != pid
-        # the Hygeia client retries through a restart on its own
+        # a second crash: the Hygeia client retries (back-off) until the model serves again
         os.kill(server.stub_pids()["conditioner_label"], signal.SIGKILL)
-        time.sleep(0.5)
-        remote = connect("conditioner", "label", url, retries=6, backoff=0.5)
+        remote = connect("conditioner", "label", url, retries=7, backoff=0.5)
         assert remote.encode(["normal"]).shape == (1, 32)
-        assert "is not healthy" in server.log_tail(200_000) or "unhealthy" in server.log_tail(200_000)
+        assert len(server.restarts) == 2

@@ -17,6 +17,7 @@ from .phantoms import (
     load_npz,
     make_phantom,
     make_phantom_set,
+    phantom_labels_text,
     sample_findings,
     save_npz,
     split_seeds,
@@ -30,7 +31,7 @@ _LAZY = {
 
 __all__ = [
     "DEFAULT_DIFFICULTY", "FOV_MM", "SPLITS", "Phantom", "PhantomSet", "load_npz", "make_phantom",
-    "make_phantom_set", "sample_findings", "save_npz", "split_seeds", *_LAZY,
+    "make_phantom_set", "phantom_labels_text", "sample_findings", "save_npz", "split_seeds", *_LAZY,
 ]
 
 

@@ -42,7 +42,7 @@ from ..vocab import FINDING_LABELS, NORMAL, finding
 
 __all__ = [
     "DEFAULT_DIFFICULTY", "FOV_MM", "SPLITS", "Phantom", "PhantomSet", "make_phantom",
-    "make_phantom_set", "split_seeds", "save_npz", "load_npz", "sample_findings",
+    "make_phantom_set", "split_seeds", "save_npz", "load_npz", "sample_findings", "phantom_labels_text",
 ]
 
 DEFAULT_DIFFICULTY = 1.0
@@ -378,6 +378,17 @@ def _check_findings(findings: Sequence[str] | None) -> list[str] | None:
         if ft.label not in out:
             out.append(ft.label)
     return out
+
+
+def phantom_labels_text(seed: int, findings: Sequence[str] | None = None) -> tuple[dict[str, bool], str]:
+    """The labels and clinical text :func:`make_phantom` gives ``seed``, without drawing the image (fast)."""
+    forced = _check_findings(findings)
+    r_lab, r_anat, _, r_text, *_ = _seq_children(int(seed))
+    sampled = sample_findings(r_lab)
+    chosen = sampled if forced is None else forced
+    labels = {k: (k in chosen) for k in FINDING_LABELS}
+    a = _Anatomy(r_anat)
+    return labels, _clinical_text(r_text, labels, a.age, a.female)
 
 
 def make_phantom(

@@ -115,6 +115,7 @@ def evaluate(diagnoser: Any, phantom_set: Any, batch_size: int = 256, progress: 
         row["ece"] = expected_calibration_error(y, p)
         if tps[k]:
             row["localisation"] = float(hits[k] / tps[k])
+            row["localisation_n"] = int(tps[k])
         per[label] = row
     ident = getattr(diagnoser, "identity", None)
     return {
@@ -125,8 +126,25 @@ def evaluate(diagnoser: Any, phantom_set: Any, batch_size: int = 256, progress: 
         "difficulty": getattr(phantom_set, "difficulty", None),
         "per_finding": per,
         "macro_auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
+        **_summary(per),
         "probabilities": probs,
         "labels": labels,
+    }
+
+
+def _summary(per: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Headline numbers over findings: AUROC per finding, macro ECE, pooled localisation hit rate."""
+    eces = [r["ece"] for r in per.values() if "ece" in r]
+    n_loc = sum(r.get("localisation_n", 0) for r in per.values())
+    hits = sum(r.get("localisation", 0.0) * r.get("localisation_n", 0) for r in per.values())
+    return {
+        "per_finding_auroc": {k: r["auroc"] for k, r in per.items() if "auroc" in r},
+        "sensitivity": {k: r["sensitivity"] for k, r in per.items() if "sensitivity" in r},
+        "specificity": {k: r["specificity"] for k, r in per.items() if "specificity" in r},
+        "thresholds": {k: r["threshold"] for k, r in per.items()},
+        "ece": float(np.mean(eces)) if eces else float("nan"),
+        "localisation_hit_rate": float(hits / n_loc) if n_loc else None,
+        "localisation_n": int(n_loc),
     }
 
 
@@ -199,6 +217,8 @@ def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = No
     console = Console(stderr=json_out)
     ps = make_phantom_set(n, "test", size=size, difficulty=DEFAULT_DIFFICULTY if difficulty is None else difficulty,
                           progress=True)
+    if _uses_text(diag):
+        return _main_compare(name, diag, ps, json_out=json_out, roc=roc, console=console)
     res = evaluate(diag, ps, progress=True)
     public = {k: v for k, v in res.items() if k not in ("probabilities", "labels")}
     if json_out:
@@ -216,3 +236,123 @@ def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = No
         _roc_png(Path(roc), res)
         console.print(f"wrote ROC curves to {roc}")
     return public
+
+
+# --------------------------------------------------------------------------- text-aware diagnosers
+BASELINE = "cnn"
+"""The image-only diagnoser a text-aware diagnoser is compared with (found through the registry)."""
+
+TARGETS = {"macro_auroc": 0.95, "gain_over_image_only": 0.05, "localisation_hit_rate": 0.8}
+"""Targets of the fusion issue, printed next to the measured numbers (not enforced)."""
+
+
+def _uses_text(diagnoser: Any) -> bool:
+    """Whether a diagnoser reads clinical text (declares ``"text"`` in its ``condition_kinds``)."""
+    return "text" in set(getattr(diagnoser, "condition_kinds", ()) or ())
+
+
+def compare(name: str, diagnoser: Any, phantom_set: Any, baseline: str | None = BASELINE,
+            progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Evaluate a text-aware diagnoser three ways on one phantom set.
+
+    Keys: ``NAME`` (with the phantoms' clinical texts), ``NAME_no_text`` (the same model, texts
+    None) and ``image_only`` (the ``baseline`` diagnoser from the registry, when installed). Each
+    value is what :func:`evaluate` returns.
+    """
+    from dataclasses import replace
+
+    from ..plugins import get_registry
+
+    out: dict[str, dict[str, Any]] = {name: evaluate(diagnoser, phantom_set, progress=progress)}
+    out[f"{name}_no_text"] = evaluate(diagnoser, replace(phantom_set, texts=None), progress=progress)
+    if baseline and baseline != name:
+        try:
+            base = get_registry().create("diagnoser", baseline)
+        except Exception as exc:  # noqa: BLE001 - the comparison is optional; say why it is missing
+            import warnings
+
+            warnings.warn(f"image-only baseline {baseline!r} unavailable: {exc}", stacklevel=2)
+        else:
+            out["image_only"] = evaluate(base, replace(phantom_set, texts=None), progress=progress)
+    return out
+
+
+def _public(res: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in res.items() if k not in ("probabilities", "labels")}
+
+
+def _main_compare(name: str, diag: Any, ps: Any, json_out: bool, roc: Path | None, console: Any) -> dict[str, Any]:
+    from rich.table import Table
+
+    results = compare(name, diag, ps)
+    public = {k: _public(v) for k, v in results.items()}
+    if json_out:
+        print(json.dumps(public, indent=2))
+    else:
+        cols = list(results)
+        t = Table("metric", *cols, title=f"{name}: {len(ps)} held-out phantoms (test split, difficulty {ps.difficulty})")
+
+        def num(v: Any) -> str:
+            return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+
+        t.add_row("macro AUROC", *[num(results[c]["macro_auroc"]) for c in cols])
+        for label in FINDING_LABELS:
+            t.add_row(f"  AUROC {label}", *[num(results[c]["per_finding_auroc"].get(label)) for c in cols])
+        for label in FINDING_LABELS:
+            t.add_row(f"  sens / spec {label}", *[
+                f"{num(results[c]['sensitivity'].get(label))} / {num(results[c]['specificity'].get(label))}" for c in cols])
+        t.add_row("ECE (mean over findings)", *[num(results[c]["ece"]) for c in cols])
+        t.add_row("localisation hit rate", *[num(results[c]["localisation_hit_rate"]) for c in cols])
+        console.print(t)
+        fused = results[name]["macro_auroc"]
+        console.print(f"target macro AUROC >= {TARGETS['macro_auroc']}: {num(fused)}")
+        if "image_only" in results:
+            gain = fused - results["image_only"]["macro_auroc"]
+            console.print(f"target gain over image-only >= {TARGETS['gain_over_image_only']}: {gain:+.3f}")
+        console.print(f"target localisation hit rate >= {TARGETS['localisation_hit_rate']}: "
+                      f"{num(results[name]['localisation_hit_rate'])}")
+    if roc is not None:
+        _roc_compare_png(Path(roc), results)
+        console.print(f"wrote ROC curves to {roc}")
+    return public
+
+
+def _roc_compare_png(path: Path, results: dict[str, dict[str, Any]]) -> Path:
+    """One ROC panel per finding (plus the macro legend), one curve per compared model."""
+    import os
+    import tempfile
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 8.5))
+    styles = ["-", "--", ":"]
+    for k, label in enumerate(FINDING_LABELS):
+        ax = axes.flat[k]
+        for (model, res), ls in zip(results.items(), styles):
+            auc = res["per_finding_auroc"].get(label)
+            if auc is None:
+                continue
+            fpr, tpr, _ = roc_curve(res["labels"][:, k], res["probabilities"][:, k])
+            ax.plot(fpr, tpr, ls, label=f"{model} ({auc:.3f})")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.6)
+        ax.set_title(label)
+        ax.set_xlabel("1 - specificity")
+        ax.set_ylabel("sensitivity")
+        ax.legend(loc="lower right", fontsize=8)
+    ax = axes.flat[5]
+    ax.axis("off")
+    n = next(iter(results.values()))["n"]
+    lines = [f"{m}: macro AUROC {r['macro_auroc']:.3f}, ECE {r['ece']:.3f}" for m, r in results.items()]
+    ax.text(0.0, 0.9, f"{n} held-out phantoms (synthetic, test split)\n\n" + "\n".join(lines), va="top", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path

@@ -18,6 +18,7 @@ The sdk finds the generator and the judge only through the plugin registry.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -195,14 +196,48 @@ def _conditions_for(gen: Any, kind: str | None) -> tuple[str, list[Any]]:
     return kind, [None]
 
 
+class _Bar:
+    """A rich progress bar (on stderr) fed by generators' ``progress(done, total)`` callbacks."""
+
+    def __init__(self, total: int, what: str) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.prog = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TimeRemainingColumn(), console=Console(stderr=True), transient=True)
+        self.prog.start()
+        self.task = self.prog.add_task(what, total=total)
+
+    def callback(self, offset: int) -> Any:
+        return lambda done, total: self.prog.update(self.task, completed=offset + done)
+
+    def set(self, done: int) -> None:
+        self.prog.update(self.task, completed=done)
+
+    def close(self) -> None:
+        self.prog.stop()
+
+
 def real_images(n: int, progress: bool = False) -> dict[str, np.ndarray]:
-    """Held-out real phantoms (split ``test``), ``n`` per condition, each finding alone."""
+    """Held-out real phantoms (split ``test``), ``n`` per condition, each finding alone
+    (condition ``k`` uses test images ``k*n .. (k+1)*n - 1``: different patients per condition)."""
     from ..data import make_phantom_set
 
-    out = {}
-    for k, c in enumerate(CONDITION_LABELS):
-        out[c] = make_phantom_set(n, split="test", findings=[] if c == "normal" else [c], start=k * n,
-                                  progress=progress).images
+    bar = _Bar(len(CONDITION_LABELS) * n, "held-out phantoms") if progress else None
+    out: dict[str, np.ndarray] = {}
+    try:
+        for k, c in enumerate(CONDITION_LABELS):
+            chunks = []
+            for s in range(0, n, 50):
+                m = min(50, n - s)
+                chunks.append(make_phantom_set(m, split="test", findings=[] if c == "normal" else [c],
+                                               start=k * n + s).images)
+                if bar is not None:
+                    bar.set(k * n + s + m)
+            out[c] = np.concatenate(chunks)
+    finally:
+        if bar is not None:
+            bar.close()
     return out
 
 
@@ -217,9 +252,20 @@ def evaluate_generator(gen: Any, judge: Any, n: int = 200, condition_kind: str |
     labels = list(CONDITION_LABELS) if kind != "none" else ["(unconditional)"]
     gen_imgs: dict[str, np.ndarray] = {}
     t0 = time.perf_counter()
-    for k, (label, cond) in enumerate(zip(labels, conds)):
-        out = gen.generate(n, condition=cond, seed=seed + 1000 * (k + 1), progress=progress)
-        gen_imgs[label] = np.stack([np.asarray(r.pixels, np.float32) for r in out])
+    bar = _Bar(len(labels) * n, f"{gen.identity.name}: sampling") if progress else None
+    takes_progress = "progress" in inspect.signature(gen.generate).parameters
+    try:
+        for k, (label, cond) in enumerate(zip(labels, conds)):
+            opts: dict[str, Any] = {}
+            if bar is not None and takes_progress:
+                opts["progress"] = bar.callback(k * n)
+            out = gen.generate(n, condition=cond, seed=seed + 1000 * (k + 1), **opts)
+            gen_imgs[label] = np.stack([np.asarray(r.pixels, np.float32) for r in out])
+            if bar is not None:
+                bar.set((k + 1) * n)
+    finally:
+        if bar is not None:
+            bar.close()
     sampling_s = time.perf_counter() - t0
     real_all = np.concatenate([real[c][:n] for c in CONDITION_LABELS])
     gen_all = np.concatenate(list(gen_imgs.values()))
@@ -306,7 +352,7 @@ def main(name: str, n: int = 200, json_out: bool = False, grid: Path | None = No
     _conditions_for(gen, condition_kind)  # bad condition kind: fail before any work
     judge = reg.create("diagnoser", JUDGE)
     console = Console(stderr=json_out)
-    result = evaluate_generator(gen, judge, n=n, condition_kind=condition_kind, seed=seed, progress=not json_out)
+    result = evaluate_generator(gen, judge, n=n, condition_kind=condition_kind, seed=seed, progress=True)
     samples = result.pop("_samples")
     if json_out:
         print(json.dumps(result, indent=2))

@@ -50,13 +50,14 @@ def map_error(exc: Exception, model: str) -> Exception:
     """Turn a tritonclient exception into the matching Hygeia error (server message kept)."""
     status = str(getattr(exc, "status", lambda: "")() or "")
     msg = str(getattr(exc, "message", lambda: str(exc))() or exc)
-    if status == "StatusCode.INVALID_ARGUMENT":
-        cls: type[InputError] = InputError
-        c = _CLASS_RE.match(msg)
-        if c:  # the adapter sends "<ErrorClass>: <message>"
-            found = getattr(errors, c.group(1), None)
-            if isinstance(found, type) and issubclass(found, InputError):
-                cls, msg = found, msg[c.end():]
+    cls: type[InputError] | None = None
+    c = _CLASS_RE.match(msg)
+    if c:  # the adapter sends "<ErrorClass>: <message>" (stream errors carry no status code)
+        found = getattr(errors, c.group(1), None)
+        if isinstance(found, type) and issubclass(found, InputError):
+            cls, msg = found, msg[c.end():]
+    if status == "StatusCode.INVALID_ARGUMENT" or cls is not None:
+        cls = cls or InputError
         m = _INPUT_RE.search(msg)
         if m:
             err = cls(m.group(1), m.group(2), got=m.group(3))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -21,6 +22,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -29,6 +31,9 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from ..errors import HygeiaError
+
+
+log = logging.getLogger(__name__)
 
 
 class TritonServerError(HygeiaError):
@@ -143,13 +148,17 @@ class TritonServer:
     Ports default to free ones. ``models`` limits the models loaded (explicit model control);
     ``None`` loads every model in the repository. ``log`` is the file receiving the server's
     output (a temp file by default; :meth:`log_tail` reads it).
+
+    ``watchdog``: tritonserver 2.51 does not restart a Python-backend stub that died (every later
+    request fails with "Stub process ... is not healthy"); the watchdog notices the dead stub and
+    reloads that model (a config override forces fresh instances) so it serves again.
     """
 
     def __init__(self, repo: str | os.PathLike[str] = "triton_models", *, grpc_port: int | None = None,
                  http_port: int | None = None, metrics_port: int | None = None, host: str = "127.0.0.1",
                  models: Sequence[str] | None = None, exit_timeout: int = 3, startup_timeout: float = 120.0,
                  threads: int | None = None, log: str | os.PathLike[str] | None = None,
-                 verbose: int = 0, extra_args: Iterable[str] = ()) -> None:
+                 verbose: int = 0, extra_args: Iterable[str] = (), watchdog: bool = True) -> None:
         self.repo = Path(repo).resolve()
         self.host = host
         self.grpc_port = grpc_port or free_port()
@@ -163,6 +172,10 @@ class TritonServer:
         self.extra_args = list(extra_args)
         self._own_log = log is None
         self.log_path = Path(log) if log else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self.watchdog = watchdog
+        self.restarts: list[tuple[str, float]] = []  # (model, time) of each stub restart by the watchdog
+        self._stop_watch = threading.Event()
+        self._watch_thread: threading.Thread | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.ready_after: float | None = None  # seconds from launch to every model ready
@@ -194,8 +207,9 @@ class TritonServer:
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}", "--allow-metrics=true",
                f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.verbose}"]
-        if self.models is not None:
-            cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models)]
+        # explicit model control: lets the watchdog reload a model whose stub died
+        cmd += ["--model-control-mode=explicit",
+                *(f"--load-model={m}" for m in (self.models if self.models is not None else ["*"]))]
         return cmd + self.extra_args
 
     def start(self) -> "TritonServer":
@@ -232,6 +246,8 @@ class TritonServer:
                                         f"ready:\n{self.log_tail()}")
             if self.is_ready():
                 self.ready_after = time.monotonic() - self.started_at
+                if self.watchdog:
+                    self.start_watchdog()
                 return self.ready_after
             time.sleep(0.05)
         states = ", ".join(f"{m.name}={m.state}" for m in self.model_states())
@@ -254,8 +270,78 @@ class TritonServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
             return 0, b""
 
+    # ------------------------------------------------------------------ stub watchdog
+    def _stubs(self) -> dict[str, set[int]]:
+        """Live Python-backend stubs of this server: model -> pids (zombies have no cmdline)."""
+        out: dict[str, set[int]] = {}
+        if self.proc is None:
+            return out
+        try:
+            pgid = os.getpgid(self.proc.pid)
+        except ProcessLookupError:
+            return out
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                if os.getpgid(int(d.name)) != pgid:
+                    continue
+                args = (d / "cmdline").read_bytes().split(b"\0")
+            except (OSError, ProcessLookupError):
+                continue
+            if args and args[0].endswith(b"triton_python_backend_stub") and len(args) > 1:
+                # argv[1] is the model path: <repo>/<model>/1/model.py
+                out.setdefault(Path(args[1].decode()).parent.parent.name, set()).add(int(d.name))
+        return out
+
+    def stub_pids(self) -> dict[str, int]:
+        """One Python-backend stub process per model: model name -> pid (Linux /proc)."""
+        return {m: min(p) for m, p in self._stubs().items()}
+
+    def reload(self, model: str) -> None:
+        """Reload ``model`` with fresh instances (and stubs), even if its files did not change."""
+        code, body = self._get(f"/v2/models/{model}/config", timeout=10)
+        if code != 200:
+            raise TritonServerError(f"cannot read the config of {model}: HTTP {code} {body[:200]!r}")
+        cfg = json.loads(body)
+        cfg.setdefault("parameters", {})["hygeia_restart"] = {"string_value": str(len(self.restarts) + 1)}
+        req = urllib.request.Request(f"{self.http_url}/v2/repository/models/{model}/load", method="POST",
+                                     data=json.dumps({"parameters": {"config": json.dumps(cfg)}}).encode())
+        with urllib.request.urlopen(req, timeout=self.startup_timeout) as r:
+            if r.status != 200:
+                raise TritonServerError(f"reloading {model}: HTTP {r.status}")
+
+    def _watch(self, interval: float) -> None:
+        known = self._stubs()
+        while not self._stop_watch.wait(interval):
+            if self.proc is None or self.proc.poll() is not None:
+                return
+            now = self._stubs()
+            for model, pids in list(known.items()):
+                if pids - now.get(model, set()):
+                    log.warning("tritonserver: the Python stub of %s died; reloading the model", model)
+                    try:
+                        self.reload(model)
+                        self.restarts.append((model, time.time()))
+                        log.warning("tritonserver: %s reloaded, serving again", model)
+                    except Exception as exc:  # noqa: BLE001 - keep watching the others
+                        log.error("tritonserver: reloading %s failed: %s", model, exc)
+                    now = self._stubs()
+            known = {m: p for m, p in now.items()}
+
+    def start_watchdog(self, interval: float = 1.0) -> None:
+        if self._watch_thread is None:
+            self._stop_watch.clear()
+            self._watch_thread = threading.Thread(target=self._watch, args=(interval,), daemon=True,
+                                                  name="hygeia-triton-watchdog")
+            self._watch_thread.start()
+
     def stop(self) -> int | None:
         """SIGTERM the process group, wait ``exit_timeout`` (+2 s), then SIGKILL it."""
+        self._stop_watch.set()
+        if self._watch_thread is not None:
+            self._watch_thread.join(timeout=5)
+            self._watch_thread = None
         p = self.proc
         if p is None:
             return None
@@ -286,27 +372,6 @@ class TritonServer:
             return self.log_path.read_text(errors="replace")[-chars:]
         except OSError:
             return ""
-
-    def stub_pids(self) -> dict[str, int]:
-        """Python-backend stub processes of this server: model name -> pid (Linux /proc)."""
-        out: dict[str, int] = {}
-        if self.proc is None:
-            return out
-        pgid = os.getpgid(self.proc.pid)
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                if os.getpgid(int(d.name)) != pgid:
-                    continue
-                args = (d / "cmdline").read_bytes().split(b"\0")
-            except (OSError, ProcessLookupError):
-                continue
-            if args and args[0].endswith(b"triton_python_backend_stub") and len(args) > 1:
-                # argv[1] is the model path: <repo>/<model>/1/model.py
-                model = Path(args[1].decode()).parent.parent.name
-                out[model] = int(d.name)
-        return out
 
     def __enter__(self) -> "TritonServer":
         self.start()

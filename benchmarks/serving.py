@@ -1,0 +1,226 @@
+"""Serving overhead: every model in-process vs through Triton gRPC, side by side in one run.
+
+    .venv/bin/python benchmarks/serving.py                 # cnn + every buildable generator
+    .venv/bin/python benchmarks/serving.py --duration 2 --json out.json
+
+Measured in one process, on the same machine, with the same number of torch threads on both sides
+(``--threads``, default 1, exported as OMP_NUM_THREADS to the Triton stubs too):
+
+- cold start: tritonserver launch -> every model of the full built-in repository ready (from the
+  server log, also per model);
+- for the cnn diagnoser (batch-1 requests, no heat maps) and each generator (n=1 per request):
+  p50/p95 latency and throughput at concurrency 1, 4, 8, in-process (threads sharing one plugin
+  object) and through Triton (one gRPC client per thread, dynamic batching on the server);
+- the diagnoser's in-process throughput at its best batch size (1..64).
+
+Ratios printed at the end, against the targets of the serving issue:
+  Triton/in-process p50 at batch 1 <= 1.10 (diagnoser);
+  Triton throughput at concurrency 8 >= 0.9 x in-process throughput at the best batch size;
+  every built-in model ready <= 10 s after launch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+
+def _measure(call: Callable[[int], Any], concurrency: int, duration: float, warmup: int = 3) -> dict[str, float]:
+    """Run ``call(worker)`` from ``concurrency`` threads for ``duration`` s: latency percentiles, calls/s."""
+    for w in range(concurrency):
+        for _ in range(warmup if w == 0 else 1):
+            call(w)
+    lat: list[list[float]] = [[] for _ in range(concurrency)]
+    stop = time.monotonic() + duration
+    barrier = threading.Barrier(concurrency + 1)
+
+    def worker(w: int) -> None:
+        barrier.wait()
+        while time.monotonic() < stop:
+            t = time.perf_counter()
+            call(w)
+            lat[w].append(time.perf_counter() - t)
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
+    for t in threads:
+        t.start()
+    t0 = time.perf_counter()
+    barrier.wait()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    all_lat = sorted(x for ws in lat for x in ws)
+    return {"p50_ms": 1e3 * statistics.median(all_lat), "p95_ms": 1e3 * all_lat[int(0.95 * (len(all_lat) - 1))],
+            "per_s": len(all_lat) / wall, "calls": len(all_lat)}
+
+
+def _ready_times(log: str, launched: datetime) -> dict[str, float]:
+    """Seconds from launch to 'successfully loaded <model>' for each model, from the server log."""
+    out: dict[str, float] = {}
+    for m in re.finditer(r"I(\d{4}) (\d\d:\d\d:\d\d\.\d+) \d+ model_lifecycle\.cc:\d+\] \"successfully loaded '([^']+)'", log):
+        ts = datetime.strptime(f"{launched.year}{m.group(1)} {m.group(2)}", "%Y%m%d %H:%M:%S.%f")
+        out[m.group(3)] = (ts - launched.replace(tzinfo=None)).total_seconds()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, in-process and per Triton stub")
+    ap.add_argument("--diagnoser", default="cnn")
+    ap.add_argument("--generators", nargs="*", default=None, help="default: every generator that builds")
+    ap.add_argument("--skip-cold-start", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
+    args = ap.parse_args()
+
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    import hygeia
+    from hygeia.serving import connect
+    from hygeia.serving.repository import build_repository
+    from hygeia.serving.server import TritonServer
+
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    report: dict[str, Any] = {"threads": args.threads, "duration_s": args.duration, "cpus": os.cpu_count(),
+                              "loadavg_start": os.getloadavg()}
+    tmp = Path(tempfile.mkdtemp(prefix="hygeia-bench-"))
+
+    # ---------------------------------------------------------------- cold start, full repository
+    if not args.skip_cold_start:
+        full = build_repository(tmp / "full")
+        console.print(f"full repository: {len(full.models)} models; left out: {sorted(full.failed) or 'none'}")
+        launched = datetime.now()
+        with TritonServer(tmp / "full", threads=args.threads, startup_timeout=300) as srv:
+            ready_all = srv.ready_after
+            per_model = _ready_times(srv.log_path.read_text(errors="replace"), launched)
+        report["cold_start"] = {"all_ready_s": ready_all, "per_model_s": per_model, "models": full.models,
+                                "left_out": full.failed}
+        console.print(f"cold start: all {len(full.models)} models ready after {ready_all:.1f} s")
+
+    # ---------------------------------------------------------------- steady state
+    gens = args.generators
+    if gens is None:
+        gens = [s.name for s in hygeia.get_registry().all("generator")]
+    names = [args.diagnoser, *gens]
+    res = build_repository(tmp / "bench", names=names)
+    gens = [g for g in gens if f"generator_{g}" in res.models]
+    skipped = {m: e for m, e in res.failed.items()}
+    if skipped:
+        console.print(f"[yellow]left out (cannot be built here):[/] {', '.join(sorted(skipped))}")
+    report["left_out"] = skipped
+    rows: list[dict[str, Any]] = []
+
+    with TritonServer(tmp / "bench", threads=args.threads, startup_timeout=300) as srv:
+        report["bench_repo_ready_s"] = srv.ready_after
+        # diagnoser
+        if f"diagnoser_{args.diagnoser}" in res.models:
+            local = hygeia.create("diagnoser", args.diagnoser)
+            h, w = local.input_size
+            rng = np.random.default_rng(0)
+            img = rng.random((1, 1, h, w), dtype=np.float32)
+            remote = [connect("diagnoser", args.diagnoser, srv.grpc_url) for _ in range(max(args.concurrency))]
+            best = (0.0, 1)
+            for bs in (1, 8, 32, 64):
+                batch = rng.random((bs, 1, h, w), dtype=np.float32)
+                r = _measure(lambda _w, b=batch: local.diagnose(b, heatmaps=False), 1, args.duration)
+                ips = r["per_s"] * bs
+                rows.append({"model": f"diagnoser {args.diagnoser}", "mode": "in-process", "concurrency": 1,
+                             "batch": bs, **r, "items_per_s": ips})
+                if ips > best[0]:
+                    best = (ips, bs)
+            report["diagnoser_best_batch"] = {"batch": best[1], "images_per_s": best[0]}
+            for c in args.concurrency:
+                r = _measure(lambda _w: local.diagnose(img, heatmaps=False), c, args.duration)
+                rows.append({"model": f"diagnoser {args.diagnoser}", "mode": "in-process", "concurrency": c,
+                             "batch": 1, **r, "items_per_s": r["per_s"]})
+                r = _measure(lambda wk: remote[wk].diagnose(img, heatmaps=False), c, args.duration)
+                rows.append({"model": f"diagnoser {args.diagnoser}", "mode": "triton", "concurrency": c,
+                             "batch": 1, **r, "items_per_s": r["per_s"]})
+        # generators
+        for g in gens:
+            local = hygeia.create("generator", g)
+            remote = [connect("generator", g, srv.grpc_url) for _ in range(max(args.concurrency))]
+            cond = next((c for k, c in (("none", None), ("label", "effusion"), ("properties", {"logP": 2.0}),
+                                        ("text", "left pleural effusion")) if k in local.condition_kinds), None)
+            seeds = iter(range(10**9))
+            for c in args.concurrency:
+                r = _measure(lambda _w: local.generate(1, condition=cond, seed=next(seeds)), c, args.duration, warmup=1)
+                rows.append({"model": f"generator {g}", "mode": "in-process", "concurrency": c, "batch": 1, **r,
+                             "items_per_s": r["per_s"]})
+                r = _measure(lambda wk: remote[wk].generate(1, condition=cond, seed=next(seeds)), c, args.duration,
+                             warmup=1)
+                rows.append({"model": f"generator {g}", "mode": "triton", "concurrency": c, "batch": 1, **r,
+                             "items_per_s": r["per_s"]})
+    report["rows"] = rows
+    report["loadavg_end"] = os.getloadavg()
+
+    t = Table("model", "mode", "conc.", "batch", "p50 ms", "p95 ms", "items/s", title="in-process vs Triton gRPC")
+    for r in rows:
+        t.add_row(r["model"], r["mode"], str(r["concurrency"]), str(r["batch"]), f"{r['p50_ms']:.2f}",
+                  f"{r['p95_ms']:.2f}", f"{r['items_per_s']:.1f}")
+    console.print(t)
+
+    # ---------------------------------------------------------------- ratios
+    def row(model: str, mode: str, c: int, batch: int = 1) -> dict[str, Any] | None:
+        return next((r for r in rows if r["model"] == model and r["mode"] == mode and r["concurrency"] == c
+                     and r["batch"] == batch), None)
+
+    ratios = Table("figure", "value", "target", "met", title="ratios (Triton / in-process)")
+    checks: dict[str, Any] = {}
+    models = sorted({r["model"] for r in rows})
+    for m in models:
+        c1_t, c1_l = row(m, "triton", 1), row(m, "in-process", 1)
+        if c1_t and c1_l:
+            v = c1_t["p50_ms"] / c1_l["p50_ms"]
+            target = 1.10 if m.startswith("diagnoser") else None
+            checks[f"{m}: p50 ratio c=1"] = v
+            ratios.add_row(f"{m}: p50 at batch 1, c=1", f"{v:.2f}", "<= 1.10" if target else "-",
+                           ("yes" if v <= target else "[red]no[/]") if target else "-")
+        c8 = max(args.concurrency)
+        t8 = row(m, "triton", c8)
+        if t8:
+            if m.startswith("diagnoser") and "diagnoser_best_batch" in report:
+                base = report["diagnoser_best_batch"]["images_per_s"]
+                what = f"in-process best batch ({report['diagnoser_best_batch']['batch']})"
+            else:
+                lb = max((r["items_per_s"] for r in rows if r["model"] == m and r["mode"] == "in-process"), default=0)
+                base, what = lb, "in-process best concurrency"
+            v = t8["items_per_s"] / base if base else float("nan")
+            checks[f"{m}: throughput ratio c={c8}"] = v
+            ratios.add_row(f"{m}: throughput c={c8} / {what}", f"{v:.2f}", ">= 0.90",
+                           "yes" if v >= 0.9 else "[red]no[/]")
+    if "cold_start" in report:
+        v = report["cold_start"]["all_ready_s"]
+        checks["cold start s"] = v
+        ratios.add_row(f"cold start: {len(report['cold_start']['models'])} models ready (s)", f"{v:.1f}", "<= 10",
+                       "yes" if v <= 10 else "[red]no[/]")
+        slow = sorted(report["cold_start"]["per_model_s"].items(), key=lambda kv: -kv[1])
+        console.print("per-model ready (s after launch): " + ", ".join(f"{k} {v:.1f}" for k, v in slow))
+    console.print(ratios)
+    console.print(f"load average start {report['loadavg_start']}, end {report['loadavg_end']} "
+                  f"on {os.cpu_count()} CPUs (shared machines inflate every figure)")
+    report["ratios"] = checks
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

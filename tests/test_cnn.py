@@ -1,0 +1,137 @@
+"""The shipped ``cnn`` diagnoser: weights, outputs, input checks, held-out skill, heat maps."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import hygeia
+from hygeia.api import Diagnosis
+from hygeia.data import make_phantom, make_phantom_set
+from hygeia.errors import InputError
+from hygeia.evaluation.diagnosers import evaluate, expected_calibration_error
+from hygeia.vocab import FINDING_LABELS, finding
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    from hygeia_cnn.model import CnnDiagnoser
+
+    return CnnDiagnoser()  # the shipped bundle (hygeia.create("diagnoser", "cnn") builds the same)
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return make_phantom_set(200, "test", size=64)
+
+
+def test_shipped_bundle_loads(cnn):
+    from hygeia_cnn.model import SPEC as spec
+
+    assert spec.kind == "diagnoser" and spec.train is not None and spec.factory is type(cnn)
+    assert cnn.identity.name == "cnn" and len(cnn.identity.weights_sha256) == 64
+    assert len(cnn.thresholds) == 5 and all(0 < t < 1 for t in cnn.thresholds)
+    m = spec.model_card.metrics
+    assert set(m["test_auroc"]) == set(FINDING_LABELS) and m["n_test"] >= 2000
+    from hygeia_cnn.model import WEIGHTS
+
+    assert sum(p.stat().st_size for p in WEIGHTS.iterdir()) < 10 * 2**20
+
+
+def test_outputs(cnn):
+    ps = make_phantom_set(3, "val")
+    out = cnn.diagnose(ps.images, texts=ps.texts)
+    assert len(out) == 3 and all(isinstance(d, Diagnosis) for d in out)
+    for d in out:
+        assert [f.label for f in d.findings] == list(FINDING_LABELS) and d.image_size == (64, 64)
+        for f in d.findings:
+            assert 0 <= f.probability <= 1 and f.code == finding(f.label).code
+            assert f.heatmap.shape == (64, 64) and f.heatmap.dtype == np.float32
+            assert 0 <= f.heatmap.min() and f.heatmap.max() <= 1
+    probs = cnn.predict_proba(ps.images)
+    assert probs.shape == (3, 5) and np.allclose(probs, [[f.probability for f in d.findings] for d in out], atol=1e-6)
+
+
+def test_heatmaps_optional_and_texts_ignored(cnn):
+    x = make_phantom_set(2, "val").images
+    a = cnn.diagnose(x, heatmaps=False)
+    b = cnn.diagnose(x, texts=["fever and cough", "routine"], heatmaps=False)
+    assert all(f.heatmap is None and f.region is None for d in a for f in d.findings)
+    assert [[f.probability for f in d.findings] for d in a] == [[f.probability for f in d.findings] for d in b]
+
+
+def test_rgb_and_single_image_accepted(cnn):
+    img = make_phantom(1).image
+    p1 = cnn.diagnose(img, heatmaps=False)[0].findings[0].probability
+    rgb = np.repeat(img[None, None], 3, axis=1)
+    assert cnn.diagnose(rgb, heatmaps=False)[0].findings[0].probability == pytest.approx(p1, abs=1e-5)
+
+
+@pytest.mark.parametrize("bad, why", [
+    (np.zeros((1, 1, 128, 128), np.float32), "size"),
+    (np.zeros((1, 1, 64, 64), np.uint8), "dtype"),
+    (np.full((1, 1, 64, 64), np.nan, np.float32), "NaN"),
+    (np.zeros((0, 1, 64, 64), np.float32), "empty"),
+    ("image.png", "type"),
+])
+def test_bad_images(cnn, bad, why):
+    with pytest.raises(InputError, match="images"):
+        cnn.diagnose(bad)
+    assert len(cnn.diagnose(np.zeros((1, 1, 64, 64), np.float32), heatmaps=False)) == 1  # still works
+
+
+def test_bad_texts(cnn):
+    with pytest.raises(InputError, match="texts"):
+        cnn.diagnose(np.zeros((2, 1, 64, 64), np.float32), texts=["one"])
+
+
+def test_beats_chance_on_held_out(cnn, held_out):
+    res = evaluate(cnn, held_out, localisation=False)
+    assert res["n"] == 200 and res["macro_auroc"] > 0.7, res["per_finding"]
+    for label, row in res["per_finding"].items():
+        if row["n_pos"] >= 10:
+            assert row["auroc"] > 0.6, (label, row)
+
+
+def test_regions_for_present_findings(cnn):
+    imgs = np.stack([make_phantom(s, findings=["cardiomegaly"]).image for s in range(4)])[:, None]
+    out = cnn.diagnose(imgs)
+    present = [f for d in out for f in d.findings if f.present]
+    assert present, "no finding called on four enlarged hearts"
+    for f in present:
+        assert f.region is not None and f.region.kind == "box"
+        (x0, y0), (x1, y1) = f.region.coords
+        assert 0 <= x0 < x1 <= 64 and 0 <= y0 < y1 <= 64
+        r, c = np.unravel_index(int(np.argmax(f.heatmap)), f.heatmap.shape)
+        assert f.region.contains(c + 0.5, r + 0.5)  # the box holds the hottest pixel
+    for d in out:
+        assert all(f.region is None for f in d.findings if not f.present)
+
+
+def test_save_round_trip(cnn, tmp_path):
+    from hygeia_cnn.model import CnnDiagnoser
+
+    sha = cnn.save(tmp_path / "b")
+    assert sha == cnn.identity.weights_sha256
+    again = CnnDiagnoser(bundle=tmp_path / "b")
+    x = make_phantom_set(2, "val").images
+    assert np.allclose(again.predict_proba(x), cnn.predict_proba(x))
+
+
+def test_ece():
+    y = np.array([0, 0, 1, 1])
+    assert expected_calibration_error(y, np.array([0.0, 0.0, 1.0, 1.0])) == 0.0
+    assert expected_calibration_error(y, np.array([1.0, 1.0, 0.0, 0.0])) == 1.0
+
+
+def test_train_is_reproducible(tmp_path):
+    """A tiny run twice with one seed gives identical weights (the real run is `hygeia train cnn`)."""
+    from hygeia.bundles import load_bundle
+    from hygeia_cnn.training import train
+
+    kw = dict(seed=3, progress=False, epochs=1, n_train=64, n_val=32, n_test=32, batch_size=32, threads=1,
+              arch={"block_inplanes": [4, 8, 8, 8]})
+    a, b = load_bundle(train(out=tmp_path / "a", **kw)), load_bundle(train(out=tmp_path / "b", **kw))
+    assert a.sha256 == b.sha256
+    assert set(a.card.metrics["test_auroc"]) == set(FINDING_LABELS)
+    with pytest.raises(InputError, match="train options"):
+        train(out=tmp_path / "c", not_an_option=1)

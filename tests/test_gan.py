@@ -1,0 +1,113 @@
+"""The ``gan`` generator: conditioning through label and text conditioners, seeds, input checks,
+and a reproducible (tiny) training run. The contract kit runs in tests/contract."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from hygeia.api import GeneratedImage
+from hygeia.bundles import load_bundle
+from hygeia.errors import InputError, UnsupportedConditionError
+from hygeia.plugins import get_registry
+from hygeia.testing.contracts import GeneratorContract
+
+pytest.importorskip("hygeia_gan")
+from hygeia_gan.plugin import MAX_N, WEIGHTS, GanGenerator  # noqa: E402
+from hygeia_gan.train import train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A label-only GAN trained for one short epoch (seconds), twice from the same seed."""
+    d = tmp_path_factory.mktemp("gan")
+    kw = dict(n_per_condition=8, epochs=1, batch_size=8, conditioners="label", g_ch=8, d_ch=8,
+              cache=d / "data.npz", samples=d / "samples", progress=False)
+    a = train(out=d / "a", seed=3, **kw)
+    b = train(out=d / "b", seed=3, **kw)
+    c = train(out=d / "c", seed=4, **kw)
+    return d, a, b, c
+
+
+def test_training_is_reproducible(tiny):
+    d, a, b, c = tiny
+    assert load_bundle(a).sha256 == load_bundle(b).sha256, "same seed, same weights"
+    assert load_bundle(a).sha256 != load_bundle(c).sha256
+    assert (d / "samples" / "epoch_001.png").stat().st_size > 1000, "a PNG grid per epoch"
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg["epochs"] == 1 and list(cfg["conditioners"]) == ["label"] and cfg["seed"] == 3
+
+
+def test_label_only_model_rejects_text_and_unknown_labels(tiny):
+    g = GanGenerator(tiny[1], device="cpu")
+    assert g.condition_kinds == frozenset({"none", "label"})
+    with pytest.raises(UnsupportedConditionError, match="condition"):
+        g.generate(1, condition="not-a-finding-label-xyz")
+    with pytest.raises(UnsupportedConditionError):
+        g.generate(1, condition="chest radiograph with a pleural effusion")
+    assert g.generate(1, condition="Pneumothorax")[0].provenance["conditioner"] == "label"
+
+
+class TestTinyGanContract(GeneratorContract):
+    """The contract kit on a freshly trained bundle (the shipped one is checked in tests/contract)."""
+
+    plugin_name = "gan"
+
+    @pytest.fixture
+    def plugin(self, tiny):
+        return GanGenerator(tiny[1], device="cpu")
+
+
+@pytest.fixture(scope="module")
+def gan():
+    if not (WEIGHTS / "model.safetensors").is_file():
+        pytest.skip("no shipped gan weights (run `hygeia train gan`)")
+    return get_registry().create("generator", "gan")
+
+
+def test_shipped_bundle_small_and_conditioned_two_ways(gan):
+    assert (WEIGHTS / "model.safetensors").stat().st_size < 20e6
+    assert {"none", "label", "text"} <= gan.condition_kinds
+    lab = gan.generate(2, condition="effusion", seed=1)
+    txt = gan.generate(2, condition="chest radiograph with a pleural effusion", seed=1)
+    unc = gan.generate(2, condition=None, seed=1)
+    assert [r.provenance["conditioner"] for r in (lab[0], txt[0], unc[0])] == ["label", "text", None]
+    for r in lab + txt + unc:
+        assert isinstance(r, GeneratedImage) and r.synthetic and r.pixels.shape == (1, 64, 64)
+        assert r.modality == "DX" and r.pixel_spacing[0] == pytest.approx(350 / 64)
+    # same noise, different condition: the condition changes the image
+    assert not np.allclose(lab[0].pixels, unc[0].pixels, atol=1e-3)
+    assert not np.allclose(lab[0].pixels, gan.generate(1, condition="cardiomegaly", seed=1)[0].pixels, atol=1e-3)
+
+
+def test_prefix_property_and_batching(gan):
+    a = gan.generate(5, condition="nodule", seed=11, batch_size=2)
+    b = gan.generate(3, condition="nodule", seed=11)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x.pixels, y.pixels, atol=1e-5)
+    assert [r.provenance["index"] for r in a] == [0, 1, 2, 3, 4]
+
+
+def test_truncation_reduces_spread(gan):
+    free = np.stack([r.pixels for r in gan.generate(32, condition="normal", seed=2)])
+    trunc = np.stack([r.pixels for r in gan.generate(32, condition="normal", seed=2, truncation=0.5)])
+    assert trunc.std(0).mean() < free.std(0).mean()
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(n=MAX_N + 1), "n"), (dict(n=2, truncation=0.1), "truncation"), (dict(n=2, truncation=9), "truncation"),
+    (dict(n=2, batch_size=0), "batch_size"), (dict(n=2, guidance_scale=3.0), "options"),
+    (dict(n=2, seed=-1), "seed"), (dict(n=2, condition={"logP": 2.0}), "condition"),
+])
+def test_bad_input_before_work(gan, kwargs, name):
+    with pytest.raises(InputError, match=name):
+        gan.generate(**kwargs)
+    assert len(gan.generate(1, condition="effusion")) == 1  # still works
+
+
+def test_trainer_rejects_unknown_options(tmp_path):
+    with pytest.raises(InputError, match="options"):
+        train(out=tmp_path / "x", learning_rate=1.0)
+    with pytest.raises(InputError, match="conditioners"):
+        train(out=tmp_path / "x", conditioners="property", n_per_condition=8, progress=False)
