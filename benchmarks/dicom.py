@@ -61,7 +61,7 @@ def bare_highdicom_sr(diagnosis: Any, src: Any) -> Any:
             tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"{f.label} #{n}"),
             finding_type=concept, algorithm_id=algo,
             measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=round(float(f.probability), 6),
-                                            unit=CodedConcept("1", "UCUM", "no units"), algorithm_id=algo)],
+                                            unit=CodedConcept("1", "UCUM", "no units"))],
             qualitative_evaluations=[hd.sr.QualitativeEvaluation(
                 name=concept, value=codes.SCT.Present if f.present else codes.SCT.Absent)])
         if f.region is not None:

@@ -36,11 +36,8 @@ from typing import Any, Callable
 import numpy as np
 
 
-def _measure(call: Callable[[int], Any], concurrency: int, duration: float, warmup: int = 3) -> dict[str, float]:
-    """Run ``call(worker)`` from ``concurrency`` threads for ``duration`` s: latency percentiles, calls/s."""
-    for w in range(concurrency):
-        for _ in range(warmup if w == 0 else 1):
-            call(w)
+def _run(call: Callable[[int], Any], concurrency: int, duration: float) -> tuple[list[float], float]:
+    """Run ``call(worker)`` from ``concurrency`` threads for ``duration`` s: (latencies, wall time)."""
     lat: list[list[float]] = [[] for _ in range(concurrency)]
     stop = time.monotonic() + duration
     barrier = threading.Barrier(concurrency + 1)
@@ -59,10 +56,42 @@ def _measure(call: Callable[[int], Any], concurrency: int, duration: float, warm
     barrier.wait()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    all_lat = sorted(x for ws in lat for x in ws)
-    return {"p50_ms": 1e3 * statistics.median(all_lat), "p95_ms": 1e3 * all_lat[int(0.95 * (len(all_lat) - 1))],
-            "per_s": len(all_lat) / wall, "calls": len(all_lat)}
+    return [x for ws in lat for x in ws], time.perf_counter() - t0
+
+
+def _stats(lat: list[float], wall: float) -> dict[str, float]:
+    s = sorted(lat)
+    return {"p50_ms": 1e3 * statistics.median(s), "p95_ms": 1e3 * s[int(0.95 * (len(s) - 1))],
+            "per_s": len(s) / wall, "calls": len(s)}
+
+
+def _measure(call: Callable[[int], Any], concurrency: int, duration: float, warmup: int = 3) -> dict[str, float]:
+    for w in range(concurrency):
+        for _ in range(warmup if w == 0 else 1):
+            call(w)
+    return _stats(*_run(call, concurrency, duration))
+
+
+def _paired(calls: dict[str, Callable[[int], Any]], concurrency: int, duration: float, rounds: int,
+            warmup: int = 2) -> dict[str, dict[str, float]]:
+    """Measure several ways of doing the same work in alternating slices (A B A B ...), so that
+    a machine whose load drifts (shared CI runners) biases none of them."""
+    for call in calls.values():
+        for w in range(concurrency):
+            for _ in range(warmup if w == 0 else 1):
+                call(w)
+    acc: dict[str, tuple[list[float], float]] = {k: ([], 0.0) for k in calls}
+    for _ in range(rounds):
+        for k, call in calls.items():
+            lat, wall = _run(call, concurrency, duration / rounds)
+            acc[k] = (acc[k][0] + lat, acc[k][1] + wall)
+    return {k: _stats(*v) for k, v in acc.items()}
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _ready_times(log: str, launched: datetime) -> dict[str, float]:
@@ -78,6 +107,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=3.0, help="seconds per measurement")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8])
+    ap.add_argument("--instances", type=int, default=1, help="Triton instances per model (stubs)")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating in-process/Triton slices per figure")
     ap.add_argument("--threads", type=int, default=1, help="torch threads, in-process and per Triton stub")
     ap.add_argument("--diagnoser", default="cnn")
     ap.add_argument("--generators", nargs="*", default=None, help="default: every generator that builds")
@@ -98,7 +129,7 @@ def main() -> int:
     from rich.table import Table
 
     console = Console()
-    report: dict[str, Any] = {"threads": args.threads, "duration_s": args.duration, "cpus": os.cpu_count(),
+    report: dict[str, Any] = {"threads": args.threads, "instances": args.instances, "duration_s": args.duration, "cpus": os.cpu_count(),
                               "loadavg_start": os.getloadavg()}
     tmp = Path(tempfile.mkdtemp(prefix="hygeia-bench-"))
 
@@ -110,16 +141,19 @@ def main() -> int:
         with TritonServer(tmp / "full", threads=args.threads, startup_timeout=300) as srv:
             ready_all = srv.ready_after
             per_model = _ready_times(srv.log_path.read_text(errors="replace"), launched)
+            cpu = {m: _cpu_seconds(pid) for m, pid in srv.stub_pids().items()}
         report["cold_start"] = {"all_ready_s": ready_all, "per_model_s": per_model, "models": full.models,
-                                "left_out": full.failed}
-        console.print(f"cold start: all {len(full.models)} models ready after {ready_all:.1f} s")
+                                "left_out": full.failed, "stub_cpu_s": cpu}
+        console.print(f"cold start: all {len(full.models)} models ready after {ready_all:.1f} s; CPU time "
+                      f"spent loading, per stub: " + ", ".join(f"{m} {v:.1f}" for m, v in sorted(cpu.items()))
+                      + f" (total {sum(cpu.values()):.1f} s on {os.cpu_count()} CPUs)")
 
     # ---------------------------------------------------------------- steady state
     gens = args.generators
     if gens is None:
         gens = [s.name for s in hygeia.get_registry().all("generator")]
     names = [args.diagnoser, *gens]
-    res = build_repository(tmp / "bench", names=names)
+    res = build_repository(tmp / "bench", names=names, instances=args.instances)
     gens = [g for g in gens if f"generator_{g}" in res.models]
     skipped = {m: e for m, e in res.failed.items()}
     if skipped:
@@ -147,12 +181,12 @@ def main() -> int:
                     best = (ips, bs)
             report["diagnoser_best_batch"] = {"batch": best[1], "images_per_s": best[0]}
             for c in args.concurrency:
-                r = _measure(lambda _w: local.diagnose(img, heatmaps=False), c, args.duration)
-                rows.append({"model": f"diagnoser {args.diagnoser}", "mode": "in-process", "concurrency": c,
-                             "batch": 1, **r, "items_per_s": r["per_s"]})
-                r = _measure(lambda wk: remote[wk].diagnose(img, heatmaps=False), c, args.duration)
-                rows.append({"model": f"diagnoser {args.diagnoser}", "mode": "triton", "concurrency": c,
-                             "batch": 1, **r, "items_per_s": r["per_s"]})
+                pair = _paired({"in-process": lambda _w: local.diagnose(img, heatmaps=False),
+                                "triton": lambda wk: remote[wk].diagnose(img, heatmaps=False)},
+                               c, args.duration, args.rounds)
+                for mode, r in pair.items():
+                    rows.append({"model": f"diagnoser {args.diagnoser}", "mode": mode, "concurrency": c,
+                                 "batch": 1, **r, "items_per_s": r["per_s"]})
         # generators
         for g in gens:
             local = hygeia.create("generator", g)
@@ -161,13 +195,12 @@ def main() -> int:
                                         ("text", "left pleural effusion")) if k in local.condition_kinds), None)
             seeds = iter(range(10**9))
             for c in args.concurrency:
-                r = _measure(lambda _w: local.generate(1, condition=cond, seed=next(seeds)), c, args.duration, warmup=1)
-                rows.append({"model": f"generator {g}", "mode": "in-process", "concurrency": c, "batch": 1, **r,
-                             "items_per_s": r["per_s"]})
-                r = _measure(lambda wk: remote[wk].generate(1, condition=cond, seed=next(seeds)), c, args.duration,
-                             warmup=1)
-                rows.append({"model": f"generator {g}", "mode": "triton", "concurrency": c, "batch": 1, **r,
-                             "items_per_s": r["per_s"]})
+                pair = _paired({"in-process": lambda _w: local.generate(1, condition=cond, seed=next(seeds)),
+                                "triton": lambda wk: remote[wk].generate(1, condition=cond, seed=next(seeds))},
+                               c, args.duration, args.rounds, warmup=1)
+                for mode, r in pair.items():
+                    rows.append({"model": f"generator {g}", "mode": mode, "concurrency": c, "batch": 1, **r,
+                                 "items_per_s": r["per_s"]})
     report["rows"] = rows
     report["loadavg_end"] = os.getloadavg()
 

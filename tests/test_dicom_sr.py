@@ -16,7 +16,7 @@ import pydicom
 import pytest
 
 import hygeia
-from hygeia.api import Diagnosis, Finding, GeneratedImage, ModelIdentity, Region
+from hygeia.api import Finding, GeneratedImage, Region
 from hygeia.data.io import load_image, prepare_image
 from hygeia.errors import InputError
 from hygeia.plugins import get_registry
@@ -186,12 +186,8 @@ def test_cli_diagnose_writes_sr(phantom_files, tmp_path):
 
 # --------------------------------------------------------------------------- Secondary Capture
 def _generated(n: int = 2, seed: int = 5) -> list[GeneratedImage]:
-    """GeneratedImage results as a generator returns them (pixels from real phantoms)."""
-    from hygeia.data import make_phantom
-
-    model = ModelIdentity("test-gen", "0.1", "generator", "ab" * 32)
-    return [GeneratedImage(make_phantom(seed + k).image[None], (6.25, 6.25), "DX", seed + k, "effusion", model)
-            for k in range(n)]
+    """Real GeneratedImage results from a registered generator (the procedural phantom one)."""
+    return hygeia.create("generator", "phantom").generate(n, condition="effusion", seed=seed)
 
 
 def test_sc_marked_synthetic_and_valid(tmp_path):
@@ -204,15 +200,15 @@ def test_sc_marked_synthetic_and_valid(tmp_path):
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
         assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
         assert ds.ConversionType == "SYN" and ds.BurnedInAnnotation == "YES"
-        assert "SYNTHETIC" in ds.SeriesDescription and "test-gen 0.1" in ds.SeriesDescription
+        assert "SYNTHETIC" in ds.SeriesDescription and f"{img.model.name} {img.model.version}" in ds.SeriesDescription
         assert f"seed={img.seed}" in ds.ImageComments and "condition=effusion" in ds.ImageComments
-        assert "test-gen" in ds.ImageComments and ds.PatientName == "SYNTHETIC^HYGEIA"
+        assert img.model.name in ds.ImageComments and ds.PatientName == "SYNTHETIC^HYGEIA"
         assert any(e.PurposeOfReferenceCodeSequence[0].CodeValue == "109100" for e in ds.ContributingEquipmentSequence)
         li = load_image(p)  # generated pixels come back (the banner strip is below them)
         h = img.pixels.shape[1]
         np.testing.assert_allclose(li.pixels[:h], img.pixels[0], atol=2e-5)
         assert li.pixels[h:].max() > 0.9 and li.pixels[h:].min() < 0.01  # burned-in 'SYNTHETIC' banner
-        assert li.pixel_spacing == pytest.approx((6.25, 6.25))
+        assert li.pixel_spacing == pytest.approx(img.pixel_spacing)
     assert len({ds.StudyInstanceUID for ds in datasets}) == 1 and len({ds.SeriesInstanceUID for ds in datasets}) == 1
     again = get_registry().output_format("dicom-sc").write(_generated(), tmp_path / "sc2")
     assert pydicom.dcmread(again[0]).StudyInstanceUID != datasets[0].StudyInstanceUID  # a new study each time

@@ -10,7 +10,7 @@ import torch
 
 import hygeia
 from hygeia.errors import BundleError, InputError, UnsupportedConditionError
-from hygeia.testing import GeneratorContract
+from hygeia.testing.contracts import GeneratorContract
 
 FAST = {"steps": 3}
 
@@ -117,7 +117,7 @@ def test_latent_mode_round_trip(tmp_path) -> None:
     vae = hygeia.create("generator", "vae", device="cpu")
     torch.manual_seed(0)
     unet = UNet2DModel(**{**UNET, "in_channels": 4, "out_channels": 4, "sample_size": 16,
-                          "block_out_channels": [16, 16, 16]})
+                          "block_out_channels": [16, 16, 16], "attention_head_dim": 8, "norm_num_groups": 8})
     config = {"mode": "latent", "patch": 1, "latent_scaling": vae.scaling_factor, "labels": vae.config["priors"][:-1],
               "null_class": 6, "sampling": {"steps": 2}}
     write_bundle(tmp_path / "lat", unet, DDPMScheduler(**{**SCHEDULER, "clip_sample": False}), vae.autoencoder,

@@ -152,7 +152,7 @@ def build_measurement_report(diagnoses: Sequence[Diagnosis], sources: Sequence[A
             concept = CodedConcept(f.code.value, f.code.scheme, f.code.meaning)
             tracking = hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"{f.label} #{n}")
             prob = hd.sr.Measurement(name=codes.DCM.Probability, value=round(float(np.clip(f.probability, 0.0, 1.0)), 6),
-                                     unit=unit, algorithm_id=algo)
+                                     unit=unit)
             evaluation = hd.sr.QualitativeEvaluation(
                 name=concept, value=codes.SCT.Present if f.present else codes.SCT.Absent)
             common = dict(tracking_identifier=tracking, finding_type=concept, algorithm_id=algo,

@@ -204,3 +204,40 @@ def test_gateway_killed_after_ack_resumes(orthanc, tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
         log.close()
+
+
+def test_remote_diagnoser_on_triton_down_then_up(orthanc, triton_repo, require_model, tmp_path):
+    """The gateway diagnoses on Triton (RemoteDiagnoser over gRPC). Triton is down when the study
+    arrives: the gateway retries with back-off; once Triton is up the SR reaches Orthanc, with the
+    same findings as the local cnn gives."""
+    import highdicom as hd
+    import numpy as np
+    from pydicom.sr.codedict import codes
+
+    import hygeia
+    from hygeia.data import load_image, prepare_image
+    from hygeia.serving.server import TritonServer
+    from hygeia_pacs import Gateway, GatewayConfig
+
+    require_model("diagnoser_cnn")
+    files = phantom_study(tmp_path / "study", seed=401, n=2)
+    grpc_port = free_port()
+    cfg = GatewayConfig.from_dict(gateway_config(tmp_path, orthanc, server=f"127.0.0.1:{grpc_port}", stow=None))
+    with Gateway(cfg) as gw:  # no diagnoser object: built with hygeia.serving.connect on first use
+        assert storescu(cfg.port, files).returncode == 0
+        job_states = lambda: [gw.spool.state(j) for j in gw.spool.jobs()]  # noqa: E731
+        wait_for(lambda: job_states() and job_states()[0]["attempts"] >= 2, 60, "retries while Triton is down")
+        assert done_records(cfg.spool) == []
+        with TritonServer(triton_repo, grpc_port=grpc_port, models=["diagnoser_cnn"], startup_timeout=180):
+            assert gw.wait_idle(180), gw.status()
+    (record,) = done_records(cfg.spool)
+    assert record["sent"] == ["cstore"] and record["attempts"] >= 3
+    client = dicomweb(orthanc)
+    ds = client.retrieve_instance(record["study_uid"], record["sr_series_instance_uid"], record["sr_sop_instance_uid"])
+    report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
+    groups = report.get_planar_roi_measurement_groups() + report.get_image_measurement_groups()
+    remote_probs = sorted(g.get_measurements(name=codes.DCM.Probability)[0].value for g in groups)
+    local = hygeia.create("diagnoser", "cnn")
+    batch = np.stack([prepare_image(load_image(f).pixels, local.input_size) for f in files])
+    local_probs = sorted(round(f.probability, 6) for d in local.diagnose(batch) for f in d.findings)
+    np.testing.assert_allclose(remote_probs, local_probs, atol=1e-4)

@@ -347,3 +347,27 @@ def test_crashed_stub_is_reported_and_model_comes_back(triton_repo: Path) -> Non
         remote = connect("conditioner", "label", url, retries=7, backoff=0.5)
         assert remote.encode(["normal"]).shape == (1, 32)
         assert len(server.restarts) == 2
+
+
+def test_tls_and_auth_header(triton_repo: Path, tmp_path: Path) -> None:
+    """gRPC over TLS (self-signed certificate) with inference restricted to a header key."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True)
+    extra = ["--grpc-use-ssl=true", f"--grpc-server-cert={cert}", f"--grpc-server-key={key}",
+             "--grpc-restricted-protocol=inference,model-config:x-hygeia-key=s3cret"]
+    with TritonServer(triton_repo, models=["conditioner_label"], extra_args=extra) as server:
+        url = server.grpc_url
+        ok = connect("conditioner", "label", url, root_certificates=str(cert), headers={"triton-grpc-protocol-x-hygeia-key": "s3cret"})
+        assert ok.encode(["effusion"]).shape == (1, 32)
+        from hygeia.serving.remote import RemoteError
+
+        with pytest.raises(RemoteError, match="x-hygeia-key"):  # no key: refused, and the server says why
+            connect("conditioner", "label", url, root_certificates=str(cert), retries=0)
+        with pytest.raises(RemoteError):  # plain text against a TLS port
+            connect("conditioner", "label", url, headers={"triton-grpc-protocol-x-hygeia-key": "s3cret"}, retries=0, timeout=5)

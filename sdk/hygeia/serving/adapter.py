@@ -68,7 +68,9 @@ class TritonPythonModel:
         self.params = p
         self.kind, self.name = p["hygeia_kind"], p["hygeia_name"]
         self.info = json.loads(p.get("hygeia_info", "{}"))
+        t0 = time.monotonic()
         spec = _lookup(self.kind, self.name, p.get("hygeia_entry_point", ""))
+        t1 = time.monotonic()
         device = "cpu"
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
@@ -92,7 +94,8 @@ class TritonPythonModel:
                                     if _accepts(self.plugin.diagnose, k)), None)
         if self.kind == "generator":
             self.takes_progress = _accepts(self.plugin.generate, "progress")
-        self._log("info", f"{self.model_name}: serving {self.kind} {self.name!r} v{ident.version} on {device}")
+        self._log("info", f"{self.model_name}: serving {self.kind} {self.name!r} v{ident.version} on {device} "
+                          f"(plugin lookup {t1 - t0:.1f} s, build {time.monotonic() - t1:.1f} s)")
 
     # ----------------------------------------------------------------- helpers
     def _log(self, level: str, msg: str) -> None:

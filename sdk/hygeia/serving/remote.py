@@ -132,7 +132,7 @@ class Connection:
                 if not hasattr(exc, "status"):
                     raise
                 status = str(exc.status() or "")
-                retry = status in _RETRYABLE or _STUB_RESTART in str(exc)
+                retry = (status in _RETRYABLE and "restricted" not in str(exc)) or _STUB_RESTART in str(exc)
                 if retry and attempt < self.retries:
                     time.sleep(self.backoff * 2 ** attempt)
                     continue
@@ -143,9 +143,7 @@ class Connection:
         try:
             return self.call(model, lambda c: c.get_model_config(model, headers=self.headers, as_json=True,
                                                                  client_timeout=self.timeout))["config"]
-        except (PluginNotFoundError, RemoteError) as exc:
-            if isinstance(exc, ServerUnavailableError):
-                raise
+        except PluginNotFoundError:
             kind, _, name = model.partition("_")
             raise PluginNotFoundError(f"remote {kind} at {self.server}", name, self.model_names(kind)) from None
 

@@ -11,6 +11,7 @@ included), so no stray processes survive.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from ..errors import HygeiaError
 
@@ -206,7 +207,9 @@ class TritonServer:
                f"--http-address={self.host}", f"--http-port={self.http_port}",
                f"--grpc-address={self.host}", f"--grpc-port={self.grpc_port}",
                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}", "--allow-metrics=true",
-               f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.verbose}"]
+               f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.verbose}",
+               # our configs are complete: skip the extra stub per model that auto-completion starts
+               "--disable-auto-complete-config"]
         # explicit model control: lets the watchdog reload a model whose stub died
         cmd += ["--model-control-mode=explicit",
                 *(f"--load-model={m}" for m in (self.models if self.models is not None else ["*"]))]
@@ -405,3 +408,30 @@ def check(server: str, timeout: float = 5.0, **opts: Any) -> tuple[bool, bool, l
     states = [ModelState(m.get("name", "?"), m.get("version", ""), m.get("state", "UNKNOWN"), m.get("reason", ""))
               for m in index.get("models", [])]
     return live, ready, states
+
+
+@contextlib.contextmanager
+def serve_plugins(plugins: Sequence[str] | None = None, repo: str | os.PathLike[str] | None = None,
+                  device: str = "cpu", **server_opts: Any) -> Iterator[TritonServer]:
+    """Build a repository for ``plugins`` (names; None: every installed plugin) and serve it.
+
+    ``repo`` defaults to a temporary folder, removed afterwards. For the demo, tests and scripts::
+
+        with serve_plugins(["cnn"]) as server:
+            connect("diagnoser", "cnn", server.grpc_url).diagnose(images)
+    """
+    from .repository import build_repository
+
+    tmp = None if repo is not None else tempfile.mkdtemp(prefix="hygeia-triton-")
+    path = Path(repo if repo is not None else tmp)  # type: ignore[arg-type]
+    try:
+        res = build_repository(path, names=plugins, device=device)  # type: ignore[arg-type]
+        if not res.models:
+            raise TritonServerError(f"no model could be built for {plugins or 'the installed plugins'}: {res.failed}")
+        if res.failed:
+            log.warning("left out of the Triton repository: %s", res.failed)
+        with TritonServer(path, **server_opts) as server:
+            yield server
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
