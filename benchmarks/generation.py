@@ -74,11 +74,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for spec in sorted(reg.all(), key=lambda s: s.name):
         if spec.kind != "generator" or (args.only and spec.name not in args.only):
             continue
+        print(f"[generation] {spec.name}: loading", file=sys.stderr, flush=True)
         gen = build(spec)
         if getattr(gen, "output", None) != "image":
             continue
+        print(f"[generation] {spec.name}: sampling {args.n} images", file=sys.stderr, flush=True)
         results["generators"][spec.name] = throughput(gen, args.n, seed=args.seed, **GENERATE_OPTIONS.get(spec.name, {}))
         if spec.name in COMPARISONS and not args.no_compare:
+            print(f"[generation] {spec.name}: reference comparison", file=sys.stderr, flush=True)
             results["comparisons"][spec.name] = COMPARISONS[spec.name](gen, args)
     return results
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -80,8 +81,9 @@ def main() -> None:
     report: dict[str, Any] = {}
     s = speed(gen, args.n, args.seed)
     report["speed"] = s
-    print(f"sampling on CPU ({s['threads']} thread(s)): {s['n']} samples in {s['seconds']:.2f} s, "
-          f"{s['valid']} valid")
+    s["loadavg_1min"] = os.getloadavg()[0]
+    print(f"sampling on CPU ({s['threads']} thread(s), {os.cpu_count()} cores, load average "
+          f"{s['loadavg_1min']:.1f}): {s['n']} samples in {s['seconds']:.2f} s, {s['valid']} valid")
     print(f"  valid molecules/s   ours {s['valid_per_s']:8.0f}   target {TARGET_VALID_PER_S:6.0f}   "
           f"ratio {s['valid_per_s'] / TARGET_VALID_PER_S:.2f}x")
     if args.moses:

@@ -180,6 +180,19 @@ def main() -> int:
                 if ips > best[0]:
                     best = (ips, bs)
             report["diagnoser_best_batch"] = {"batch": best[1], "images_per_s": best[0]}
+            # where the time of one batch-1 request goes on the server (Triton's own statistics)
+            c0 = remote[0].conn.client()
+            before = c0.get_inference_statistics(f"diagnoser_{args.diagnoser}", as_json=True)["model_stats"][0]
+            r1 = _measure(lambda _w: remote[0].diagnose(img, heatmaps=False), 1, args.duration)
+            after = c0.get_inference_statistics(f"diagnoser_{args.diagnoser}", as_json=True)["model_stats"][0]
+            n = int(after["execution_count"]) - int(before["execution_count"])
+            server = {k: (int(after["inference_stats"][k]["ns"]) - int(before["inference_stats"][k]["ns"])) / max(n, 1) / 1e6
+                      for k in ("queue", "compute_input", "compute_infer", "compute_output", "success")}
+            report["diagnoser_server_ms"] = {**server, "client_p50_ms": r1["p50_ms"], "requests": n}
+            console.print(f"diagnoser batch 1, one client: client p50 {r1['p50_ms']:.2f} ms; on the server (means): "
+                          f"queue {server['queue']:.2f}, input {server['compute_input']:.2f}, model "
+                          f"{server['compute_infer']:.2f}, output {server['compute_output']:.2f}, request total "
+                          f"{server['success']:.2f} ms")
             for c in args.concurrency:
                 pair = _paired({"in-process": lambda _w: local.diagnose(img, heatmaps=False),
                                 "triton": lambda wk: remote[wk].diagnose(img, heatmaps=False)},

@@ -184,6 +184,22 @@ def test_spool_is_durable_and_resumable(tmp_path):
         sp2.store("../../etc", "1", b"x")  # UIDs become file names: only digits and dots
 
 
+def test_crash_after_done_record_is_cleaned_not_resent(tmp_path):
+    """A crash between the done record and the clean-up: the restart cleans up, builds no second SR."""
+    from hygeia_pacs import Gateway
+    from hygeia_pacs.spool import write_json
+
+    cfg = _config(tmp_path)
+    gw = Gateway(cfg, diagnoser=object())  # not started: process() is called directly
+    gw.spool.store("1.2.3", "1.2.3.4", b"x")
+    (job,) = gw.spool.close_idle(timeout_s=0.0, now=time.time() + 1)
+    (job / "sr.dcm").write_bytes(b"the SR")
+    write_json(gw.spool.done / f"{job.name}.json", {"status": "done"})  # ... and then the crash
+    assert gw.process(job, gw.spool.state(job)) == 0
+    assert not job.exists() and (gw.spool.done / f"{job.name}.sr.dcm").read_bytes() == b"the SR"
+    assert gw.counters["sent"] == 0 and gw.counters["retries"] == 0
+
+
 def test_config_validation(tmp_path):
     from hygeia_pacs import GatewayConfig
 

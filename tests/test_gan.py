@@ -24,10 +24,24 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("gan")
     kw = dict(n_per_condition=8, epochs=1, batch_size=8, conditioners="label", g_ch=8, d_ch=8,
               cache=d / "data.npz", samples=d / "samples", progress=False)
-    a = train(out=d / "a", seed=3, **kw)
-    b = train(out=d / "b", seed=3, **kw)
-    c = train(out=d / "c", seed=4, **kw)
+    a = train(out=d / "a", seed=3, checkpoint=d / "ck_a", **kw)
+    b = train(out=d / "b", seed=3, checkpoint=None, **kw)
+    c = train(out=d / "c", seed=4, checkpoint=None, **kw)
     return d, a, b, c
+
+
+def test_resume_equals_uninterrupted(tiny):
+    d = tiny[0]
+    kw = dict(n_per_condition=8, batch_size=8, conditioners="label", g_ch=8, d_ch=8, cache=d / "data.npz",
+              samples=None, progress=False, seed=3)
+    straight = train(out=d / "two", epochs=2, checkpoint=None, **kw)
+    resumed = train(out=d / "a", epochs=2, checkpoint=d / "ck_a", resume=True, **kw)  # continues run "a"
+    assert load_bundle(resumed).sha256 == load_bundle(straight).sha256
+    assert json.loads((resumed / "config.json").read_text())["epochs"] == 2
+    with pytest.raises(InputError, match="resume"):
+        train(out=d / "x", epochs=2, checkpoint=d / "ck_a", resume=True, **{**kw, "seed": 5})
+    with pytest.raises(InputError, match="resume"):
+        train(out=d / "x", epochs=2, checkpoint=d / "nothing-here", resume=True, **kw)
 
 
 def test_training_is_reproducible(tiny):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -44,14 +43,6 @@ _PROCEDURE_BY_MODALITY: dict[str, tuple[str, str]] = {
     "MG": ("71651007", "Mammography"),
     "US": ("16310003", "Ultrasonography"),
 }
-
-
-@dataclass(frozen=True)
-class SRContent:
-    """Everything that goes into one report, resolved from diagnoses and source datasets."""
-
-    diagnoses: tuple[Diagnosis, ...]
-    sources: tuple[Any, ...]  # pydicom Datasets, one per diagnosis
 
 
 def read_source(source: Any, index: int = 0) -> Any:

@@ -29,7 +29,7 @@ import numpy as np
 from hygeia.errors import InputError
 
 from .config import GatewayConfig
-from .senders import PermanentError, TransientError, send_cstore, send_stow
+from .senders import PermanentError, send_cstore, send_stow
 from .spool import Spool, durable_write
 
 log = logging.getLogger("hygeia_pacs.gateway")
@@ -225,6 +225,9 @@ class Gateway:
     def process(self, job: Path, state: dict[str, Any]) -> int:
         """One attempt at a job: build the SR (once), send it to every destination not yet done."""
         tag = study_tag(state.get("study_uid", job.name))
+        if self.spool.is_finished(job):  # a crash after the done record, before the clean-up
+            self.spool.cleanup(job)
+            return 0
         if not (job / "instances").is_dir():
             if (job / "sr.dcm").exists():
                 pass  # instances dropped after a previous attempt built the SR: keep sending
@@ -235,16 +238,22 @@ class Gateway:
                 shutil.rmtree(job, ignore_errors=True)
                 return 0
         started = self._clock()
+        timings: dict[str, float] = {}
         try:
             import pydicom
 
             if not (job / "sr.dcm").exists():
-                sr = self.build_sr(job)
+                t0 = time.perf_counter()
+                sr = self.build_sr(job, timings)
                 buf = io.BytesIO()
                 pydicom.dcmwrite(buf, sr, enforce_file_format=True)
                 durable_write(job / "sr.dcm", buf.getvalue())
+                timings["sr_s"] = time.perf_counter() - t0 - timings.get("read_s", 0.0) - timings.get("diagnose_s", 0.0)
                 log.info("%s: SR built (%d finding group(s))", tag, _count_groups(sr))
-            sr_ds = pydicom.dcmread(job / "sr.dcm")
+                sr_ds = sr
+            else:
+                sr_ds = pydicom.dcmread(job / "sr.dcm")
+            t0 = time.perf_counter()
             for name, send in self._destinations():
                 if name in state["sent"]:
                     continue
@@ -252,6 +261,7 @@ class Gateway:
                 state["sent"].append(name)
                 self.spool.save_state(job, state)
                 log.info("%s: SR sent by %s", tag, name)
+            timings["send_s"] = time.perf_counter() - t0
         except (InputError, PermanentError) as exc:
             self._count("failed")
             record = {"study": tag, "study_uid": state.get("study_uid"), "status": "failed",
@@ -283,7 +293,8 @@ class Gateway:
         sr_uid = str(sr_ds.SOPInstanceUID)
         record = {"study": tag, "study_uid": state.get("study_uid"), "status": "done", "sr_sop_instance_uid": sr_uid,
                   "sr_series_instance_uid": str(sr_ds.SeriesInstanceUID), "sent": state["sent"],
-                  "attempts": state["attempts"] + 1, "time": self._clock()}
+                  "attempts": state["attempts"] + 1, "time": self._clock(),
+                  "timings_s": {k: round(v, 4) for k, v in timings.items()}}
         self.spool.finish(job, record, keep_instances=self.config.keep_instances)
         self._count("sent")
         log.info("%s: done (SR stored in the PACS)", tag)
@@ -299,9 +310,12 @@ class Gateway:
             out.append(("stow", lambda ds: send_stow(ds, sdest)))
         return out
 
-    def build_sr(self, job: Path) -> Any:
+    def build_sr(self, job: Path, timings: dict[str, float] | None = None) -> Any:
         """Read the study's instances, run the diagnoser, build one TID 1500 SR."""
         import pydicom
+
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
 
         from hygeia.data.io import load_dataset, prepare_image
         from hygeia_dicom.sr import build_sr
@@ -316,10 +330,13 @@ class Gateway:
         images = np.stack([prepare_image(load_dataset(d).pixels, size=size) for d in datasets])
         texts = [clinical_text(d) for d in datasets]
         texts_arg = texts if any(texts) else None
+        timings["read_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         diagnoses: list[Any] = []
         bs = max(1, self.config.batch_size)
         for i in range(0, len(datasets), bs):
             diagnoses.extend(diag.diagnose(images[i:i + bs], texts=None if texts_arg is None else texts_arg[i:i + bs]))
+        timings["diagnose_s"] = time.perf_counter() - t0
         if len(diagnoses) != len(datasets):
             raise InputError("diagnoser output", f"one Diagnosis per image ({len(datasets)})", got=len(diagnoses))
         return build_sr(diagnoses, datasets)

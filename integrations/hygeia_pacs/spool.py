@@ -142,16 +142,26 @@ class Spool:
         write_json(job / "state.json", state)
 
     def finish(self, job: Path, record: dict[str, Any], keep_instances: bool) -> Path:
-        """Success: write done/<job>.json, keep the SR beside it, drop the job folder."""
+        """Success: write done/<job>.json first (the commit point), then keep the SR beside it and
+        drop the job folder. A crash after the record is written is completed by :meth:`cleanup`."""
         out = self.done / f"{job.name}.json"
+        write_json(out, {**record, "keep_instances": keep_instances})
+        self.cleanup(job)
+        return out
+
+    def is_finished(self, job: Path) -> bool:
+        return (self.done / f"{job.name}.json").exists()
+
+    def cleanup(self, job: Path) -> None:
+        """Move a finished job's SR (and instances, if kept) to done/ and remove its folder."""
+        record = read_json(self.done / f"{job.name}.json", default={}) or {}
         if (job / "sr.dcm").exists():
             os.replace(job / "sr.dcm", self.done / f"{job.name}.sr.dcm")
-        if keep_instances:
+        if record.get("keep_instances") and (job / "instances").exists():
             os.replace(job / "instances", self.done / f"{job.name}.instances")
-        write_json(out, record)
+        fsync_dir(self.done)
         shutil.rmtree(job, ignore_errors=True)
         fsync_dir(self.processing)
-        return out
 
     def fail(self, job: Path, record: dict[str, Any]) -> Path:
         """Explicit failure: write failed/<job>.json and keep the job's files in failed/<job>/."""

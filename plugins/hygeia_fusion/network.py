@@ -60,6 +60,7 @@ class FusionNet(nn.Module):
         grid: int = 16,
         dropout: float = 0.0,
         pool: bool = False,
+        fine: bool = False,
     ) -> None:
         super().__init__()
         self.n_findings, self.grid, self.pool = n_findings, grid, pool
@@ -76,6 +77,10 @@ class FusionNet(nn.Module):
         nn.init.normal_(self.null_text, std=0.02)
         self.blocks = nn.ModuleList([CoAttentionBlock(width, heads, dropout) for _ in range(layers)])
         self.norm = nn.LayerNorm(width)
+        self.fine = fine
+        if fine:  # evidence maps at the first stage's resolution: fused tokens upsampled + a skip
+            self.fine_lat = nn.Conv2d(widths[0], width, 1)
+            self.fine_norm = nn.LayerNorm(width)
         self.evidence = nn.Linear(width, n_findings)  # per-location logit for each finding
         self.log_r = nn.Parameter(torch.full((n_findings,), math.log(4.0)))  # LSE sharpness per finding
         self.queries = nn.Parameter(torch.randn(1, n_findings, width) * 0.02)
@@ -86,6 +91,9 @@ class FusionNet(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        return self._image_tokens(images)[0]
+
+    def _image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = self.backbone
         x = b.act(b.bn1(b.conv1(images)))
         if self.pool:
@@ -99,7 +107,7 @@ class FusionNet(nn.Module):
         y = sum(F.interpolate(lat(f), size=g, mode="bilinear", align_corners=False) if f.shape[-1] != g[1] else lat(f)
                 for lat, f in zip(self.lat, feats))
         y = self.smooth(y)
-        return y.flatten(2).transpose(1, 2) + self.pos  # [B, N, d]
+        return y.flatten(2).transpose(1, 2) + self.pos, f1  # [B, N, d], first-stage features
 
     def text_tokens(self, states: torch.Tensor | None, mask: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 1+T, d] tokens (the no-text token first) and their padding mask (True = ignore)."""
@@ -114,11 +122,17 @@ class FusionNet(nn.Module):
                 mask: torch.Tensor | None = None) -> dict[str, Any]:
         """``images`` [B,1,64,64]; ``states`` [B,T,384] frozen text token states (or None); ``mask`` [B,T]."""
         bsz = images.shape[0]
-        x = self.image_tokens(images)
+        x, f1 = self._image_tokens(images)
         t, t_pad = self.text_tokens(states, mask, bsz)
         for blk in self.blocks:
             x, t = blk(x, t, t_pad)
         x = self.norm(x)
+        side = self.grid
+        if self.fine:
+            side = f1.shape[-1]
+            grid = x.transpose(1, 2).reshape(bsz, -1, self.grid, self.grid)
+            up = F.interpolate(grid, size=f1.shape[-2:], mode="bilinear", align_corners=False) + self.fine_lat(f1)
+            x = self.fine_norm(up.flatten(2).transpose(1, 2))
         s_map = self.evidence(self.drop(x))  # [B, N, 5]
         r = self.log_r.exp()
         n = s_map.shape[1]
@@ -127,5 +141,5 @@ class FusionNet(nn.Module):
         tq = self.q_attn(q, t, t, key_padding_mask=t_pad, need_weights=False)[0]
         u = (self.tnorm(tq) * self.text_w).sum(-1)  # [B, 5]
         logits = s_img + u + self.bias
-        maps = s_map.transpose(1, 2).reshape(bsz, self.n_findings, self.grid, self.grid)
+        maps = s_map.transpose(1, 2).reshape(bsz, self.n_findings, side, side)
         return {"logits": logits, "maps": maps, "image_logits": s_img, "text_logits": u}

@@ -29,7 +29,7 @@ from .network import FusionNet
 DEFAULTS: dict[str, Any] = {
     "epochs": 10, "n_train": 12000, "n_val": 1000, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
     "text_dropout": 0.3, "shift": 3, "threads": 1, "width": 64, "heads": 4, "layers": 1,
-    "widths": [24, 48, 96, 192], "grid": 8, "pool": True, "max_tokens": 128,
+    "widths": [24, 48, 96, 192], "grid": 8, "pool": True, "fine": False, "max_tokens": 128,
 }
 
 
@@ -179,7 +179,7 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
     va_s, va_m, va_i = _text_states(va.texts, int(o["max_tokens"]), data_dir)
     arch = {"n_findings": len(FINDING_LABELS), "width": int(o["width"]), "heads": int(o["heads"]),
             "layers": int(o["layers"]), "widths": [int(w) for w in o["widths"]], "grid": int(o["grid"]), "pool": bool(o["pool"]),
-            "dropout": 0.0}
+            "fine": bool(o["fine"]), "dropout": 0.0}
     net = FusionNet(**{**arch, "widths": tuple(arch["widths"])}).to(dev)
     opt = torch.optim.AdamW(net.parameters(), lr=float(o["lr"]), weight_decay=float(o["weight_decay"]))
     bs, n = int(o["batch_size"]), len(tr)

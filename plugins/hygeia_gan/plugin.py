@@ -208,11 +208,17 @@ SPEC = PluginSpec(
                 "phantoms from a finding label or a text prompt, via the label and text conditioners",
     factory=GanGenerator,
     inputs=(
-        TensorSpec("N", "INT64", (1,), description="number of images"),
-        TensorSpec("CONDITION", "BYTES", (1,), optional=True, description="finding label or text; empty = none"),
-        TensorSpec("SEED", "INT64", (1,), optional=True),
+        TensorSpec("N", "INT64", (1,), description="number of images (one generate() call)"),
+        TensorSpec("SEED", "INT64", (1,), description="random seed: same seed, same images"),
+        TensorSpec("CONDITION", "BYTES", (1,), optional=True,
+                   description="finding label (normal, nodule, ...) or free text; empty = unconditional"),
+        TensorSpec("OPTIONS", "BYTES", (1,), optional=True, description='JSON options, e.g. {"truncation": 1.5}'),
     ),
-    outputs=(TensorSpec("IMAGES", "FP32", (-1, 1, SIZE, SIZE), description="synthetic, in [0, 1]"),),
+    outputs=(
+        TensorSpec("IMAGE", "FP32", (1, SIZE, SIZE), description="each synthetic image, in [0, 1]"),
+        TensorSpec("META", "BYTES", (-1,), description="JSON per image: seed, condition, spacing, provenance"),
+        TensorSpec("PROGRESS", "INT64", (2,), description="(done, total) images"),
+    ),
     model_card=CARD,
     train=_train,
 )

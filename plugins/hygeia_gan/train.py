@@ -77,17 +77,22 @@ def train(
     cache: str | Path | None = None,
     samples: str | Path | None = "runs/gan",
     max_minutes: float | None = None,
+    checkpoint: str | Path | None = "runs/gan/checkpoint",
+    resume: bool = False,
     **options: Any,
 ) -> Path:
     """Train the GAN on phantoms and write its bundle to ``out``; returns ``out``.
 
     ``cache``: an .npz to keep the training phantoms in (made on first use). ``max_minutes``:
     stop after the first epoch that ends past this wall-clock budget (the bundle records the
-    epochs trained; rerunning with that many epochs reproduces it).
+    epochs trained; rerunning with that many epochs reproduces it). ``checkpoint``: a bundle
+    folder holding everything needed to continue (both networks, the EMA, the optimisers, the
+    random states), rewritten atomically after each epoch; ``resume=True`` continues from it
+    (``hygeia train gan --resume --epochs 30``) and gives the same weights as an uninterrupted run.
     """
     if options:
         raise InputError("gan trainer options", "epochs, n_per_condition, batch_size, lr, p_null, conditioners, "
-                         "g_ch, d_ch, z_dim, embed_dim, ema, threads, device, cache, samples, max_minutes",
+                         "g_ch, d_ch, z_dim, embed_dim, ema, threads, device, cache, samples, max_minutes, checkpoint, resume",
                          got=", ".join(sorted(options)))
     for key, val, lo in (("epochs", epochs, 1), ("n_per_condition", n_per_condition, 8), ("batch_size", batch_size, 2)):
         if isinstance(val, bool) or not isinstance(val, int) or val < lo:
@@ -97,7 +102,6 @@ def train(
     if threads:
         torch.set_num_threads(int(threads))
     dev = pick_device(device)
-    torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
 
@@ -107,6 +111,7 @@ def train(
     dims = {k: v["dim"] for k, v in meta.items()}
     names = list(tables)
 
+    torch.manual_seed(seed)  # here, after plugin loading and data (which may draw from torch's global RNG)
     G = Generator(dims, z_dim=z_dim, embed_dim=embed_dim, ch=g_ch).to(dev)
     D = Discriminator(dims, ch=d_ch).to(dev)
     G_ema = copy.deepcopy(G).eval()
@@ -150,9 +155,15 @@ def train(
 
         bar = tqdm(total=epochs * steps, desc=f"{NAME}: training", unit="it")
     t0 = time.time()
-    it = 0
+    it, start = 0, 0
+    if resume:
+        if checkpoint is None or not (Path(checkpoint) / "model.safetensors").is_file():
+            raise InputError("resume", f"a checkpoint from an earlier run at {checkpoint}", got="none found")
+        start, it = _load_checkpoint(checkpoint, config, G, D, G_ema, opt_g, opt_d, rng, gen)
+        if bar is not None:
+            bar.update(min(start, epochs) * steps)
     try:
-        for epoch in range(epochs):
+        for epoch in range(start, epochs):
             perm = rng.permutation(n)
             sums = np.zeros(2)
             for s in range(steps):
@@ -188,6 +199,8 @@ def train(
             config.update(epochs=epoch + 1, iterations=it, last_loss_d=round(sums[0] / steps, 4),
                           last_loss_g=round(sums[1] / steps, 4))
             save_bundle(out, G_ema.state_dict(), config, CARD)
+            if checkpoint is not None:
+                _save_checkpoint(checkpoint, config, G, D, G_ema, opt_g, opt_d, rng, gen)
             if samples is not None:
                 from hygeia.evaluation.generators import write_grid
 
@@ -204,3 +217,51 @@ def train(
         if bar is not None:
             bar.close()
     return Path(out)
+
+
+# --------------------------------------------------------------------------- checkpoints
+_HYPER = ("conditioners", "z_dim", "embed_dim", "g_ch", "d_ch", "seed", "batch_size", "lr", "p_null", "ema",
+          "n_per_condition", "phantom_difficulty")
+
+
+def _save_checkpoint(path: str | Path, config: dict[str, Any], G: Any, D: Any, G_ema: Any, opt_g: Any, opt_d: Any,
+                     rng: np.random.Generator, gen: torch.Generator) -> None:
+    """Everything needed to continue training, as a bundle (safetensors + JSON; no pickle)."""
+    tensors: dict[str, torch.Tensor] = {}
+    groups: dict[str, Any] = {}
+    for prefix, module in (("G.", G), ("D.", D), ("G_ema.", G_ema)):
+        tensors.update({prefix + k: v for k, v in module.state_dict().items()})
+    for prefix, opt in (("opt_g", opt_g), ("opt_d", opt_d)):
+        sd = opt.state_dict()
+        groups[prefix] = sd["param_groups"]
+        for idx, st in sd["state"].items():
+            for k, v in st.items():
+                tensors[f"{prefix}.{idx}.{k}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    tensors["rng.torch"] = gen.get_state()
+    state = {"config": config, "param_groups": groups, "numpy_rng": rng.bit_generator.state}
+    save_bundle(path, tensors, state, CARD)
+
+
+def _load_checkpoint(path: str | Path, config: dict[str, Any], G: Any, D: Any, G_ema: Any, opt_g: Any, opt_d: Any,
+                     rng: np.random.Generator, gen: torch.Generator) -> tuple[int, int]:
+    from hygeia.bundles import load_bundle
+
+    b = load_bundle(path)
+    saved = b.config["config"]
+    diff = [k for k in _HYPER if saved.get(k) != config.get(k)]
+    if diff:
+        raise InputError("resume", f"the options of the checkpointed run ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)})",
+                         got=", ".join(f"{k}={config.get(k)!r}" for k in diff))
+    for prefix, module in (("G.", G), ("D.", D), ("G_ema.", G_ema)):
+        module.load_state_dict({k[len(prefix):]: v for k, v in b.tensors.items() if k.startswith(prefix)})
+    for prefix, opt in (("opt_g", opt_g), ("opt_d", opt_d)):
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for k, v in b.tensors.items():
+            if k.startswith(prefix + "."):
+                _, idx, name = k.split(".", 2)
+                state.setdefault(int(idx), {})[name] = v
+        opt.load_state_dict({"state": state, "param_groups": b.config["param_groups"][prefix]})
+    gen.set_state(b.tensors["rng.torch"])
+    rng.bit_generator.state = b.config["numpy_rng"]
+    config.update({k: saved[k] for k in ("epochs", "iterations", "last_loss_d", "last_loss_g") if k in saved})
+    return int(saved["epochs"]), int(saved["iterations"])

@@ -176,8 +176,9 @@ def sample_prior(prior: dict[str, torch.Tensor], row: int, n: int, seed: int, te
     """``n`` flat latents from the low-rank-plus-diagonal Gaussian ``row`` (noise drawn on CPU)."""
     g = torch.Generator().manual_seed(seed)
     mean, comps, scales, resid = (prior[k][row] for k in ("mean", "components", "scales", "residual"))
-    e1 = torch.randn(n, scales.shape[0], generator=g).to(mean.device)
-    e2 = torch.randn(n, mean.shape[0], generator=g).to(mean.device)
+    k = scales.shape[0]
+    e = torch.randn(n, k + mean.shape[0], generator=g).to(mean.device)  # row i: image i's noise
+    e1, e2 = e[:, :k], e[:, k:]
     return mean + temperature * ((e1 * scales) @ comps.T + e2 * resid)
 
 

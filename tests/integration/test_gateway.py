@@ -189,7 +189,8 @@ def test_gateway_killed_after_ack_resumes(orthanc, tmp_path):
         assert len(received) == 2  # acknowledged = on disk
         assert done_records(spool) == []
         proc = launch()
-        wait_for(lambda: done_records(spool), 180, "the study's SR after the restart")
+        wait_for(lambda: done_records(spool) and not list((spool / "processing").iterdir()), 180,
+                 "the study's SR after the restart")
         (record,) = done_records(spool)
         assert record["study_uid"] == study_uid and record["sent"] == ["cstore", "stow"]
         assert not list((spool / "incoming").glob("*/*.dcm")) and not list((spool / "processing").iterdir())
