@@ -97,8 +97,14 @@ def _send_raw(port: int, sop_class: str, sop_uid: str, body: bytes) -> int:
         req.MessageID, req.Priority = 1, 2
         req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = sop_class, sop_uid
         req.DataSet = BytesIO(body)
-        assoc.dimse.send_msg(req, cx.context_id)
-        _, rsp = assoc.dimse.get_msg(block=True)
+        assoc._reactor_checkpoint.clear()  # pause the reactor as send_c_store does, then send
+        while not assoc._is_paused:
+            time.sleep(0.0001)
+        try:
+            assoc.dimse.send_msg(req, cx.context_id)
+            _, rsp = assoc.dimse.get_msg(block=True)
+        finally:
+            assoc._reactor_checkpoint.set()
         return int(rsp.Status)
     finally:
         assoc.release()

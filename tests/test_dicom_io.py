@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
-from hygeia.data.io import load_dataset, load_image, prepare_image
+from hygeia.data.io import load_dataset, load_image, load_series, prepare_image
 from hygeia.errors import InputError
 
 
@@ -104,3 +104,16 @@ def test_prepare_image_area_and_bilinear():
     assert up.shape == (1, 32, 32) and 0.0 <= up.min() and up.max() <= 1.0
     with pytest.raises(InputError, match="2D array"):
         prepare_image(np.zeros((2, 3, 8, 8)))
+
+
+def test_load_series_orders_instances_and_skips_non_dicom(tmp_path):
+    from hygeia.data import write_phantom_study
+
+    paths = write_phantom_study(tmp_path / "study", n=3, seed=4)
+    (tmp_path / "study" / "README.txt").write_text("not an image")
+    series = load_series(tmp_path)
+    assert [li.dataset.InstanceNumber for li in series] == sorted(pydicom.dcmread(p).InstanceNumber for p in paths)
+    assert all(li.pixels.ndim == 2 and li.pixel_spacing is not None for li in series)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="at least one DICOM image"):
+        load_series(tmp_path / "empty")

@@ -230,3 +230,19 @@ def test_sc_bad_input(tmp_path):
         get_registry().output_format("dicom-sc").write([img], tmp_path)
     with pytest.raises(InputError, match="GeneratedImage"):
         get_registry().output_format("dicom-sc").write(["not an image"], tmp_path)
+
+
+def test_cli_generate_writes_synthetic_sc(tmp_path):
+    from typer.testing import CliRunner
+
+    from hygeia.cli import app
+
+    r = CliRunner().invoke(app, ["generate", "--plugin", "phantom", "-n", "2", "-c", "nodule", "--seed", "3",
+                                 "--out", str(tmp_path / "grid.png"), "--dicom", str(tmp_path / "sc")])
+    assert r.exit_code == 0, r.output
+    paths = sorted((tmp_path / "sc").glob("*.dcm"))
+    assert len(paths) == 2
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        assert ds.ConversionType == "SYN" and "seed=3" in ds.ImageComments and "condition=nodule" in ds.ImageComments
+        assert dciodvfy_errors(p) == []

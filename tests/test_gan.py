@@ -35,7 +35,7 @@ def test_resume_equals_uninterrupted(tiny):
     kw = dict(n_per_condition=8, batch_size=8, conditioners="label", g_ch=8, d_ch=8, cache=d / "data.npz",
               samples=None, progress=False, seed=3)
     straight = train(out=d / "two", epochs=2, checkpoint=None, **kw)
-    resumed = train(out=d / "a", epochs=2, checkpoint=d / "ck_a", resume=True, **kw)  # continues run "a"
+    resumed = train(out=d / "a_resumed", epochs=2, checkpoint=d / "ck_a", resume=True, **kw)  # continues run "a"
     assert load_bundle(resumed).sha256 == load_bundle(straight).sha256
     assert json.loads((resumed / "config.json").read_text())["epochs"] == 2
     with pytest.raises(InputError, match="resume"):

@@ -72,7 +72,7 @@ def test_latent_space_reconstructs_held_out_phantoms(vae) -> None:
     assert tuple(z.shape) == (16, *vae.latent_shape) == (16, 4, 16, 16)
     r = vae.decode(z).cpu()
     mse = float((r - x).pow(2).mean())
-    assert mse < 0.02, f"held-out reconstruction MSE {mse:.4f}: the shipped weights look untrained"
+    assert mse < 0.005, f"held-out reconstruction MSE {mse:.4f}: the shipped weights look untrained"
     scaled = z * vae.scaling_factor
     assert 0.5 < float(scaled.std()) < 2.0, "scaling_factor should bring latents to about unit variance"
 

@@ -23,8 +23,8 @@ from hygeia.vocab import FINDING_LABELS
 from .model import CARD, DEFAULT_ARCH, INPUT_SIZE, VERSION, WEIGHTS, CnnDiagnoser, CnnNet
 
 DEFAULTS: dict[str, Any] = {
-    "epochs": 8, "n_train": 12000, "n_val": 2000, "n_test": 2000, "batch_size": 64, "lr": 3e-3,
-    "weight_decay": 1e-4, "difficulty": DEFAULT_DIFFICULTY, "threads": 2, "cache_dir": None, "device": None,
+    "epochs": 6, "n_train": 8000, "n_val": 2000, "n_test": 2000, "batch_size": 64, "lr": 3e-3,
+    "weight_decay": 1e-4, "difficulty": DEFAULT_DIFFICULTY, "threads": 1, "cache_dir": None, "device": None,
     "shift": 3,
 }
 
@@ -106,6 +106,15 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, **opt
     g = torch.Generator().manual_seed(seed)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    from sklearn.metrics import roc_auc_score
+
+    def val_probs() -> np.ndarray:
+        net.eval()
+        with torch.no_grad():
+            xv = torch.from_numpy(val_set.images)
+            return torch.cat([torch.sigmoid(net(xv[i:i + 512].to(device))).cpu()
+                              for i in range(0, len(xv), 512)]).numpy()
+
     with Progress(*cols, disable=not progress) as bar:
         task = bar.add_task("training cnn", total=epochs * steps_per_epoch)
         for ep in range(epochs):
@@ -124,10 +133,13 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, **opt
                 lv = loss.item()
                 run = 0.98 * run + 0.02 * lv if s else lv
                 bar.update(task, advance=1, description=f"training cnn: epoch {ep + 1}/{epochs} loss {run:.4f}")
-    net.eval()
-    with torch.no_grad():
-        xv = torch.from_numpy(val_set.images)
-        pv = torch.cat([torch.sigmoid(net(xv[i:i + 512].to(device))).cpu() for i in range(0, len(xv), 512)]).numpy()
+            if progress:
+                pv = val_probs()
+                auc = [roc_auc_score(val_set.labels[:, k], pv[:, k]) for k in range(len(FINDING_LABELS))]
+                bar.console.log(f"epoch {ep + 1}/{epochs}: loss {run:.4f}, val AUROC "
+                                + ", ".join(f"{lab} {a:.3f}" for lab, a in zip(FINDING_LABELS, auc))
+                                + f", macro {np.mean(auc):.3f} ({time.time() - t0:.0f} s)")
+    pv = val_probs()
     thresholds = youden_thresholds(val_set.labels, pv)
     train_s = time.time() - t0
     config = {"arch": arch, "thresholds": thresholds, "findings": list(FINDING_LABELS), "input_size": list(INPUT_SIZE),

@@ -6,6 +6,7 @@ No mocks: every test talks gRPC/HTTP to the server of the ``triton_server`` fixt
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -126,6 +127,14 @@ def test_generator_same_as_local_with_streamed_progress(triton_server, require_m
         assert g.provenance["phantom_seed"] == w.provenance["phantom_seed"]
         assert g.provenance["served_by"].endswith("/generator_phantom")
     assert calls and calls[-1] == (3, 3) and calls == sorted(calls)
+
+
+def test_generator_options_travel(triton_server, require_model) -> None:
+    require_model("generator_phantom")
+    remote = connect("generator", "phantom", triton_server.grpc_url)
+    got = remote.generate(1, condition="nodule", seed=3, size=128)
+    want = hygeia.create("generator", "phantom").generate(1, condition="nodule", seed=3, size=128)
+    assert got[0].pixels.shape == (1, 128, 128) and np.array_equal(got[0].pixels, want[0].pixels)
 
 
 def test_diagnoser_same_as_local(triton_server, require_model) -> None:
@@ -371,3 +380,19 @@ def test_tls_and_auth_header(triton_repo: Path, tmp_path: Path) -> None:
             connect("conditioner", "label", url, root_certificates=str(cert), retries=0)
         with pytest.raises(RemoteError):  # plain text against a TLS port
             connect("conditioner", "label", url, headers={"triton-grpc-protocol-x-hygeia-key": "s3cret"}, retries=0, timeout=5)
+
+
+def test_stale_model_refuses_to_load(triton_repo: Path, tmp_path: Path) -> None:
+    """A config whose weights hash no longer matches the installed plugin does not serve wrong provenance."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(triton_repo / "conditioner_label", repo / "conditioner_label")
+    cfg = repo / "conditioner_label" / "config.pbtxt"
+    cfg.write_text(re.sub(r'(key: "hygeia_weights_sha256"\n  value: \{ string_value: ")[0-9a-f]*', r"\g<1>" + "0" * 64,
+                          cfg.read_text()))
+    from hygeia.serving.server import TritonServerError
+
+    with pytest.raises(TritonServerError, match="conditioner_label.*stale.*hygeia triton build"):
+        with TritonServer(repo):
+            pass

@@ -78,6 +78,36 @@ def load_image(path: str | os.PathLike[str]) -> LoadedImage:
     return load_dataset(ds, path=p)
 
 
+def load_series(folder: str | os.PathLike[str]) -> list[LoadedImage]:
+    """Every DICOM image under ``folder`` (recursively), ordered by study, series, instance number.
+
+    Files that are not DICOM (no ``DICM`` preamble) are skipped; DICOM files that are not usable
+    2D images (no pixel data, several frames, undecodable pixels) raise InputError naming the
+    file. InputError too when the folder holds no DICOM image at all.
+    """
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(f"DICOM folder {str(root)!r}", "an existing folder", got="no such folder")
+    items = []
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        try:
+            ds = pydicom.dcmread(p)
+        except InvalidDicomError:
+            continue
+        except Exception as exc:
+            raise InputError(f"DICOM file {str(p)!r}", "a readable DICOM file",
+                             got=f"{type(exc).__name__}: {exc}"[:300]) from None
+        key = (str(getattr(ds, "StudyInstanceUID", "")), str(getattr(ds, "SeriesInstanceUID", "")),
+               int(getattr(ds, "InstanceNumber", 0) or 0), str(p))
+        items.append((key, load_dataset(ds, path=p)))
+    if not items:
+        raise InputError(f"DICOM folder {str(root)!r}", "at least one DICOM image", got="none")
+    return [li for _, li in sorted(items, key=lambda t: t[0])]
+
+
 def load_dataset(ds: Any, path: Path | None = None, name: str | None = None) -> LoadedImage:
     """Like :func:`load_image` for a pydicom Dataset already in memory (e.g. received by C-STORE)."""
     from pydicom.pixels import apply_modality_lut, apply_voi_lut

@@ -104,7 +104,8 @@ def register(app: typer.Typer) -> None:
         if build_first:
             _build(repo, device, 1, 0, None, quiet=True)
         server = TritonServer(repo, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
-                              host=host, models=model, startup_timeout=timeout, log=log, verbose=verbose)
+                              host=host, models=model, startup_timeout=timeout, log=log, verbose=verbose,
+                              allow_failures=True)
         stop = {"signal": 0}
 
         def on_signal(signum: int, _frame: Any) -> None:
@@ -116,7 +117,9 @@ def register(app: typer.Typer) -> None:
             server.start()
             with err.status("starting tritonserver...", spinner="dots"):
                 took = server.wait_ready()
-            states = server.model_states()
+            states = [m for m in server.model_states() if m.state == "READY"]
+            for name, reason in server.failed.items():
+                err.print(f"[red]{name} failed to load:[/] {reason}", highlight=False)
             err.print(f"[green]ready[/] in {took:.1f} s: {len(states)} model(s) "
                       f"({', '.join(m.name for m in states)})", highlight=False)
             console.print(f"gRPC     {server.grpc_url}", highlight=False)

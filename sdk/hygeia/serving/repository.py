@@ -128,9 +128,8 @@ def plan_model(spec: PluginSpec, instance: Any, entry_point: str = "", device: D
         if output == "molecule":
             outputs += [Tensor(wire.SMILES, "BYTES", (-1,)), Tensor(wire.VALID, "BOOL", (-1,))]
         else:
-            img = next((t for t in spec.outputs if t.dtype == "FP32" and len(t.dims) == 3), None)
-            chw = tuple(int(d) for d in img.dims) if img is not None else (-1, -1, -1)
-            outputs += [Tensor(wire.IMAGES, "FP32", (-1, *chw))]
+            # [n, C, H, W]: every size variable, since options (e.g. size=128) may change it
+            outputs += [Tensor(wire.IMAGES, "FP32", (-1, -1, -1, -1))]
         decoupled = True
     params = {
         MARKER: "1",

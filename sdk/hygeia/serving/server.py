@@ -150,6 +150,8 @@ class TritonServer:
     ``None`` loads every model in the repository. ``log`` is the file receiving the server's
     output (a temp file by default; :meth:`log_tail` reads it).
 
+    ``allow_failures``: serve the models that loaded even if others failed (:attr:`failed`).
+
     ``watchdog``: tritonserver 2.51 does not restart a Python-backend stub that died (every later
     request fails with "Stub process ... is not healthy"); the watchdog notices the dead stub and
     reloads that model (a config override forces fresh instances) so it serves again.
@@ -159,7 +161,8 @@ class TritonServer:
                  http_port: int | None = None, metrics_port: int | None = None, host: str = "127.0.0.1",
                  models: Sequence[str] | None = None, exit_timeout: int = 3, startup_timeout: float = 120.0,
                  threads: int | None = None, log: str | os.PathLike[str] | None = None,
-                 verbose: int = 0, extra_args: Iterable[str] = (), watchdog: bool = True) -> None:
+                 verbose: int = 0, extra_args: Iterable[str] = (), watchdog: bool = True,
+                 allow_failures: bool = False) -> None:
         self.repo = Path(repo).resolve()
         self.host = host
         self.grpc_port = grpc_port or free_port()
@@ -174,6 +177,8 @@ class TritonServer:
         self._own_log = log is None
         self.log_path = Path(log) if log else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         self.watchdog = watchdog
+        self.allow_failures = allow_failures
+        self.failed: dict[str, str] = {}  # model -> reason, for models that failed to load
         self.restarts: list[tuple[str, float]] = []  # (model, time) of each stub restart by the watchdog
         self._stop_watch = threading.Event()
         self._watch_thread: threading.Thread | None = None
@@ -209,7 +214,9 @@ class TritonServer:
                f"--metrics-address={self.host}", f"--metrics-port={self.metrics_port}", "--allow-metrics=true",
                f"--exit-timeout-secs={self.exit_timeout}", f"--log-verbose={self.verbose}",
                # our configs are complete: skip the extra stub per model that auto-completion starts
-               "--disable-auto-complete-config"]
+               "--disable-auto-complete-config",
+               # a model that fails to load must not take the others down (wait_ready reports it)
+               "--exit-on-error=false"]
         # explicit model control: lets the watchdog reload a model whose stub died
         cmd += ["--model-control-mode=explicit",
                 *(f"--load-model={m}" for m in (self.models if self.models is not None else ["*"]))]
@@ -240,23 +247,38 @@ class TritonServer:
         return self._get("/v2/health/ready")[0] == 200
 
     def wait_ready(self, timeout: float | None = None) -> float:
-        """Block until the server and every model are ready; return seconds since launch."""
+        """Block until the server is up and every model has loaded; return seconds since launch.
+
+        tritonserver loads the startup models before it opens its endpoints, so once it answers,
+        each model is READY or failed. A failed model raises TritonServerError naming it and why,
+        unless ``allow_failures`` (then it is logged and left in :attr:`failed`).
+        """
         assert self.proc is not None, "start() first"
         deadline = time.monotonic() + (timeout or self.startup_timeout)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise TritonServerError(f"tritonserver exited with code {self.proc.returncode} before it was "
                                         f"ready:\n{self.log_tail()}")
-            if self.is_ready():
-                self.ready_after = time.monotonic() - self.started_at
-                if self.watchdog:
-                    self.start_watchdog()
-                return self.ready_after
+            if self._get("/v2/health/live")[0] == 200:
+                states = [m for m in self.model_states()
+                          if self.models is None or m.name in self.models]
+                if states and all(m.state in ("READY", "UNAVAILABLE") for m in states):
+                    self.ready_after = time.monotonic() - self.started_at
+                    self.failed = {m.name: m.reason for m in states if m.state != "READY"}
+                    if self.failed and not self.allow_failures:
+                        self.stop()
+                        raise TritonServerError("models failed to load: " + "; ".join(
+                            f"{k}: {v}" for k, v in self.failed.items()))
+                    for k, v in self.failed.items():
+                        log.warning("tritonserver: %s failed to load: %s", k, v)
+                    if self.watchdog:
+                        self.start_watchdog()
+                    return self.ready_after
             time.sleep(0.05)
-        states = ", ".join(f"{m.name}={m.state}" for m in self.model_states())
+        states_s = ", ".join(f"{m.name}={m.state}" for m in self.model_states())
         self.stop()
         raise TritonServerError(f"tritonserver not ready after {timeout or self.startup_timeout:.0f} s "
-                                f"(models: {states or 'unknown'}):\n{self.log_tail()}")
+                                f"(models: {states_s or 'unknown'}):\n{self.log_tail()}")
 
     def model_states(self) -> list[ModelState]:
         code, body = self._get_index()
