@@ -14,7 +14,12 @@ import pytest
 
 pytest.register_assert_rewrite("hygeia.testing.contracts")
 
-from .contracts import CONTRACTS  # noqa: E402, ConditionerContract, DiagnoserContract, GeneratorContract  # noqa: E402
+from .contracts import (  # noqa: E402
+    CONTRACTS,
+    ConditionerContract,
+    DiagnoserContract,
+    GeneratorContract,
+)
 
 __all__ = ["CONTRACTS", "ConditionerContract", "DiagnoserContract", "GeneratorContract", "contract_for"]
 
