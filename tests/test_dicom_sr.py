@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -177,9 +176,12 @@ def test_region_scaling_to_source_pixels():
 
 def test_cli_diagnose_writes_sr(phantom_files, tmp_path):
     out = tmp_path / "cli_sr.dcm"
-    r = subprocess.run([sys.executable, "-m", "hygeia", "diagnose", str(phantom_files[0]), "--sr", str(out)],
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
+    from typer.testing import CliRunner
+
+    from hygeia.cli import app
+
+    r = CliRunner().invoke(app, ["diagnose", str(phantom_files[0]), "--sr", str(out)])
+    assert r.exit_code == 0, r.output[-2000:]
     assert dciodvfy_errors(out) == [] and dsrdump_problems(out) == []
     assert pydicom.dcmread(out).StudyInstanceUID == pydicom.dcmread(phantom_files[0]).StudyInstanceUID
 

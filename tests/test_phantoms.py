@@ -223,3 +223,22 @@ def test_dicom_passes_dciodvfy(tmp_path):
         p = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True)
         errors = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("Error")]
         assert not errors, errors
+
+
+def test_phantom_generator_plugin():
+    from hygeia_phantom.generator import SPEC, PhantomGenerator, phantom_seed
+
+    g = PhantomGenerator()
+    a = g.generate(2, condition="effusion", seed=4)
+    assert [r.provenance["labels"]["effusion"] for r in a] == [True, True]
+    assert a[0].pixels.shape == (1, 64, 64) and a[0].synthetic and a[0].modality == "DX"
+    assert np.array_equal(a[1].pixels[0], make_phantom(phantom_seed(4, 1), findings=["effusion"]).image)
+    assert np.array_equal(g.generate(2, condition="effusion", seed=4)[1].pixels, a[1].pixels)
+    normal = g.generate(1, condition="normal", seed=4, size=128)[0]
+    assert normal.pixels.shape == (1, 128, 128) and not any(normal.provenance["labels"].values())
+    assert phantom_seed(1, 0) not in set(split_seeds(10, "train"))
+    with pytest.raises(InputError, match="size"):
+        g.generate(1, size=100)
+    with pytest.raises(InputError, match="condition"):
+        g.generate(1, condition="fever and cough")
+    assert SPEC.model_card.training_data and SPEC.inputs[1].name == "SEED"

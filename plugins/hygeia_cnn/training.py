@@ -23,7 +23,7 @@ from hygeia.vocab import FINDING_LABELS
 from .model import CARD, DEFAULT_ARCH, INPUT_SIZE, VERSION, WEIGHTS, CnnDiagnoser, CnnNet
 
 DEFAULTS: dict[str, Any] = {
-    "epochs": 6, "n_train": 8000, "n_val": 2000, "n_test": 2000, "batch_size": 64, "lr": 3e-3,
+    "epochs": 6, "n_train": 10000, "n_val": 2000, "n_test": 2000, "batch_size": 64, "lr": 3e-3,
     "weight_decay": 1e-4, "difficulty": DEFAULT_DIFFICULTY, "threads": 1, "cache_dir": None, "device": None,
     "shift": 3,
 }

@@ -27,9 +27,10 @@ from .diagnoser import WEIGHTS, encode_texts, encoder_identity
 from .network import FusionNet
 
 DEFAULTS: dict[str, Any] = {
-    "epochs": 10, "n_train": 12000, "n_val": 1000, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
+    "epochs": 12, "n_train": 12000, "n_val": 1000, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
     "text_dropout": 0.3, "shift": 3, "threads": 1, "width": 64, "heads": 4, "layers": 1,
-    "widths": [24, 48, 96, 192], "grid": 8, "pool": True, "fine": False, "max_tokens": 128,
+    "widths": [24, 48, 96, 192], "grid": 8, "pool": True, "fine": True, "mask_weight": 1.0,
+    "max_tokens": 128,
 }
 
 
@@ -92,18 +93,23 @@ def _text_states(texts: list[str], max_tokens: int,
     return states, mask, idx
 
 
-def _augment(x: torch.Tensor, g: torch.Generator, shift: int) -> torch.Tensor:
-    """Random translation (reflect-padded, up to ``shift`` px) and contrast/brightness jitter."""
+def _augment(x: torch.Tensor, g: torch.Generator, shift: int,
+             masks: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Random translation (reflect-padded, up to ``shift`` px; masks moved alike, zero-padded) and
+    contrast/brightness jitter."""
     b = x.shape[0]
     if shift > 0:
         pad = F.pad(x, (shift,) * 4, mode="reflect")
+        mpad = F.pad(masks, (shift,) * 4) if masks is not None else None
         dx = torch.randint(0, 2 * shift + 1, (b,), generator=g)
         dy = torch.randint(0, 2 * shift + 1, (b,), generator=g)
         h, w = x.shape[-2:]
         x = torch.stack([pad[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
+        if mpad is not None:
+            masks = torch.stack([mpad[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(b)])
     a = 1 + 0.1 * (2 * torch.rand(b, 1, 1, 1, generator=g) - 1)
     c = 0.04 * (2 * torch.rand(b, 1, 1, 1, generator=g) - 1)
-    return (x * a + c).clamp(0, 1)
+    return (x * a + c).clamp(0, 1), masks
 
 
 def _predict(net: FusionNet, images: np.ndarray, states: torch.Tensor | None, mask: torch.Tensor | None,
@@ -187,6 +193,7 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(o["lr"]), total_steps=steps, pct_start=0.15)
     x_all = torch.from_numpy(tr.images)
     y_all = torch.from_numpy(tr.labels)
+    m_all = torch.from_numpy(tr.masks) if float(o["mask_weight"]) > 0 else None
     best: tuple[float, dict[str, torch.Tensor], int] = (-1.0, {}, -1)
     history: list[dict[str, float]] = []
 
@@ -202,7 +209,9 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
             tot = 0.0
             for i in range(0, n, bs):
                 j = perm[i:i + bs]
-                x = _augment(x_all[j], g, int(o["shift"])).to(dev)
+                mk = m_all[j].float() if m_all is not None else None
+                x, mk = _augment(x_all[j], g, int(o["shift"]), mk)
+                x = x.to(dev)
                 y = y_all[j].to(dev)
                 ti = tr_i[j]
                 s, m = tr_s[ti].float(), tr_m[ti].clone()
@@ -210,6 +219,9 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
                 m[drop] = 0  # text removed: only the no-text token remains
                 out_ = net(x, s.to(dev), m.to(dev))
                 loss = F.binary_cross_entropy_with_logits(out_["logits"], y)
+                if mk is not None:  # localisation: evidence maps against the finding masks
+                    target = F.adaptive_max_pool2d(mk.to(dev), out_["maps"].shape[-2:])
+                    loss = loss + float(o["mask_weight"]) * F.binary_cross_entropy_with_logits(out_["maps"], target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()

@@ -61,7 +61,7 @@ def train(
     out: str | Path = WEIGHTS,
     seed: int = 0,
     progress: bool = True,
-    epochs: int = 12,
+    epochs: int = 13,
     n_per_condition: int = 1200,
     batch_size: int = 32,
     lr: float = 2e-4,

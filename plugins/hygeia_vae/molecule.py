@@ -118,15 +118,16 @@ class MoleculeVAE(nn.Module):
         zc = torch.cat([z, cond], 1)
         step = self.to_step(zc)[:, None]
         h = self._h0(zc)
-        bos, eos = self.cfg.vocab.index(BOS), self.cfg.vocab.index(EOS)
+        never = [self.cfg.vocab.index(t) for t in (PAD, BOS, UNK)]
+        eos = self.cfg.vocab.index(EOS)
         out = torch.zeros(b, self.cfg.max_len + 1, dtype=torch.long)
         active = torch.arange(b)
-        tok = torch.full((b, 1), bos, dtype=torch.long, device=z.device)
+        tok = torch.full((b, 1), self.cfg.vocab.index(BOS), dtype=torch.long, device=z.device)
         t = 0
         for t in range(self.cfg.max_len + 1):
             y, h = self.decoder(self.embed(tok) + step, h)
             logits = self.out(y[:, 0]).float().cpu() / temperature
-            logits[:, :2] = -1e9  # never PAD or BOS
+            logits[:, never] = -1e9
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
             out[active, t] = nxt
             keep = nxt != eos
@@ -187,11 +188,16 @@ class MoleculeVAEGenerator:
 
     def generate(self, n: int, condition: Any = None, seed: int = 0,
                  progress: Callable[[int, int], None] | None = None, batch_size: int = 2048,
-                 temperature: float = 1.0, properties: bool = False, **options: Any) -> list[GeneratedMolecule]:
+                 temperature: float | None = None, properties: bool = False,
+                 **options: Any) -> list[GeneratedMolecule]:
         """Sample ``n`` molecules from the prior; the same ``seed`` gives the same molecules.
 
-        ``properties=True`` also fills each valid molecule's logP/QED/SA/MW (slower).
+        ``temperature``: softmax temperature (default: the bundle's ``sampling.temperature``,
+        chosen on held-out training molecules); ``properties=True`` also fills each valid
+        molecule's logP/QED/SA/MW (slower).
         """
+        if temperature is None:
+            temperature = float(self.config.get("sampling", {}).get("temperature", 1.0))
         if options:
             raise InputError("options", "batch_size, temperature or properties", got=", ".join(options))
         n, seed = check_n(n, self.max_n), check_seed(seed)
@@ -543,11 +549,14 @@ def _shipped_card() -> ModelCard:
         return _card({}, "MOSES training set (molsets 0.3.1)")
 
 
-def update_card_metrics(bundle: str | Path, metrics: dict[str, Any]) -> None:
-    """Merge measured ``metrics`` into a bundle's model card (weights unchanged)."""
+def update_card_metrics(bundle: str | Path, metrics: dict[str, Any] | None = None,
+                        sampling: dict[str, Any] | None = None) -> None:
+    """Merge measured ``metrics`` into a bundle's model card and ``sampling`` defaults
+    (e.g. ``{"temperature": 0.8}``) into its config; the weights stay unchanged."""
     b = load_bundle(bundle)
-    card = ModelCard.from_dict({**b.card.to_dict(), "metrics": {**dict(b.card.metrics), **metrics}})
-    save_bundle(bundle, b.tensors, b.config, card)
+    card = ModelCard.from_dict({**b.card.to_dict(), "metrics": {**dict(b.card.metrics), **(metrics or {})}})
+    config = {**b.config, "sampling": {**b.config.get("sampling", {}), **(sampling or {})}}
+    save_bundle(bundle, b.tensors, config, card)
 
 
 SPEC = PluginSpec(

@@ -192,10 +192,11 @@ class _Anatomy:
         self.bubble = bool(rng.random() < 0.6)
         self.bubble_xy = (self.xc + 0.45 * self.W + rng.normal(0, 8), self.y_dome + self.left_drop + 28 + rng.normal(0, 6))
         # heart: both a normal and an enlarged CTR are drawn; the label picks one
-        self.ctr_normal = float(rng.uniform(0.38, 0.497))
-        self.ctr_gamma = float(rng.gamma(2.0, 1.0))
-        self.heart_tilt = float(np.deg2rad(rng.uniform(22, 40) - 8 * self.insp))
-        self.heart_aspect = float(rng.uniform(0.78, 0.92))
+        self.ctr_normal = float(0.497 - 0.117 * rng.beta(1.4, 2.2))  # 0.38-0.497, most near 0.46
+        self.ctr_excess = float(rng.beta(1.2, 4.0))  # enlarged: 0.503 + 0.12 * excess / difficulty
+        self.heart_tilt = float(np.deg2rad(rng.uniform(15, 45) - 8 * self.insp))
+        self.heart_aspect = float(rng.uniform(0.72, 0.98))
+        self.fat_pad = float(rng.uniform(0.0, 1.0)) if rng.random() < 0.4 else 0.0  # cardiophrenic fat pad
         self.knob_r = float(rng.uniform(10, 17) * self.s)
         self.exposure = float(rng.normal(0, 1))
         self.gamma = float(rng.uniform(0.85, 1.2))
@@ -422,7 +423,7 @@ def make_phantom(
     a = _Anatomy(r_anat)
     ctr = a.ctr_normal
     if labels["cardiomegaly"]:
-        ctr = 0.503 + min(0.2, 0.035 * a.ctr_gamma * cm)
+        ctr = 0.503 + min(0.2, 0.12 * a.ctr_excess * cm)
     meta: dict[str, Any] = {
         "ctr": round(ctr, 4), "patient_size": round(a.s, 3), "rotation": round(a.rot, 4),
         "tilt_deg": round(float(np.rad2deg(a.tilt)), 2), "inspiration": round(a.insp, 3),
@@ -456,6 +457,10 @@ def make_phantom(
     heart_in = _ramp(hsd, max(1.5, px))
     heart_th = np.sqrt(np.clip(1 - r2h, 0, 1))
     air = depth * (1 - 0.5 * heart_in - 0.25 * heart_th)
+    if a.fat_pad:  # epicardial fat pad at the left cardiophrenic angle: widens the silhouette, not the heart
+        fx, fy = a.xm + 0.71 * a.heart_width(ctr) - 6.0, a.dome_top(1) - 4.0
+        rr = ((X - fx) / (14 + 14 * a.fat_pad)) ** 2 + ((Y - fy) / (14 + 10 * a.fat_pad)) ** 2
+        air = air * (1 - 0.45 * np.clip(1 - rr, 0, 1) ** 0.5)
 
     # vessel tree from each hilum
     vp, vw = [], []
@@ -513,7 +518,7 @@ def make_phantom(
     if labels["effusion"]:
         r = r_find.random()
         sides = [-1] if r < 0.4 else [1] if r < 0.75 else [-1, 1]
-        vol = float(r_find.uniform(0, 1) ** 1.4)
+        vol = float(r_find.uniform(0, 1) ** 1.6)
         emask = np.zeros_like(lung_mask)
         for sg in sides:
             v = vol * (r_find.uniform(0.5, 1.0) if len(sides) > 1 else 1.0)
@@ -535,7 +540,7 @@ def make_phantom(
 
     if labels["consolidation"]:
         cx, cy, sg = pick_point(15.0)
-        R = float(r_find.uniform(18, 65) * a.s)
+        R = float(r_find.uniform(12, 58) * a.s)
         nb = int(r_find.integers(4, 10))
         fieldc = np.zeros_like(D)
         for _ in range(nb):
@@ -543,7 +548,7 @@ def make_phantom(
             br = R * r_find.uniform(0.3, 0.7)
             fieldc += np.exp(-((X - bx) ** 2 + (Y - by) ** 2) / (2 * br ** 2))
         fieldc = fieldc * (0.75 + 0.5 * _smooth_field(r_find, 14, U, V))
-        dens = float(r_find.uniform(0.35, 0.9)) * min(1.0, 0.35 + 0.65 * cm)
+        dens = float(r_find.uniform(0.2, 0.8)) * min(1.2, 0.35 + 0.65 * cm)
         op = np.clip((fieldc - 0.45) / 0.5, 0, 1) * dens
         if r_find.random() < 0.35:  # fissure-bounded: a sharp straight edge
             th = r_find.uniform(0, np.pi)
@@ -567,7 +572,7 @@ def make_phantom(
 
     if labels["pneumothorax"]:
         sg = int(r_find.choice([-1, 1]))
-        depth_mm = float(np.exp(r_find.uniform(np.log(6), np.log(60))))
+        depth_mm = float(np.exp(r_find.uniform(np.log(8), np.log(60))))
         k = 0 if sg < 0 else 1
         y_cp = a.dome_top(sg) + a.dome_h
         taper = np.clip((y_cp - 25 - Y) / (y_cp - a.y_apex), 0, 1) ** 0.6
@@ -577,15 +582,15 @@ def make_phantom(
         ptx = _ramp(gap, max(1.0, px)) * _ramp(sd[k], max(1.0, px))
         # no lung tissue peripheral to the line: full air, no markings
         vessel_keep *= 1 - ptx
-        pleura = _line(gap, 0.6, px) * (local > 2.0) * (sd[k] > 1.0)
-        extra += 0.11 * min(1.3, cm) * pleura
+        pleura = _line(gap, 1.0, px) * (local > 2.0) * (sd[k] > 1.0)
+        extra += 0.22 * min(1.3, cm) * pleura
         masks["pneumothorax"] = (gap > 0) & (sd[k] > 0) & (local > 0.5)
         scores["pneumothorax"] = np.minimum(gap, sd[k])
         meta["pneumothorax_depth_mm"] = round(depth_mm, 1)
         meta["pneumothorax_side"] = "right" if sg < 0 else "left"
 
     if labels["nodule"]:
-        dmm = float(np.exp(r_find.uniform(np.log(3.0), np.log(30.0))))
+        dmm = float(np.clip(np.exp(r_find.normal(np.log(12.0), 0.45)), 3.0, 30.0))
         R = dmm / 2
         nx, ny, sg = pick_point(R + 3.0)
         if dmm < 14 and r_find.random() < 0.45:  # over a posterior rib
@@ -604,7 +609,7 @@ def make_phantom(
         edge = _ramp((R * lobul - rr), soft)
         # integrated density kept when the nodule is smaller than a pixel
         mass_ratio = min(1.0, (R / max(R, 0.6 * px)) ** 2)
-        amp = 0.0075 * cm * (0.7 + 0.3 * r_find.random())
+        amp = 0.013 * cm * (0.7 + 0.3 * r_find.random())
         if R < 0.6 * px:
             nod = np.exp(-(rr ** 2) / (2 * (0.6 * px) ** 2)) * (2 / 3) * R * mass_ratio * 2.2
         else:
@@ -621,7 +626,7 @@ def make_phantom(
     # ------------------------------------------------------------------ compose
     air_total = air * air_keep
     if labels["pneumothorax"]:  # the pleural space: gas with no lung tissue, slightly darker than lung
-        air_total = air_total * (1 - ptx) + ptx * np.maximum(air_total, 0.5) * (1.0 + 0.08 * min(cm, 1.5))
+        air_total = air_total * (1 - ptx) + ptx * np.maximum(air_total, 0.6) * (1.0 + 0.15 * min(cm, 1.5))
     D = (D - 0.62 * air_total + vessels * vessel_keep * depth + texture * depth + broad * body_in
          + bone * (0.6 + 0.4 * body_in) + spine + 0.12 * heart_in * (1 - depth) * 0
          - 0.10 * trachea - 0.16 * bubble + a.breast * breast + extra)
