@@ -3,6 +3,7 @@ comparisons with reference implementations where one exists.
 
     python benchmarks/generation.py                      # every image generator, 256 images each
     python benchmarks/generation.py --only gan --n 1024  # one generator
+    python benchmarks/generation.py --n-for diffusion=16 # fewer images for a slow sampler
     python benchmarks/generation.py --json               # machine-readable
 
 The generator list comes from the plugin registry (``hygeia.get_registry()``), so a third-party
@@ -24,6 +25,9 @@ import torch
 
 GENERATE_OPTIONS: dict[str, dict[str, Any]] = {}
 """Extra ``generate()`` options per generator name for the throughput run."""
+
+SAMPLE_COUNTS: dict[str, int] = {}
+"""Images per generator where ``--n`` would take too long (a slow sampler); ``--n-for`` overrides."""
 
 COMPARISONS: dict[str, Callable[[Any, argparse.Namespace], dict[str, Any]]] = {}
 """``name -> fn(generator, args) -> result``: comparisons against a reference implementation."""
@@ -57,6 +61,7 @@ def default_condition(gen: Any) -> Any:
 def throughput(gen: Any, n: int, seed: int = 0, **options: Any) -> dict[str, Any]:
     """Images per second of ``gen.generate(n, ...)`` after a small warm-up call."""
     cond = default_condition(gen)
+    print(f"[generation] {gen.identity.name}: sampling {n} images", file=sys.stderr, flush=True)
     gen.generate(min(n, 8), condition=cond, seed=seed + 1, **options)  # warm-up
     t = time.perf_counter()
     out = gen.generate(n, condition=cond, seed=seed, **options)
@@ -78,8 +83,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         gen = build(spec)
         if getattr(gen, "output", None) != "image":
             continue
-        print(f"[generation] {spec.name}: sampling {args.n} images", file=sys.stderr, flush=True)
-        results["generators"][spec.name] = throughput(gen, args.n, seed=args.seed, **GENERATE_OPTIONS.get(spec.name, {}))
+        n = args.n_for.get(spec.name, SAMPLE_COUNTS.get(spec.name, args.n))
+        results["generators"][spec.name] = throughput(gen, n, seed=args.seed, **GENERATE_OPTIONS.get(spec.name, {}))
         if spec.name in COMPARISONS and not args.no_compare:
             print(f"[generation] {spec.name}: reference comparison", file=sys.stderr, flush=True)
             results["comparisons"][spec.name] = COMPARISONS[spec.name](gen, args)
@@ -122,6 +127,8 @@ def render(results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=256, help="images per generator (default 256)")
+    p.add_argument("--n-for", action="append", default=[], metavar="NAME=N",
+                   help="images for one generator (repeatable), e.g. --n-for diffusion=16")
     p.add_argument("--only", nargs="*", default=None, help="generator names to benchmark (default: all)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--seed", type=int, default=0)
@@ -130,6 +137,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.n < 1:
         p.error("--n: expected a positive integer")
+    n_for: dict[str, int] = {}
+    for item in args.n_for:
+        name, _, value = item.partition("=")
+        if not value.isdigit() or int(value) < 1:
+            p.error(f"--n-for: expected NAME=N with N a positive integer, got {item!r}")
+        n_for[name] = int(value)
+    args.n_for = n_for
     if args.threads:
         torch.set_num_threads(args.threads)
     results = run(args)

@@ -127,3 +127,25 @@ def test_latent_mode_round_trip(tmp_path) -> None:
     out = g.generate(2, condition="normal", seed=0)
     assert out[0].pixels.shape == (1, 64, 64) and out[0].provenance["mode"] == "latent"
     assert (tmp_path / "lat" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_training_writes_bundle_and_grids(tmp_path) -> None:
+    """A tiny run of the real trainer (small UNet): loadable bundle, grids per epoch, reproducible."""
+    from hygeia_diffusion.generator import train
+
+    small = {"block_out_channels": [16, 16, 16], "attention_head_dim": 8, "norm_num_groups": 8}
+
+    def run(name: str):
+        train(out=tmp_path / name, seed=1, progress=False, epochs=2, n_per_class=8, batch_size=16, unet=small,
+              samples_dir=tmp_path / f"{name}-grids", cache=tmp_path / "cache")
+        return hygeia.create("generator", "diffusion", bundle=tmp_path / name, device="cpu")
+
+    a = run("a")
+    assert sorted(p.name for p in (tmp_path / "a-grids").iterdir()) == ["epoch_001.png", "epoch_002.png"]
+    assert a.generate(1, condition="nodule", seed=0, steps=2)[0].pixels.shape == (1, 64, 64)
+    assert a.config["training"]["seed"] == 1 and a.card.metrics["train_loss_last_epoch"] > 0
+    assert run("b").identity.weights_sha256 == a.identity.weights_sha256, "same seed must give the same weights"
+    for bad, name in (({"epochs": 0}, "epochs"), ({"mode": "wavelet"}, "mode"), ({"patch": 3}, "patch"),
+                      ({"p_uncond": 1.5}, "p_uncond"), ({"colour": 1}, "options")):
+        with pytest.raises(InputError, match=name):
+            train(out=tmp_path / "c", **bad)

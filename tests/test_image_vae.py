@@ -82,3 +82,21 @@ def test_priors_cover_every_label(vae) -> None:
     means = vae.prior["mean"]
     assert means.shape[0] == len(CONDITION_LABELS) + 1
     assert torch.cdist(means, means).fill_diagonal_(1e9).min() > 0, "two labels share one prior mean"
+
+
+def test_training_writes_bundle_and_grids(tmp_path) -> None:
+    """A tiny run of the real trainer: bundle loadable, one sample grid per epoch, same seed -> same weights."""
+    from hygeia_vae.image import ImageVAE, train
+
+    def run(name: str) -> ImageVAE:
+        train(out=tmp_path / name, seed=3, progress=False, epochs=2, n_per_class=8, batch_size=16, n_val=4,
+              prior_rank=4, samples_dir=tmp_path / f"{name}-grids", cache=tmp_path / "cache")
+        return ImageVAE(tmp_path / name, device="cpu")
+
+    a = run("a")
+    assert sorted(p.name for p in (tmp_path / "a-grids").iterdir()) == ["epoch_001.png", "epoch_002.png"]
+    assert a.generate(1, condition="effusion", seed=0)[0].pixels.shape == (1, 64, 64)
+    assert "val_reconstruction_mse" in a.card.metrics
+    assert run("b").identity.weights_sha256 == a.identity.weights_sha256, "same seed must give the same weights"
+    with pytest.raises(InputError, match="epochs"):
+        train(out=tmp_path / "c", epochs=0)

@@ -34,6 +34,7 @@ DEFAULT_ARCH: dict[str, Any] = {
     "mean": 0.5,
     "std": 0.25,
     "cam_layer": "net.layer3",
+    "pool": "avgmax",
 }
 
 CARD = ModelCard(
@@ -56,6 +57,13 @@ def _shipped_card() -> ModelCard:
         return CARD
 
 
+class AvgMaxPool(nn.Module):
+    """Global pooling: the mean of average and max pooling (keeps a small, strong response)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (x.mean(dim=(2, 3), keepdim=True) + x.amax(dim=(2, 3), keepdim=True))
+
+
 class CnnNet(nn.Module):
     """Intensity normalisation + a MONAI ResNet (2-D, 1 -> 5 logits)."""
 
@@ -68,6 +76,8 @@ class CnnNet(nn.Module):
                           spatial_dims=2, n_input_channels=1, num_classes=len(FINDING_LABELS),
                           conv1_t_size=int(arch["conv1_t_size"]), conv1_t_stride=int(arch["conv1_t_stride"]),
                           no_max_pool=bool(arch["no_max_pool"]))
+        if arch.get("pool", "avg") == "avgmax":  # small findings (nodules) survive global pooling
+            self.net.avgpool = AvgMaxPool()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)

@@ -291,7 +291,7 @@ class DiffusionGenerator:
     ) -> list[GeneratedImage]:
         """``n`` images for ``condition`` (a finding label, or None), reproducible from ``seed``.
 
-        ``steps`` in [1, 1000] (default from the bundle, 50); ``guidance_scale`` in [0, 20]
+        ``steps`` in [1, 1000] (default from the bundle: 25); ``guidance_scale`` in [0, 20]
         (1: no guidance, 0: unconditional); ``sampler`` ``ddim`` or ``dpm``; ``progress(done,
         total)`` is called after every denoising step of every batch (``None``/``False``: none).
         """
@@ -412,6 +412,10 @@ def train(
             raise InputError(name, f"an integer >= {lo}", got=repr(v))
     if SIZE % patch:
         raise InputError("patch", f"a divisor of {SIZE}", got=patch)
+    if mode not in ("pixel", "latent"):
+        raise InputError("mode", "'pixel' or 'latent'", got=repr(mode))
+    if not 0 <= p_uncond < 1:
+        raise InputError("p_uncond", "a probability in [0, 1)", got=repr(p_uncond))
     if threads:
         torch.set_num_threads(int(threads))
     out = Path(out)
@@ -421,12 +425,14 @@ def train(
     images, conds = class_conditional_set(n_per_class, cache=cache, progress=progress)
     ae = None
     scaling = 1.0
+    vae_id: str | None = None
     if mode == "latent":
         from hygeia.plugins import get_registry
 
         vgen = get_registry().create("generator", "vae", **({"bundle": vae} if vae else {}))
         ae = vgen.autoencoder.to(device)
         scaling = float(vgen.scaling_factor)
+        vae_id = vgen.identity.weights_sha256
         unet_cfg = {**UNET, "in_channels": ae.config.latent_channels, "out_channels": ae.config.latent_channels,
                     "sample_size": SIZE // 2 ** (len(ae.config.block_out_channels) - 1), **(unet or {})}
         sched_cfg = {**SCHEDULER, "clip_sample": False}
@@ -493,10 +499,10 @@ def train(
         "null_class": NULL_CLASS,
         "image_size": SIZE,
         "pixel_spacing_mm": list(PIXEL_SPACING),
-        "sampling": {"sampler": "ddim", "steps": 50, "guidance_scale": 2.0},
+        "sampling": {"sampler": "ddim", "steps": 25, "guidance_scale": 2.0},
         "training": {"seed": seed, "epochs": epochs, "n_per_class": n_per_class, "batch_size": batch_size, "lr": lr,
                      "p_uncond": p_uncond, "ema_decay": ema_decay, "device": str(device), "torch": torch.__version__,
-                     "vae": str(vae) if mode == "latent" and vae else None},
+                     "vae_weights_sha256": vae_id},
     }
     metrics = {"train_loss_last_epoch": round(losses[-1], 5), "train_minutes": round((time.time() - t0) / 60, 1)}
     write_bundle(out, model, noise_sched, ae, config, _card(metrics))

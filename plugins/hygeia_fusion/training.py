@@ -3,7 +3,10 @@
 Reproducible from ``seed`` (phantom sets are drawn from fixed split seeds; shuffling, text dropout,
 augmentation and initialisation from ``seed``). The text encoder is frozen, so its token states
 are computed once per training set (exact, and ~30x faster than running it every step).
-Thresholds are chosen on the validation split (Youden's J), with and without text. The bundle
+Besides the finding labels, the evidence maps are trained against the phantoms' finding masks
+(max-pooled to the map size, binary cross-entropy, ``mask_weight``), which is what makes the heat
+maps point at the finding. Thresholds are chosen on the validation split (Youden's J), with and
+without text. The bundle
 holds only the trainable weights; the encoder's name and SHA-256 go into its config.
 """
 from __future__ import annotations
@@ -34,7 +37,7 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-def card(metrics: dict[str, Any] | None = None, n_train: int = DEFAULTS["n_train"]) -> ModelCard:
+def card(metrics: dict[str, Any] | None = None, n_train: int = DEFAULTS["n_train"], maps: int = 16) -> ModelCard:
     return ModelCard(
         intended_use=("Research and software testing: multi-label finding detection (nodule, consolidation, "
                       "effusion, cardiomegaly, pneumothorax) on 64x64 chest-radiograph-like images, optionally "
@@ -46,7 +49,7 @@ def card(metrics: dict[str, Any] | None = None, n_train: int = DEFAULTS["n_train
         metrics=dict(metrics or {}),
         limitations=("Trained only on synthetic phantoms: performance on real radiographs is unknown. The text "
                      "encoder (all-MiniLM-L6-v2, frozen) reads English indications; text past 128 tokens is "
-                     "truncated. Heat maps are 16x16 class-activation maps upsampled to 64x64: small nodules are "
+                      f"truncated. Heat maps are {maps}x{maps} evidence maps upsampled to 64x64: small nodules are "
                      "localised to within a few pixels at best."),
     )
 
@@ -152,9 +155,11 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     """Train the fusion diagnoser and write its bundle to ``out``; returns ``out``.
 
     Options (``hygeia train fusion --option KEY=VALUE``): ``n_train``, ``n_val``, ``batch_size``,
-    ``lr``, ``text_dropout`` (share of training steps with the text removed, so image-only mode is
-    learnt too), ``shift`` (max translation in px), ``threads`` (CPU threads), ``width``, ``layers``,
-    ``data_dir`` (cache phantom sets as .npz there).
+    ``lr``, ``text_dropout`` (share of training images with the text removed, so image-only mode is
+    learnt too), ``shift`` (max translation in px), ``mask_weight`` (weight of the localisation loss:
+    evidence maps against the phantoms' finding masks; 0 = labels only), ``fine`` (16x16 evidence
+    maps), ``threads`` (CPU threads), ``width``, ``layers``, ``data_dir`` (cache phantom sets and
+    text states there).
     """
     unknown = set(options) - set(DEFAULTS)
     if unknown:
@@ -260,5 +265,7 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
         "training": {"seed": seed, **{k: o[k] for k in DEFAULTS}, "device": str(dev),
                      "seconds": round(time.time() - t0, 1), "history": history},
     }
-    save_bundle(out, net.state_dict(), config, card(metrics, int(o["n_train"])))
+    with torch.no_grad():
+        maps = int(net(torch.zeros(1, 1, 64, 64, device=dev))["maps"].shape[-1])
+    save_bundle(out, net.state_dict(), config, card(metrics, int(o["n_train"]), maps))
     return Path(out)

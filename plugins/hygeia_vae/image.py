@@ -234,6 +234,7 @@ def train(
     lr: float = 2e-3,
     recon_sigma: float = 0.05,
     prior_rank: int = 48,
+    n_val: int = 256,
     samples_dir: str | Path | None = None,
     cache: str | Path | None = None,
     threads: int | None = None,
@@ -245,9 +246,10 @@ def train(
     per condition) is written to ``samples_dir`` (default ``runs/vae``) after every epoch.
     """
     if options:
-        raise InputError("train options", "epochs, n_per_class, batch_size, lr, recon_sigma, prior_rank, samples_dir, "
-                         "cache, threads", got=", ".join(sorted(options)))
-    for name, v, lo in (("epochs", epochs, 1), ("n_per_class", n_per_class, 8), ("batch_size", batch_size, 2)):
+        raise InputError("train options", "epochs, n_per_class, batch_size, lr, recon_sigma, prior_rank, n_val, "
+                         "samples_dir, cache, threads", got=", ".join(sorted(options)))
+    for name, v, lo in (("epochs", epochs, 1), ("n_per_class", n_per_class, 8), ("batch_size", batch_size, 2),
+                        ("prior_rank", prior_rank, 1), ("n_val", n_val, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise InputError(name, f"an integer >= {lo}", got=repr(v))
     if threads:
@@ -310,7 +312,7 @@ def train(
     prior = _fit_priors(mu.flatten(1), torch.from_numpy(conds), prior_rank)
     from hygeia.data import make_phantom_set
 
-    val = torch.from_numpy(make_phantom_set(256, split="val", size=SIZE).images)
+    val = torch.from_numpy(make_phantom_set(n_val, split="val", size=SIZE).images)
     with torch.no_grad():
         r = (ae.decode(ae.encode(val.to(device) * 2 - 1).latent_dist.mean).sample.cpu() + 1) / 2
     val_mse = float((r.clamp(0, 1) - val).pow(2).mean())

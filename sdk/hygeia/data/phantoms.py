@@ -197,6 +197,7 @@ class _Anatomy:
         self.heart_tilt = float(np.deg2rad(rng.uniform(15, 45) - 8 * self.insp))
         self.heart_aspect = float(rng.uniform(0.72, 0.98))
         self.fat_pad = float(rng.uniform(0.0, 1.0)) if rng.random() < 0.4 else 0.0  # cardiophrenic fat pad
+        self.ctr_jitter = float(rng.normal(0.0, 0.012))
         self.knob_r = float(rng.uniform(10, 17) * self.s)
         self.exposure = float(rng.normal(0, 1))
         self.gamma = float(rng.uniform(0.85, 1.2))
@@ -423,7 +424,7 @@ def make_phantom(
     a = _Anatomy(r_anat)
     ctr = a.ctr_normal
     if labels["cardiomegaly"]:
-        ctr = 0.503 + min(0.2, 0.12 * a.ctr_excess * cm)
+        ctr = 0.503 + min(0.2, 0.07 * a.ctr_excess * cm)
     meta: dict[str, Any] = {
         "ctr": round(ctr, 4), "patient_size": round(a.s, 3), "rotation": round(a.rot, 4),
         "tilt_deg": round(float(np.rad2deg(a.tilt)), 2), "inspiration": round(a.insp, 3),
@@ -453,12 +454,14 @@ def make_phantom(
     side_of = np.where(sd[0] >= sd[1], -1, 1)
     lung_in = _ramp(lung_sd, max(1.2, px))
     depth = np.sqrt(np.clip(lung_sd / 28.0, 0, 1)) * lung_in
-    r2h, hsd = a.heart_sd(X, Y, ctr)
+    ctr_drawn = float(np.clip(ctr + a.ctr_jitter, 0.34, 0.75))  # the reader's CTR (the label) vs the drawn heart
+    meta["ctr_drawn"] = round(ctr_drawn, 4)
+    r2h, hsd = a.heart_sd(X, Y, ctr_drawn)
     heart_in = _ramp(hsd, max(1.5, px))
     heart_th = np.sqrt(np.clip(1 - r2h, 0, 1))
     air = depth * (1 - 0.5 * heart_in - 0.25 * heart_th)
     if a.fat_pad:  # epicardial fat pad at the left cardiophrenic angle: widens the silhouette, not the heart
-        fx, fy = a.xm + 0.71 * a.heart_width(ctr) - 6.0, a.dome_top(1) - 4.0
+        fx, fy = a.xm + 0.71 * a.heart_width(ctr_drawn) - 6.0, a.dome_top(1) - 4.0
         rr = ((X - fx) / (14 + 14 * a.fat_pad)) ** 2 + ((Y - fy) / (14 + 10 * a.fat_pad)) ** 2
         air = air * (1 - 0.45 * np.clip(1 - rr, 0, 1) ** 0.5)
 
@@ -511,14 +514,14 @@ def make_phantom(
             x = a.xc + sg * r_find.uniform(0.1, 1.0) * a.W
             y = r_find.uniform(a.y_apex, a.dome_top(sg) + a.dome_h)
             xa, ya = np.array([x]), np.array([y])
-            if a.lung_sd(xa, ya, sg)[0] > min_sd and a.heart_sd(xa, ya, ctr)[1][0] < -min_sd * 0.5:
+            if a.lung_sd(xa, ya, sg)[0] > min_sd and a.heart_sd(xa, ya, ctr_drawn)[1][0] < -min_sd * 0.5:
                 return x, y, sg
         return a.xc + sg * 0.5 * a.W, a.y_apex + 0.45 * (a.y_dome - a.y_apex), sg
 
     if labels["effusion"]:
         r = r_find.random()
         sides = [-1] if r < 0.4 else [1] if r < 0.75 else [-1, 1]
-        vol = float(r_find.uniform(0, 1) ** 1.6)
+        vol = float(r_find.uniform(0, 1) ** 1.8)
         emask = np.zeros_like(lung_mask)
         for sg in sides:
             v = vol * (r_find.uniform(0.5, 1.0) if len(sides) > 1 else 1.0)
@@ -572,7 +575,7 @@ def make_phantom(
 
     if labels["pneumothorax"]:
         sg = int(r_find.choice([-1, 1]))
-        depth_mm = float(np.exp(r_find.uniform(np.log(8), np.log(60))))
+        depth_mm = float(np.exp(r_find.uniform(np.log(6), np.log(60))))
         k = 0 if sg < 0 else 1
         y_cp = a.dome_top(sg) + a.dome_h
         taper = np.clip((y_cp - 25 - Y) / (y_cp - a.y_apex), 0, 1) ** 0.6
@@ -582,8 +585,8 @@ def make_phantom(
         ptx = _ramp(gap, max(1.0, px)) * _ramp(sd[k], max(1.0, px))
         # no lung tissue peripheral to the line: full air, no markings
         vessel_keep *= 1 - ptx
-        pleura = _line(gap, 1.0, px) * (local > 2.0) * (sd[k] > 1.0)
-        extra += 0.22 * min(1.3, cm) * pleura
+        pleura = _line(gap, 0.7, px) * (local > 2.0) * (sd[k] > 1.0)
+        extra += 0.13 * min(1.3, cm) * pleura
         masks["pneumothorax"] = (gap > 0) & (sd[k] > 0) & (local > 0.5)
         scores["pneumothorax"] = np.minimum(gap, sd[k])
         meta["pneumothorax_depth_mm"] = round(depth_mm, 1)
@@ -609,7 +612,7 @@ def make_phantom(
         edge = _ramp((R * lobul - rr), soft)
         # integrated density kept when the nodule is smaller than a pixel
         mass_ratio = min(1.0, (R / max(R, 0.6 * px)) ** 2)
-        amp = 0.013 * cm * (0.7 + 0.3 * r_find.random())
+        amp = 0.018 * cm * (0.7 + 0.3 * r_find.random())
         if R < 0.6 * px:
             nod = np.exp(-(rr ** 2) / (2 * (0.6 * px) ** 2)) * (2 / 3) * R * mass_ratio * 2.2
         else:
@@ -626,7 +629,7 @@ def make_phantom(
     # ------------------------------------------------------------------ compose
     air_total = air * air_keep
     if labels["pneumothorax"]:  # the pleural space: gas with no lung tissue, slightly darker than lung
-        air_total = air_total * (1 - ptx) + ptx * np.maximum(air_total, 0.6) * (1.0 + 0.15 * min(cm, 1.5))
+        air_total = air_total * (1 - ptx) + ptx * np.maximum(air_total, 0.55) * (1.0 + 0.1 * min(cm, 1.5))
     D = (D - 0.62 * air_total + vessels * vessel_keep * depth + texture * depth + broad * body_in
          + bone * (0.6 + 0.4 * body_in) + spine + 0.12 * heart_in * (1 - depth) * 0
          - 0.10 * trachea - 0.16 * bubble + a.breast * breast + extra)

@@ -45,7 +45,8 @@ def evaluate(diagnoser: Any, phantom_set: Any, batch_size: int = 256, progress: 
              localisation: bool = True) -> dict[str, Any]:
     """Per-finding AUROC (sklearn), macro AUROC, sensitivity/specificity at the diagnoser's thresholds,
     ECE, and (where heat maps or regions come back) the pointing-game localisation rate: the share of
-    true-positive calls whose region centre (or heat-map maximum) lies in the true mask.
+    true-positive calls whose heat-map maximum (or, without a heat map, region centre) lies in the
+    true mask.
     """
     from sklearn.metrics import roc_auc_score
 
@@ -158,13 +159,13 @@ def _params(fn: Any) -> set[str]:
 
 
 def _point(f: Any, size: tuple[int, int], mask_shape: tuple[int, int]) -> tuple[int, int] | None:
-    """(row, col) in mask pixels of a finding's region centre or heat-map maximum."""
+    """(row, col) in mask pixels of a finding's heat-map maximum, else its region centre."""
     sy, sx = mask_shape[0] / size[0], mask_shape[1] / size[1]
-    if f.region is not None:
-        cx, cy = f.region.center()
-    elif f.heatmap is not None:
+    if f.heatmap is not None:
         r, c = np.unravel_index(int(np.argmax(f.heatmap)), f.heatmap.shape)
         cx, cy = c + 0.5, r + 0.5
+    elif f.region is not None:
+        cx, cy = f.region.center()
     else:
         return None
     return (int(np.clip(cy * sy, 0, mask_shape[0] - 1)), int(np.clip(cx * sx, 0, mask_shape[1] - 1)))
