@@ -78,7 +78,8 @@ UNET = dict(
     norm_num_groups=16,
     attention_head_dim=32,
 )
-"""diffusers ``UNet2DModel`` arguments of the shipped model (pixel mode, patch 4)."""
+"""diffusers ``UNet2DModel`` arguments (channels and sample size follow the space: 4x16x16 latents for
+the shipped latent-mode model, 16x16x16 pixel blocks in pixel mode with patch 4)."""
 
 SCHEDULER = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon",
                  clip_sample=True, clip_sample_range=1.0)
@@ -378,11 +379,11 @@ def train(
     out: str | Path = WEIGHTS,
     seed: int = 0,
     progress: bool = True,
-    epochs: int = 20,
+    epochs: int = 5,
     n_per_class: int = 1000,
     batch_size: int = 64,
     lr: float = 1e-3,
-    mode: str = "pixel",
+    mode: str = "latent",
     patch: int = 4,
     vae: str | Path | None = None,
     p_uncond: float = 0.1,
@@ -395,10 +396,11 @@ def train(
 ) -> Path:
     """DDPM-train the UNet and write the bundle to ``out`` (what ``hygeia train diffusion`` runs).
 
-    ``mode="latent"`` trains on the ``vae`` plugin's latents (``vae``: its bundle; default the
-    shipped one). Reproducible from ``seed`` on one device and thread count. After every epoch a
-    PNG grid (one row per condition label, DDIM 25 steps, EMA weights) goes to ``samples_dir``
-    (default ``runs/diffusion``).
+    ``mode="latent"`` (default, what is shipped) trains on the ``vae`` plugin's latents (``vae``:
+    its bundle; default the shipped one); ``mode="pixel"`` on 4x4 pixel blocks. Reproducible
+    from ``seed`` on one device and thread count. After every epoch a PNG grid (one row per
+    condition label, DDIM 25 steps, EMA weights) goes to ``samples_dir`` (default
+    ``runs/diffusion``).
     """
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel

@@ -7,10 +7,8 @@ work; ``condition=None`` (or "") is unconditional. Architecture: see :mod:`hygei
 """
 from __future__ import annotations
 
-import math
-import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch

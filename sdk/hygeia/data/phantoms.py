@@ -197,7 +197,7 @@ class _Anatomy:
         self.heart_tilt = float(np.deg2rad(rng.uniform(15, 45) - 8 * self.insp))
         self.heart_aspect = float(rng.uniform(0.72, 0.98))
         self.fat_pad = float(rng.uniform(0.0, 1.0)) if rng.random() < 0.4 else 0.0  # cardiophrenic fat pad
-        self.ctr_jitter = float(rng.normal(0.0, 0.012))
+        self.ctr_jitter = float(rng.normal(0.0, 0.014))
         self.knob_r = float(rng.uniform(10, 17) * self.s)
         self.exposure = float(rng.normal(0, 1))
         self.gamma = float(rng.uniform(0.85, 1.2))
@@ -424,7 +424,7 @@ def make_phantom(
     a = _Anatomy(r_anat)
     ctr = a.ctr_normal
     if labels["cardiomegaly"]:
-        ctr = 0.503 + min(0.2, 0.07 * a.ctr_excess * cm)
+        ctr = 0.503 + min(0.2, 0.06 * a.ctr_excess * cm)
     meta: dict[str, Any] = {
         "ctr": round(ctr, 4), "patient_size": round(a.s, 3), "rotation": round(a.rot, 4),
         "tilt_deg": round(float(np.rad2deg(a.tilt)), 2), "inspiration": round(a.insp, 3),
@@ -551,7 +551,7 @@ def make_phantom(
             br = R * r_find.uniform(0.3, 0.7)
             fieldc += np.exp(-((X - bx) ** 2 + (Y - by) ** 2) / (2 * br ** 2))
         fieldc = fieldc * (0.75 + 0.5 * _smooth_field(r_find, 14, U, V))
-        dens = float(r_find.uniform(0.2, 0.8)) * min(1.2, 0.35 + 0.65 * cm)
+        dens = float(r_find.uniform(0.2, 0.75)) * min(1.2, 0.35 + 0.65 * cm)
         op = np.clip((fieldc - 0.45) / 0.5, 0, 1) * dens
         if r_find.random() < 0.35:  # fissure-bounded: a sharp straight edge
             th = r_find.uniform(0, np.pi)
@@ -593,7 +593,7 @@ def make_phantom(
         meta["pneumothorax_side"] = "right" if sg < 0 else "left"
 
     if labels["nodule"]:
-        dmm = float(np.clip(np.exp(r_find.normal(np.log(12.0), 0.45)), 3.0, 30.0))
+        dmm = float(np.clip(np.exp(r_find.normal(np.log(16.0), 0.45)), 3.0, 30.0))
         R = dmm / 2
         nx, ny, sg = pick_point(R + 3.0)
         if dmm < 14 and r_find.random() < 0.45:  # over a posterior rib
@@ -612,7 +612,7 @@ def make_phantom(
         edge = _ramp((R * lobul - rr), soft)
         # integrated density kept when the nodule is smaller than a pixel
         mass_ratio = min(1.0, (R / max(R, 0.6 * px)) ** 2)
-        amp = 0.018 * cm * (0.7 + 0.3 * r_find.random())
+        amp = 0.024 * cm * (0.7 + 0.3 * r_find.random())
         if R < 0.6 * px:
             nod = np.exp(-(rr ** 2) / (2 * (0.6 * px) ** 2)) * (2 / 3) * R * mass_ratio * 2.2
         else:

@@ -94,6 +94,8 @@ def register(app: typer.Typer) -> None:
         timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for readiness (or --check)."),
         log: Optional[Path] = typer.Option(None, "--log", help="Write tritonserver's log here."),
         verbose: int = typer.Option(0, "--log-verbose", help="tritonserver --log-verbose level."),
+        threads: Optional[int] = typer.Option(None, "--threads", min=1,
+                                              help="torch/OpenMP threads per model (default: $OMP_NUM_THREADS or 1)."),
     ) -> None:
         """Serve every plugin with the embedded tritonserver until Ctrl-C / SIGTERM."""
         if check:
@@ -105,7 +107,7 @@ def register(app: typer.Typer) -> None:
             _build(repo, device, 1, 0, None, quiet=True)
         server = TritonServer(repo, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
                               host=host, models=model, startup_timeout=timeout, log=log, verbose=verbose,
-                              allow_failures=True)
+                              allow_failures=True, threads=threads)
         stop = {"signal": 0}
 
         def on_signal(signum: int, _frame: Any) -> None:

@@ -304,8 +304,9 @@ class RemoteGenerator(_Remote):
         names = [wire.PROGRESS, wire.META] + ([wire.SMILES, wire.VALID] if self.output == "molecule" else [wire.IMAGES])
         q: "queue.Queue[tuple[Any, Any]]" = queue.Queue()
         client = self.conn.client()
-        client.start_stream(callback=lambda result, error: q.put((result, error)),
-                            stream_timeout=self.conn.timeout, headers=self.conn.headers)
+        # no deadline on the whole stream (a long generation is fine while it reports progress):
+        # ``timeout`` bounds the wait for each next message instead
+        client.start_stream(callback=lambda result, error: q.put((result, error)), headers=self.conn.headers)
         got_any = False
         cancel = True
         try:
