@@ -392,6 +392,7 @@ def train(
     cache: str | Path | None = None,
     threads: int | None = None,
     unet: dict[str, Any] | None = None,
+    init: str | Path | None = None,
     **options: Any,
 ) -> Path:
     """DDPM-train the UNet and write the bundle to ``out`` (what ``hygeia train diffusion`` runs).
@@ -400,14 +401,15 @@ def train(
     its bundle; default the shipped one); ``mode="pixel"`` on 4x4 pixel blocks. Reproducible
     from ``seed`` on one device and thread count. After every epoch a PNG grid (one row per
     condition label, DDIM 25 steps, EMA weights) goes to ``samples_dir`` (default
-    ``runs/diffusion``).
+    ``runs/diffusion``). ``init``: a diffusion bundle of the same mode whose UNet weights to
+    continue from (a second stage; the bundle records it).
     """
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.training_utils import EMAModel
 
     if options:
         raise InputError("train options", "epochs, n_per_class, batch_size, lr, mode, patch, vae, p_uncond, "
-                         "ema_decay, samples_dir, cache, threads, unet", got=", ".join(sorted(options)))
+                         "ema_decay, samples_dir, cache, threads, unet, init", got=", ".join(sorted(options)))
     for name, v, lo in (("epochs", epochs, 1), ("n_per_class", n_per_class, 8), ("batch_size", batch_size, 2),
                         ("patch", patch, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -446,7 +448,16 @@ def train(
     x_all = torch.cat([space.encode(torch.from_numpy(images[i:i + 256]).to(device)).cpu()
                        for i in range(0, len(images), 256)])
     y_all = torch.from_numpy(conds)
-    model = UNet2DModel(**unet_cfg).to(device).train()
+    init_id: str | None = None
+    if init:
+        ib = load_bundle(init)
+        _verify(Path(init), ib.tensors)
+        if ib.config.get("mode") != mode:
+            raise InputError("init", f"a diffusion bundle of mode {mode!r}", got=f"mode {ib.config.get('mode')!r}")
+        model = UNet2DModel.from_pretrained(Path(init) / "unet", low_cpu_mem_usage=False).to(device).train()
+        unet_cfg, init_id = dict(model.config), ib.sha256
+    else:
+        model = UNet2DModel(**unet_cfg).to(device).train()
     noise_sched = DDPMScheduler(**sched_cfg)
     ema = EMAModel(model.parameters(), decay=ema_decay, use_ema_warmup=True, power=0.75)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -504,7 +515,7 @@ def train(
         "sampling": {"sampler": "ddim", "steps": 25, "guidance_scale": 2.0},
         "training": {"seed": seed, "epochs": epochs, "n_per_class": n_per_class, "batch_size": batch_size, "lr": lr,
                      "p_uncond": p_uncond, "ema_decay": ema_decay, "device": str(device), "torch": torch.__version__,
-                     "vae_weights_sha256": vae_id},
+                     "vae_weights_sha256": vae_id, "init_weights_sha256": init_id},
     }
     metrics = {"train_loss_last_epoch": round(losses[-1], 5), "train_minutes": round((time.time() - t0) / 60, 1)}
     write_bundle(out, model, noise_sched, ae, config, _card(metrics))

@@ -32,9 +32,10 @@ def run_demo(out: Path, seed: int = 0, server: str | None = None, local: bool = 
         results = diagnoser.diagnose(np.stack([prepare_image(li.pixels, size=diagnoser.input_size) for li in loaded]))
         where = "in-process" if local else f"Triton at {server}"
     else:
-        from .serving.server import TritonServer
+        from .serving.server import serve_plugins
 
-        with TritonServer.for_demo(out / "triton_models", console=console) as srv:
+        console.print("   starting the embedded Triton Inference Server ...")
+        with serve_plugins([plugin]) as srv:
             diagnoser = _remote(plugin, srv.grpc_url)
             results = diagnoser.diagnose(np.stack([prepare_image(li.pixels, size=diagnoser.input_size) for li in loaded]))
             where = f"Triton Inference Server (embedded) at {srv.grpc_url}"
