@@ -11,7 +11,7 @@ from hygeia.api import GeneratedImage
 from hygeia.bundles import load_bundle
 from hygeia.errors import InputError, UnsupportedConditionError
 from hygeia.plugins import get_registry
-from hygeia.testing.contracts import GeneratorContract
+from hygeia.testing import GeneratorContract
 
 pytest.importorskip("hygeia_gan")
 from hygeia_gan.plugin import MAX_N, WEIGHTS, GanGenerator  # noqa: E402
