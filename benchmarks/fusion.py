@@ -9,7 +9,7 @@ Measured side by side in one run, on held-out phantoms with their clinical text,
 and the image-only ``cnn`` at the same batch sizes when it is installed. Prints a table and the
 ratios best-batch / batch-1. Usage::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fusion.py [--threads 1] [--seconds 3] [--json]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fusion.py [--threads 1] [--seconds 3] [--repeats 3] [--json]
 """
 from __future__ import annotations
 
@@ -36,9 +36,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     ap.add_argument("--batches", default="1,8,32,128", help="comma-separated batch sizes")
+    ap.add_argument("--repeats", type=int, default=3, help="round-robin repeats (median is reported)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
+    import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)
@@ -60,9 +62,13 @@ def main() -> None:
     }
     if cnn is not None:
         cases["cnn diagnose (image-only baseline)"] = lambda b: lambda: cnn.diagnose(ps.images[:b])
-    results: dict[str, dict[int, float]] = {}
-    for name, make in cases.items():
-        results[name] = {b: _rate(make(b), b, args.seconds) for b in batches}
+    # round-robin repeats, median per cell: a shared machine's load shifts during a run
+    runs: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in cases}
+    for _ in range(args.repeats):
+        for name, make in cases.items():
+            for b in batches:
+                runs[name][b].append(_rate(make(b), b, args.seconds))
+    results = {name: {b: float(np.median(v)) for b, v in r.items()} for name, r in runs.items()}
     summary = {
         name: {"batch_1": r[1] if 1 in r else None, "best_batch": max(r, key=r.get), "best": max(r.values()),
                "best_over_batch_1": (max(r.values()) / r[1]) if 1 in r else None, "by_batch": r}

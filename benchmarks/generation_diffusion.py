@@ -6,7 +6,8 @@ since DDIMPipeline takes no class labels): ``@torch.no_grad``, float32, a tqdm p
 label and null predictions batched, ``scheduler.step`` per step. The Hygeia side is the plugin's
 ``generate`` call end to end (input checks, sampling, decoding to [0, 1] images). Variants of
 Hygeia's sampler (channels_last, bfloat16 autocast, torch.compile) are timed side by side so that
-only what helps on the machine at hand is kept.
+only what helps on the machine at hand is kept (the plugin's default: channels_last weights;
+``compile=True`` in the factory for long-lived processes).
 
     python benchmarks/generation_diffusion.py [--n 16] [--steps 25] [--repeats 3] [--device cpu]
 
@@ -79,25 +80,25 @@ def run(n: int = 16, steps: int = 25, repeats: int = 3, device: str | None = Non
     label = "effusion"
     cls = gen.labels.index(label)
     rows: dict[str, float] = {}
-    rows["vanilla diffusers loop"] = _time(
-        lambda: gen.space.decode(vanilla_sample(gen.unet, make_scheduler(gen.scheduler_config, "ddim"), n, cls,
-                                                NULL_CLASS, steps, guidance, 0, dev)), repeats, dev)
     run_hygeia = lambda g: g.generate(n, condition=label, seed=0, steps=steps, guidance_scale=guidance,  # noqa: E731
                                       batch_size=n)
-    rows["hygeia generate (default)"] = _time(lambda: run_hygeia(gen), repeats, dev)
-    base_unet = gen.unet
+    unet = gen.unet
     try:
-        gen.unet = base_unet.to(memory_format=torch.channels_last)
-        rows["hygeia + channels_last"] = _time(lambda: run_hygeia(gen), repeats, dev)
-        gen.unet = base_unet.to(memory_format=torch.contiguous_format)
+        unet.to(memory_format=torch.contiguous_format)  # as diffusers loads it
+        rows["vanilla diffusers loop"] = _time(
+            lambda: gen.space.decode(vanilla_sample(unet, make_scheduler(gen.scheduler_config, "ddim"), n, cls,
+                                                    NULL_CLASS, steps, guidance, 0, dev)), repeats, dev)
+        rows["hygeia, contiguous weights"] = _time(lambda: run_hygeia(gen), repeats, dev)
+        unet.to(memory_format=torch.channels_last)  # the plugin's default
+        rows["hygeia generate (default)"] = _time(lambda: run_hygeia(gen), repeats, dev)
         gen.dtype = torch.bfloat16
         rows["hygeia + bf16 autocast"] = _time(lambda: run_hygeia(gen), repeats, dev)
         gen.dtype = None
         if compile:
-            gen.unet = torch.compile(base_unet)
+            gen.unet = torch.compile(unet)  # what DiffusionGenerator(compile=True) does
             rows["hygeia + torch.compile"] = _time(lambda: run_hygeia(gen), repeats, dev)
     finally:
-        gen.unet, gen.dtype = base_unet.to(memory_format=torch.contiguous_format), None
+        gen.unet, gen.dtype = unet.to(memory_format=torch.channels_last), None
     base = rows["vanilla diffusers loop"]
     result = {"device": str(dev), "threads": torch.get_num_threads(), "n": n, "steps": steps, "guidance": guidance,
               "seconds": {k: round(v, 4) for k, v in rows.items()},

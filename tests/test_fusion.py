@@ -137,3 +137,23 @@ def test_training_reproducible(tmp_path):
     assert a.sha256 == b.sha256
     assert a.config["text_encoder"]["sha256"] and "path" not in a.config["text_encoder"]
     assert len(a.config["thresholds"]) == 5
+
+
+def test_evaluate_three_way_json(tmp_path, capsys):
+    """`hygeia evaluate diagnoser fusion --json`: fusion, fusion_no_text, image_only; pure JSON on stdout."""
+    import json
+
+    from hygeia.evaluation.diagnosers import main
+
+    roc = tmp_path / "roc.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main("fusion", n=40, json_out=True, roc=roc)
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) == {"fusion", "fusion_no_text", "image_only"}
+    for key, res in out.items():
+        for field in ("macro_auroc", "per_finding_auroc", "ece", "localisation_hit_rate"):
+            assert field in res, f"{key}: {field} missing"
+        assert 0 <= res["macro_auroc"] <= 1 and 0 <= res["ece"] <= 1
+    assert out["fusion"]["model"]["name"] == "fusion" and out["image_only"]["model"]["name"] == "cnn"
+    assert roc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -242,3 +242,9 @@ def test_phantom_generator_plugin():
     with pytest.raises(InputError, match="condition"):
         g.generate(1, condition="fever and cough")
     assert SPEC.model_card.training_data and SPEC.inputs[1].name == "SEED"
+
+
+def test_parallel_set_matches_serial():
+    a, b = make_phantom_set(70, "val"), make_phantom_set(70, "val", workers=2)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.masks, b.masks)
+    assert np.array_equal(a.labels, b.labels) and a.texts == b.texts and np.array_equal(a.seeds, b.seeds)

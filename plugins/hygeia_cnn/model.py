@@ -83,6 +83,14 @@ class CnnNet(nn.Module):
         return self.net((x - self.mean) / self.std)
 
 
+def _minmax(t: torch.Tensor) -> torch.Tensor:
+    """Scale each map of ``[B, 1, H, W]`` to [0, 1] (hottest = 1); an all-equal map becomes 0."""
+    flat = t.flatten(1)
+    lo = flat.min(1).values.view(-1, 1, 1, 1)
+    hi = flat.max(1).values.view(-1, 1, 1, 1)
+    return (t - lo) / (hi - lo).clamp_min(1e-12)
+
+
 def region_from_heatmap(heat: np.ndarray, level: float = 0.5) -> Region | None:
     """A box (DICOM x=column, y=row pixel coordinates) around the blob holding the heat map's maximum."""
     from scipy import ndimage
@@ -134,7 +142,8 @@ class CnnDiagnoser:
 
         x = torch.from_numpy(check_images(images, size=INPUT_SIZE)).to(self.device)
         if self._cam is None:
-            self._cam = GradCAM(nn_module=self.net, target_layers=self.arch["cam_layer"])
+            # monai's default post-processing maps (min, max) to (1, 0): use a plain per-image min-max
+            self._cam = GradCAM(nn_module=self.net, target_layers=self.arch["cam_layer"], postprocessing=_minmax)
         maps = np.zeros((x.shape[0], len(FINDING_LABELS), *INPUT_SIZE), np.float32)
         with torch.enable_grad():
             for k in classes if classes is not None else range(len(FINDING_LABELS)):

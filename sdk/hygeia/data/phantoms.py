@@ -696,11 +696,17 @@ def make_phantom_set(
     progress: bool = False,
     findings: Sequence[str] | None = None,
     start: int = 0,
+    workers: int = 1,
 ) -> PhantomSet:
-    """``n`` phantoms of a split as arrays; images ``[N,1,H,W]``, labels ``[N,5]``, masks ``[N,5,H,W]``."""
+    """``n`` phantoms of a split as arrays; images ``[N,1,H,W]``, labels ``[N,5]``, masks ``[N,5,H,W]``.
+
+    ``workers > 1`` draws chunks in that many processes; the result is identical to ``workers=1``.
+    """
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n <= 0:
         raise InputError("n", "a positive integer", got=repr(n))
     seeds = split_seeds(int(n), split, start)
+    if workers > 1 and n >= 64:
+        return _parallel_set(seeds, split, size, difficulty, progress, findings, int(workers))
     images = np.empty((n, 1, size, size), np.float32)
     labels = np.zeros((n, len(FINDING_LABELS)), np.float32)
     masks = np.zeros((n, len(FINDING_LABELS), size, size), bool)
@@ -717,6 +723,34 @@ def make_phantom_set(
 
     _loop(n, work, progress, f"phantoms ({split}, {size}x{size})")
     return PhantomSet(images, labels, masks, texts, seeds, split, float(difficulty))
+
+
+def _chunk(args: tuple[np.ndarray, int, float, Sequence[str] | None]) -> tuple[np.ndarray, ...]:
+    seeds, size, difficulty, findings = args
+    ps = [make_phantom(int(s), size=size, findings=findings, difficulty=difficulty) for s in seeds]
+    masks = np.zeros((len(ps), len(FINDING_LABELS), size, size), bool)
+    for i, p in enumerate(ps):
+        for j, k in enumerate(FINDING_LABELS):
+            if k in p.masks:
+                masks[i, j] = p.masks[k]
+    return (np.stack([p.image for p in ps])[:, None], np.stack([p.label_vector() for p in ps]), masks,
+            np.array([p.text for p in ps]))
+
+
+def _parallel_set(seeds: np.ndarray, split: str, size: int, difficulty: float, progress: bool,
+                  findings: Sequence[str] | None, workers: int) -> PhantomSet:
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunks = [seeds[i:i + 256] for i in range(0, len(seeds), 256)]
+    parts: list[tuple[np.ndarray, ...]] = []
+    with ProcessPoolExecutor(workers) as ex:
+        results = ex.map(_chunk, [(c, size, difficulty, findings) for c in chunks])
+        it = iter(results)
+        _loop(len(chunks), lambda i: parts.append(next(it)), progress,
+              f"phantoms ({split}, {size}x{size}, {workers} workers, chunks of 256)")
+    return PhantomSet(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
+                      np.concatenate([p[2] for p in parts]), [str(t) for p in parts for t in p[3]], seeds, split,
+                      float(difficulty))
 
 
 def _loop(n: int, fn: Callable[[int], None], progress: bool, what: str) -> None:
