@@ -53,18 +53,22 @@ def vanilla_sample(unet: Any, scheduler: Any, n: int, label: int, null: int, ste
         return latent_model_input.chunk(2)[0] if guidance > 1 else latent_model_input
 
 
-def _time(fn: Callable[[], Any], repeats: int, device: torch.device) -> float:
-    fn()  # warm-up (and compilation, for torch.compile)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: torch.device) -> dict[str, float]:
+    """Median seconds per function, timed round-robin (A B C A B C ...) so that a change in the
+    machine's load (a shared CPU) hits every variant alike; one warm-up call each first."""
+    for fn in fns.values():
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def run(n: int = 16, steps: int = 25, repeats: int = 3, device: str | None = None, guidance: float = 2.0,
@@ -79,24 +83,33 @@ def run(n: int = 16, steps: int = 25, repeats: int = 3, device: str | None = Non
     dev = gen.device
     label = "effusion"
     cls = gen.labels.index(label)
-    rows: dict[str, float] = {}
     run_hygeia = lambda g: g.generate(n, condition=label, seed=0, steps=steps, guidance_scale=guidance,  # noqa: E731
                                       batch_size=n)
     unet = gen.unet
-    try:
+    compiled = torch.compile(unet) if compile else None  # what DiffusionGenerator(compile=True) does
+
+    def variant(fmt: torch.memory_format, dtype: torch.dtype | None = None, net: Any = None) -> Callable[[], Any]:
+        def fn() -> Any:
+            unet.to(memory_format=fmt)
+            gen.unet, gen.dtype = net if net is not None else unet, dtype
+            return run_hygeia(gen)
+        return fn
+
+    def vanilla() -> Any:
         unet.to(memory_format=torch.contiguous_format)  # as diffusers loads it
-        rows["vanilla diffusers loop"] = _time(
-            lambda: gen.space.decode(vanilla_sample(unet, make_scheduler(gen.scheduler_config, "ddim"), n, cls,
-                                                    NULL_CLASS, steps, guidance, 0, dev)), repeats, dev)
-        rows["hygeia, contiguous weights"] = _time(lambda: run_hygeia(gen), repeats, dev)
-        unet.to(memory_format=torch.channels_last)  # the plugin's default
-        rows["hygeia generate (default)"] = _time(lambda: run_hygeia(gen), repeats, dev)
-        gen.dtype = torch.bfloat16
-        rows["hygeia + bf16 autocast"] = _time(lambda: run_hygeia(gen), repeats, dev)
-        gen.dtype = None
-        if compile:
-            gen.unet = torch.compile(unet)  # what DiffusionGenerator(compile=True) does
-            rows["hygeia + torch.compile"] = _time(lambda: run_hygeia(gen), repeats, dev)
+        return gen.space.decode(vanilla_sample(unet, make_scheduler(gen.scheduler_config, "ddim"), n, cls,
+                                               NULL_CLASS, steps, guidance, 0, dev))
+
+    fns: dict[str, Callable[[], Any]] = {
+        "vanilla diffusers loop": vanilla,
+        "hygeia generate (default)": variant(torch.channels_last),
+        "hygeia, contiguous weights": variant(torch.contiguous_format),
+        "hygeia + bf16 autocast": variant(torch.channels_last, torch.bfloat16),
+    }
+    if compiled is not None:
+        fns["hygeia + torch.compile"] = variant(torch.channels_last, None, compiled)
+    try:
+        rows = _time_interleaved(fns, repeats, dev)
     finally:
         gen.unet, gen.dtype = unet.to(memory_format=torch.channels_last), None
     base = rows["vanilla diffusers loop"]

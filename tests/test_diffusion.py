@@ -149,3 +149,8 @@ def test_training_writes_bundle_and_grids(tmp_path) -> None:
                       ({"p_uncond": 1.5}, "p_uncond"), ({"colour": 1}, "options")):
         with pytest.raises(InputError, match=name):
             train(out=tmp_path / "c", **bad)
+
+
+def test_factory_rejects_bad_dtype() -> None:
+    with pytest.raises(InputError, match="dtype"):
+        hygeia.create("generator", "diffusion", device="cpu", dtype="float16")

@@ -161,3 +161,21 @@ def test_moses_metrics_on_training_molecules(tmp_path: Path, capsys):
     assert metrics["Novelty"] == 0.0  # every molecule is in the training set
     assert 0 < metrics["FCD/Test"] < 50 and out["metrics"]["unique@10000"] is None
     assert out["baselines"]["VAE"]["valid"] == 0.9767
+
+
+def test_moses_compat_shims():
+    from collections import Counter
+
+    import pandas as pd
+
+    from hygeia.evaluation._moses_compat import import_moses
+
+    import_moses()
+    import moses.metrics.metrics as mm
+    from rdkit.six import iteritems  # noqa: F401  (MOSES' SA scorer imports it)
+
+    df = pd.DataFrame({"a": [1]}).append(pd.DataFrame({"a": [2]}), sort=True)
+    assert df["a"].tolist() == [1, 2]
+    # counts as large as the test set's against 30k samples: int64 products overflow
+    big = Counter({"c1ccccc1": 80_000 * 10**4, "CC": 3})
+    assert mm.cos_similarity(big, Counter({"c1ccccc1": 10**6, "N": 2})) == pytest.approx(1.0, abs=1e-9)

@@ -216,6 +216,7 @@ def _roc_png(path: Path, result: dict[str, Any]) -> Path:
     os.close(fd)
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
     os.replace(tmp, path)
     return path
 
@@ -385,5 +386,6 @@ def _roc_compare_png(path: Path, results: dict[str, dict[str, Any]]) -> Path:
     os.close(fd)
     fig.savefig(tmp, dpi=100)
     plt.close(fig)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
     os.replace(tmp, path)
     return path
