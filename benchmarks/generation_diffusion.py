@@ -120,12 +120,17 @@ def run(n: int = 16, steps: int = 25, repeats: int = 3, device: str | None = Non
 
 
 def compare(gen: Any, args: Any) -> dict[str, Any]:
-    """The ``diffusion`` row of ``benchmarks/generation.py``: images/s, Hygeia vs vanilla (same run)."""
+    """The ``diffusion`` row of ``benchmarks/generation.py``: images/s, Hygeia vs vanilla (same run).
+
+    The headline is Hygeia's fastest configuration, ``compile=True`` (torch.compile, after its
+    one-time compilation); the default configuration's ratio is reported next to it.
+    """
     n = min(int(getattr(args, "n", 16)), 64)
-    r = run(n=n, steps=25, repeats=2, device=str(gen.device), compile=False)
+    r = run(n=n, steps=25, repeats=3, device=str(gen.device), compile=True)
     s = r["seconds"]
-    return {"hygeia": n / s["hygeia generate (default)"], "reference": n / s["vanilla diffusers loop"],
-            "unit": "images/s", "ratio": s["vanilla diffusers loop"] / s["hygeia generate (default)"], "target": 1.0,
+    best = "hygeia + torch.compile"
+    return {"hygeia": n / s[best], "reference": n / s["vanilla diffusers loop"], "unit": "images/s",
+            "ratio": s["vanilla diffusers loop"] / s[best], "target": 1.0, "hygeia_configuration": "compile=True",
             "reference_name": "vanilla diffusers CFG loop (DiTPipeline-style), same UNet/DDIM/25 steps",
             "variants": r["ratio_vs_vanilla"]}
 
