@@ -18,7 +18,9 @@ $(STAMP): pyproject.toml tests/example_plugin/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install torch==2.13.0
-	$(PIP) install -e ".[serving,text,generative,pacs,test]"
+	$(PIP) install -e ".[serving,text,generative,pacs,molecules,test]"
+	# MOSES data + metrics: molsets pins pomegranate (no longer builds), so no deps; fcd_torch ships ChemNet.
+	$(PIP) install --no-deps molsets==0.3.1 fcd_torch==1.0.7
 	$(PIP) install -e tests/example_plugin
 	$(PY) -c "import numpy; assert numpy.__version__ < '2', numpy.__version__"
 	@touch $@

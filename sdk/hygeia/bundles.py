@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from .api import ModelCard
 from .errors import BundleError
+from .outputs import current_umask
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "model_card.json"
 
@@ -62,6 +63,10 @@ def save_bundle(
         save_file(weights, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         (tmp / CARD).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+        mask = current_umask()
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a bundle is shared, read-only data
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~mask)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

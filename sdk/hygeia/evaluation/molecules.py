@@ -172,7 +172,7 @@ def render_table(metrics: dict[str, float], title: str = "MOSES metrics") -> Any
 
     base = baselines()
     t = Table(title=f"{title} (n={int(metrics.get('n', 0)) or '?'})")
-    t.add_column("metric")
+    t.add_column("metric", no_wrap=True)
     t.add_column("ours", style="bold")
     for name in base:
         t.add_column(name)
