@@ -4,7 +4,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import hygeia
 from hygeia.api import Diagnosis
 from hygeia.data import make_phantom, make_phantom_set
 from hygeia.errors import InputError

@@ -31,12 +31,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -47,8 +45,9 @@ from hygeia.bundles import CARD as CARD_FILE
 from hygeia.bundles import CONFIG as CONFIG_FILE
 from hygeia.bundles import WEIGHTS as WEIGHTS_FILE
 from hygeia.bundles import load_bundle, pick_device, sha256_file
-from hygeia.data import FOV_MM
+from hygeia.data import FOV_MM, class_conditional_set
 from hygeia.errors import BundleError, InputError
+from hygeia.outputs import atomic_dir
 from hygeia.validation import check_condition, check_n, check_seed
 from hygeia.vocab import CONDITION_LABELS, finding
 
@@ -206,21 +205,8 @@ def _finish(tmp: Path, config: dict[str, Any], card: ModelCard) -> None:
 
 
 def _atomic_dir(path: Path, fill: Callable[[Path], None]) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         fill(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sha256_file(path / WEIGHTS_FILE)
 
 
@@ -355,30 +341,6 @@ class DiffusionGenerator:
 
 
 # --------------------------------------------------------------------------- training
-def class_conditional_set(n_per_class: int, size: int = SIZE, cache: str | Path | None = None,
-                          progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Training images ``[N, 1, size, size]`` and label indices ``[N]`` (into CONDITION_LABELS).
-
-    Label ``k`` uses training-split seeds ``k*n .. (k+1)*n - 1`` with ``findings=[label]``: each
-    condition is clean and no two conditions share a patient. ``cache``: a folder for .npz files.
-    """
-    from hygeia.data import load_npz, make_phantom_set, save_npz
-
-    images, conds = [], []
-    for k, label in enumerate(CONDITION_LABELS):
-        f = Path(cache) / f"train_{label}_{n_per_class}_{size}.npz" if cache else None
-        if f is not None and f.is_file():
-            ps = load_npz(f)
-        else:
-            ps = make_phantom_set(n_per_class, split="train", size=size, findings=[label], start=k * n_per_class,
-                                  progress=progress)
-            if f is not None:
-                save_npz(f, ps)
-        images.append(ps.images)
-        conds.append(np.full(len(ps), k, np.int64))
-    return np.concatenate(images), np.concatenate(conds)
-
-
 def train(
     out: str | Path = WEIGHTS,
     seed: int = 0,
@@ -430,7 +392,7 @@ def train(
     samples_dir = Path(samples_dir) if samples_dir else Path("runs") / NAME
     torch.manual_seed(seed)
     device = pick_device()
-    images, conds = class_conditional_set(n_per_class, cache=cache, progress=progress)
+    images, conds = class_conditional_set(n_per_class, size=SIZE, cache=cache, progress=progress)
     ae = None
     scaling = 1.0
     vae_id: str | None = None

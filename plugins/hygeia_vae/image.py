@@ -26,7 +26,7 @@ import torch
 
 from hygeia.api import GeneratedImage, ModelCard, ModelIdentity, PluginSpec, TensorSpec
 from hygeia.bundles import load_bundle, pick_device, save_bundle
-from hygeia.data import FOV_MM
+from hygeia.data import FOV_MM, class_conditional_set
 from hygeia.errors import InputError
 from hygeia.validation import check_condition, check_n, check_seed
 from hygeia.vocab import CONDITION_LABELS, finding
@@ -200,30 +200,6 @@ def fit_prior(latents: torch.Tensor, rank: int) -> dict[str, torch.Tensor]:
 
 
 # --------------------------------------------------------------------------- training
-def class_conditional_set(n_per_class: int, size: int = SIZE, cache: str | Path | None = None,
-                          progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Training images ``[N, 1, size, size]`` and condition indices ``[N]`` (into CONDITION_LABELS).
-
-    Label ``k`` uses training-split seeds ``k*n .. (k+1)*n - 1`` with ``findings=[label]``, so each
-    condition is clean and no two conditions share a patient. ``cache``: a folder for the .npz files.
-    """
-    from hygeia.data import load_npz, make_phantom_set, save_npz
-
-    images, conds = [], []
-    for k, label in enumerate(CONDITION_LABELS):
-        f = Path(cache) / f"train_{label}_{n_per_class}_{size}.npz" if cache else None
-        if f is not None and f.is_file():
-            ps = load_npz(f)
-        else:
-            ps = make_phantom_set(n_per_class, split="train", size=size, findings=[label], start=k * n_per_class,
-                                  progress=progress)
-            if f is not None:
-                save_npz(f, ps)
-        images.append(ps.images)
-        conds.append(np.full(len(ps), k, np.int64))
-    return np.concatenate(images), np.concatenate(conds)
-
-
 def train(
     out: str | Path = WEIGHTS,
     seed: int = 0,
@@ -258,7 +234,7 @@ def train(
     samples_dir = Path(samples_dir) if samples_dir else Path("runs") / NAME
     torch.manual_seed(seed)
     device = pick_device()
-    images, conds = class_conditional_set(n_per_class, cache=cache, progress=progress)
+    images, conds = class_conditional_set(n_per_class, size=SIZE, cache=cache, progress=progress)
     x_all = torch.from_numpy(images)
     ae = build_autoencoder().to(device).train()
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=1e-4)

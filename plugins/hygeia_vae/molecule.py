@@ -20,13 +20,12 @@ the model card.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch

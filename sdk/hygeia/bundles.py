@@ -15,8 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from .api import ModelCard
 from .errors import BundleError
-from .outputs import current_umask
+from .outputs import atomic_dir, current_umask
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "model_card.json"
 
@@ -56,28 +54,14 @@ def save_bundle(
 ) -> str:
     """Write a bundle atomically (replacing any old one) and return the weights' SHA-256."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(weights, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         (tmp / CARD).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
         mask = current_umask()
-        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp makes 0700; a bundle is shared, read-only data
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~mask)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(path, old)
-            os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return sha256_file(path / WEIGHTS)
 
 

@@ -14,6 +14,7 @@ from .phantoms import (
     SPLITS,
     Phantom,
     PhantomSet,
+    class_conditional_set,
     load_npz,
     make_phantom,
     make_phantom_set,
@@ -30,7 +31,7 @@ _LAZY = {
 }
 
 __all__ = [
-    "DEFAULT_DIFFICULTY", "FOV_MM", "SPLITS", "Phantom", "PhantomSet", "load_npz", "make_phantom",
+    "DEFAULT_DIFFICULTY", "FOV_MM", "SPLITS", "Phantom", "PhantomSet", "class_conditional_set", "load_npz", "make_phantom",
     "make_phantom_set", "phantom_labels_text", "sample_findings", "save_npz", "split_seeds", *_LAZY,
 ]
 

@@ -8,7 +8,6 @@ with a ``DeidentificationMethod`` note saying no patient data exist.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import os
 import tempfile
 from pathlib import Path

@@ -38,11 +38,11 @@ from scipy import ndimage
 
 from ..api import Region
 from ..errors import InputError
-from ..vocab import FINDING_LABELS, NORMAL, finding
+from ..vocab import CONDITION_LABELS, FINDING_LABELS, NORMAL, finding
 
 __all__ = [
     "DEFAULT_DIFFICULTY", "FOV_MM", "SPLITS", "Phantom", "PhantomSet", "make_phantom",
-    "make_phantom_set", "split_seeds", "save_npz", "load_npz", "sample_findings", "phantom_labels_text",
+    "make_phantom_set", "class_conditional_set", "split_seeds", "save_npz", "load_npz", "sample_findings", "phantom_labels_text",
 ]
 
 DEFAULT_DIFFICULTY = 1.0
@@ -451,7 +451,6 @@ def make_phantom(
     # lungs
     sd = [a.lung_sd(X, Y, sg) for sg in (-1, 1)]
     lung_sd = np.maximum(sd[0], sd[1])
-    side_of = np.where(sd[0] >= sd[1], -1, 1)
     lung_in = _ramp(lung_sd, max(1.2, px))
     depth = np.sqrt(np.clip(lung_sd / 28.0, 0, 1)) * lung_in
     ctr_drawn = float(np.clip(ctr + a.ctr_jitter, 0.34, 0.75))  # the reader's CTR (the label) vs the drawn heart
@@ -797,3 +796,26 @@ def load_npz(path: str | os.PathLike[str]) -> PhantomSet:
         if isinstance(exc, InputError):
             raise
         raise InputError(str(path), "a phantom .npz written by hygeia.data.save_npz", got=str(exc)[:200]) from None
+
+
+def class_conditional_set(n_per_class: int, size: int = 64, cache: str | Path | None = None,
+                          progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """A class-conditional training set: images ``[N, 1, size, size]``, condition indices ``[N]``
+    (into ``hygeia.vocab.CONDITION_LABELS``).
+
+    Label ``k`` uses training-split seeds ``k*n .. (k+1)*n - 1`` with ``findings=[label]``, so each
+    condition is clean and no two conditions share a patient. ``cache``: a folder for the .npz files.
+    """
+    images, conds = [], []
+    for k, label in enumerate(CONDITION_LABELS):
+        f = Path(cache) / f"train_{label}_{n_per_class}_{size}.npz" if cache else None
+        if f is not None and f.is_file():
+            ps = load_npz(f)
+        else:
+            ps = make_phantom_set(n_per_class, split="train", size=size, findings=[label], start=k * n_per_class,
+                                  progress=progress)
+            if f is not None:
+                save_npz(f, ps)
+        images.append(ps.images)
+        conds.append(np.full(len(ps), k, np.int64))
+    return np.concatenate(images), np.concatenate(conds)

@@ -14,13 +14,13 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from ..api import PluginSpec
+from ..outputs import atomic_dir
 from ..plugins import ENTRY_POINT_GROUP, PluginRegistry, _as_list, get_registry
 from . import wire
 
@@ -187,22 +187,10 @@ def _write_model(repo: Path, model: str, config: str) -> bool:
     cfg, py = dest / "config.pbtxt", dest / "1" / "model.py"
     if cfg.is_file() and py.is_file() and cfg.read_text() == config and py.read_text() == MODEL_PY:
         return False
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model}.", dir=repo))
-    try:
+    with atomic_dir(dest) as tmp:
         (tmp / "1").mkdir()
         (tmp / "config.pbtxt").write_text(config)
         (tmp / "1" / "model.py").write_text(MODEL_PY)
-        if dest.exists():
-            old = repo / f".{model}.old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return True
 
 
