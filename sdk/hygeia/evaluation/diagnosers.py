@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from ..outputs import atomic_path
 from ..vocab import FINDING_LABELS
 
 __all__ = ["evaluate", "expected_calibration_error", "main"]
@@ -189,8 +190,6 @@ def _point(f: Any, size: tuple[int, int], mask_shape: tuple[int, int]) -> tuple[
 
 
 def _roc_png(path: Path, result: dict[str, Any]) -> Path:
-    import os
-    import tempfile
 
     import matplotlib
 
@@ -211,13 +210,9 @@ def _roc_png(path: Path, result: dict[str, Any]) -> Path:
     name = (result.get("model") or {}).get("name", "")
     ax.set_title(f"{name} on {result['n']} held-out phantoms (synthetic)")
     ax.legend(loc="lower right", fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
-    os.replace(tmp, path)
     return path
 
 
@@ -351,8 +346,6 @@ def _main_compare(name: str, diag: Any, ps: Any, json_out: bool, roc: Path | Non
 
 def _roc_compare_png(path: Path, results: dict[str, dict[str, Any]]) -> Path:
     """One ROC panel per finding (plus the macro legend), one curve per compared model."""
-    import os
-    import tempfile
 
     import matplotlib
 
@@ -381,11 +374,7 @@ def _roc_compare_png(path: Path, results: dict[str, dict[str, Any]]) -> Path:
     lines = [f"{m}: macro AUROC {r['macro_auroc']:.3f}, ECE {r['ece']:.3f}" for m, r in results.items()]
     ax.text(0.0, 0.9, f"{n} held-out phantoms (synthetic, test split)\n\n" + "\n".join(lines), va="top", fontsize=10)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a report is for reading
-    os.replace(tmp, path)
     return path
