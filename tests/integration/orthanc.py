@@ -17,15 +17,11 @@ from typing import Any
 
 import pytest
 
+from hygeia.serving.server import free_port  # noqa: F401  (re-exported for the gateway tests)
+
 ORTHANC_BIN = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 USER, PASSWORD = "hygeia", "hygeia-test-secret"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(port: int, timeout: float = 20.0) -> bool:
