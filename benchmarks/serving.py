@@ -6,12 +6,16 @@
 Measured in one process, on the same machine, with the same number of torch threads on both sides
 (``--threads``, default 1, exported as OMP_NUM_THREADS to the Triton stubs too):
 
-- cold start: tritonserver launch -> every model of the full built-in repository ready (from the
-  server log, also per model);
-- for the cnn diagnoser (batch-1 requests, no heat maps) and each generator (n=1 per request):
+- cold start: tritonserver launch -> every model of the full built-in repository ready (Triton's
+  readiness; from the server log, also per model), and -> every plugin built (the adapter builds
+  plugins in a background thread after readiness; a model's first request waits for its build);
+- for the cnn diagnoser (batch-1 requests, probabilities only: no heat maps, the harshest case
+  for the fixed per-request cost of gRPC + the Python backend) and each generator (n=1 per request):
   p50/p95 latency and throughput at concurrency 1, 4, 8, in-process (threads sharing one plugin
   object) and through Triton (one gRPC client per thread, dynamic batching on the server);
-- the diagnoser's in-process throughput at its best batch size (1..64).
+- the diagnoser's in-process throughput at its best batch size (1..64);
+- the diagnoser's default call (Grad-CAM heat maps and regions, what `hygeia diagnose`, the
+  gateway and the SR use) at batch 1, c=1, both ways.
 
 Ratios printed at the end, against the targets of the serving issue:
   Triton/in-process p50 at batch 1 <= 1.10 (diagnoser);
@@ -140,10 +144,12 @@ def main() -> int:
         launched = datetime.now()
         with TritonServer(tmp / "full", threads=args.threads, startup_timeout=300, allow_failures=True) as srv:
             ready_all = srv.ready_after
+            warm_all, warm_times = srv.warm_after, dict(srv.warm_times)
             per_model = _ready_times(srv.log_path.read_text(errors="replace"), launched)
             cpu = {m: _cpu_seconds(pid) for m, pid in srv.stub_pids().items()}
         report["cold_start"] = {"all_ready_s": ready_all, "per_model_s": per_model, "models": full.models,
-                                "left_out": full.failed, "stub_cpu_s": cpu}
+                                "left_out": full.failed, "stub_cpu_s": cpu, "all_built_s": warm_all,
+                                "build_s": warm_times}
         console.print(f"cold start: all {len(full.models)} models ready after {ready_all:.1f} s; CPU time "
                       f"spent loading, per stub: " + ", ".join(f"{m} {v:.1f}" for m, v in sorted(cpu.items()))
                       + f" (total {sum(cpu.values()):.1f} s on {os.cpu_count()} CPUs)")
@@ -207,6 +213,12 @@ def main() -> int:
                 for mode, r in pair.items():
                     rows.append({"model": f"diagnoser {args.diagnoser}", "mode": mode, "concurrency": c,
                                  "batch": 1, **r, "items_per_s": r["per_s"]})
+            # the call `hygeia diagnose`, the gateway and the SR make: heat maps and regions included
+            pair = _paired({"in-process": lambda _w: local.diagnose(img),
+                            "triton": lambda wk: remote[wk].diagnose(img)}, 1, args.duration, args.rounds)
+            for mode, r in pair.items():
+                rows.append({"model": f"diagnoser {args.diagnoser} +heat maps", "mode": mode, "concurrency": 1,
+                             "batch": 1, **r, "items_per_s": r["per_s"]})
         # generators
         for g in gens:
             local = hygeia.create("generator", g)
@@ -266,6 +278,13 @@ def main() -> int:
                        "yes" if v <= 10 else "[red]no[/]")
         slow = sorted(report["cold_start"]["per_model_s"].items(), key=lambda kv: -kv[1])
         console.print("per-model ready (s after launch): " + ", ".join(f"{k} {v:.1f}" for k, v in slow))
+        w = report["cold_start"]["all_built_s"]
+        if w is not None:
+            checks["all plugins built s"] = w
+            ratios.add_row("  every plugin built (first requests wait for it)", f"{w:.1f}", "-", "-")
+            slow_b = sorted(report["cold_start"]["build_s"].items(), key=lambda kv: -kv[1])
+            console.print("per-model plugin build (s, background, low priority): "
+                          + ", ".join(f"{k} {v:.1f}" for k, v in slow_b))
     console.print(ratios)
     console.print(f"load average start {report['loadavg_start']}, end {report['loadavg_end']} "
                   f"on {os.cpu_count()} CPUs (shared machines inflate every figure)")

@@ -27,6 +27,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from hygeia.serving import connect, wire  # noqa: E402
 from hygeia.serving.repository import build_repository, is_generated  # noqa: E402
+from hygeia.serving.remote import RemoteError  # noqa: E402
 from hygeia.serving.server import TritonServer, check  # noqa: E402
 
 
@@ -396,3 +397,28 @@ def test_stale_model_refuses_to_load(triton_repo: Path, tmp_path: Path) -> None:
     with pytest.raises(TritonServerError, match="conditioner_label.*stale.*hygeia triton build"):
         with TritonServer(repo):
             pass
+
+
+def test_model_ready_before_its_plugin_is_built_and_a_failed_build_is_named(triton_repo: Path, tmp_path: Path) -> None:
+    """Models are ready as soon as the stub reads its config (plugins build in the background,
+    the first request waits); a plugin whose build fails answers every request with the reason."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    for m in ("conditioner_label", "generator_phantom"):
+        shutil.copytree(triton_repo / m, repo / m)
+    cfg = repo / "conditioner_label" / "config.pbtxt"
+    cfg.write_text(re.sub(r'(key: "hygeia_weights_sha256"\n  value: \{ string_value: ")[0-9a-f]*', r"\g<1>" + "0" * 64,
+                          cfg.read_text()))
+    with TritonServer(repo, warm=False) as server:
+        assert not server.failed and server.warm_after is None  # both READY for Triton
+        # the first request waits for the build, then is served
+        assert len(connect("generator", "phantom", server.grpc_url).generate(1, seed=0)) == 1
+        with pytest.raises(RemoteError, match="stale.*hygeia triton build"):
+            connect("conditioner", "label", server.grpc_url, retries=0).encode(["normal"])
+        server.allow_failures = True
+        server.wait_warm(60)
+        assert set(server.failed) == {"conditioner_label"} and "stale" in server.failed["conditioner_label"]
+        assert set(server.warm_times) == {"generator_phantom"} and server.warm_after >= server.ready_after
+        # still serving after the refused requests
+        assert len(connect("generator", "phantom", server.grpc_url).generate(2, seed=1)) == 2

@@ -15,6 +15,7 @@ import inspect
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 from typing import Any, Callable
@@ -26,6 +27,8 @@ from ..validation import check_images
 from . import wire
 
 PROGRESS_INTERVAL_S = 0.05  # at most ~20 progress messages a second per request
+WARM_TAG = "hygeia-warm"  # log tag of the build outcome (read by TritonServer.wait_warm)
+WARM_NICE = 10  # niceness of the background build thread
 
 
 class _Cancelled(Exception):
@@ -59,6 +62,17 @@ class TritonPythonModel:
     """Serves one Hygeia plugin (any kind) in Triton's Python backend."""
 
     def initialize(self, args: dict[str, str]) -> None:
+        """Parse the config and return at once; the plugin is built by :meth:`_warm` in a thread.
+
+        Importing torch, MONAI, diffusers and transformers costs several CPU seconds per stub
+        (``import monai.networks.nets`` alone: ~6 s here); done inside ``initialize`` by every stub
+        at once, a 2-core host needed ~30 s before the repository was ready. The model is ready as
+        soon as its config is read; the build runs in a background thread at lower CPU priority
+        (so the other stubs start first) and the first request waits for it. The outcome is
+        logged as ``hygeia-warm MODEL ok|failed: REASON`` (what :meth:`TritonServer.wait_warm`
+        reads); a failed build (e.g. stale weights) makes every request fail with that reason.
+        ``HYGEIA_EAGER_LOAD=1`` builds inside ``initialize`` instead (a failure then fails the load).
+        """
         import triton_python_backend_utils as pb  # only exists inside the stub
 
         self.pb = pb
@@ -68,34 +82,65 @@ class TritonPythonModel:
         self.params = p
         self.kind, self.name = p["hygeia_kind"], p["hygeia_name"]
         self.info = json.loads(p.get("hygeia_info", "{}"))
-        t0 = time.monotonic()
-        spec = _lookup(self.kind, self.name, p.get("hygeia_entry_point", ""))
-        t1 = time.monotonic()
         device = "cpu"
         if args.get("model_instance_kind") == "GPU":
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
         self.device = device
-        opts = {"device": device} if _accepts(spec.factory, "device") else {}
-        self.plugin = spec.factory(**opts)
-        ident = self.plugin.identity
+        self.plugin: Any = None
+        self._failure: BaseException | None = None
+        self._warmed = threading.Event()
+        self._execute = {"diagnoser": self._diagnose, "conditioner": self._condition,
+                         "generator": self._generate}[self.kind]
+        if os.environ.get("HYGEIA_EAGER_LOAD", "") not in ("", "0"):
+            self._warm()
+        else:
+            threading.Thread(target=self._warm, args=(WARM_NICE,), daemon=True,
+                             name=f"hygeia-warm-{self.model_name}").start()
+
+    def _warm(self, nice: int = 0) -> None:
+        """Find and build the plugin, check its identity against the config, log the outcome."""
+        t0 = time.monotonic()
+        if nice:
+            try:  # Linux: the priority of this thread only
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            except (OSError, AttributeError):  # pragma: no cover
+                pass
+        try:
+            self._build()
+            self._log("info", f"{WARM_TAG} {self.model_name} ok after {time.monotonic() - t0:.1f} s: serving "
+                              f"{self.kind} {self.name!r} v{self.plugin.identity.version} on {self.device}")
+        except BaseException as exc:
+            self._failure = exc
+            self.plugin = None
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())  # one log line
+            self._log("error", f"{WARM_TAG} {self.model_name} failed: {reason}")
+            self._log("verbose", traceback.format_exc())
+            if not nice:  # eager: fail the load itself
+                raise
+        finally:
+            self._warmed.set()
+
+    def _build(self) -> None:
+        p = self.params
+        spec = _lookup(self.kind, self.name, p.get("hygeia_entry_point", ""))
+        opts = {"device": self.device} if _accepts(spec.factory, "device") else {}
+        plugin = spec.factory(**opts)
+        ident = plugin.identity
         want = (p.get("hygeia_version"), p.get("hygeia_weights_sha256") or None)
         if (ident.version, ident.weights_sha256) != want:
             raise RuntimeError(
                 f"model {self.model_name} is stale: its config describes version {want[0]} weights "
                 f"{want[1]}, the installed plugin is version {ident.version} weights {ident.weights_sha256}; "
                 "run `hygeia triton build` to refresh the repository")
-        self._execute = {"diagnoser": self._diagnose, "conditioner": self._condition,
-                         "generator": self._generate}[self.kind]
         if self.kind == "diagnoser":
             self.labels = list(self.info["findings"])
             self.size = tuple(self.info["input_size"])
             self.channels = int(self.info.get("channels", 1))
             self.heatmap_kw = next((k for k in ("heatmaps", "heatmap", "gradcam")
-                                    if _accepts(self.plugin.diagnose, k)), None)
+                                    if _accepts(plugin.diagnose, k)), None)
         if self.kind == "generator":
-            self.takes_progress = _accepts(self.plugin.generate, "progress")
-        self._log("info", f"{self.model_name}: serving {self.kind} {self.name!r} v{ident.version} on {device} "
-                          f"(plugin lookup {t1 - t0:.1f} s, build {time.monotonic() - t1:.1f} s)")
+            self.takes_progress = _accepts(plugin.generate, "progress")
+        self.plugin = plugin
 
     # ----------------------------------------------------------------- helpers
     def _log(self, level: str, msg: str) -> None:
@@ -120,6 +165,15 @@ class TritonPythonModel:
         return self.pb.InferenceResponse(output_tensors=[self.pb.Tensor(k, v) for k, v in outputs.items()])
 
     def execute(self, requests: list[Any]) -> list[Any] | None:
+        self._warmed.wait()
+        if self._failure is not None:
+            exc = RuntimeError(f"model {self.model_name} could not be built: "
+                               f"{type(self._failure).__name__}: {self._failure}")
+            if self.kind != "generator":
+                return [self._error(exc) for _ in requests]
+            for r in requests:  # decoupled: answer through each request's sender
+                r.get_response_sender().send(self._error(exc), flags=self.pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            return None
         return self._execute(requests)
 
     def finalize(self) -> None:

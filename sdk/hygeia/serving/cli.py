@@ -107,7 +107,7 @@ def register(app: typer.Typer) -> None:
             _build(repo, device, 1, 0, None, quiet=True)
         server = TritonServer(repo, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
                               host=host, models=model, startup_timeout=timeout, log=log, verbose=verbose,
-                              allow_failures=True, threads=threads)
+                              allow_failures=True, threads=threads, warm=False)
         stop = {"signal": 0}
 
         def on_signal(signum: int, _frame: Any) -> None:
@@ -129,7 +129,20 @@ def register(app: typer.Typer) -> None:
             console.print(f"metrics  {server.metrics_url}", highlight=False)
             console.print(f"log      {server.log_path}", highlight=False)
             sys.stdout.flush()
+            # models answer once ready; each plugin is built in the background (first requests wait)
+            pending = {m.name for m in states}
             while server.proc is not None and server.proc.poll() is None:
+                if pending:
+                    for name, (ok, detail) in server.warm_states().items():
+                        if name in pending:
+                            pending.discard(name)
+                            if ok:
+                                err.print(f"{name} built in {detail} s", highlight=False)
+                            else:
+                                err.print(f"[red]{name} cannot serve:[/] {detail}", highlight=False)
+                    if not pending:
+                        err.print(f"[green]all models built[/] {time.monotonic() - server.started_at:.1f} s "
+                                  "after launch", highlight=False)
                 time.sleep(0.2)
             code = server.proc.returncode if server.proc is not None else 0
             err.print(f"[red]tritonserver exited[/] with code {code}:\n{server.log_tail(2000)}", highlight=False)

@@ -3,7 +3,13 @@
 ::
 
     with TritonServer("triton_models", grpc_port=8001) as server:
-        print(server.grpc_url)          # 127.0.0.1:8001, every model ready
+        print(server.grpc_url)          # 127.0.0.1:8001, every model ready and built
+
+Models are *ready* (Triton's endpoint) as soon as their stub has read the config; the plugin
+itself is built in the background (see :class:`hygeia.serving.adapter.TritonPythonModel`) and
+its first request waits for that. ``warm=True`` (the default) makes the context manager also
+wait until every plugin is built (:meth:`TritonServer.wait_warm`), so a stale or broken model
+fails at start-up; ``hygeia serve`` prints the addresses when ready and each model when warm.
 
 The server runs in its own process group; leaving the block (or :meth:`stop`) sends SIGTERM to
 the group, waits ``exit_timeout`` seconds, then SIGKILLs whatever is left (Python-backend stubs
@@ -16,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,6 +42,9 @@ from ..errors import HygeiaError
 
 
 log = logging.getLogger(__name__)
+
+
+_WARM_RE = re.compile(r"hygeia-warm (\S+) (?:ok after ([0-9.]+) s|failed: ([^\n]*))")
 
 
 class TritonServerError(HygeiaError):
@@ -162,7 +172,7 @@ class TritonServer:
                  models: Sequence[str] | None = None, exit_timeout: int = 3, startup_timeout: float = 120.0,
                  threads: int | None = None, log: str | os.PathLike[str] | None = None,
                  verbose: int = 0, extra_args: Iterable[str] = (), watchdog: bool = True,
-                 allow_failures: bool = False) -> None:
+                 allow_failures: bool = False, warm: bool = True) -> None:
         self.repo = Path(repo).resolve()
         self.host = host
         self.grpc_port = grpc_port or free_port()
@@ -188,6 +198,10 @@ class TritonServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.started_at = 0.0
         self.ready_after: float | None = None  # seconds from launch to every model ready
+        self.warm = warm
+        self.warm_after: float | None = None  # seconds from launch to every plugin built
+        self.warm_times: dict[str, float] = {}  # model -> seconds its build took (from the log)
+        self._log_start = 0
 
     # ------------------------------------------------------------------ addresses
     @property
@@ -229,6 +243,7 @@ class TritonServer:
         """Launch tritonserver in a new process group (returns at once; see :meth:`wait_ready`)."""
         cmd = self.command()
         logf = open(self.log_path, "ab")
+        self._log_start = logf.tell()
         try:
             self.started_at = time.monotonic()
             self.proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -276,12 +291,62 @@ class TritonServer:
                         log.warning("tritonserver: %s failed to load: %s", k, v)
                     if self.watchdog:
                         self.start_watchdog()
+                    if self.warm:
+                        self.wait_warm(max(1.0, deadline - time.monotonic()))
                     return self.ready_after
             time.sleep(0.05)
         states_s = ", ".join(f"{m.name}={m.state}" for m in self.model_states())
         self.stop()
         raise TritonServerError(f"tritonserver not ready after {timeout or self.startup_timeout:.0f} s "
                                 f"(models: {states_s or 'unknown'}):\n{self.log_tail()}")
+
+    def warm_states(self) -> dict[str, tuple[bool, str]]:
+        """model -> (built, detail) from the ``hygeia-warm`` lines of the log: ``(True, seconds)``
+        or ``(False, reason)``. Models not built yet are absent."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_start)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return {}
+        out: dict[str, tuple[bool, str]] = {}
+        for m in _WARM_RE.finditer(text):
+            out[m.group(1)] = (m.group(2) is not None, m.group(2) or m.group(3).rstrip('"').strip())
+        return out
+
+    def wait_warm(self, timeout: float | None = None) -> float:
+        """Block until every READY model has built its plugin; return seconds since launch.
+
+        A model whose build failed (stale weights, missing package...) raises TritonServerError
+        naming it and why, unless ``allow_failures`` (then it joins :attr:`failed`).
+        """
+        assert self.proc is not None, "start() first"
+        deadline = time.monotonic() + (timeout or self.startup_timeout)
+        models = [m.name for m in self.model_states() if m.state == "READY"
+                  and (self.models is None or m.name in self.models)]
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise TritonServerError(f"tritonserver exited with code {self.proc.returncode} while its "
+                                        f"models were being built:\n{self.log_tail()}")
+            st = self.warm_states()
+            if all(m in st for m in models):
+                self.warm_after = time.monotonic() - self.started_at
+                self.warm_times = {m: float(st[m][1]) for m in models if st[m][0]}
+                bad = {m: st[m][1] for m in models if not st[m][0]}
+                if bad:
+                    self.failed.update(bad)
+                    if not self.allow_failures:
+                        self.stop()
+                        raise TritonServerError("models failed to load: " + "; ".join(f"{k}: {v}" for k, v in bad.items()))
+                    for k, v in bad.items():
+                        log.warning("tritonserver: %s failed to build its plugin: %s", k, v)
+                return self.warm_after
+            time.sleep(0.1)
+        st = self.warm_states()
+        missing = [m for m in models if m not in st]
+        self.stop()
+        raise TritonServerError(f"models not built after {timeout or self.startup_timeout:.0f} s: "
+                                f"{', '.join(missing)}:\n{self.log_tail()}")
 
     def model_states(self) -> list[ModelState]:
         code, body = self._get_index()
