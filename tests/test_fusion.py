@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from hygeia.data import make_phantom, make_phantom_set
 from hygeia.errors import InputError
@@ -137,6 +138,32 @@ def test_training_reproducible(tmp_path):
     assert a.sha256 == b.sha256
     assert a.config["text_encoder"]["sha256"] and "path" not in a.config["text_encoder"]
     assert len(a.config["thresholds"]) == 5
+
+
+def test_warm_start_and_finer_maps(tmp_path):
+    """``init`` copies every fitting tensor of a bundle; ``finer`` gives 32x32 evidence maps; a bad
+    ``mask_pool`` is refused by name."""
+    from hygeia.bundles import load_bundle
+    from hygeia_fusion.network import FusionNet
+    from hygeia_fusion.training import train
+
+    opts = dict(n_train=32, n_val=24, epochs=1, batch_size=16, widths=[8, 8, 16, 16], width=16, heads=2,
+                data_dir=tmp_path / "data", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a = load_bundle(train(out=tmp_path / "a", seed=1, **opts))
+        with pytest.raises(InputError, match="mask_pool"):
+            train(out=tmp_path / "x", seed=1, mask_pool="median", **opts)
+        # lr ~ 0: the warm-started tensors stay (almost) those of the init bundle
+        b = load_bundle(train(out=tmp_path / "b", seed=2, finer=True, init=str(tmp_path / "a"), lr=1e-9, **opts))
+    shared = [k for k in a.tensors if "num_batches" not in k and "running" not in k]  # not BatchNorm statistics
+    assert shared and all(k in b.tensors for k in a.tensors)
+    assert all(torch.allclose(a.tensors[k], b.tensors[k], atol=1e-5) for k in shared)
+    assert {k for k in b.tensors if k not in a.tensors} == {"finer_lat.weight", "finer_lat.bias", "finer_norm.weight", "finer_norm.bias"}
+    arch = dict(b.config["architecture"], widths=tuple(b.config["architecture"]["widths"]))
+    net = FusionNet(**arch)
+    net.load_state_dict(b.tensors)
+    assert net(torch.zeros(1, 1, 64, 64))["maps"].shape == (1, 5, 32, 32)
 
 
 def test_evaluate_three_way_json(tmp_path, capsys):

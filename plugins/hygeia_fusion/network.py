@@ -7,7 +7,9 @@ Shapes (batch ``B``, image tokens ``N = 16 * 16``, text tokens ``T``, width ``d`
         (a learned "no text" token is always first, so an image with no text still has a key)
     co-attention (x layers): image tokens attend to text tokens and text tokens to image tokens
     finding head:
-        evidence maps  S = linear(image tokens)          [B,5,16,16]  (the heat maps)
+        evidence maps  S = linear(image tokens)          [B,5,16,16]  (the heat maps; ``fine``: fused
+                                                                  tokens upsampled + first-stage skip;
+                                                                  ``finer``: + a stem skip, 32x32)
         image logit    s_k = LSE-pool(S_k, r_k)          [B,5]        (log-sum-exp pooling)
         text logit     u_k = w_k . attn(q_k, text tokens) [B,5]        (one query per finding)
         logit_k = s_k + u_k + b_k
@@ -61,6 +63,7 @@ class FusionNet(nn.Module):
         dropout: float = 0.0,
         pool: bool = False,
         fine: bool = False,
+        finer: bool = False,
     ) -> None:
         super().__init__()
         self.n_findings, self.grid, self.pool = n_findings, grid, pool
@@ -81,6 +84,10 @@ class FusionNet(nn.Module):
         if fine:  # evidence maps at the first stage's resolution: fused tokens upsampled + a skip
             self.fine_lat = nn.Conv2d(widths[0], width, 1)
             self.fine_norm = nn.LayerNorm(width)
+        self.finer = bool(finer and fine and pool)
+        if self.finer:  # one more step up, to the stem's resolution (32x32 at 64 px): a skip from the stem
+            self.finer_lat = nn.Conv2d(widths[0], width, 1)
+            self.finer_norm = nn.LayerNorm(width)
         self.evidence = nn.Linear(width, n_findings)  # per-location logit for each finding
         self.log_r = nn.Parameter(torch.full((n_findings,), math.log(4.0)))  # LSE sharpness per finding
         self.queries = nn.Parameter(torch.randn(1, n_findings, width) * 0.02)
@@ -93,9 +100,9 @@ class FusionNet(nn.Module):
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self._image_tokens(images)[0]
 
-    def _image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = self.backbone
-        x = b.act(b.bn1(b.conv1(images)))
+        x0 = x = b.act(b.bn1(b.conv1(images)))
         if self.pool:
             x = b.maxpool(x)
         f1 = b.layer1(x)
@@ -107,7 +114,7 @@ class FusionNet(nn.Module):
         y = sum(F.interpolate(lat(f), size=g, mode="bilinear", align_corners=False) if f.shape[-1] != g[1] else lat(f)
                 for lat, f in zip(self.lat, feats))
         y = self.smooth(y)
-        return y.flatten(2).transpose(1, 2) + self.pos, f1  # [B, N, d], first-stage features
+        return y.flatten(2).transpose(1, 2) + self.pos, f1, x0  # [B, N, d], first-stage and stem features
 
     def text_tokens(self, states: torch.Tensor | None, mask: torch.Tensor | None, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, 1+T, d] tokens (the no-text token first) and their padding mask (True = ignore)."""
@@ -122,7 +129,7 @@ class FusionNet(nn.Module):
                 mask: torch.Tensor | None = None) -> dict[str, Any]:
         """``images`` [B,1,64,64]; ``states`` [B,T,384] frozen text token states (or None); ``mask`` [B,T]."""
         bsz = images.shape[0]
-        x, f1 = self._image_tokens(images)
+        x, f1, x0 = self._image_tokens(images)
         t, t_pad = self.text_tokens(states, mask, bsz)
         for blk in self.blocks:
             x, t = blk(x, t, t_pad)
@@ -133,6 +140,11 @@ class FusionNet(nn.Module):
             grid = x.transpose(1, 2).reshape(bsz, -1, self.grid, self.grid)
             up = F.interpolate(grid, size=f1.shape[-2:], mode="bilinear", align_corners=False) + self.fine_lat(f1)
             x = self.fine_norm(up.flatten(2).transpose(1, 2))
+            if self.finer:
+                side = x0.shape[-1]
+                grid = x.transpose(1, 2).reshape(bsz, -1, f1.shape[-2], f1.shape[-1])
+                up = F.interpolate(grid, size=x0.shape[-2:], mode="bilinear", align_corners=False) + self.finer_lat(x0)
+                x = self.finer_norm(up.flatten(2).transpose(1, 2))
         s_map = self.evidence(self.drop(x))  # [B, N, 5]
         r = self.log_r.exp()
         n = s_map.shape[1]

@@ -4,8 +4,10 @@ Reproducible from ``seed`` (phantom sets are drawn from fixed split seeds; shuff
 augmentation and initialisation from ``seed``). The text encoder is frozen, so its token states
 are computed once per training set (exact, and ~30x faster than running it every step).
 Besides the finding labels, the evidence maps are trained against the phantoms' finding masks
-(max-pooled to the map size, binary cross-entropy, ``mask_weight``), which is what makes the heat
-maps point at the finding. Thresholds are chosen on the validation split (Youden's J), with and
+(``mask_pool``: area-averaged to the map size, so a cell's target is the share of it the finding
+covers and the map's maximum sits where the finding is, not on a cell it merely touches; binary
+cross-entropy with ``mask_pos_weight`` on the rare positive cells; weight ``mask_weight``), which
+is what makes the heat maps point at the finding. Thresholds are chosen on the validation split (Youden's J), with and
 without text. The bundle
 holds only the trainable weights; the encoder's name and SHA-256 go into its config.
 """
@@ -32,8 +34,8 @@ from .network import FusionNet
 DEFAULTS: dict[str, Any] = {
     "epochs": 12, "n_train": 12000, "n_val": 1000, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
     "text_dropout": 0.3, "shift": 3, "threads": 1, "width": 64, "heads": 4, "layers": 1,
-    "widths": [24, 48, 96, 192], "grid": 8, "pool": True, "fine": True, "mask_weight": 1.0,
-    "max_tokens": 128,
+    "widths": [24, 48, 96, 192], "grid": 8, "pool": True, "fine": True, "finer": False, "mask_weight": 1.0,
+    "mask_pool": "avg", "mask_pos_weight": 4.0, "max_tokens": 128, "init": None,
 }
 
 
@@ -157,7 +159,9 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     Options (``hygeia train fusion --option KEY=VALUE``): ``n_train``, ``n_val``, ``batch_size``,
     ``lr``, ``text_dropout`` (share of training images with the text removed, so image-only mode is
     learnt too), ``shift`` (max translation in px), ``mask_weight`` (weight of the localisation loss:
-    evidence maps against the phantoms' finding masks; 0 = labels only), ``fine`` (16x16 evidence
+    evidence maps against the phantoms' finding masks; 0 = labels only), ``mask_pool`` (``avg``: area
+share per map cell, or ``max``: any overlap), ``mask_pos_weight``, ``finer`` (32x32 evidence maps
+    through a stem skip), ``init`` (a bundle to warm-start from), ``fine`` (16x16 evidence
     maps), ``threads`` (CPU threads), ``width``, ``layers``, ``data_dir`` (cache phantom sets and
     text states there).
     """
@@ -190,8 +194,16 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
     va_s, va_m, va_i = _text_states(va.texts, int(o["max_tokens"]), data_dir)
     arch = {"n_findings": len(FINDING_LABELS), "width": int(o["width"]), "heads": int(o["heads"]),
             "layers": int(o["layers"]), "widths": [int(w) for w in o["widths"]], "grid": int(o["grid"]), "pool": bool(o["pool"]),
-            "fine": bool(o["fine"]), "dropout": 0.0}
+            "fine": bool(o["fine"]), "finer": bool(o["finer"]), "dropout": 0.0}
     net = FusionNet(**{**arch, "widths": tuple(arch["widths"])}).to(dev)
+    if o["init"]:  # warm start: every tensor of that bundle whose name and shape fit
+        from hygeia.bundles import load_bundle
+
+        have = net.state_dict()
+        init = {k: v for k, v in load_bundle(o["init"]).tensors.items() if k in have and have[k].shape == v.shape}
+        net.load_state_dict(init, strict=False)
+        if progress:
+            print(f"warm start from {o['init']}: {len(init)}/{len(have)} tensors")
     opt = torch.optim.AdamW(net.parameters(), lr=float(o["lr"]), weight_decay=float(o["weight_decay"]))
     bs, n = int(o["batch_size"]), len(tr)
     steps = int(o["epochs"]) * ((n + bs - 1) // bs)
@@ -199,6 +211,11 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
     x_all = torch.from_numpy(tr.images)
     y_all = torch.from_numpy(tr.labels)
     m_all = torch.from_numpy(tr.masks) if float(o["mask_weight"]) > 0 else None
+    if o["mask_pool"] not in ("avg", "max"):
+        from hygeia.errors import InputError
+
+        raise InputError("mask_pool", "'avg' or 'max'", got=repr(o["mask_pool"]))
+    map_pos_weight = torch.tensor(float(o["mask_pos_weight"]), device=dev)
     best: tuple[float, dict[str, torch.Tensor], int] = (-1.0, {}, -1)
     history: list[dict[str, float]] = []
 
@@ -225,8 +242,10 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
                 out_ = net(x, s.to(dev), m.to(dev))
                 loss = F.binary_cross_entropy_with_logits(out_["logits"], y)
                 if mk is not None:  # localisation: evidence maps against the finding masks
-                    target = F.adaptive_max_pool2d(mk.to(dev), out_["maps"].shape[-2:])
-                    loss = loss + float(o["mask_weight"]) * F.binary_cross_entropy_with_logits(out_["maps"], target)
+                    pool = F.adaptive_avg_pool2d if o["mask_pool"] == "avg" else F.adaptive_max_pool2d
+                    target = pool(mk.to(dev), out_["maps"].shape[-2:])
+                    loss = loss + float(o["mask_weight"]) * F.binary_cross_entropy_with_logits(
+                        out_["maps"], target, pos_weight=map_pos_weight)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
