@@ -63,12 +63,20 @@ def test_image_only_mode(fusion, phantoms):
 
 
 def test_text_moves_the_linked_finding(fusion):
-    """A heart-failure history raises cardiomegaly more than an unrelated one (learned, not wired)."""
-    imgs = make_phantom_set(8, "test", size=64, start=100).images
-    hf = fusion.predict(imgs, ["known congestive heart failure, worsening ankle swelling"] * 8, maps=False)[0]
-    other = fusion.predict(imgs, ["pre-employment screening"] * 8, maps=False)[0]
-    k = FINDING_LABELS.index("cardiomegaly")
-    assert (hf[:, k] > other[:, k]).all()
+    """A heart-failure history raises cardiomegaly, a smoking history raises nodule, each more than
+    the other history does, against an unrelated one (learned, not wired; mean log-odds over 32 images)."""
+    imgs = make_phantom_set(32, "test", size=64, start=100).images
+
+    def log_odds(text: str) -> np.ndarray:
+        p = fusion.predict(imgs, [text] * len(imgs), maps=False)[0].astype(np.float64)
+        return np.log(p / (1 - p))
+
+    base = log_odds("pre-employment screening")
+    hf = (log_odds("known congestive heart failure, worsening ankle swelling") - base).mean(0)
+    smoke = (log_odds("long-standing smoker, weight loss, haemoptysis") - base).mean(0)
+    cardio, nodule = FINDING_LABELS.index("cardiomegaly"), FINDING_LABELS.index("nodule")
+    assert hf[cardio] > 0.5 and hf[cardio] > smoke[cardio] + 0.5, (hf, smoke)
+    assert smoke[nodule] > 1.0 and smoke[nodule] > hf[nodule] + 1.0, (hf, smoke)
 
 
 def test_long_text_truncated_with_warning(fusion, phantoms):

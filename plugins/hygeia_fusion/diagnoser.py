@@ -6,7 +6,7 @@ with one clinical history/indication line per image or none (image-only mode). T
 the frozen shared encoder (:mod:`hygeia.text`, all-MiniLM-L6-v2), truncated with a warning past
 its 128-token limit.
 
-Localisation: each finding's evidence map (16x16, trained against the phantoms' finding masks) is
+Localisation: each finding's evidence map (32x32 for the shipped weights, trained against the phantoms' finding masks) is
 upsampled bilinearly to the image size and min-max scaled to [0, 1]: that is the heat map. Its
 peak becomes the finding's region: a point for nodules; for the other findings the convex hull of
 the heat map's connected part at >= 50% of the peak around it (a closed polyline). Regions are
