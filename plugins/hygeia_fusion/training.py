@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from hygeia.api import ModelCard
 from hygeia.bundles import pick_device, save_bundle
 from hygeia.data import PhantomSet, load_npz, make_phantom_set, save_npz
+from hygeia.errors import InputError
 from hygeia.vocab import FINDING_LABELS
 
 from .diagnoser import WEIGHTS, encode_texts, encoder_identity
@@ -167,10 +168,10 @@ share per map cell, or ``max``: any overlap), ``mask_pos_weight``, ``finer`` (32
     """
     unknown = set(options) - set(DEFAULTS)
     if unknown:
-        from hygeia.errors import InputError
-
         raise InputError("option", f"one of {', '.join(sorted(DEFAULTS))}", got=", ".join(sorted(unknown)))
     o = {**DEFAULTS, **options}
+    if o["mask_pool"] not in ("avg", "max"):  # checked before any data is drawn
+        raise InputError("mask_pool", "'avg' or 'max'", got=repr(o["mask_pool"]))
     if epochs is not None:
         o["epochs"] = int(epochs)
     threads = torch.get_num_threads()
@@ -211,10 +212,6 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
     x_all = torch.from_numpy(tr.images)
     y_all = torch.from_numpy(tr.labels)
     m_all = torch.from_numpy(tr.masks) if float(o["mask_weight"]) > 0 else None
-    if o["mask_pool"] not in ("avg", "max"):
-        from hygeia.errors import InputError
-
-        raise InputError("mask_pool", "'avg' or 'max'", got=repr(o["mask_pool"]))
     map_pos_weight = torch.tensor(float(o["mask_pos_weight"]), device=dev)
     best: tuple[float, dict[str, torch.Tensor], int] = (-1.0, {}, -1)
     history: list[dict[str, float]] = []
