@@ -54,14 +54,17 @@ def main() -> None:
     except Exception:  # noqa: BLE001 - optional comparison
         cnn = None
     batches = [int(b) for b in args.batches.split(",")]
-    ps = make_phantom_set(max(batches), "test", size=64, start=5000)
+    size = fusion.input_size[0]
+    ps = make_phantom_set(max(batches), "test", size=size, start=5000)
+    # the cnn baseline gets the same patients rendered at its own input size
+    cnn_images = make_phantom_set(max(batches), "test", size=cnn.input_size[0], start=5000).images if cnn else None
     cases: dict[str, Callable[[int], Callable[[], Any]]] = {
         "fusion diagnose, text": lambda b: lambda: fusion.diagnose(ps.images[:b], ps.texts[:b]),
         "fusion diagnose, image-only": lambda b: lambda: fusion.diagnose(ps.images[:b]),
         "fusion predict, text, no maps": lambda b: lambda: fusion.predict(ps.images[:b], ps.texts[:b], maps=False),
     }
     if cnn is not None:
-        cases["cnn diagnose (image-only baseline)"] = lambda b: lambda: cnn.diagnose(ps.images[:b])
+        cases["cnn diagnose (image-only baseline)"] = lambda b: lambda: cnn.diagnose(cnn_images[:b])
     # round-robin repeats, median per cell: a shared machine's load shifts during a run
     runs: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in cases}
     for _ in range(args.repeats):
@@ -75,13 +78,13 @@ def main() -> None:
         for name, r in results.items()
     }
     if args.json:
-        print(json.dumps({"threads": args.threads, "device": "cpu", "results": summary}, indent=2))
+        print(json.dumps({"threads": args.threads, "device": "cpu", "fusion_input_size": size, "results": summary}, indent=2))
         return
     from rich.console import Console
     from rich.table import Table
 
     t = Table("case", *[f"batch {b}" for b in batches], "best / batch 1",
-              title=f"fusion diagnoses/s on CPU ({args.threads} thread(s), 64x64)")
+              title=f"fusion diagnoses/s on CPU ({args.threads} thread(s), fusion {size}x{size})")
     for name, r in results.items():
         s = summary[name]
         t.add_row(name, *[f"{r[b]:.1f}" for b in batches],

@@ -28,8 +28,14 @@ def fusion():
 
 
 @pytest.fixture(scope="module")
-def phantoms():
-    return make_phantom_set(24, "test", size=64)
+def size(fusion):
+    """Pixels per side the shipped weights take (their config's ``input_size``)."""
+    return fusion.input_size[0]
+
+
+@pytest.fixture(scope="module")
+def phantoms(size):
+    return make_phantom_set(24, "test", size=size)
 
 
 def test_shipped_weights_small_and_encoder_recorded():
@@ -62,10 +68,10 @@ def test_image_only_mode(fusion, phantoms):
     assert [f.threshold for f in with_text[0].findings] == pytest.approx(list(fusion.thresholds))
 
 
-def test_text_moves_the_linked_finding(fusion):
+def test_text_moves_the_linked_finding(fusion, size):
     """A heart-failure history raises cardiomegaly, a smoking history raises nodule, each more than
     the other history does, against an unrelated one (learned, not wired; mean log-odds over 32 images)."""
-    imgs = make_phantom_set(32, "test", size=64, start=100).images
+    imgs = make_phantom_set(32, "test", size=size, start=100).images
 
     def log_odds(text: str) -> np.ndarray:
         p = fusion.predict(imgs, [text] * len(imgs), maps=False)[0].astype(np.float64)
@@ -94,27 +100,27 @@ def test_rgb_same_as_gray(fusion, phantoms):
     assert np.allclose(pg, pr, atol=1e-5)
 
 
-def test_wrong_size_rejected_or_resized(fusion):
-    big = make_phantom(7, size=128).image[None, None]
-    with pytest.raises(InputError, match="64x64"):
+def test_wrong_size_rejected_or_resized(fusion, size):
+    big = make_phantom(7, size=2 * size).image[None, None]
+    with pytest.raises(InputError, match=f"{size}x{size}"):
         fusion.diagnose(big)
     resizing = get_registry().create("diagnoser", "fusion", resize=True)
     out = resizing.diagnose(big, texts=["cough"])
-    assert out[0].image_size == (64, 64) and out[0].findings[0].heatmap.shape == (64, 64)
+    assert out[0].image_size == (size, size) and out[0].findings[0].heatmap.shape == (size, size)
     from hygeia.data import prepare_image
 
-    want = fusion.predict(prepare_image(big[0, 0])[None], ["cough"], maps=False)[0]
+    want = fusion.predict(prepare_image(big[0, 0], size=(size, size))[None], ["cough"], maps=False)[0]
     assert np.allclose([f.probability for f in out[0].findings], want[0], atol=1e-5)
 
 
-def test_heatmaps_and_regions(fusion):
+def test_heatmaps_and_regions(fusion, size):
     """Present findings get a region inside the image; heat maps peak on large findings."""
     hits = 0
     for seed in range(6):
-        p = make_phantom(1000 + seed, size=64, findings=["cardiomegaly"])
+        p = make_phantom(1000 + seed, size=size, findings=["cardiomegaly"])
         d = fusion.diagnose(p.image[None, None])[0]
         f = d.findings[FINDING_LABELS.index("cardiomegaly")]
-        assert f.heatmap.shape == (64, 64) and 0 <= f.heatmap.min() and f.heatmap.max() <= 1
+        assert f.heatmap.shape == (size, size) and 0 <= f.heatmap.min() and f.heatmap.max() <= 1
         r, c = np.unravel_index(int(np.argmax(f.heatmap)), f.heatmap.shape)
         hits += bool(p.masks["cardiomegaly"][r, c])
         for g in d.findings:
@@ -172,6 +178,23 @@ def test_warm_start_and_finer_maps(tmp_path):
     net = FusionNet(**arch)
     net.load_state_dict(b.tensors)
     assert net(torch.zeros(1, 1, 64, 64))["maps"].shape == (1, 5, 32, 32)
+
+
+def test_input_size_option(tmp_path):
+    """``size`` trains on phantoms of that size; the bundle's diagnoser takes exactly that size."""
+    from hygeia_fusion.training import train
+
+    opts = dict(n_train=32, n_val=24, epochs=1, batch_size=16, widths=[8, 8, 16, 16], width=16, heads=2,
+                data_dir=tmp_path / "data", progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = train(out=tmp_path / "s96", seed=1, size=96, finer=True, **opts)
+    diag = get_registry().create("diagnoser", "fusion", bundle=out)
+    assert diag.input_size == (96, 96)
+    d = diag.diagnose(make_phantom(5, size=96).image[None, None], texts=["cough"])[0]
+    assert d.image_size == (96, 96) and d.findings[0].heatmap.shape == (96, 96)
+    with pytest.raises(InputError, match="96x96"):
+        diag.diagnose(make_phantom(5, size=64).image[None, None])
 
 
 def test_evaluate_three_way_json(tmp_path, capsys):

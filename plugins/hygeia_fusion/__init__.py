@@ -26,6 +26,21 @@ def _train(**options: Any) -> Any:
     return train(**options)
 
 
+def _shipped_size() -> int:
+    """Input size (pixels per side) of the shipped weights, from their config (64 when absent)."""
+    import json
+    from pathlib import Path
+
+    f = Path(__file__).parent / "weights" / "fusion" / "config.json"
+    try:
+        return int(json.loads(f.read_text())["input_size"][0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return 64
+
+
+SIZE = _shipped_size()
+
+
 def _card() -> Any:
     """The shipped bundle's model card (metrics measured at training), else the static one."""
     import json
@@ -49,17 +64,17 @@ SPEC = PluginSpec(
     name=NAME,
     version=VERSION,
     description=("Vision (MONAI ResNet) + language (frozen all-MiniLM-L6-v2) co-attention fusion: 5 chest findings "
-                 "from a 64x64 image and an optional clinical history line, with heat maps and regions"),
+                 f"from a {SIZE}x{SIZE} image and an optional clinical history line, with heat maps and regions"),
     factory=_factory,
     inputs=(
-        TensorSpec("IMAGES", "FP32", (1, 64, 64), description="grayscale image in [0, 1] (RGB is converted to luminance)"),
+        TensorSpec("IMAGES", "FP32", (1, SIZE, SIZE), description="grayscale image in [0, 1] (RGB is converted to luminance)"),
         TensorSpec("TEXTS", "BYTES", (1,), optional=True, description="clinical history/indication, UTF-8; "
                    "absent or empty: image-only"),
     ),
     outputs=(
         TensorSpec("PROBS", "FP32", (5,), description="probability per finding, hygeia.vocab order"),
         TensorSpec("THRESHOLDS", "FP32", (5,), description="decision threshold per finding"),
-        TensorSpec("HEATMAPS", "FP32", (5, 64, 64), description="per-finding heat map in [0, 1]"),
+        TensorSpec("HEATMAPS", "FP32", (5, SIZE, SIZE), description="per-finding heat map in [0, 1]"),
     ),
     model_card=_card(),
     train=_train,

@@ -146,6 +146,8 @@ class FusionDiagnoser:
         if self.thresholds.shape != (len(FINDING_LABELS),) or self.thresholds_no_text.shape != self.thresholds.shape:
             raise BundleError(f"model bundle {path}: expected {len(FINDING_LABELS)} thresholds")
         self.max_tokens = int(self.config.get("max_tokens", 128))
+        size = self.config.get("input_size", INPUT_SIZE)
+        self.input_size = (int(size[0]), int(size[1]))
         self.identity = ModelIdentity(NAME, VERSION, "diagnoser", b.sha256)
         self.resize, self.regions, self.use_text, self.batch_size = bool(resize), regions, bool(use_text), int(batch_size)
         self._codes = [finding(k).code for k in FINDING_LABELS]

@@ -36,14 +36,15 @@ DEFAULTS: dict[str, Any] = {
     "epochs": 12, "n_train": 12000, "n_val": 1000, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
     "text_dropout": 0.3, "shift": 3, "threads": 1, "width": 64, "heads": 4, "layers": 1,
     "widths": [24, 48, 96, 192], "grid": 8, "pool": True, "fine": True, "finer": False, "mask_weight": 1.0,
-    "mask_pool": "avg", "mask_pos_weight": 4.0, "max_tokens": 128, "init": None,
+    "mask_pool": "avg", "mask_pos_weight": 4.0, "max_tokens": 128, "init": None, "size": 64,
 }
 
 
-def card(metrics: dict[str, Any] | None = None, n_train: int = DEFAULTS["n_train"], maps: int = 16) -> ModelCard:
+def card(metrics: dict[str, Any] | None = None, n_train: int = DEFAULTS["n_train"], maps: int = 16,
+         size: int = DEFAULTS["size"]) -> ModelCard:
     return ModelCard(
         intended_use=("Research and software testing: multi-label finding detection (nodule, consolidation, "
-                      "effusion, cardiomegaly, pneumothorax) on 64x64 chest-radiograph-like images, optionally "
+                      f"effusion, cardiomegaly, pneumothorax) on {size}x{size} chest-radiograph-like images, optionally "
                       "helped by the clinical history/indication line, with per-finding heat maps and regions. "
                       "Not for clinical use."),
         training_data=(f"{n_train} synthetic phantoms (hygeia.data.make_phantom_set, split 'train', default "
@@ -52,19 +53,20 @@ def card(metrics: dict[str, Any] | None = None, n_train: int = DEFAULTS["n_train
         metrics=dict(metrics or {}),
         limitations=("Trained only on synthetic phantoms: performance on real radiographs is unknown. The text "
                      "encoder (all-MiniLM-L6-v2, frozen) reads English indications; text past 128 tokens is "
-                      f"truncated. Heat maps are {maps}x{maps} evidence maps upsampled to 64x64: small nodules are "
+                      f"truncated. Heat maps are {maps}x{maps} evidence maps upsampled to {size}x{size}: small nodules are "
                      "localised to within a few pixels at best."),
     )
 
 
-def _dataset(split: str, n: int, data_dir: Path | None, progress: bool) -> PhantomSet:
+def _dataset(split: str, n: int, data_dir: Path | None, progress: bool, size: int = 64) -> PhantomSet:
+    f = None
     if data_dir is not None:
-        f = Path(data_dir) / f"{split}_{n}.npz"
+        f = Path(data_dir) / (f"{split}_{n}.npz" if size == 64 else f"{split}_{n}_{size}px.npz")
         if f.is_file():
             return load_npz(f)
-    ps = make_phantom_set(n, split, size=64, progress=progress)
-    if data_dir is not None:
-        save_npz(Path(data_dir) / f"{split}_{n}.npz", ps)
+    ps = make_phantom_set(n, split, size=size, progress=progress)
+    if f is not None:
+        save_npz(f, ps)
     return ps
 
 
@@ -189,8 +191,9 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
     g = torch.Generator().manual_seed(seed)
     t0 = time.time()
     data_dir = Path(data_dir) if data_dir else (Path(os.environ["HYGEIA_DATA_CACHE"]) if os.environ.get("HYGEIA_DATA_CACHE") else None)
-    tr = _dataset("train", int(o["n_train"]), data_dir, progress)
-    va = _dataset("val", int(o["n_val"]), data_dir, progress)
+    size = int(o["size"])
+    tr = _dataset("train", int(o["n_train"]), data_dir, progress, size)
+    va = _dataset("val", int(o["n_val"]), data_dir, progress, size)
     tr_s, tr_m, tr_i = _text_states(tr.texts, int(o["max_tokens"]), data_dir)
     va_s, va_m, va_i = _text_states(va.texts, int(o["max_tokens"]), data_dir)
     arch = {"n_findings": len(FINDING_LABELS), "width": int(o["width"]), "heads": int(o["heads"]),
@@ -252,6 +255,7 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
             p = _predict(net, va.images, va_s, va_m, va_i, dev)
             auc = _aurocs(va.labels, p)
             rec = {"epoch": ep + 1, "loss": tot / n, "val_macro_auroc": float(np.nanmean(auc)),
+                   "val_auroc": dict(zip(FINDING_LABELS, [round(a, 4) for a in auc])),
                    "seconds": round(time.time() - t0, 1)}
             history.append(rec)
             bar.update(task, description=f"training fusion (epoch {ep + 1}, val AUROC {rec['val_macro_auroc']:.3f})")
@@ -271,7 +275,7 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
     config = {
         "architecture": arch,
         "findings": list(FINDING_LABELS),
-        "input_size": [64, 64],
+        "input_size": [size, size],
         "thresholds": youden_thresholds(va.labels, p_text),
         "thresholds_no_text": youden_thresholds(va.labels, p_none),
         "threshold_rule": "Youden's J on the 'val' phantom split",
@@ -282,6 +286,6 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
                      "seconds": round(time.time() - t0, 1), "history": history},
     }
     with torch.no_grad():
-        maps = int(net(torch.zeros(1, 1, 64, 64, device=dev))["maps"].shape[-1])
-    save_bundle(out, net.state_dict(), config, card(metrics, int(o["n_train"]), maps))
+        maps = int(net(torch.zeros(1, 1, size, size, device=dev))["maps"].shape[-1])
+    save_bundle(out, net.state_dict(), config, card(metrics, int(o["n_train"]), maps, size))
     return Path(out)

@@ -223,11 +223,12 @@ def evaluate_diagnoser(
     n: int = typer.Option(2000, "-n", help="Held-out phantoms."),
     json_out: bool = typer.Option(False, "--json"),
     roc: Optional[Path] = typer.Option(None, "--roc", help="Write ROC curves as PNG."),
+    size: Optional[int] = typer.Option(None, "--size", help="Phantom size in pixels (default: the diagnoser's input size)."),
 ) -> None:
     """Per-finding AUROC, sensitivity/specificity, ECE and localisation on held-out phantoms."""
     from .evaluation.diagnosers import main as run
 
-    run(name, n=n, json_out=json_out, roc=roc)
+    run(name, n=n, json_out=json_out, roc=roc, size=size)
 
 
 @evaluate_app.command("generator")

@@ -216,9 +216,13 @@ def _roc_png(path: Path, result: dict[str, Any]) -> Path:
     return path
 
 
-def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = None, size: int = 64,
+def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = None, size: int | None = None,
          difficulty: float | None = None) -> dict[str, Any]:
-    """``hygeia evaluate diagnoser NAME``: ``n`` test-split phantoms, print a table or JSON."""
+    """``hygeia evaluate diagnoser NAME``: ``n`` test-split phantoms, print a table or JSON.
+
+    The phantoms are rendered at ``size`` pixels (default: the diagnoser's own input size); a
+    compared baseline with another input size gets them area-resized (see :func:`evaluate`).
+    """
     from rich.console import Console
     from rich.table import Table
 
@@ -228,6 +232,8 @@ def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = No
 
     n = check_n(n, name="n")
     diag = get_registry().create("diagnoser", name)
+    if size is None:
+        size = int(max(getattr(diag, "input_size", (64, 64))))
     console = Console(stderr=json_out)
     import contextlib
     import sys
