@@ -26,15 +26,22 @@ def _train(**options: Any) -> Any:
     return train(**options)
 
 
-def _shipped_size() -> int:
-    """Input size (pixels per side) of the shipped weights, from their config (64 when absent)."""
+def _shipped(name: str) -> dict[str, Any] | None:
+    """A JSON file of the shipped bundle (``config.json``, ``model_card.json``), or None."""
     import json
     from pathlib import Path
 
-    f = Path(__file__).parent / "weights" / "fusion" / "config.json"
     try:
-        return int(json.loads(f.read_text())["input_size"][0])
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
+        return json.loads((Path(__file__).parent / "weights" / "fusion" / name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _shipped_size() -> int:
+    """Input size (pixels per side) of the shipped weights, from their config (64 when absent)."""
+    try:
+        return int((_shipped("config.json") or {})["input_size"][0])
+    except (KeyError, IndexError, TypeError, ValueError):
         return 64
 
 
@@ -43,15 +50,12 @@ SIZE = _shipped_size()
 
 def _card() -> Any:
     """The shipped bundle's model card (metrics measured at training), else the static one."""
-    import json
-    from pathlib import Path
-
     from hygeia.api import ModelCard
 
-    f = Path(__file__).parent / "weights" / "fusion" / "model_card.json"
-    if f.is_file():
+    data = _shipped("model_card.json")
+    if data is not None:
         try:
-            return ModelCard.from_dict(json.loads(f.read_text()))
+            return ModelCard.from_dict(data)
         except (ValueError, TypeError, KeyError):
             pass
     from .training import card

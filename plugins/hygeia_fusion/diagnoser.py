@@ -1,16 +1,17 @@
 """The ``fusion`` diagnoser: image + clinical text -> coded findings with heat maps and regions.
 
 ``FusionDiagnoser.diagnose(images, texts=None)`` runs the :class:`~hygeia_fusion.network.FusionNet`
-on 64x64 chest-radiograph images (grayscale ``[B,1,H,W]`` or RGB ``[B,3,H,W]``, float in [0, 1]),
-with one clinical history/indication line per image or none (image-only mode). Text is encoded by
-the frozen shared encoder (:mod:`hygeia.text`, all-MiniLM-L6-v2), truncated with a warning past
-its 128-token limit.
+on chest-radiograph images of its bundle's ``input_size`` (128x128 shipped; grayscale ``[B,1,H,W]``
+or RGB ``[B,3,H,W]``, float in [0, 1]), with one clinical history/indication line per image or none
+(image-only mode). Text is encoded by the frozen shared encoder (:mod:`hygeia.text`,
+all-MiniLM-L6-v2), truncated with a warning past its 128-token limit.
 
-Localisation: each finding's evidence map (32x32 for the shipped weights, trained against the phantoms' finding masks) is
-upsampled bilinearly to the image size and min-max scaled to [0, 1]: that is the heat map. Its
-peak becomes the finding's region: a point for nodules; for the other findings the convex hull of
-the heat map's connected part at >= 50% of the peak around it (a closed polyline). Regions are
-given for findings called present (probability >= threshold).
+Localisation: each finding's evidence map (half the input size: 64x64 for the shipped 128 px
+weights, trained against the phantoms' finding masks) is upsampled bilinearly to the image size and
+min-max scaled to [0, 1]: that is the heat map. Its peak becomes the finding's region: a point for
+nodules; for the other findings the convex hull of the heat map's connected part at >= 50% of the
+peak around it (a closed polyline). Regions are given for findings called present (probability >=
+threshold).
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ class FusionDiagnoser:
     """Vision (MONAI ResNet) + language (frozen all-MiniLM-L6-v2) co-attention finding classifier.
 
     Options: ``bundle`` (other weights than the shipped ones), ``device`` (default: CUDA if
-    available), ``resize`` (False: images of another size than 64x64 are rejected; True: they are
+    available), ``resize`` (False: images of another size than ``input_size`` are rejected; True: they are
     resized with :func:`hygeia.data.prepare_image`, MONAI area/bilinear ``Resize``), ``regions``
     (``auto``: nodule -> point, others -> polygon; ``point``; ``polygon``; ``none``),
     ``use_text`` (False: always image-only, texts are ignored).

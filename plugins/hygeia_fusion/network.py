@@ -9,7 +9,7 @@ Shapes (batch ``B``, image tokens ``N = 16 * 16``, text tokens ``T``, width ``d`
     finding head:
         evidence maps  S = linear(image tokens)          [B,5,16,16]  (the heat maps; ``fine``: fused
                                                                   tokens upsampled + first-stage skip;
-                                                                  ``finer``: + a stem skip, 32x32)
+                                                                  ``finer``: + a stem skip, half the input size)
         image logit    s_k = LSE-pool(S_k, r_k)          [B,5]        (log-sum-exp pooling)
         text logit     u_k = w_k . attn(q_k, text tokens) [B,5]        (one query per finding)
         logit_k = s_k + u_k + b_k
@@ -85,7 +85,7 @@ class FusionNet(nn.Module):
             self.fine_lat = nn.Conv2d(widths[0], width, 1)
             self.fine_norm = nn.LayerNorm(width)
         self.finer = bool(finer and fine and pool)
-        if self.finer:  # one more step up, to the stem's resolution (32x32 at 64 px): a skip from the stem
+        if self.finer:  # one more step up, to the stem's resolution (half the input size): a skip from the stem
             self.finer_lat = nn.Conv2d(widths[0], width, 1)
             self.finer_norm = nn.LayerNorm(width)
         self.evidence = nn.Linear(width, n_findings)  # per-location logit for each finding

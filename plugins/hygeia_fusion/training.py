@@ -162,10 +162,11 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     Options (``hygeia train fusion --option KEY=VALUE``): ``n_train``, ``n_val``, ``batch_size``,
     ``lr``, ``text_dropout`` (share of training images with the text removed, so image-only mode is
     learnt too), ``shift`` (max translation in px), ``mask_weight`` (weight of the localisation loss:
-    evidence maps against the phantoms' finding masks; 0 = labels only), ``mask_pool`` (``avg``: area
-share per map cell, or ``max``: any overlap), ``mask_pos_weight``, ``finer`` (32x32 evidence maps
-    through a stem skip), ``init`` (a bundle to warm-start from), ``fine`` (16x16 evidence
-    maps), ``threads`` (CPU threads), ``width``, ``layers``, ``data_dir`` (cache phantom sets and
+    evidence maps against the phantoms' finding masks; 0 = labels only), ``mask_pool`` (``avg``:
+    area share per map cell, or ``max``: any overlap), ``mask_pos_weight``, ``size`` (phantom size
+    in pixels, default 64), ``finer`` (evidence maps at half the input size, through a stem skip),
+    ``init`` (a bundle to warm-start from), ``fine`` (evidence maps at a quarter of the input
+    size), ``threads`` (CPU threads), ``width``, ``layers``, ``data_dir`` (cache phantom sets and
     text states there).
     """
     unknown = set(options) - set(DEFAULTS)
