@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import torch
 import pytest
 
 from hygeia.api import GeneratedImage
@@ -52,6 +53,26 @@ def test_training_is_reproducible(tiny):
     cfg = json.loads((a / "config.json").read_text())
     assert cfg["epochs"] == 1 and list(cfg["conditioners"]) == ["label"] and cfg["seed"] == 3
 
+
+
+def test_init_starts_the_generator_from_a_bundle(tiny):
+    """A second stage starts G from a bundle's weights (D fresh) and records which bundle."""
+    from hygeia_gan.networks import Generator
+    from hygeia_gan.train import _load_init
+
+    d, a = tiny[0], tiny[1]
+    kw = dict(n_per_condition=8, batch_size=8, conditioners="label", d_ch=8, cache=d / "data.npz", samples=None,
+              progress=False, seed=3, checkpoint=None, epochs=1)
+    cfg = json.loads((a / "config.json").read_text())
+    dims = {k: v["dim"] for k, v in cfg["conditioners"].items()}
+    g = Generator(dims, z_dim=cfg["z_dim"], embed_dim=cfg["embed_dim"], ch=8)
+    assert _load_init(a, g) == load_bundle(a).sha256
+    assert all(torch.equal(v, load_bundle(a).tensors[k]) for k, v in g.state_dict().items())
+    staged = train(out=d / "staged", init=a, g_ch=8, **kw)
+    assert json.loads((staged / "config.json").read_text())["init_weights_sha256"] == load_bundle(a).sha256
+    assert load_bundle(staged).sha256 != load_bundle(train(out=d / "fresh", g_ch=8, **kw)).sha256
+    with pytest.raises(InputError, match="init"):
+        train(out=d / "x", init=a, g_ch=16, **kw)
 
 def test_label_only_model_rejects_text_and_unknown_labels(tiny):
     g = GanGenerator(tiny[1], device="cpu")

@@ -79,6 +79,7 @@ def train(
     max_minutes: float | None = None,
     checkpoint: str | Path | None = "runs/gan/checkpoint",
     resume: bool = False,
+    init: str | Path | None = None,
     **options: Any,
 ) -> Path:
     """Train the GAN on phantoms and write its bundle to ``out``; returns ``out``.
@@ -89,10 +90,12 @@ def train(
     folder holding everything needed to continue (both networks, the EMA, the optimisers, the
     random states), rewritten atomically after each epoch; ``resume=True`` continues from it
     (``hygeia train gan --resume --epochs 30``) and gives the same weights as an uninterrupted run.
+    ``init``: a gan bundle (same network options) whose generator to start from; the
+    discriminator and the optimisers start fresh (a second stage; the bundle records it).
     """
     if options:
         raise InputError("gan trainer options", "epochs, n_per_condition, batch_size, lr, p_null, conditioners, "
-                         "g_ch, d_ch, z_dim, embed_dim, ema, threads, device, cache, samples, max_minutes, checkpoint, resume",
+                         "g_ch, d_ch, z_dim, embed_dim, ema, threads, device, cache, samples, max_minutes, checkpoint, resume, init",
                          got=", ".join(sorted(options)))
     for key, val, lo in (("epochs", epochs, 1), ("n_per_condition", n_per_condition, 8), ("batch_size", batch_size, 2)):
         if isinstance(val, bool) or not isinstance(val, int) or val < lo:
@@ -114,6 +117,7 @@ def train(
     torch.manual_seed(seed)  # here, after plugin loading and data (which may draw from torch's global RNG)
     G = Generator(dims, z_dim=z_dim, embed_dim=embed_dim, ch=g_ch).to(dev)
     D = Discriminator(dims, ch=d_ch).to(dev)
+    init_sha = _load_init(init, G) if init else None
     G_ema = copy.deepcopy(G).eval()
     for p in G_ema.parameters():
         p.requires_grad_(False)
@@ -148,6 +152,7 @@ def train(
         "seed": seed, "epochs": 0, "iterations": 0, "batch_size": batch_size, "lr": lr, "p_null": p_null,
         "ema": ema, "n_per_condition": n_per_condition, "phantom_difficulty": data.difficulty,
         "condition_labels": list(CONDITION_LABELS), "version": VERSION, "loss": "hinge",
+        **({"init_weights_sha256": init_sha} if init_sha else {}),
     }
     bar = None
     if progress:
@@ -219,9 +224,22 @@ def train(
     return Path(out)
 
 
+def _load_init(init: str | Path, G: Any) -> str:
+    """Load a gan bundle's (EMA) generator weights into ``G``; returns the bundle's SHA-256."""
+    from hygeia.bundles import load_bundle
+
+    b = load_bundle(init)
+    try:
+        G.load_state_dict(b.tensors)
+    except RuntimeError as e:
+        raise InputError("init", "a gan bundle trained with the same conditioners, z_dim, embed_dim and g_ch",
+                         got=f"{init}: {str(e).splitlines()[0]}") from None
+    return b.sha256
+
+
 # --------------------------------------------------------------------------- checkpoints
 _HYPER = ("conditioners", "z_dim", "embed_dim", "g_ch", "d_ch", "seed", "batch_size", "lr", "p_null", "ema",
-          "n_per_condition", "phantom_difficulty")
+          "n_per_condition", "phantom_difficulty", "init_weights_sha256")
 
 
 def _save_checkpoint(path: str | Path, config: dict[str, Any], G: Any, D: Any, G_ema: Any, opt_g: Any, opt_d: Any,
