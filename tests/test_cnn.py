@@ -85,10 +85,19 @@ def test_bad_texts(cnn):
 
 def test_beats_chance_on_held_out(cnn, held_out):
     res = evaluate(cnn, held_out, localisation=False)
-    assert res["n"] == 200 and res["macro_auroc"] > 0.75, res["per_finding"]
+    assert res["n"] == 200 and res["macro_auroc"] > 0.88, res["per_finding"]
     for label, row in res["per_finding"].items():
-        if row["n_pos"] >= 10 and label != "nodule":  # nodules: the shipped model is weak (AUROC ~0.59)
-            assert row["auroc"] > 0.75, (label, row)
+        if row["n_pos"] >= 10:  # nodules are the weak finding (AUROC ~0.76 on 2000 test phantoms)
+            assert row["auroc"] > (0.6 if label == "nodule" else 0.9), (label, row)
+
+
+def test_youden_threshold_is_the_middle_of_the_gap():
+    from hygeia_cnn.training import youden_thresholds
+
+    y = np.array([[0], [0], [1], [1]])
+    assert youden_thresholds(y, np.array([[0.1], [0.2], [0.8], [0.9]])) == [pytest.approx(0.5)]  # separable
+    y = np.array([[0], [1], [0], [1], [1]])
+    assert youden_thresholds(y, np.array([[0.1], [0.3], [0.4], [0.6], [0.9]])) == [pytest.approx(0.5)]
 
 
 def test_regions_for_present_findings(cnn):

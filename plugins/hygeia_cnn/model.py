@@ -26,10 +26,10 @@ WEIGHTS = Path(__file__).parent / "weights" / "cnn"
 DEFAULT_ARCH: dict[str, Any] = {
     "network": "monai.networks.nets.ResNet",
     "block": "basic",
-    "layers": [1, 1, 1, 1],
+    "layers": [2, 2, 2, 2],
     "block_inplanes": [16, 32, 64, 128],
-    "conv1_t_size": 5,
-    "conv1_t_stride": 2,
+    "conv1_t_size": 3,
+    "conv1_t_stride": 1,
     "no_max_pool": True,
     "mean": 0.5,
     "std": 0.25,
@@ -43,7 +43,7 @@ CARD = ModelCard(
     training_data="Synthetic phantoms only (hygeia.data.make_phantom_set, split 'train'); thresholds on split 'val'.",
     metrics={},
     limitations=("Trained and measured on procedural phantoms, never on patient images: its numbers say nothing about "
-                 "real radiographs. Image-only (ignores clinical text). Grad-CAM regions are coarse (8x8 feature map)."),
+                 "real radiographs. Image-only (ignores clinical text). Grad-CAM regions are coarse (16x16 feature map)."),
 )
 
 

@@ -23,7 +23,7 @@ from hygeia.vocab import FINDING_LABELS
 from .model import CARD, DEFAULT_ARCH, INPUT_SIZE, VERSION, WEIGHTS, CnnDiagnoser, CnnNet
 
 DEFAULTS: dict[str, Any] = {
-    "epochs": 6, "n_train": 10000, "n_val": 2000, "n_test": 2000, "batch_size": 64, "lr": 3e-3,
+    "epochs": 5, "n_train": 40000, "n_val": 2000, "n_test": 2000, "batch_size": 64, "lr": 3e-3,
     "weight_decay": 1e-4, "difficulty": DEFAULT_DIFFICULTY, "threads": 1, "cache_dir": None, "device": None,
     "shift": 3,
 }
@@ -46,14 +46,20 @@ def phantom_data(split: str, n: int, difficulty: float, progress: bool, cache_di
 
 
 def youden_thresholds(labels: np.ndarray, probs: np.ndarray) -> list[float]:
-    """Per-finding threshold maximising sensitivity + specificity - 1 on a validation split."""
+    """Per-finding threshold maximising sensitivity + specificity - 1 on a validation split.
+
+    Every threshold between the best ROC point's score and the next lower score classifies the
+    validation split alike; the midpoint of that gap is taken, not its upper end (the lowest
+    positive score where the classes separate fully), which would overfit the validation split.
+    """
     from sklearn.metrics import roc_curve
 
     out = []
     for k in range(labels.shape[1]):
-        fpr, tpr, thr = roc_curve(labels[:, k], probs[:, k])
+        fpr, tpr, thr = roc_curve(labels[:, k], probs[:, k], drop_intermediate=False)
         j = int(np.argmax(tpr - fpr))
-        out.append(float(np.clip(thr[j], 1e-4, 1.0)))
+        t = thr[j] if j + 1 == len(thr) or not np.isfinite(thr[j]) else 0.5 * (thr[j] + thr[j + 1])
+        out.append(float(np.clip(t, 1e-4, 1.0)))
     return out
 
 
