@@ -143,3 +143,19 @@ def test_train_is_reproducible(tmp_path):
     assert set(a.card.metrics["test_auroc"]) == set(FINDING_LABELS)
     with pytest.raises(InputError, match="train options"):
         train(out=tmp_path / "c", not_an_option=1)
+
+
+def test_gradcam_equals_monai(cnn):
+    """The one-forward-pass Grad-CAM gives monai's GradCAM maps exactly (it only skips work)."""
+    import torch
+    from hygeia_cnn.model import _minmax
+    from monai.visualize import GradCAM
+
+    x = make_phantom_set(4, split="test", findings=["effusion"]).images
+    ref_cam = GradCAM(nn_module=cnn.net, target_layers=cnn.arch["cam_layer"], postprocessing=_minmax)
+    ref = np.stack([np.nan_to_num(ref_cam(torch.from_numpy(x), class_idx=k)[:, 0].detach().numpy()).clip(0, 1)
+                    for k in range(len(FINDING_LABELS))], 1)
+    np.testing.assert_allclose(cnn.gradcam(x), ref, atol=1e-5)
+    only = cnn.gradcam(x, classes=[2])
+    np.testing.assert_allclose(only[:, 2], ref[:, 2], atol=1e-5)
+    assert not only[:, [0, 1, 3, 4]].any()

@@ -2,8 +2,8 @@
 
 Image-only: clinical text is accepted (and checked) but not used. The network is a small MONAI
 ``ResNet`` (2-D, 1 channel in, 5 logits out); per-finding thresholds were chosen on a validation
-split (Youden's J) and live in the bundle's config. Heat maps come from ``monai.visualize.GradCAM``
-on ``net.layer3``; a present finding gets a box around the hottest blob of its heat map.
+split (Youden's J) and live in the bundle's config. Heat maps are ``monai.visualize.GradCAM``'s maps
+on ``net.layer3``, computed in one forward pass (:meth:`CnnDiagnoser.gradcam`); a present finding gets a box around the hottest blob of its heat map.
 """
 from __future__ import annotations
 
@@ -123,7 +123,6 @@ class CnnDiagnoser:
         self.heatmaps = bool(heatmaps)
         self.batch_size = int(batch_size)
         self.identity = ModelIdentity(NAME, VERSION, "diagnoser", b.sha256)
-        self._cam: Any = None
 
     # -- inference ------------------------------------------------------------
     @torch.no_grad()
@@ -137,19 +136,37 @@ class CnnDiagnoser:
         return np.concatenate(out).astype(np.float32)
 
     def gradcam(self, images: Any, classes: Sequence[int] | None = None) -> np.ndarray:
-        """Grad-CAM heat maps float32 ``[B, 5, H, W]`` in [0, 1] (zeros for classes not asked for)."""
-        from monai.visualize import GradCAM
+        """Grad-CAM heat maps float32 ``[B, 5, H, W]`` in [0, 1] (zeros for classes not asked for).
+
+        The maps of ``monai.visualize.GradCAM`` on ``cam_layer`` (activations weighted by their
+        spatially averaged gradients, ReLU, bilinear upsampling, per-image min-max; tested equal),
+        from one forward pass: each class's gradient is taken back to ``cam_layer`` only, where
+        monai runs a full forward and backward pass per class (5x the work, most of it in the
+        full-resolution first stage).
+        """
+        from monai.visualize.visualizer import default_upsampler
 
         x = torch.from_numpy(check_images(images, size=INPUT_SIZE)).to(self.device)
-        if self._cam is None:
-            # monai's default post-processing maps (min, max) to (1, 0): use a plain per-image min-max
-            self._cam = GradCAM(nn_module=self.net, target_layers=self.arch["cam_layer"], postprocessing=_minmax)
         maps = np.zeros((x.shape[0], len(FINDING_LABELS), *INPUT_SIZE), np.float32)
-        with torch.enable_grad():
-            for k in classes if classes is not None else range(len(FINDING_LABELS)):
-                m = self._cam(x, class_idx=int(k))
-                maps[:, k] = np.nan_to_num(m[:, 0].detach().float().cpu().numpy()).clip(0, 1)
-        self.net.zero_grad(set_to_none=True)
+        ks = [int(k) for k in (classes if classes is not None else range(len(FINDING_LABELS)))]
+        grabbed: list[torch.Tensor] = []
+
+        def cut(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:  # the graph starts at cam_layer
+            grabbed.append(out.detach().requires_grad_(True))
+            return grabbed[-1]
+
+        hook = dict(self.net.named_modules())[self.arch["cam_layer"]].register_forward_hook(cut)
+        try:
+            with torch.enable_grad():
+                logits = self.net(x)
+                acti = grabbed[0]
+                for j, k in enumerate(ks):
+                    (grad,) = torch.autograd.grad(logits[:, k].sum(), acti, retain_graph=j + 1 < len(ks))
+                    cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * acti).sum(1, keepdim=True)).detach()
+                    cam = _minmax(default_upsampler(INPUT_SIZE)(cam))
+                    maps[:, k] = np.nan_to_num(cam[:, 0].float().cpu().numpy()).clip(0, 1)
+        finally:
+            hook.remove()
         return maps
 
     def diagnose(self, images: Any, texts: Sequence[str] | None = None, heatmaps: bool | None = None) -> list[Diagnosis]:
