@@ -59,7 +59,7 @@ def youden_thresholds(labels: np.ndarray, probs: np.ndarray) -> list[float]:
         fpr, tpr, thr = roc_curve(labels[:, k], probs[:, k], drop_intermediate=False)
         j = int(np.argmax(tpr - fpr))
         t = thr[j] if j + 1 == len(thr) or not np.isfinite(thr[j]) else 0.5 * (thr[j] + thr[j + 1])
-        out.append(float(np.clip(t, 1e-4, 1.0)))
+        out.append(float(np.float32(np.clip(t, 1e-4, 1.0))))  # exact in float32, as served over Triton
     return out
 
 
