@@ -53,6 +53,21 @@ def test_bad_condition_and_n(gen) -> None:
         gen.generate(gen.max_n + 1, condition="normal", seed=0, **FAST)
 
 
+def test_free_text_is_mapped_to_a_label(gen) -> None:
+    """Free text goes to the label whose phrases it is closest to; the images are that label's."""
+    assert gen.label_for_text("right pleural effusion")[0] == "effusion"
+    assert gen.label_for_text("chest radiograph with an enlarged heart")[0] == "cardiomegaly"
+    assert gen.label_for_text("no acute cardiopulmonary abnormality")[0] == "normal"
+    by_text = gen.generate(2, condition="right pleural effusion", seed=4, **FAST)
+    by_label = gen.generate(2, condition="effusion", seed=4, **FAST)
+    assert np.array_equal(np.stack([g.pixels for g in by_text]), np.stack([g.pixels for g in by_label]))
+    prov = by_text[0].provenance
+    assert by_text[0].condition == "effusion" and prov["condition_kind"] == "text"
+    assert prov["text"] == "right pleural effusion" and prov["label_from_text"] == "effusion"
+    with pytest.raises(UnsupportedConditionError, match="weather"):
+        gen.generate(1, condition="the weather is nice today", seed=0, **FAST)
+
+
 def test_samplers_guidance_and_batching(gen) -> None:
     ddim = np.stack([g.pixels for g in gen.generate(2, condition="effusion", seed=4, **FAST)])
     dpm = np.stack([g.pixels for g in gen.generate(2, condition="effusion", seed=4, sampler="dpm", **FAST)])
