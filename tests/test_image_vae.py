@@ -100,3 +100,20 @@ def test_training_writes_bundle_and_grids(tmp_path) -> None:
     assert run("b").identity.weights_sha256 == a.identity.weights_sha256, "same seed must give the same weights"
     with pytest.raises(InputError, match="epochs"):
         train(out=tmp_path / "c", epochs=0)
+
+
+def test_free_text_is_mapped_to_a_label():
+    """The VAE takes free text through hygeia.text.label_condition, like the diffusion model."""
+    import hygeia
+    from hygeia.errors import UnsupportedConditionError
+    from hygeia.text import label_phrases
+
+    vae = hygeia.create("generator", "vae", device="cpu")
+    by_text = vae.generate(2, condition="chest radiograph with an enlarged heart", seed=3)
+    by_label = vae.generate(2, condition="cardiomegaly", seed=3)
+    assert np.array_equal(np.stack([g.pixels for g in by_text]), np.stack([g.pixels for g in by_label]))
+    assert by_text[0].condition == "cardiomegaly" and by_text[0].provenance["label_from_text"] == "cardiomegaly"
+    assert by_text[0].provenance["text_similarity"] > 0.9
+    with pytest.raises(UnsupportedConditionError, match="weather"):
+        vae.generate(1, condition="the weather is nice today", seed=0)
+    assert "pleural effusion" in label_phrases("effusion") and "no finding" in label_phrases("normal")

@@ -46,10 +46,11 @@ from hygeia.bundles import CONFIG as CONFIG_FILE
 from hygeia.bundles import WEIGHTS as WEIGHTS_FILE
 from hygeia.bundles import load_bundle, pick_device, sha256_file
 from hygeia.data import FOV_MM, class_conditional_set
-from hygeia.errors import BundleError, InputError, UnsupportedConditionError
+from hygeia.errors import BundleError, InputError
 from hygeia.outputs import atomic_dir
-from hygeia.validation import check_condition, check_n, check_seed
-from hygeia.vocab import CONDITION_LABELS, finding
+from hygeia.text import label_condition
+from hygeia.validation import check_n, check_seed
+from hygeia.vocab import CONDITION_LABELS
 
 NAME, VERSION = "diffusion", "1.0.0"
 WEIGHTS = Path(__file__).parent / "weights" / NAME
@@ -293,12 +294,8 @@ class DiffusionGenerator:
         if options:
             raise InputError("generate options", "steps, guidance_scale, sampler, batch_size, progress",
                              got=", ".join(sorted(options)))
-        kind = check_condition(condition, self.condition_kinds, NAME)
-        label = finding(condition).label if kind == "label" else None
-        text_match: dict[str, Any] = {}
-        if kind == "text":
-            label, similarity = self.label_for_text(condition)
-            text_match = {"text": condition, "label_from_text": label, "text_similarity": round(similarity, 4)}
+        kind, label, text_match = label_condition(condition, self.condition_kinds, self.labels, NAME,
+                                                  self.min_text_similarity)
         steps = self.defaults["steps"] if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
             raise InputError("steps", f"an integer in [1, {MAX_STEPS}]", got=repr(steps))
@@ -333,31 +330,12 @@ class DiffusionGenerator:
                                {**prov, "index": i}) for i in range(n)]
 
     def label_for_text(self, text: str) -> tuple[str, float]:
-        """The label a free-text condition asks for, and its cosine similarity.
+        """The label a free-text condition asks for, and its cosine similarity
+        (:func:`hygeia.text.label_for_text`: the closest label's phrases; rejected below
+        :attr:`min_text_similarity`; negation is not understood)."""
+        from hygeia.text import label_for_text
 
-        The model has one class embedding per label, so free text is mapped to the label whose
-        phrases (its name, SNOMED CT meaning and synonyms, alone and as "chest radiograph with
-        ...") the ``text`` conditioner's sentence vector is closest to. Below
-        :attr:`min_text_similarity` the text is rejected. Sentence vectors do not understand
-        negation: "no effusion" is close to "effusion"; pass the label ``normal`` instead.
-        """
-        from hygeia.plugins import get_registry
-
-        if not hasattr(self, "_phrases"):
-            self._text = get_registry().create("conditioner", "text", device="cpu")
-            rows = [(lab, ph) for lab in self.labels for ph in _label_phrases(lab)]
-            self._phrase_labels = [lab for lab, _ in rows]
-            self._phrases = self._text.encode([ph for _, ph in rows]).cpu()
-        v = self._text.encode([text]).cpu()[0]
-        sims = self._phrases @ v
-        best = int(torch.argmax(sims))
-        sim = float(sims[best])
-        if sim < self.min_text_similarity:
-            raise UnsupportedConditionError(
-                f"text condition for {NAME!r}", "text about one of " + ", ".join(self.labels)
-                + f" (cosine similarity >= {self.min_text_similarity} to a label's phrases)",
-                got=f"{text!r} (best: {self._phrase_labels[best]}, {sim:.2f})"[:200])
-        return self._phrase_labels[best], sim
+        return label_for_text(text, self.labels, NAME, self.min_text_similarity)
 
     def save(self, path: str | Path) -> str:
         """Copy this model's bundle to ``path`` (byte for byte, atomically); returns its SHA-256."""
@@ -371,19 +349,6 @@ class DiffusionGenerator:
                 shutil.copy2(src / f, tmp / f)
 
         return _atomic_dir(Path(path), fill)
-
-
-_MORE_NAMES = {"nodule": ("lung mass", "small rounded opacity"), "consolidation": ("pneumonia", "airspace disease"),
-               "pneumothorax": ("collapsed lung",)}
-
-
-def _label_phrases(label: str) -> list[str]:
-    """Phrases a free-text condition is matched against for ``label`` (see ``label_for_text``)."""
-    f = finding(label)
-    names = dict.fromkeys([f.label, f.code.meaning.lower(), *f.synonyms, *_MORE_NAMES.get(label, ())])
-    if label == "normal":
-        return [*names, "normal chest radiograph", "no acute cardiopulmonary abnormality", "unremarkable chest"]
-    return [*names, *(f"chest radiograph with {n}" for n in names)]
 
 
 # --------------------------------------------------------------------------- training

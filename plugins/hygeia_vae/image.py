@@ -28,8 +28,9 @@ from hygeia.api import GeneratedImage, ModelCard, ModelIdentity, PluginSpec, Ten
 from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.data import FOV_MM, class_conditional_set
 from hygeia.errors import InputError
-from hygeia.validation import check_condition, check_n, check_seed
-from hygeia.vocab import CONDITION_LABELS, finding
+from hygeia.text import label_condition
+from hygeia.validation import check_n, check_seed
+from hygeia.vocab import CONDITION_LABELS
 
 NAME, VERSION = "vae", "1.0.0"
 WEIGHTS = Path(__file__).parent / "weights" / NAME
@@ -93,7 +94,7 @@ class ImageVAE:
     """
 
     output = "image"
-    condition_kinds = frozenset({"none", "label"})
+    condition_kinds = frozenset({"none", "label", "text"})  # text: mapped to the closest label
     max_n = MAX_N
 
     def __init__(self, bundle: str | Path | None = None, device: str | None = None) -> None:
@@ -145,8 +146,7 @@ class ImageVAE:
         seed = check_seed(seed)
         if options:
             raise InputError("generate options", "temperature, batch_size, progress", got=", ".join(sorted(options)))
-        kind = check_condition(condition, self.condition_kinds, NAME)
-        label = finding(condition).label if kind == "label" else None
+        kind, label, text_match = label_condition(condition, self.condition_kinds, CONDITION_LABELS, NAME)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature <= 2:
             raise InputError("temperature", "a number in (0, 2]", got=repr(temperature))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -160,7 +160,8 @@ class ImageVAE:
                 progress(min(start + batch_size, n), n)
         pixels = np.concatenate(out).astype(np.float32)
         prov = {"generator": NAME, "version": VERSION, "weights_sha256": self.identity.weights_sha256,
-                "condition_kind": kind, "temperature": float(temperature), "sampler": "label-conditional latent prior"}
+                "condition_kind": kind, "temperature": float(temperature), "sampler": "label-conditional latent prior",
+                **text_match}
         return [
             GeneratedImage(np.ascontiguousarray(pixels[i]), PIXEL_SPACING, "DX", seed, label, self.identity,
                            {**prov, "index": i})
@@ -342,7 +343,7 @@ SPEC = PluginSpec(
     inputs=(
         TensorSpec("N", "INT64", (1,), description="number of images (one generate() call)"),
         TensorSpec("SEED", "INT64", (1,), description="random seed: same seed, same images"),
-        TensorSpec("CONDITION", "BYTES", (1,), optional=True, description="finding label (normal, nodule, ...) or empty"),
+        TensorSpec("CONDITION", "BYTES", (1,), optional=True, description="finding label (normal, nodule, ...), free text mapped to a label, or empty"),
         TensorSpec("OPTIONS", "BYTES", (1,), optional=True, description='JSON options, e.g. {"temperature": 0.8}'),
     ),
     outputs=(

@@ -72,3 +72,86 @@ def mean_pool(hidden: Any, mask: Any) -> Any:
     """Sentence embedding: the attention-masked mean of token states (how all-MiniLM-L6-v2 pools)."""
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
+
+
+# --------------------------------------------------------------------------- free text -> label
+MIN_LABEL_SIMILARITY = 0.35
+"""Free text whose best cosine similarity to every label's phrases is below this names no label."""
+
+_MORE_NAMES = {"nodule": ("lung mass", "small rounded opacity"), "consolidation": ("pneumonia", "airspace disease"),
+               "pneumothorax": ("collapsed lung",)}
+_NORMAL_PHRASES = ("normal chest radiograph", "no acute cardiopulmonary abnormality", "unremarkable chest")
+
+
+def label_phrases(label: str) -> list[str]:
+    """Phrases free text is matched against for ``label``: its name, SNOMED CT meaning and synonyms,
+    alone and as "chest radiograph with ..." (for 'normal': a few normal-report phrases)."""
+    from .vocab import finding
+
+    f = finding(label)
+    names = list(dict.fromkeys([f.label, f.code.meaning.lower(), *f.synonyms, *_MORE_NAMES.get(f.label, ())]))
+    if f.label == "normal":
+        return [*names, *_NORMAL_PHRASES]
+    return [*names, *(f"chest radiograph with {n}" for n in names)]
+
+
+def sentence_vectors(texts: Sequence[str], name: str = "texts") -> Any:
+    """L2-normalised all-MiniLM-L6-v2 sentence vectors ``float32 [B, 384]`` (what the ``text`` conditioner pools)."""
+    import torch
+
+    tokens = tokenize(texts, name=name)
+    _, model = load_encoder()
+    with torch.inference_mode():
+        hidden = model(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask).last_hidden_state
+    return torch.nn.functional.normalize(mean_pool(hidden.float(), tokens.attention_mask), dim=-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _phrase_table(labels: tuple[str, ...]) -> tuple[list[str], Any]:
+    rows = [(lab, ph) for lab in labels for ph in label_phrases(lab)]
+    return [lab for lab, _ in rows], sentence_vectors([ph for _, ph in rows])
+
+
+def label_for_text(text: str, labels: Sequence[str], plugin: str = "generator",
+                   min_similarity: float = MIN_LABEL_SIMILARITY) -> tuple[str, float]:
+    """The label of ``labels`` that free ``text`` asks for, and the cosine similarity.
+
+    For models with one embedding per label (class-conditional generators): the label whose
+    phrases (:func:`label_phrases`) the text's sentence vector is closest to. Below
+    ``min_similarity`` it raises ``UnsupportedConditionError`` naming the text. Sentence vectors do
+    not understand negation: "no effusion" lands next to "effusion".
+    """
+    from .errors import UnsupportedConditionError
+
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"text condition for {plugin!r}", "a non-empty string", got=repr(text)[:100])
+    names, table = _phrase_table(tuple(labels))
+    sims = table @ sentence_vectors([text.strip()], name=f"text condition for {plugin!r}")[0]
+    best = int(sims.argmax())
+    sim = float(sims[best])
+    if sim < min_similarity:
+        raise UnsupportedConditionError(
+            f"text condition for {plugin!r}",
+            f"text about one of {', '.join(labels)} (cosine similarity >= {min_similarity} to a label's phrases)",
+            got=f"{text!r} (best: {names[best]}, {sim:.2f})"[:200])
+    return names[best], sim
+
+
+def label_condition(condition: Any, kinds: Any, labels: Sequence[str], plugin: str,
+                    min_similarity: float = MIN_LABEL_SIMILARITY) -> tuple[str, str | None, dict[str, Any]]:
+    """For a class-conditional generator: ``(kind, label or None, provenance)`` of a condition.
+
+    A label stays itself; free text (when ``"text"`` is in ``kinds``) becomes the closest label
+    (:func:`label_for_text`) and the provenance records ``text``, ``label_from_text`` and
+    ``text_similarity``; None or "" is unconditional. Anything else raises before any work.
+    """
+    from .validation import check_condition
+    from .vocab import finding
+
+    kind = check_condition(condition, kinds, plugin)
+    if kind == "label":
+        return kind, finding(condition).label, {}
+    if kind == "text":
+        label, sim = label_for_text(condition, labels, plugin, min_similarity)
+        return kind, label, {"text": condition, "label_from_text": label, "text_similarity": round(sim, 4)}
+    return kind, None, {}
