@@ -48,7 +48,7 @@ from hygeia.bundles import load_bundle, pick_device, sha256_file
 from hygeia.data import FOV_MM, class_conditional_set
 from hygeia.errors import BundleError, InputError
 from hygeia.outputs import atomic_dir
-from hygeia.text import label_condition
+from hygeia.text import MIN_LABEL_SIMILARITY, label_condition
 from hygeia.validation import check_n, check_seed
 from hygeia.vocab import CONDITION_LABELS
 
@@ -235,7 +235,7 @@ class DiffusionGenerator:
     output = "image"
     condition_kinds = frozenset({"none", "label", "text"})
     max_n = MAX_N
-    min_text_similarity = 0.35
+    min_text_similarity = MIN_LABEL_SIMILARITY
     """A free-text condition whose best cosine similarity to every label's phrases is below this is rejected."""
 
     def __init__(self, bundle: str | Path | None = None, device: str | None = None, dtype: str = "float32",
