@@ -25,7 +25,7 @@ import torch
 from hygeia.api import ModelCard, ModelIdentity, PluginSpec, TensorSpec
 from hygeia.bundles import sha256_file
 from hygeia.errors import InputError
-from hygeia.text import encoder_path, load_encoder, mean_pool, tokenize
+from hygeia.text import encoder_path, load_encoder, sentence_vectors, tokenize
 from hygeia.validation import check_condition
 
 NAME, VERSION, DIM = "text", "1.0.0", 384
@@ -98,11 +98,10 @@ class TextConditioner:
     def encode(self, conditions: Sequence[Any]) -> torch.Tensor:
         """Pooled, L2-normalised sentence vectors ``[B, 384]``; zeros for the null condition."""
         texts = self._check(conditions)
-        hidden, mask, rows = self._run(texts)
+        rows = [i for i, t in enumerate(texts) if t]
         out = torch.zeros(len(texts), DIM)
         if rows:
-            pooled = torch.nn.functional.normalize(mean_pool(hidden, mask), dim=-1)
-            out[torch.tensor(rows)] = pooled
+            out[torch.tensor(rows)] = sentence_vectors([texts[i] for i in rows], name="conditions")
         return out.to(self.device)
 
     def encode_tokens(self, conditions: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
