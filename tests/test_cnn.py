@@ -159,3 +159,16 @@ def test_gradcam_equals_monai(cnn):
     only = cnn.gradcam(x, classes=[2])
     np.testing.assert_allclose(only[:, 2], ref[:, 2], atol=1e-5)
     assert not only[:, [0, 1, 3, 4]].any()
+
+
+def test_heatmaps_are_thread_safe(cnn):
+    """Threads sharing one diagnoser (the gateway's workers, an in-process server) get the maps of
+    their own images: the Grad-CAM hook on the shared network is taken one call at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    xs = [make_phantom_set(2, split="test", findings=[f], start=10 * i).images for i, f in enumerate(FINDING_LABELS)]
+    serial = [cnn.gradcam(x) for x in xs]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            for got, want in zip(pool.map(cnn.gradcam, xs), serial):
+                np.testing.assert_array_equal(got, want)

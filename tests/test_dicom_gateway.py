@@ -220,3 +220,7 @@ def test_config_validation(tmp_path):
     cfg = GatewayConfig.load(tmp_path / "g.json")
     assert cfg.spool == tmp_path / "q" and cfg.cstore.port == 104
     assert np.isfinite(cfg.study_timeout_s)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(InputError, match="workers"):
+            GatewayConfig.from_dict({**base, "allowed_callers": ["A"], "workers": bad})
+    assert GatewayConfig.from_dict({**base, "allowed_callers": ["A"]}).workers == 2

@@ -100,6 +100,16 @@ def test_training_writes_bundle_and_grids(tmp_path) -> None:
     assert run("b").identity.weights_sha256 == a.identity.weights_sha256, "same seed must give the same weights"
     with pytest.raises(InputError, match="epochs"):
         train(out=tmp_path / "c", epochs=0)
+    with pytest.raises(InputError, match="block_out_channels"):
+        train(out=tmp_path / "c", block_out_channels=[8, 12, 16])
+    with pytest.raises(InputError, match="attention"):
+        train(out=tmp_path / "c", attention="yes")
+    train(out=tmp_path / "d", seed=3, progress=False, epochs=1, n_per_class=8, batch_size=16, n_val=4, prior_rank=4,
+          samples_dir=tmp_path / "d-grids", cache=tmp_path / "cache", block_out_channels=[8, 8, 16], attention=True)
+    d = ImageVAE(tmp_path / "d", device="cpu")
+    assert d.config["autoencoder"]["block_out_channels"] == [8, 8, 16]
+    assert d.config["autoencoder"]["mid_block_add_attention"] is True
+    assert d.generate(1, condition="nodule", seed=0)[0].pixels.shape == (1, 64, 64)
 
 
 def test_free_text_is_mapped_to_a_label():

@@ -63,6 +63,7 @@ class GatewayConfig:
     retry_max_s: float = 60.0
     give_up_after_s: float | None = 86400.0
     batch_size: int = 16
+    workers: int = 2  # studies processed at once (diagnose, SR build, send); diagnose calls never overlap
     keep_instances: bool = False
     poll_s: float = 0.2
     extra: dict[str, Any] = field(default_factory=dict)
@@ -84,6 +85,8 @@ class GatewayConfig:
             self.stow = StowDestination(**self.stow)
         if self.cstore is None and self.stow is None:
             raise InputError("gateway config", "at least one destination: cstore and/or stow", got="none")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= 64:
+            raise InputError("gateway config workers", "an integer from 1 to 64", got=repr(self.workers))
         if self.study_timeout_s <= 0 or self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise InputError("gateway config timings", "study_timeout_s > 0 and 0 < retry_initial_s <= retry_max_s",
                              got=(self.study_timeout_s, self.retry_initial_s, self.retry_max_s))

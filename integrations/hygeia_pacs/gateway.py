@@ -75,9 +75,12 @@ class Gateway:
         self._diagnoser = diagnoser
         self._clock = clock
         self._server: Any = None
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
+        self._claim_lock = threading.Lock()
+        self._claimed: set[str] = set()  # jobs a worker is processing now
+        self._diagnose_lock = threading.Lock()  # plugins need not be thread-safe: one diagnose at a time
         self.counters = {"accepted": 0, "rejected": 0, "sent": 0, "failed": 0, "retries": 0}
         self._counter_lock = threading.Lock()
 
@@ -100,22 +103,25 @@ class Gateway:
         self._ae = ae
         self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
         self._stop.clear()
-        self._worker = threading.Thread(target=self._work_loop, name="hygeia-gateway-worker", daemon=True)
-        self._worker.start()
+        self._workers = [threading.Thread(target=self._work_loop, name=f"hygeia-gateway-worker-{i}", daemon=True)
+                         for i in range(self.config.workers)]
+        for w in self._workers:
+            w.start()
         log.info("gateway %s listening on %s:%d (callers %s); spool %s", self.config.ae_title, self.config.host,
                  self.config.port, ",".join(self.config.allowed_callers), self.config.spool)
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop accepting, let the current job step finish, stop the worker."""
+        """Stop accepting, let the current job steps finish, stop the workers."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
         self._stop.set()
         self._wake.set()
-        if self._worker is not None:
-            self._worker.join(timeout)
-            self._worker = None
+        end = time.monotonic() + timeout
+        for w in self._workers:
+            w.join(max(0.0, end - time.monotonic()))
+        self._workers = []
 
     def __enter__(self) -> "Gateway":
         return self.start()
@@ -207,7 +213,10 @@ class Gateway:
             self._wake.clear()
 
     def run_pending(self) -> int:
-        """Close idle studies and process every job that is due; returns how many jobs finished."""
+        """Close idle studies and process every job that is due; returns how many jobs finished.
+
+        Several workers may call this at once: each job is claimed by one of them at a time.
+        """
         now = self._clock()
         for job in self.spool.close_idle(self.config.study_timeout_s, now=now):
             log.info("%s closed: %d instance(s)", study_tag(job.name.rsplit(".", 1)[0]),
@@ -216,10 +225,21 @@ class Gateway:
         for job in self.spool.jobs():
             if self._stop.is_set():
                 break
-            state = self.spool.state(job)
-            if state.get("next_attempt", 0.0) > self._clock():
-                continue
-            finished += self.process(job, state)
+            with self._claim_lock:
+                if job.name in self._claimed:
+                    continue
+                self._claimed.add(job.name)
+            try:
+                if not job.is_dir():  # finished by another worker since the listing
+                    continue
+                state = self.spool.state(job)
+                if state.get("next_attempt", 0.0) > self._clock():
+                    continue
+                finished += self.process(job, state)
+                self._wake.set()  # a job left the queue: idle workers look again
+            finally:
+                with self._claim_lock:
+                    self._claimed.discard(job.name)
         return finished
 
     def process(self, job: Path, state: dict[str, Any]) -> int:
@@ -242,22 +262,26 @@ class Gateway:
         try:
             import pydicom
 
-            if not (job / "sr.dcm").exists():
+            sr_path = job / "sr.dcm"
+            sr_ds: Any = None
+            if not sr_path.exists():
+                sr_ds = self.build_sr(job, timings)
                 t0 = time.perf_counter()
-                sr = self.build_sr(job, timings)
                 buf = io.BytesIO()
-                pydicom.dcmwrite(buf, sr, enforce_file_format=True)
-                durable_write(job / "sr.dcm", buf.getvalue())
-                timings["sr_s"] = time.perf_counter() - t0 - timings.get("read_s", 0.0) - timings.get("diagnose_s", 0.0)
-                log.info("%s: SR built (%d finding group(s))", tag, _count_groups(sr))
-                sr_ds = sr
-            else:
-                sr_ds = pydicom.dcmread(job / "sr.dcm")
+                pydicom.dcmwrite(buf, sr_ds, enforce_file_format=True)
+                durable_write(sr_path, buf.getvalue())
+                timings["sr_s"] += time.perf_counter() - t0  # build + encode + durable write
+                log.info("%s: SR built (%d finding group(s))", tag, _count_groups(sr_ds))
             t0 = time.perf_counter()
             for name, send in self._destinations():
                 if name in state["sent"]:
                     continue
-                send(sr_ds)
+                if name == "cstore":
+                    send(sr_path)  # the stored bytes as they are
+                else:
+                    if sr_ds is None:
+                        sr_ds = pydicom.dcmread(sr_path)
+                    send(sr_ds)
                 state["sent"].append(name)
                 self.spool.save_state(job, state)
                 log.info("%s: SR sent by %s", tag, name)
@@ -290,8 +314,10 @@ class Gateway:
             log.warning("%s: attempt %d failed (%s); retrying in %.1f s", tag, state["attempts"],
                         state["last_error"], delay)
             return 0
-        sr_uid = str(sr_ds.SOPInstanceUID)
-        record = {"study": tag, "study_uid": state.get("study_uid"), "status": "done", "sr_sop_instance_uid": sr_uid,
+        if sr_ds is None:
+            sr_ds = pydicom.dcmread(sr_path, specific_tags=["SOPInstanceUID", "SeriesInstanceUID"])
+        record = {"study": tag, "study_uid": state.get("study_uid"), "status": "done",
+                  "sr_sop_instance_uid": str(sr_ds.SOPInstanceUID),
                   "sr_series_instance_uid": str(sr_ds.SeriesInstanceUID), "sent": state["sent"],
                   "attempts": state["attempts"] + 1, "time": self._clock(),
                   "timings_s": {k: round(v, 4) for k, v in timings.items()}}
@@ -331,15 +357,20 @@ class Gateway:
         texts = [clinical_text(d) for d in datasets]
         texts_arg = texts if any(texts) else None
         timings["read_s"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
         diagnoses: list[Any] = []
         bs = max(1, self.config.batch_size)
-        for i in range(0, len(datasets), bs):
-            diagnoses.extend(diag.diagnose(images[i:i + bs], texts=None if texts_arg is None else texts_arg[i:i + bs]))
+        with self._diagnose_lock:
+            t0 = time.perf_counter()  # the diagnoser's own time, not the wait for the lock
+            for i in range(0, len(datasets), bs):
+                diagnoses.extend(diag.diagnose(images[i:i + bs],
+                                               texts=None if texts_arg is None else texts_arg[i:i + bs]))
         timings["diagnose_s"] = time.perf_counter() - t0
         if len(diagnoses) != len(datasets):
             raise InputError("diagnoser output", f"one Diagnosis per image ({len(datasets)})", got=len(diagnoses))
-        return build_sr(diagnoses, datasets)
+        t0 = time.perf_counter()
+        sr = build_sr(diagnoses, datasets)
+        timings["sr_s"] = time.perf_counter() - t0
+        return sr
 
     # -- status --------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

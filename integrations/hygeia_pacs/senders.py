@@ -6,6 +6,8 @@ refused the object itself (a C-STORE failure status, STOW-RS items in FailedSOPS
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 from .config import CStoreDestination, StowDestination
@@ -20,14 +22,26 @@ class PermanentError(Exception):
 
 
 def send_cstore(ds: Any, dest: CStoreDestination, calling_ae: str, timeout_s: float = 30.0) -> None:
-    """C-STORE ``ds`` to ``dest``; returns on status Success (0x0000) or a warning (0xB000-0xBFFF)."""
+    """C-STORE ``ds`` to ``dest``; returns on status Success (0x0000) or a warning (0xB000-0xBFFF).
+
+    ``ds``: a pydicom Dataset, or the path of a PS3.10 file, which is sent as it is on disk
+    (no decoding and re-encoding).
+    """
     from pynetdicom import AE
 
+    if isinstance(ds, (str, os.PathLike)):
+        from pydicom.filereader import read_file_meta_info
+
+        meta = read_file_meta_info(ds)
+        sop_class, syntax = str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+        ds = Path(ds)
+    else:
+        sop_class, syntax = str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout_s
-    ae.add_requested_context(ds.SOPClassUID, str(ds.file_meta.TransferSyntaxUID))
-    if str(ds.file_meta.TransferSyntaxUID) != "1.2.840.10008.1.2.1":
-        ae.add_requested_context(ds.SOPClassUID, "1.2.840.10008.1.2.1")
+    ae.add_requested_context(sop_class, syntax)
+    if syntax != "1.2.840.10008.1.2.1" and not isinstance(ds, Path):  # a Dataset can be re-encoded
+        ae.add_requested_context(sop_class, "1.2.840.10008.1.2.1")
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"

@@ -7,6 +7,7 @@ on ``net.layer3``, computed in one forward pass (:meth:`CnnDiagnoser.gradcam`); 
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -112,6 +113,7 @@ class CnnDiagnoser:
     def __init__(self, bundle: str | Path | None = None, device: str | None = None, heatmaps: bool = True,
                  batch_size: int = 256) -> None:
         self.device = pick_device(device)
+        self._cam_lock = threading.Lock()  # the Grad-CAM hook is on the shared network: one at a time
         b = load_bundle(bundle or WEIGHTS)
         self.config = dict(b.config)
         self.card = b.card
@@ -155,6 +157,7 @@ class CnnDiagnoser:
             grabbed.append(out.detach().requires_grad_(True))
             return grabbed[-1]
 
+        self._cam_lock.acquire()  # another thread's forward pass would run this hook too
         hook = dict(self.net.named_modules())[self.arch["cam_layer"]].register_forward_hook(cut)
         try:
             with torch.enable_grad():
@@ -167,6 +170,7 @@ class CnnDiagnoser:
                     maps[:, k] = np.nan_to_num(cam[:, 0].float().cpu().numpy()).clip(0, 1)
         finally:
             hook.remove()
+            self._cam_lock.release()
         return maps
 
     def diagnose(self, images: Any, texts: Sequence[str] | None = None, heatmaps: bool | None = None) -> list[Diagnosis]:

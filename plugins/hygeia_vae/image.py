@@ -215,6 +215,8 @@ def train(
     samples_dir: str | Path | None = None,
     cache: str | Path | None = None,
     threads: int | None = None,
+    block_out_channels: list[int] | tuple[int, ...] | None = None,
+    attention: bool | None = None,
     **options: Any,
 ) -> Path:
     """Train the VAE and fit its label priors; write the bundle to ``out`` (what ``hygeia train vae`` runs).
@@ -224,7 +226,19 @@ def train(
     """
     if options:
         raise InputError("train options", "epochs, n_per_class, batch_size, lr, recon_sigma, prior_rank, n_val, "
-                         "samples_dir, cache, threads", got=", ".join(sorted(options)))
+                         "samples_dir, cache, threads, block_out_channels, attention", got=", ".join(sorted(options)))
+    arch = dict(AUTOENCODER)
+    if block_out_channels is not None:
+        if (not isinstance(block_out_channels, (list, tuple)) or len(block_out_channels) != 3
+                or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 8 and c % 8 == 0
+                           for c in block_out_channels)):
+            raise InputError("block_out_channels", "3 multiples of 8 (one per level, 64 -> 32 -> 16 px)",
+                             got=repr(block_out_channels))
+        arch["block_out_channels"] = [int(c) for c in block_out_channels]
+    if attention is not None:
+        if not isinstance(attention, bool):
+            raise InputError("attention", "true or false (self-attention in the 16x16 mid block)", got=repr(attention))
+        arch["mid_block_add_attention"] = attention
     for name, v, lo in (("epochs", epochs, 1), ("n_per_class", n_per_class, 8), ("batch_size", batch_size, 2),
                         ("prior_rank", prior_rank, 1), ("n_val", n_val, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -237,7 +251,7 @@ def train(
     device = pick_device()
     images, conds = class_conditional_set(n_per_class, size=SIZE, cache=cache, progress=progress)
     x_all = torch.from_numpy(images)
-    ae = build_autoencoder().to(device).train()
+    ae = build_autoencoder(arch).to(device).train()
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = len(x_all) // batch_size
     total = epochs * steps_per_epoch
@@ -299,7 +313,7 @@ def train(
     tensors = {f"autoencoder.{k}": v for k, v in ae.state_dict().items()}
     tensors.update({f"prior.{k}": v for k, v in prior.items()})
     config = {
-        "autoencoder": {**AUTOENCODER, "scaling_factor": scaling},
+        "autoencoder": {**arch, "scaling_factor": scaling},
         "latent_shape": list(mu.shape[1:]),
         "priors": list(PRIORS),
         "prior_rank": prior_rank,

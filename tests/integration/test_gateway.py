@@ -137,6 +137,29 @@ def test_study_to_sr_in_orthanc(orthanc, cnn, tmp_path):
     assert lib_uids == {pydicom.dcmread(f).SOPInstanceUID for f in files}
 
 
+def test_concurrent_workers_store_one_sr_per_study(orthanc, cnn, tmp_path):
+    """Several workers at once (diagnose serialised, SR building and sending overlapped): every
+    study of one storescu run ends with exactly one SR in Orthanc, none twice, none lost."""
+    from hygeia_pacs import Gateway, GatewayConfig
+
+    studies = [phantom_study(tmp_path / f"s{k}", seed=300 + k, n=1 + k % 2) for k in range(6)]
+    uids = {str(pydicom.dcmread(files[0]).StudyInstanceUID) for files in studies}
+    cfg = GatewayConfig.from_dict(gateway_config(tmp_path, orthanc, workers=3, study_timeout_s=0.3, stow=None))
+    with Gateway(cfg, diagnoser=cnn) as gw:
+        assert len(gw._workers) == 3
+        assert storescu(cfg.port, [f for files in studies for f in files]).returncode == 0
+        wait_for(lambda: gw.status()["done"] == len(studies), 120, "every study done")
+        assert gw.wait_idle(60), gw.status()
+        status = gw.status()
+    assert status["done"] == len(studies) and status["failed"] == 0 and status["sent"] == len(studies)
+    records = done_records(cfg.spool)
+    assert sorted(r["study_uid"] for r in records) == sorted(uids)  # each study once
+    client = dicomweb(orthanc)
+    for r in records:
+        series = client.search_for_series(study_instance_uid=r["study_uid"], search_filters={"Modality": "SR"})
+        assert [x["0020000E"]["Value"][0] for x in series] == [r["sr_series_instance_uid"]]
+
+
 def test_pacs_down_during_run_then_back(orthanc, cnn, tmp_path):
     """Orthanc stops while a study is processed: the gateway retries; after a restart, nothing is lost."""
     from hygeia_pacs import Gateway, GatewayConfig
