@@ -122,7 +122,9 @@ def bench_sr(n: int) -> dict[str, Any]:
             "target": 0.9, "reference_is": "bare highdicom build of the same content", "n": n}
 
 
-def bench_gateway(n_studies: int, per_study: int) -> list[dict[str, Any]]:
+def bench_gateway(n_studies: int, per_study: int, workers: int = 2, sr_processes: int = 2,
+                  sender_nagle: bool = False) -> list[dict[str, Any]]:
+    import os
     import subprocess
 
     import hygeia
@@ -159,18 +161,22 @@ def bench_gateway(n_studies: int, per_study: int) -> list[dict[str, Any]]:
     orthanc = Orthanc(tmp / "orthanc").start()
     try:
         timeout_s = 0.5
+        # the sending modality (dcmtk storescu): Nagle's algorithm off unless --sender-nagle; with it
+        # on (dcmtk's default) each instance waits ~45 ms for a delayed ACK, whoever receives it
+        sender_env = {**os.environ, "TCP_NODELAY": "0" if sender_nagle else "1"}
         cfg = GatewayConfig(spool=tmp / "spool", port=free_port(), allowed_callers=("STORESCU",),
-                            study_timeout_s=timeout_s, poll_s=0.02,
+                            study_timeout_s=timeout_s, poll_s=0.02, workers=workers, sr_processes=sr_processes,
                             cstore={"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port})
         with Gateway(cfg, diagnoser=cnn) as gw:
             warm = write_phantom_study(tmp / "warm", n=1, seed=999)  # warm-up: imports, first association
             subprocess.run(["storescu", "-aet", "STORESCU", "-aec", cfg.ae_title, "127.0.0.1", str(cfg.port),
-                            *map(str, warm)], check=True, capture_output=True)
+                            *map(str, warm)], check=True, capture_output=True, env=sender_env)
             gw.wait_idle(120)
             done0 = gw.status()["done"]
             t0 = time.perf_counter()
             subprocess.run(["storescu", "-aet", "STORESCU", "-aec", cfg.ae_title, "127.0.0.1", str(cfg.port),
-                            *[str(p) for files in studies for p in files]], check=True, capture_output=True)
+                            *[str(p) for files in studies for p in files]], check=True, capture_output=True,
+                           env=sender_env)
             t_sent = time.perf_counter()
             while gw.status()["done"] - done0 < n_studies:
                 time.sleep(0.01)
@@ -184,6 +190,7 @@ def bench_gateway(n_studies: int, per_study: int) -> list[dict[str, Any]]:
     breakdown = {k: round(statistics.mean(r["timings_s"].get(k, 0.0) for r in records), 3)
                  for k in ("read_s", "diagnose_s", "sr_s", "send_s")}
     common = {"unit": "studies/s", "hygeia": gw_rate, "n_studies": n_studies, "images_per_study": per_study,
+              "workers": workers, "sr_processes": sr_processes, "sender_nagle": sender_nagle,
               "study_timeout_s": timeout_s, "storescu_s": round(t_sent - t0, 3), "elapsed_s": round(elapsed, 3),
               "per_study_breakdown_s": breakdown}
     return [
@@ -198,8 +205,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["sr", "gateway"])
     ap.add_argument("--n", type=int, default=20, help="SRs per side")
-    ap.add_argument("--studies", type=int, default=8)
+    ap.add_argument("--studies", type=int, default=30)
     ap.add_argument("--per-study", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=2, help="gateway config: studies processed at once")
+    ap.add_argument("--sr-processes", type=int, default=2, help="gateway config: SR-building processes (0: none)")
+    ap.add_argument("--sender-nagle", action="store_true",
+                    help="leave Nagle's algorithm on in the sending storescu (dcmtk's default)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     import torch
@@ -209,7 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only in (None, "sr"):
         results.append(bench_sr(args.n))
     if args.only in (None, "gateway"):
-        results.extend(bench_gateway(args.studies, args.per_study))
+        results.extend(bench_gateway(args.studies, args.per_study, args.workers, args.sr_processes,
+                                     args.sender_nagle))
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -221,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['ratio']:>6.2f} {target:>7}  {r['reference_is']}{ok}")
     for r in results:
         if "per_study_breakdown_s" in r:
+            print(f"gateway: {r['n_studies']} studies of {r['images_per_study']} images, workers {r['workers']}, "
+                  f"sr_processes {r['sr_processes']}, sender Nagle {'on' if r['sender_nagle'] else 'off'}")
             print(f"gateway time per study (s): {r['per_study_breakdown_s']}; storescu of all studies took "
                   f"{r['storescu_s']} s, last SR stored after {r['elapsed_s']} s")
             break

@@ -224,3 +224,6 @@ def test_config_validation(tmp_path):
         with pytest.raises(InputError, match="workers"):
             GatewayConfig.from_dict({**base, "allowed_callers": ["A"], "workers": bad})
     assert GatewayConfig.from_dict({**base, "allowed_callers": ["A"]}).workers == 2
+    for bad in (-1, 1.5, True):
+        with pytest.raises(InputError, match="sr_processes"):
+            GatewayConfig.from_dict({**base, "allowed_callers": ["A"], "sr_processes": bad})

@@ -64,6 +64,7 @@ class GatewayConfig:
     give_up_after_s: float | None = 86400.0
     batch_size: int = 16
     workers: int = 2  # studies processed at once (diagnose, SR build, send); diagnose calls never overlap
+    sr_processes: int = 0  # build + encode SRs in this many separate processes (0: in the worker threads)
     keep_instances: bool = False
     poll_s: float = 0.2
     extra: dict[str, Any] = field(default_factory=dict)
@@ -87,6 +88,9 @@ class GatewayConfig:
             raise InputError("gateway config", "at least one destination: cstore and/or stow", got="none")
         if isinstance(self.workers, bool) or not isinstance(self.workers, int) or not 1 <= self.workers <= 64:
             raise InputError("gateway config workers", "an integer from 1 to 64", got=repr(self.workers))
+        if isinstance(self.sr_processes, bool) or not isinstance(self.sr_processes, int) or not 0 <= self.sr_processes <= 64:
+            raise InputError("gateway config sr_processes", "an integer from 0 to 64 (0: no separate processes)",
+                             got=repr(self.sr_processes))
         if self.study_timeout_s <= 0 or self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise InputError("gateway config timings", "study_timeout_s > 0 and 0 < retry_initial_s <= retry_max_s",
                              got=(self.study_timeout_s, self.retry_initial_s, self.retry_max_s))

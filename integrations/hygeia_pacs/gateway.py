@@ -49,6 +49,30 @@ def study_tag(study_uid: str) -> str:
     return "study#" + hashlib.sha256(study_uid.encode()).hexdigest()[:10]
 
 
+def encode_sr(diagnoses: list[Any], datasets: list[Any]) -> tuple[bytes, dict[str, Any]]:
+    """Build one TID 1500 SR (``hygeia_dicom.sr.build_sr``) and encode it as a PS3.10 file.
+
+    Returns the bytes and the SR's SOP Instance UID, Series Instance UID and number of finding
+    groups. Runs in a worker thread or, with ``sr_processes``, in a separate process (the
+    arguments are pickled: diagnoses and pixel-free headers).
+    """
+    import pydicom
+
+    from hygeia_dicom.sr import build_sr
+
+    sr = build_sr(diagnoses, datasets)
+    buf = io.BytesIO()
+    pydicom.dcmwrite(buf, sr, enforce_file_format=True)
+    return buf.getvalue(), {"sop_instance_uid": str(sr.SOPInstanceUID),
+                            "series_instance_uid": str(sr.SeriesInstanceUID), "groups": _count_groups(sr)}
+
+
+def _warm_sr_process() -> None:
+    """Process-pool initializer: import the SR stack once, before the first study."""
+    import highdicom  # noqa: F401
+    import hygeia_dicom.sr  # noqa: F401
+
+
 def clinical_text(ds: Any) -> str:
     """Clinical history carried by an image, if any (Additional Patient History, Reason for Study)."""
     parts = [str(getattr(ds, kw, "") or "").strip() for kw in
@@ -81,6 +105,7 @@ class Gateway:
         self._claim_lock = threading.Lock()
         self._claimed: set[str] = set()  # jobs a worker is processing now
         self._diagnose_lock = threading.Lock()  # plugins need not be thread-safe: one diagnose at a time
+        self._sr_pool: Any = None  # concurrent.futures.ProcessPoolExecutor when config.sr_processes > 0
         self.counters = {"accepted": 0, "rejected": 0, "sent": 0, "failed": 0, "retries": 0}
         self._counter_lock = threading.Lock()
 
@@ -103,6 +128,8 @@ class Gateway:
         self._ae = ae
         self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
         self._stop.clear()
+        if self.config.sr_processes:
+            self._start_sr_pool()
         self._workers = [threading.Thread(target=self._work_loop, name=f"hygeia-gateway-worker-{i}", daemon=True)
                          for i in range(self.config.workers)]
         for w in self._workers:
@@ -122,6 +149,19 @@ class Gateway:
         for w in self._workers:
             w.join(max(0.0, end - time.monotonic()))
         self._workers = []
+        if self._sr_pool is not None:
+            self._sr_pool.shutdown(wait=True, cancel_futures=True)
+            self._sr_pool = None
+
+    def _start_sr_pool(self) -> None:
+        """Spawn the SR processes (spawn, not fork: this process has threads and maybe torch)."""
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, wait
+
+        n = self.config.sr_processes
+        self._sr_pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_warm_sr_process)
+        wait([self._sr_pool.submit(time.sleep, 0) for _ in range(n)])  # started and warm before the first study
 
     def __enter__(self) -> "Gateway":
         return self.start()
@@ -264,14 +304,13 @@ class Gateway:
 
             sr_path = job / "sr.dcm"
             sr_ds: Any = None
+            info: dict[str, Any] = {}
             if not sr_path.exists():
-                sr_ds = self.build_sr(job, timings)
+                data, info = self.make_sr(job, timings)
                 t0 = time.perf_counter()
-                buf = io.BytesIO()
-                pydicom.dcmwrite(buf, sr_ds, enforce_file_format=True)
-                durable_write(sr_path, buf.getvalue())
+                durable_write(sr_path, data)
                 timings["sr_s"] += time.perf_counter() - t0  # build + encode + durable write
-                log.info("%s: SR built (%d finding group(s))", tag, _count_groups(sr_ds))
+                log.info("%s: SR built (%d finding group(s))", tag, info["groups"])
             t0 = time.perf_counter()
             for name, send in self._destinations():
                 if name in state["sent"]:
@@ -314,11 +353,13 @@ class Gateway:
             log.warning("%s: attempt %d failed (%s); retrying in %.1f s", tag, state["attempts"],
                         state["last_error"], delay)
             return 0
-        if sr_ds is None:
-            sr_ds = pydicom.dcmread(sr_path, specific_tags=["SOPInstanceUID", "SeriesInstanceUID"])
+        if not info:  # built by an earlier attempt: read the UIDs back
+            ds = sr_ds if sr_ds is not None else pydicom.dcmread(sr_path, specific_tags=["SOPInstanceUID",
+                                                                                       "SeriesInstanceUID"])
+            info = {"sop_instance_uid": str(ds.SOPInstanceUID), "series_instance_uid": str(ds.SeriesInstanceUID)}
         record = {"study": tag, "study_uid": state.get("study_uid"), "status": "done",
-                  "sr_sop_instance_uid": str(sr_ds.SOPInstanceUID),
-                  "sr_series_instance_uid": str(sr_ds.SeriesInstanceUID), "sent": state["sent"],
+                  "sr_sop_instance_uid": info["sop_instance_uid"],
+                  "sr_series_instance_uid": info["series_instance_uid"], "sent": state["sent"],
                   "attempts": state["attempts"] + 1, "time": self._clock(),
                   "timings_s": {k: round(v, 4) for k, v in timings.items()}}
         self.spool.finish(job, record, keep_instances=self.config.keep_instances)
@@ -336,15 +377,15 @@ class Gateway:
             out.append(("stow", lambda ds: send_stow(ds, sdest)))
         return out
 
-    def build_sr(self, job: Path, timings: dict[str, float] | None = None) -> Any:
-        """Read the study's instances, run the diagnoser, build one TID 1500 SR."""
+    def make_sr(self, job: Path, timings: dict[str, float] | None = None) -> tuple[bytes, dict[str, Any]]:
+        """Read the study's instances, run the diagnoser, build and encode one TID 1500 SR
+        (:func:`encode_sr`, in an SR process when ``sr_processes`` > 0)."""
         import pydicom
 
         timings = {} if timings is None else timings
         t0 = time.perf_counter()
 
         from hygeia.data.io import load_dataset, prepare_image
-        from hygeia_dicom.sr import build_sr
 
         files = sorted((job / "instances").glob("*.dcm"))
         if not files:
@@ -367,10 +408,23 @@ class Gateway:
         timings["diagnose_s"] = time.perf_counter() - t0
         if len(diagnoses) != len(datasets):
             raise InputError("diagnoser output", f"one Diagnosis per image ({len(datasets)})", got=len(diagnoses))
+        for d in datasets:  # the SR needs headers only: no pixels to pickle or copy
+            if "PixelData" in d:
+                del d.PixelData
         t0 = time.perf_counter()
-        sr = build_sr(diagnoses, datasets)
+        if self._sr_pool is None:
+            out = encode_sr(diagnoses, datasets)
+        else:
+            from concurrent.futures.process import BrokenProcessPool
+
+            try:
+                out = self._sr_pool.submit(encode_sr, diagnoses, datasets).result()
+            except BrokenProcessPool:  # an SR process died (killed, out of memory): new pool, retry later
+                log.error("an SR process died; restarting the SR processes")
+                self._start_sr_pool()
+                raise
         timings["sr_s"] = time.perf_counter() - t0
-        return sr
+        return out
 
     # -- status --------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

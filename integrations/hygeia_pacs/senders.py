@@ -46,6 +46,7 @@ def send_cstore(ds: Any, dest: CStoreDestination, calling_ae: str, timeout_s: fl
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
         raise TransientError(f"C-STORE association to {dest.ae_title}@{dest.host}:{dest.port} {reason}")
+    _no_nagle(assoc)
     try:
         status = assoc.send_c_store(ds)
     finally:
@@ -59,6 +60,18 @@ def send_cstore(ds: Any, dest: CStoreDestination, calling_ae: str, timeout_s: fl
     if code in (0xA700, 0xA701, 0xA702) or 0xA700 <= code <= 0xA7FF:  # out of resources: try later
         raise TransientError(f"C-STORE to {dest.ae_title}: status 0x{code:04X} (out of resources) {comment}")
     raise PermanentError(f"C-STORE to {dest.ae_title}: failure status 0x{code:04X} {comment}".strip())
+
+
+def _no_nagle(assoc: Any) -> None:
+    """TCP_NODELAY on the association's socket. A C-STORE request is written as several PDUs
+    (command, then data set); with Nagle's algorithm the data set waits for the peer's delayed ACK
+    of the command (~40 ms on Linux): a C-STORE of an SR to Orthanc took ~100 ms instead of ~55."""
+    import socket
+
+    try:
+        assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except (AttributeError, OSError):  # no TCP socket (closed meanwhile): nothing to tune
+        pass
 
 
 def send_stow(ds: Any, dest: StowDestination, timeout_s: float = 30.0) -> None:

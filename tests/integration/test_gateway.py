@@ -138,13 +138,14 @@ def test_study_to_sr_in_orthanc(orthanc, cnn, tmp_path):
 
 
 def test_concurrent_workers_store_one_sr_per_study(orthanc, cnn, tmp_path):
-    """Several workers at once (diagnose serialised, SR building and sending overlapped): every
+    """Several workers at once (diagnose serialised, SRs built in 2 processes, sending overlapped): every
     study of one storescu run ends with exactly one SR in Orthanc, none twice, none lost."""
     from hygeia_pacs import Gateway, GatewayConfig
 
     studies = [phantom_study(tmp_path / f"s{k}", seed=300 + k, n=1 + k % 2) for k in range(6)]
     uids = {str(pydicom.dcmread(files[0]).StudyInstanceUID) for files in studies}
-    cfg = GatewayConfig.from_dict(gateway_config(tmp_path, orthanc, workers=3, study_timeout_s=0.3, stow=None))
+    cfg = GatewayConfig.from_dict(gateway_config(tmp_path, orthanc, workers=3, sr_processes=2,
+                                                     study_timeout_s=0.3, stow=None))
     with Gateway(cfg, diagnoser=cnn) as gw:
         assert len(gw._workers) == 3
         assert storescu(cfg.port, [f for files in studies for f in files]).returncode == 0
