@@ -1,7 +1,7 @@
 """``vae``: an image VAE (diffusers ``AutoencoderKL``) with a label-conditional latent prior.
 
-Model: a small KL autoencoder (diffusers ``AutoencoderKL``, 3 levels, 8/16/32 channels) maps a
-64x64 radiograph to a ``4 x 16 x 16`` latent. It is trained as a VAE: Gaussian likelihood with a
+Model: a small KL autoencoder (diffusers ``AutoencoderKL``, 3 levels, 16/32/64 channels, no
+attention) maps a 64x64 radiograph to a ``4 x 16 x 16`` latent. It is trained as a VAE: Gaussian likelihood with a
 fixed decoder noise ``recon_sigma`` plus the KL to N(0, I), so the latent space is smooth enough
 both to sample from and to serve as the latent space of the ``diffusion`` plugin.
 
@@ -46,11 +46,12 @@ AUTOENCODER = dict(
     out_channels=1,
     down_block_types=["DownEncoderBlock2D"] * 3,
     up_block_types=["UpDecoderBlock2D"] * 3,
-    block_out_channels=[8, 16, 32],
+    block_out_channels=[16, 32, 64],
     layers_per_block=1,
     latent_channels=4,
     norm_num_groups=8,
     sample_size=SIZE,
+    mid_block_add_attention=False,
 )
 """diffusers ``AutoencoderKL`` arguments of the shipped model (64x64x1 -> 4x16x16)."""
 
@@ -205,11 +206,11 @@ def train(
     out: str | Path = WEIGHTS,
     seed: int = 0,
     progress: bool = True,
-    epochs: int = 2,
-    n_per_class: int = 1000,
+    epochs: int = 5,
+    n_per_class: int = 3000,
     batch_size: int = 16,
     lr: float = 2e-3,
-    recon_sigma: float = 0.05,
+    recon_sigma: float = 0.02,
     prior_rank: int = 48,
     n_val: int = 256,
     samples_dir: str | Path | None = None,
