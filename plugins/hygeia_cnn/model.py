@@ -109,6 +109,7 @@ class CnnDiagnoser:
 
     input_size = INPUT_SIZE
     findings = FINDING_LABELS
+    max_batch_size = 64  # the largest batch Triton forms (1 MiB of images; 64 was the best in-process batch)
 
     def __init__(self, bundle: str | Path | None = None, device: str | None = None, heatmaps: bool = True,
                  batch_size: int = 256) -> None:

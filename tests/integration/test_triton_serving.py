@@ -93,6 +93,21 @@ def _only_label_registry():
     return reg
 
 
+def test_plugin_declares_its_max_batch_size(tmp_path: Path) -> None:
+    """A plugin's ``max_batch_size`` attribute sets Triton's (the cnn: 64); others get the kind's default."""
+    from hygeia.serving.repository import MAX_BATCH, plan_model
+
+    res = build_repository(tmp_path, names=["cnn", "label"])
+    assert "max_batch_size: 64" in (tmp_path / "diagnoser_cnn/config.pbtxt").read_text()
+    assert f"max_batch_size: {MAX_BATCH['conditioner']}" in (tmp_path / "conditioner_label/config.pbtxt").read_text()
+    assert sorted(res.models) == ["conditioner_label", "diagnoser_cnn"]
+    cnn = hygeia.create("diagnoser", "cnn")
+    spec = hygeia.get_registry().get("diagnoser", "cnn")
+    cnn.max_batch_size = 0  # an instance attribute shadows the class's
+    with pytest.raises(InputError, match="max_batch_size"):
+        plan_model(spec, cnn)
+
+
 def test_build_includes_third_party_plugins(tmp_path: Path) -> None:
     third = [s for s in hygeia.get_registry().all() if s.package not in ("hygeia", "")]
     if not third:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 from ..api import PluginSpec
+from ..errors import InputError
 from ..outputs import atomic_dir
 from ..plugins import ENTRY_POINT_GROUP, PluginRegistry, _as_list, get_registry
 from . import wire
@@ -144,7 +145,17 @@ def plan_model(spec: PluginSpec, instance: Any, entry_point: str = "", device: D
         "hygeia_info": json.dumps(info, sort_keys=True, separators=(",", ":")),
     }
     return ModelPlan(wire.model_name(kind, spec.name), spec, inputs, outputs, params,
-                     max_batch_size or MAX_BATCH[kind], decoupled)
+                     max_batch_size or _declared_max_batch(instance, spec.name) or MAX_BATCH[kind], decoupled)
+
+
+def _declared_max_batch(instance: Any, name: str) -> int | None:
+    """The plugin's own ``max_batch_size`` attribute (the largest batch Triton may form for it), if any."""
+    v = getattr(instance, "max_batch_size", None)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 4096:
+        raise InputError(f"plugin {name!r} max_batch_size", "an integer from 1 to 4096", got=repr(v))
+    return v
 
 
 def _pbtxt_str(s: str) -> str:
