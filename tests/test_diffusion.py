@@ -159,9 +159,11 @@ def test_training_writes_bundle_and_grids(tmp_path) -> None:
     assert sorted(p.name for p in (tmp_path / "a-grids").iterdir()) == ["epoch_001.png", "epoch_002.png"]
     assert a.generate(1, condition="nodule", seed=0, steps=2)[0].pixels.shape == (1, 64, 64)
     assert a.config["training"]["seed"] == 1 and a.card.metrics["train_loss_last_epoch"] > 0
+    assert a.config["sampling"]["guidance_scale"] == 5.0 == a.defaults["guidance_scale"]  # the trainer's default
     assert run("b").identity.weights_sha256 == a.identity.weights_sha256, "same seed must give the same weights"
     for bad, name in (({"epochs": 0}, "epochs"), ({"mode": "wavelet"}, "mode"), ({"patch": 3}, "patch"),
-                      ({"p_uncond": 1.5}, "p_uncond"), ({"colour": 1}, "options")):
+                      ({"p_uncond": 1.5}, "p_uncond"), ({"colour": 1}, "options"),
+                      ({"guidance_scale": 25}, "guidance_scale"), ({"guidance_scale": "5"}, "guidance_scale")):
         with pytest.raises(InputError, match=name):
             train(out=tmp_path / "c", **bad)
 
