@@ -227,3 +227,33 @@ def test_config_validation(tmp_path):
     for bad in (-1, 1.5, True):
         with pytest.raises(InputError, match="sr_processes"):
             GatewayConfig.from_dict({**base, "allowed_callers": ["A"], "sr_processes": bad})
+
+
+def test_dead_sr_process_is_replaced_and_the_study_retried(cnn, phantom, tmp_path):
+    """sr_processes: an SR process that dies fails that attempt (retried later), the pool is
+    replaced, and the next attempt builds the SR."""
+    import io
+    import os
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    from hygeia_pacs import Gateway
+
+    ds = pydicom.dcmread(phantom)
+    gw = Gateway(_config(tmp_path, sr_processes=1), diagnoser=cnn)
+    gw.spool.store(str(ds.StudyInstanceUID), str(ds.SOPInstanceUID), phantom.read_bytes())
+    (job,) = gw.spool.close_idle(0.0, now=time.time() + 1)
+    gw._start_sr_pool()
+    try:
+        first = gw._sr_pool
+        for pid in list(first._processes):
+            os.kill(pid, signal.SIGKILL)
+        with pytest.raises(BrokenProcessPool):
+            gw.make_sr(job)
+        assert gw._sr_pool is not first  # replaced
+        data, info = gw.make_sr(job)
+        sr = pydicom.dcmread(io.BytesIO(data))
+        assert sr.SOPInstanceUID == info["sop_instance_uid"] and sr.StudyInstanceUID == ds.StudyInstanceUID
+        assert info["groups"] == len(cnn.findings)
+    finally:
+        gw._sr_pool.shutdown()

@@ -417,11 +417,15 @@ class Gateway:
         else:
             from concurrent.futures.process import BrokenProcessPool
 
+            pool = self._sr_pool
             try:
-                out = self._sr_pool.submit(encode_sr, diagnoses, datasets).result()
+                out = pool.submit(encode_sr, diagnoses, datasets).result()
             except BrokenProcessPool:  # an SR process died (killed, out of memory): new pool, retry later
-                log.error("an SR process died; restarting the SR processes")
-                self._start_sr_pool()
+                with self._claim_lock:  # one worker replaces the broken pool, the others find it replaced
+                    if self._sr_pool is pool:
+                        log.error("an SR process died; restarting the SR processes")
+                        pool.shutdown(wait=False, cancel_futures=True)
+                        self._start_sr_pool()
                 raise
         timings["sr_s"] = time.perf_counter() - t0
         return out
