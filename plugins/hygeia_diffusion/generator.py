@@ -66,6 +66,14 @@ DEFAULT_GUIDANCE = 5.0
 """Guidance scale recorded as the bundle's sampling default (``hygeia evaluate generator``: 2 -> 0.678,
 3.5 -> 0.814, 5 -> 0.841 conditional accuracy for the shipped weights; see docs/plugins/diffusion.md)."""
 SAMPLERS = ("ddim", "dpm")
+
+
+def check_guidance(gs: Any) -> float:
+    """A classifier-free guidance scale in [0, MAX_GUIDANCE], else an InputError naming it."""
+    if isinstance(gs, bool) or not isinstance(gs, (int, float)) or not math.isfinite(gs) or not 0 <= gs <= MAX_GUIDANCE:
+        raise InputError("guidance_scale", f"a number in [0, {MAX_GUIDANCE:g}]", got=repr(gs))
+    return float(gs)
+
 COMPONENTS = ("unet", "scheduler", "vae")
 _WEIGHT_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -302,9 +310,7 @@ class DiffusionGenerator:
         steps = self.defaults["steps"] if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
             raise InputError("steps", f"an integer in [1, {MAX_STEPS}]", got=repr(steps))
-        gs = self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale
-        if isinstance(gs, bool) or not isinstance(gs, (int, float)) or not math.isfinite(gs) or not 0 <= gs <= MAX_GUIDANCE:
-            raise InputError("guidance_scale", f"a number in [0, {MAX_GUIDANCE:g}]", got=repr(gs))
+        gs = check_guidance(self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
         sampler = self.defaults["sampler"] if sampler is None else sampler
         if sampler not in SAMPLERS:
             raise InputError("sampler", f"one of {', '.join(SAMPLERS)}", got=repr(sampler))
@@ -392,10 +398,7 @@ def train(
         raise InputError("train options", "epochs, n_per_class, batch_size, lr, mode, patch, vae, p_uncond, "
                          "ema_decay, samples_dir, cache, threads, unet, init, guidance_scale",
                          got=", ".join(sorted(options)))
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-            or not 0 <= guidance_scale <= MAX_GUIDANCE:
-        raise InputError("guidance_scale", f"a number in [0, {MAX_GUIDANCE:g}] (the bundle's default for sampling)",
-                         got=repr(guidance_scale))
+    check_guidance(guidance_scale)
     for name, v, lo in (("epochs", epochs, 1), ("n_per_class", n_per_class, 8), ("batch_size", batch_size, 2),
                         ("patch", patch, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
