@@ -108,6 +108,38 @@ def test_plugin_declares_its_max_batch_size(tmp_path: Path) -> None:
         plan_model(spec, cnn)
 
 
+def test_default_instances_per_kind_and_host(tmp_path: Path) -> None:
+    """CPU host: 2 stubs per diagnoser/generator (1 on one core), 1 per conditioner; GPU: 1; --instances wins."""
+    from hygeia.serving.repository import default_instances
+
+    assert [default_instances(k, "cpu", cpus=8) for k in ("diagnoser", "generator", "conditioner")] == [2, 2, 1]
+    assert [default_instances(k, "cpu", cpus=1) for k in ("diagnoser", "generator", "conditioner")] == [1, 1, 1]
+    assert [default_instances(k, "gpu", cpus=8) for k in ("diagnoser", "generator", "conditioner")] == [1, 1, 1]
+    build_repository(tmp_path / "auto", names=["cnn", "label"])
+    n = min(2, os.cpu_count() or 1)
+    assert f"count: {n}\n" in (tmp_path / "auto/diagnoser_cnn/config.pbtxt").read_text()
+    assert "count: 1\n" in (tmp_path / "auto/conditioner_label/config.pbtxt").read_text()
+    build_repository(tmp_path / "three", names=["cnn"], instances=3)
+    assert "count: 3\n" in (tmp_path / "three/diagnoser_cnn/config.pbtxt").read_text()
+
+
+def test_served_diagnoser_runs_its_instances_as_separate_stubs(triton_server, require_model) -> None:
+    """The shared server was built with the defaults: the cnn runs in min(2, cores) live stub processes,
+    and concurrent requests are answered by them (same results as one by one)."""
+    require_model("diagnoser_cnn")
+    pids = triton_server._stubs()["diagnoser_cnn"]
+    assert len(pids) == min(2, os.cpu_count() or 1)
+    cnn = connect("diagnoser", "cnn", triton_server.grpc_url)
+    imgs = np.random.default_rng(3).random((4, 1, 64, 64), dtype=np.float32)
+    one_by_one = [cnn.diagnose(imgs[i:i + 1], heatmaps=False)[0] for i in range(4)]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda i: cnn.diagnose(imgs[i:i + 1], heatmaps=False)[0], range(4)))
+    for a, b in zip(one_by_one, together):
+        assert [f.probability for f in a.findings] == pytest.approx([f.probability for f in b.findings], abs=1e-5)
+
+
 def test_build_includes_third_party_plugins(tmp_path: Path) -> None:
     third = [s for s in hygeia.get_registry().all() if s.package not in ("hygeia", "")]
     if not third:

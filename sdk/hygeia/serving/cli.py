@@ -16,7 +16,7 @@ err = Console(stderr=True)
 DEFAULT_REPO = Path("triton_models")
 
 
-def _build(repo: Path, device: str, instances: int, queue_delay_us: int, plugins: list[str] | None,
+def _build(repo: Path, device: str, instances: int | None, queue_delay_us: int, plugins: list[str] | None,
            quiet: bool = False) -> Any:
     from .repository import build_repository
 
@@ -61,7 +61,10 @@ def register(app: typer.Typer) -> None:
     def build(
         repo: Path = typer.Option(DEFAULT_REPO, "--repo", "-r", help="Model repository folder to write/refresh."),
         device: str = typer.Option("cpu", "--device", help="Instance kind: cpu (KIND_CPU), gpu (KIND_GPU) or auto."),
-        instances: int = typer.Option(1, "--instances", min=1, help="Model instances per plugin."),
+        instances: Optional[int] = typer.Option(
+            None, "--instances", min=1,
+            help="Model instances (stub processes) per plugin. Default: on a CPU host 2 per diagnoser and "
+                 "generator (1 on a 1-core host), 1 per conditioner; on a GPU host 1 per GPU."),
         queue_delay_us: int = typer.Option(0, "--queue-delay-us", min=0,
                                            help="Dynamic batching: max queue delay (microseconds)."),
         plugin: Optional[list[str]] = typer.Option(None, "--plugin", "-p", help="Only these plugins (repeatable)."),
@@ -87,6 +90,8 @@ def register(app: typer.Typer) -> None:
         build_first: bool = typer.Option(True, "--build/--no-build",
                                          help="Refresh the repository from the installed plugins first."),
         device: str = typer.Option("cpu", "--device", help="Instance kind when building: cpu, gpu or auto."),
+        instances: Optional[int] = typer.Option(
+            None, "--instances", min=1, help="Instances per plugin when building (default: as `triton build`)."),
         model: Optional[list[str]] = typer.Option(None, "--model", "-m",
                                                   help="Load only these Triton models (repeatable)."),
         check: Optional[str] = typer.Option(None, "--check", metavar="HOST:PORT",
@@ -104,7 +109,7 @@ def register(app: typer.Typer) -> None:
         from .server import TritonServer
 
         if build_first:
-            _build(repo, device, 1, 0, None, quiet=True)
+            _build(repo, device, instances, 0, None, quiet=True)
         server = TritonServer(repo, grpc_port=grpc_port, http_port=http_port, metrics_port=metrics_port,
                               host=host, models=model, startup_timeout=timeout, log=log, verbose=verbose,
                               allow_failures=True, threads=threads, warm=False)
