@@ -36,6 +36,7 @@ def test_progress_per_denoising_step(gen) -> None:
     ({"guidance_scale": -0.5}, "guidance_scale"), ({"guidance_scale": 21}, "guidance_scale"),
     ({"guidance_scale": math.nan}, "guidance_scale"), ({"guidance_scale": "2"}, "guidance_scale"),
     ({"sampler": "euler"}, "sampler"), ({"batch_size": 0}, "batch_size"), ({"temperature": 1.0}, "options"),
+    ({"negative_condition": "atelectasis"}, "negative_condition"), ({"negative_condition": 1}, "negative_condition"),
 ])
 def test_bad_options_fail_before_work(gen, opts, name) -> None:
     calls: list[int] = []
@@ -98,6 +99,43 @@ def test_sampler_matches_hand_written_diffusers_loop(gen) -> None:
             c, u = eps.chunk(2)
             x = sched.step(u + 2.5 * (c - u), t, x).prev_sample
     torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
+
+
+def test_negative_condition_is_the_guidance_baseline(gen) -> None:
+    """A finding is guided away from 'normal' (the bundle's default) instead of the null class:
+    eps = eps_normal + s * (eps_label - eps_normal), step for step; "none" is plain guidance."""
+    from diffusers import DDIMScheduler
+
+    from hygeia_diffusion.generator import NULL_CLASS, denoise, make_scheduler
+
+    assert gen.defaults["negative_condition"] == "normal"
+    noise = torch.randn((2, *gen.sample_shape), generator=torch.Generator().manual_seed(0))
+    labels, base = torch.tensor([1, 3]), torch.tensor([0, 0])
+    ours = denoise(gen.unet, make_scheduler(gen.scheduler_config, "ddim"), noise, labels, 3, 4.0, baseline_labels=base)
+    sched = DDIMScheduler.from_config(gen.scheduler_config)
+    sched.set_timesteps(3)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in sched.timesteps:
+            c, u = gen.unet(torch.cat([x, x]), t, class_labels=torch.cat([labels, base])).sample.chunk(2)
+            x = sched.step(u + 4.0 * (c - u), t, x).prev_sample
+    torch.testing.assert_close(ours, x, atol=1e-5, rtol=1e-5)
+    plain = denoise(gen.unet, make_scheduler(gen.scheduler_config, "ddim"), noise, labels, 3, 4.0,
+                    baseline_labels=torch.full_like(labels, NULL_CLASS))
+    torch.testing.assert_close(plain, denoise(gen.unet, make_scheduler(gen.scheduler_config, "ddim"), noise, labels, 3, 4.0))
+
+    px = lambda out: np.stack([g.pixels for g in out])  # noqa: E731
+    default = gen.generate(2, condition="nodule", seed=5, **FAST)
+    assert default[0].provenance["negative_condition"] == "normal"
+    assert np.array_equal(px(default), px(gen.generate(2, condition="nodule", seed=5, negative_condition="normal", **FAST)))
+    none = gen.generate(2, condition="nodule", seed=5, negative_condition="none", **FAST)
+    assert none[0].provenance["negative_condition"] is None and np.abs(px(none) - px(default)).mean() > 1e-4
+    other = gen.generate(2, condition="nodule", seed=5, negative_condition="effusion", **FAST)
+    assert other[0].provenance["negative_condition"] == "effusion" and np.abs(px(other) - px(default)).mean() > 1e-4
+    # 'normal' is never guided away from itself: the default gives plain guidance for it
+    normal = gen.generate(2, condition="normal", seed=5, **FAST)
+    assert normal[0].provenance["negative_condition"] is None
+    assert np.array_equal(px(normal), px(gen.generate(2, condition="normal", seed=5, negative_condition="none", **FAST)))
 
 
 def test_bundle_layout_and_tamper_detection(gen, tmp_path) -> None:

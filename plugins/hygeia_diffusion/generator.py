@@ -66,6 +66,26 @@ DEFAULT_GUIDANCE = 5.0
 """Guidance scale recorded as the bundle's sampling default (``hygeia evaluate generator``: 2 -> 0.678,
 3.5 -> 0.814, 5 -> 0.841 conditional accuracy for the shipped weights; see docs/plugins/diffusion.md)."""
 SAMPLERS = ("ddim", "dpm")
+NO_NEGATIVE = "none"
+"""``negative_condition`` value for plain classifier-free guidance (the null class as baseline)."""
+DEFAULT_NEGATIVE = "normal"
+"""Negative condition recorded as the sampling default of new bundles: each finding is guided away
+from a *normal* image instead of from the unconditional one (see :func:`denoise`)."""
+
+
+def negative_class(negative: Any, labels: tuple[str, ...], cls: int) -> int:
+    """The guidance baseline class of condition ``cls`` for the ``negative_condition`` option.
+
+    ``negative``: a label of ``labels`` or ``"none"``/``""`` (the null class: plain classifier-free
+    guidance); InputError otherwise. A condition is never guided away from itself (``normal`` with
+    the negative ``normal`` uses the null class).
+    """
+    if negative in ("", NO_NEGATIVE):
+        return NULL_CLASS
+    if not isinstance(negative, str) or negative not in labels:
+        raise InputError("negative_condition", f"one of {', '.join(labels)} or '{NO_NEGATIVE}'", got=repr(negative))
+    base = labels.index(negative)
+    return NULL_CLASS if base == cls else base
 
 
 def check_guidance(gs: Any) -> float:
@@ -163,18 +183,24 @@ def denoise(
     guidance_scale: float,
     on_step: Callable[[int], Any] | None = None,
     dtype: torch.dtype | None = None,
+    baseline_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run the reverse process from ``noise`` (Hygeia's sampler; ``scheduler`` must be fresh).
 
     ``guidance_scale`` 1 uses the label prediction alone (one forward per step); any other value
-    batches the label and null predictions into one forward pass and mixes them. Labels equal to
-    the null class need no guidance. ``dtype`` (e.g. ``torch.bfloat16``) runs the UNet under
+    batches the label and baseline predictions into one forward pass and mixes them:
+    ``eps = eps_base + s * (eps_label - eps_base)``. The baseline is the null class (classifier-free
+    guidance) unless ``baseline_labels`` gives another class per sample: a *negative condition*,
+    as diffusers' ``negative_prompt``; guiding a finding away from ``normal`` amplifies what tells
+    the finding from a normal image rather than from the average of all conditions. Labels equal
+    to the null class need no guidance. ``dtype`` (e.g. ``torch.bfloat16``) runs the UNet under
     autocast; the scheduler arithmetic stays float32.
     """
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
     guided = guidance_scale != 1.0 and bool((class_labels != NULL_CLASS).any())
-    labels = torch.cat([class_labels, torch.full_like(class_labels, NULL_CLASS)]) if guided else class_labels
+    base = torch.full_like(class_labels, NULL_CLASS) if baseline_labels is None else baseline_labels
+    labels = torch.cat([class_labels, base]) if guided else class_labels
     fmt = torch.channels_last if x.is_cuda else torch.contiguous_format
     for i, t in enumerate(scheduler.timesteps):
         inp = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t).contiguous(memory_format=fmt)
@@ -280,7 +306,8 @@ class DiffusionGenerator:
         self.labels: tuple[str, ...] = tuple(self.config["labels"])
         defaults = self.config.get("sampling", {})
         self.defaults = {"steps": int(defaults.get("steps", 50)), "guidance_scale": float(defaults.get("guidance_scale", 2.0)),
-                         "sampler": str(defaults.get("sampler", "ddim"))}
+                         "sampler": str(defaults.get("sampler", "ddim")),
+                         "negative_condition": str(defaults.get("negative_condition", NO_NEGATIVE))}
 
     def generate(
         self,
@@ -292,18 +319,23 @@ class DiffusionGenerator:
         guidance_scale: float | None = None,
         sampler: str | None = None,
         batch_size: int = 64,
+        negative_condition: str | None = None,
         **options: Any,
     ) -> list[GeneratedImage]:
         """``n`` images for ``condition`` (a finding label, or None), reproducible from ``seed``.
 
         ``steps`` in [1, 1000] (default from the bundle: 25); ``guidance_scale`` in [0, 20]
-        (1: no guidance, 0: unconditional); ``sampler`` ``ddim`` or ``dpm``; ``progress(done,
-        total)`` is called after every denoising step of every batch (``None``/``False``: none).
+        (1: no guidance, 0: unconditional); ``sampler`` ``ddim`` or ``dpm``;
+        ``negative_condition``: the label guidance steers away from, or ``"none"`` for the
+        unconditional baseline (default from the bundle: ``normal``, so a finding is contrasted
+        with a normal image; ``normal`` itself always uses the unconditional baseline);
+        ``progress(done, total)`` is called after every denoising step of every batch
+        (``None``/``False``: none).
         """
         n = check_n(n, max_n=self.max_n)
         seed = check_seed(seed)
         if options:
-            raise InputError("generate options", "steps, guidance_scale, sampler, batch_size, progress",
+            raise InputError("generate options", "steps, guidance_scale, sampler, batch_size, negative_condition, progress",
                              got=", ".join(sorted(options)))
         kind, label, text_match = label_condition(condition, self.condition_kinds, self.labels, NAME,
                                                   self.min_text_similarity)
@@ -317,8 +349,11 @@ class DiffusionGenerator:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError("batch_size", "a positive integer", got=repr(batch_size))
         cls = NULL_CLASS if label is None else self.labels.index(label)
+        negative = self.defaults["negative_condition"] if negative_condition is None else negative_condition
+        base = negative_class(negative, self.labels, cls)
         if gs == 0:  # guidance 0 = the unconditional model
             cls, gs = NULL_CLASS, 1.0
+        guided = gs != 1.0 and cls != NULL_CLASS
         g = torch.Generator().manual_seed(seed)
         noise = torch.randn((n, *self.sample_shape), generator=g)  # on CPU: the same on every device
         batches = math.ceil(n / batch_size)
@@ -329,11 +364,12 @@ class DiffusionGenerator:
             labels = torch.full((x.shape[0],), cls, dtype=torch.long, device=self.device)
             cb = (lambda s, bi=bi: progress(bi * int(steps) + s, total)) if callable(progress) else None
             x = denoise(self.unet, make_scheduler(self.scheduler_config, sampler), x, labels, int(steps), float(gs),
-                        cb, self.dtype)
+                        cb, self.dtype, baseline_labels=torch.full_like(labels, base))
             out.append(self.space.decode(x).cpu().numpy())
         pixels = np.concatenate(out).astype(np.float32)
         prov = {"generator": NAME, "version": VERSION, "weights_sha256": self.identity.weights_sha256,
                 "condition_kind": kind, "sampler": sampler, "steps": int(steps), "guidance_scale": float(gs),
+                "negative_condition": self.labels[base] if guided and base != NULL_CLASS else None,
                 "mode": self.config["mode"], **text_match}
         return [GeneratedImage(np.ascontiguousarray(pixels[i]), PIXEL_SPACING, "DX", seed, label, self.identity,
                                {**prov, "index": i}) for i in range(n)]
@@ -380,6 +416,7 @@ def train(
     unet: dict[str, Any] | None = None,
     init: str | Path | None = None,
     guidance_scale: float = DEFAULT_GUIDANCE,
+    negative_condition: str = DEFAULT_NEGATIVE,
     **options: Any,
 ) -> Path:
     """DDPM-train the UNet and write the bundle to ``out`` (what ``hygeia train diffusion`` runs).
@@ -396,9 +433,10 @@ def train(
 
     if options:
         raise InputError("train options", "epochs, n_per_class, batch_size, lr, mode, patch, vae, p_uncond, "
-                         "ema_decay, samples_dir, cache, threads, unet, init, guidance_scale",
+                         "ema_decay, samples_dir, cache, threads, unet, init, guidance_scale, negative_condition",
                          got=", ".join(sorted(options)))
     check_guidance(guidance_scale)
+    negative_class(negative_condition, tuple(CONDITION_LABELS), NULL_CLASS)  # validates it
     for name, v, lo in (("epochs", epochs, 1), ("n_per_class", n_per_class, 8), ("batch_size", batch_size, 2),
                         ("patch", patch, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
@@ -489,7 +527,7 @@ def train(
             ema.copy_to(model.parameters())
             model.eval()
             _write_epoch_grid(model, sched_cfg, space, samples_dir / f"epoch_{epoch + 1:03d}.png", seed,
-                              float(guidance_scale))
+                              float(guidance_scale), negative_condition)
             model.train()
             ema.restore(model.parameters())
     ema.copy_to(model.parameters())
@@ -502,7 +540,8 @@ def train(
         "null_class": NULL_CLASS,
         "image_size": SIZE,
         "pixel_spacing_mm": list(PIXEL_SPACING),
-        "sampling": {"sampler": "ddim", "steps": 25, "guidance_scale": float(guidance_scale)},
+        "sampling": {"sampler": "ddim", "steps": 25, "guidance_scale": float(guidance_scale),
+                     "negative_condition": negative_condition},
         "training": {"seed": seed, "epochs": epochs, "n_per_class": n_per_class, "batch_size": batch_size, "lr": lr,
                      "p_uncond": p_uncond, "ema_decay": ema_decay, "device": str(device), "torch": torch.__version__,
                      "vae_weights_sha256": vae_id, "init_weights_sha256": init_id},
@@ -513,7 +552,7 @@ def train(
 
 
 def _write_epoch_grid(unet: Any, sched_cfg: dict[str, Any], space: Space, path: Path, seed: int,
-                      guidance: float = DEFAULT_GUIDANCE) -> None:
+                      guidance: float = DEFAULT_GUIDANCE, negative: str = DEFAULT_NEGATIVE) -> None:
     from hygeia.outputs import image_grid, write_png
 
     device = next(unet.parameters()).device
@@ -524,7 +563,9 @@ def _write_epoch_grid(unet: Any, sched_cfg: dict[str, Any], space: Space, path: 
     from diffusers import DDPMScheduler
 
     cfg = dict(DDPMScheduler(**sched_cfg).config)
-    x = denoise(unet, make_scheduler(cfg, "ddim"), noise, labels, 25, guidance)
+    labs = tuple(CONDITION_LABELS)
+    base = torch.tensor([negative_class(negative, labs, int(c)) for c in labels], device=device)
+    x = denoise(unet, make_scheduler(cfg, "ddim"), noise, labels, 25, guidance, baseline_labels=base)
     imgs = space.decode(x).cpu().numpy()
     write_png(path, image_grid(list(imgs), ncols=6), {"Synthetic": "true",
               "Description": "SYNTHETIC: diffusion training samples, rows: " + ", ".join(CONDITION_LABELS)})
