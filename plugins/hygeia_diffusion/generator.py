@@ -63,8 +63,9 @@ MAX_N = 1024
 MAX_STEPS = 1000
 MAX_GUIDANCE = 20.0
 DEFAULT_GUIDANCE = 5.0
-"""Guidance scale recorded as the bundle's sampling default (``hygeia evaluate generator``: 2 -> 0.678,
-3.5 -> 0.814, 5 -> 0.841 conditional accuracy for the shipped weights; see docs/plugins/diffusion.md)."""
+"""Guidance scale recorded as the bundle's sampling default (``hygeia evaluate generator``, shipped
+weights, plain guidance: 2 -> 0.678, 3.5 -> 0.814, 5 -> 0.841 conditional accuracy; with the negative
+condition ``normal``: 3 -> 0.856, 4 -> 0.890, 5 -> 0.916; see docs/plugins/diffusion.md)."""
 SAMPLERS = ("ddim", "dpm")
 NO_NEGATIVE = "none"
 """``negative_condition`` value for plain classifier-free guidance (the null class as baseline)."""

@@ -49,6 +49,8 @@ def default_instances(kind: str, device: str = "cpu", cpus: int | None = None) -
     if device == "gpu" or kind == "conditioner":
         return 1
     return max(1, min(CPU_INSTANCES, cpus if cpus is not None else (os.cpu_count() or 1)))
+
+
 _TYPE = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING", "BOOL": "TYPE_BOOL",
          "INT32": "TYPE_INT32", "FP16": "TYPE_FP16", "UINT8": "TYPE_UINT8"}
 
