@@ -34,6 +34,9 @@ from ..vocab import CONDITION_LABELS, FINDING_LABELS, finding
 JUDGE = "cnn"
 MAX_N = 5000  # per condition: 6 conditions x (generated + real) images and features in memory
 MIN_N = 10
+SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "negative_condition", "temperature", "truncation")
+"""Provenance keys recorded per condition as ``per_condition[label]["sampling"]``: the settings the
+generator actually used (its defaults unless the caller passed options)."""
 TARGETS = {"accuracy_ratio": 0.95, "ms_ssim_gap": 0.05,
            "conditional_accuracy": {"diffusion": 0.90, "gan": 0.90, "vae": 0.80}}
 TEXT_PROMPTS = {"normal": "normal chest radiograph", **{f: f"chest radiograph with {finding(f).code.meaning.lower()}"
@@ -251,6 +254,7 @@ def evaluate_generator(gen: Any, judge: Any, n: int = 200, condition_kind: str |
     real = real if real is not None else real_images(n, progress=progress)
     labels = list(CONDITION_LABELS) if kind != "none" else ["(unconditional)"]
     gen_imgs: dict[str, np.ndarray] = {}
+    used: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
     bar = _Bar(len(labels) * n, f"{gen.identity.name}: sampling") if progress else None
     takes_progress = "progress" in inspect.signature(gen.generate).parameters
@@ -261,6 +265,8 @@ def evaluate_generator(gen: Any, judge: Any, n: int = 200, condition_kind: str |
                 opts["progress"] = bar.callback(k * n)
             out = gen.generate(n, condition=cond, seed=seed + 1000 * (k + 1), **opts)
             gen_imgs[label] = np.stack([np.asarray(r.pixels, np.float32) for r in out])
+            prov = getattr(out[0], "provenance", None) or {}
+            used[label] = {k: prov[k] for k in SAMPLING_KEYS if k in prov}
             if bar is not None:
                 bar.set((k + 1) * n)
     finally:
@@ -281,6 +287,7 @@ def evaluate_generator(gen: Any, judge: Any, n: int = 200, condition_kind: str |
             hits.append(h)
             rhits.append(rh)
             per[label] = {"conditional_accuracy": float(h.mean()), "real_conditional_accuracy": float(rh.mean()),
+                          "sampling": used.get(label, {}),
                           "ms_ssim_generated": ms_ssim_diversity(gen_imgs[label], seed=seed),
                           "ms_ssim_real": ms_ssim_diversity(real[label][:n], seed=seed)}
         acc, racc = float(np.concatenate(hits).mean()), float(np.concatenate(rhits).mean())
