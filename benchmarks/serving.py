@@ -302,14 +302,13 @@ def main() -> int:
         c8 = max(args.concurrency)
         base_row = max((r for r in rows if r["model"] == m and r["mode"] == "in-process"),
                        key=lambda r: r["items_per_s"], default=None)
-        if base_row is None:
+        if base_row is None or m not in report["best_batch"]:  # the heat-map rows: latency only
             continue
         base = base_row["items_per_s"]
         what = f"in-process best (batch {base_row['batch']}, c={base_row['concurrency']})"
-        bb = report["best_batch"].get(m.replace(" +heat maps", ""), 1) if "+heat" not in m else 1
-        for batch in sorted({1, bb}):
+        for batch in sorted({1, report["best_batch"][m]}):
             t8 = row(m, "triton", c8, batch)
-            if not t8 or "+heat" in m:
+            if not t8:
                 continue
             v = t8["items_per_s"] / base
             key = f"{m}: throughput ratio c={c8}" + (f", requests of {batch}" if batch > 1 else "")
