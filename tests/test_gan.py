@@ -23,7 +23,7 @@ from hygeia_gan.train import train  # noqa: E402
 def tiny(tmp_path_factory):
     """A label-only GAN trained for one short epoch (seconds), twice from the same seed."""
     d = tmp_path_factory.mktemp("gan")
-    kw = dict(n_per_condition=8, epochs=1, batch_size=8, conditioners="label", g_ch=8, d_ch=8,
+    kw = dict(n_per_condition=8, epochs=1, batch_size=8, conditioners="label", g_ch=8, d_ch=8, classifier_steps=3,
               cache=d / "data.npz", samples=d / "samples", progress=False)
     a = train(out=d / "a", seed=3, checkpoint=d / "ck_a", **kw)
     b = train(out=d / "b", seed=3, checkpoint=None, **kw)
@@ -33,7 +33,7 @@ def tiny(tmp_path_factory):
 
 def test_resume_equals_uninterrupted(tiny):
     d = tiny[0]
-    kw = dict(n_per_condition=8, batch_size=8, conditioners="label", g_ch=8, d_ch=8, cache=d / "data.npz",
+    kw = dict(n_per_condition=8, batch_size=8, conditioners="label", g_ch=8, d_ch=8, classifier_steps=3, cache=d / "data.npz",
               samples=None, progress=False, seed=3)
     straight = train(out=d / "two", epochs=2, checkpoint=None, **kw)
     resumed = train(out=d / "a_resumed", epochs=2, checkpoint=d / "ck_a", resume=True, **kw)  # continues run "a"
@@ -61,7 +61,7 @@ def test_init_starts_the_generator_from_a_bundle(tiny):
     from hygeia_gan.train import _load_init
 
     d, a = tiny[0], tiny[1]
-    kw = dict(n_per_condition=8, batch_size=8, conditioners="label", d_ch=8, cache=d / "data.npz", samples=None,
+    kw = dict(n_per_condition=8, batch_size=8, conditioners="label", d_ch=8, classifier_steps=3, cache=d / "data.npz", samples=None,
               progress=False, seed=3, checkpoint=None, epochs=1)
     cfg = json.loads((a / "config.json").read_text())
     dims = {k: v["dim"] for k, v in cfg["conditioners"].items()}
@@ -146,3 +146,23 @@ def test_trainer_rejects_unknown_options(tmp_path):
         train(out=tmp_path / "x", learning_rate=1.0)
     with pytest.raises(InputError, match="conditioners"):
         train(out=tmp_path / "x", conditioners="property", n_per_condition=8, progress=False)
+    for bad in ({"aux_weight": -1}, {"mode_seeking": "a lot"}, {"classifier_steps": 0}):
+        with pytest.raises(InputError, match=next(iter(bad))):
+            train(out=tmp_path / "x", n_per_condition=8, progress=False, **bad)
+    assert not (tmp_path / "x").exists()
+
+
+def test_aux_classifier_and_mode_seeking_terms_change_training(tiny):
+    """The AC-GAN term (aux_weight) and the mode-seeking term train other weights than the plain
+    hinge loss, and are recorded in the bundle's config."""
+    d = tiny[0]
+    kw = dict(n_per_condition=8, batch_size=8, conditioners="label", g_ch=8, d_ch=8, classifier_steps=3,
+              cache=d / "data.npz", samples=None, progress=False, seed=3, checkpoint=None, epochs=1)
+    plain = train(out=d / "plain", aux_weight=0, **kw)
+    ms = train(out=d / "ms", aux_weight=0, mode_seeking=0.5, **kw)
+    ac = train(out=d / "ac", aux_weight=1.0, **kw)
+    assert load_bundle(plain).sha256 == load_bundle(train(out=d / "default", **kw)).sha256, "default: plain hinge"
+    shas = {load_bundle(p).sha256 for p in (plain, ms, ac)}
+    assert len(shas) == 3
+    cfg = json.loads((ms / "config.json").read_text())
+    assert cfg["aux_weight"] == 0 and cfg["mode_seeking"] == 0.5 and cfg["classifier_steps"] == 3

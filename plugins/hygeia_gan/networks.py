@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.nn.utils import spectral_norm
+
+from hygeia.adversarial import ProjectionDiscriminator, embed
 
 
 class CondNorm(nn.Module):
@@ -30,12 +31,6 @@ class CondNorm(nn.Module):
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         g, b = self.affine(c).chunk(2, dim=1)
         return self.norm(x) * (1 + g[:, :, None, None]) + b[:, :, None, None]
-
-
-def embed(maps: nn.ModuleDict, conds: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of each conditioner's linear map of its rows: rows a conditioner does not condition
-    are zero in its tensor, so they contribute nothing (and an all-zero row is unconditional)."""
-    return sum(maps[k](v) for k, v in conds.items())  # type: ignore[return-value]
 
 
 class Generator(nn.Module):
@@ -60,20 +55,5 @@ class Generator(nn.Module):
         return torch.sigmoid(self.out(F.relu(self.norms[-1](h, c))))
 
 
-class Discriminator(nn.Module):
-    """Projection discriminator: ``D(x, e) = psi(phi(x)) + <proj(e), phi(x)>`` (hinge loss)."""
-
-    def __init__(self, dims: dict[str, int], ch: int = 32) -> None:
-        super().__init__()
-        chans = [1, ch, 2 * ch, 4 * ch, 8 * ch]  # 64 -> 32 -> 16 -> 8 -> 4 px
-        layers: list[nn.Module] = []
-        for a, b in zip(chans[:-1], chans[1:]):
-            layers += [spectral_norm(nn.Conv2d(a, b, 4, 2, 1)), nn.LeakyReLU(0.1)]
-        layers += [spectral_norm(nn.Conv2d(chans[-1], chans[-1], 3, 1, 1)), nn.LeakyReLU(0.1)]
-        self.features = nn.Sequential(*layers)
-        self.linear = spectral_norm(nn.Linear(chans[-1], 1))
-        self.proj = nn.ModuleDict({k: spectral_norm(nn.Linear(d, chans[-1], bias=False)) for k, d in dims.items()})
-
-    def forward(self, x: torch.Tensor, conds: dict[str, torch.Tensor]) -> torch.Tensor:
-        h = self.features(x * 2 - 1).sum(dim=(2, 3))  # global sum pooling
-        return self.linear(h).squeeze(1) + (embed(self.proj, conds) * h).sum(1)
+Discriminator = ProjectionDiscriminator
+"""The projection discriminator (:class:`hygeia.adversarial.ProjectionDiscriminator`)."""

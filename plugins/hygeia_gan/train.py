@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from hygeia.adversarial import aux_loss, train_finding_classifier
 from hygeia.bundles import pick_device, save_bundle
 from hygeia.errors import InputError
 from hygeia.vocab import CONDITION_LABELS
@@ -80,6 +81,9 @@ def train(
     checkpoint: str | Path | None = "runs/gan/checkpoint",
     resume: bool = False,
     init: str | Path | None = None,
+    aux_weight: float = 0.0,
+    classifier_steps: int = 3000,
+    mode_seeking: float = 0.0,
     **options: Any,
 ) -> Path:
     """Train the GAN on phantoms and write its bundle to ``out``; returns ``out``.
@@ -92,14 +96,25 @@ def train(
     (``hygeia train gan --resume --epochs 30``) and gives the same weights as an uninterrupted run.
     ``init``: a gan bundle (same network options) whose generator to start from; the
     discriminator and the optimisers start fresh (a second stage; the bundle records it).
+    ``aux_weight``: weight of the auxiliary-classifier term (AC-GAN): a finding classifier is
+    first trained on the training images (``classifier_steps`` steps, then frozen; see
+    :mod:`hygeia.adversarial`), and the generator is pushed to make images it classifies as the
+    requested condition (0 = plain projection GAN). ``mode_seeking``: weight of the
+    mode-seeking term (MSGAN, Mao et al. 2019; 0 = off), which keeps two noises with the same
+    condition from giving the same image.
     """
     if options:
         raise InputError("gan trainer options", "epochs, n_per_condition, batch_size, lr, p_null, conditioners, "
-                         "g_ch, d_ch, z_dim, embed_dim, ema, threads, device, cache, samples, max_minutes, checkpoint, resume, init",
+                         "g_ch, d_ch, z_dim, embed_dim, ema, threads, device, cache, samples, max_minutes, checkpoint, resume, init, "
+                         "aux_weight, classifier_steps, mode_seeking",
                          got=", ".join(sorted(options)))
-    for key, val, lo in (("epochs", epochs, 1), ("n_per_condition", n_per_condition, 8), ("batch_size", batch_size, 2)):
+    for key, val, lo in (("epochs", epochs, 1), ("n_per_condition", n_per_condition, 8), ("batch_size", batch_size, 2),
+                         ("classifier_steps", classifier_steps, 1)):
         if isinstance(val, bool) or not isinstance(val, int) or val < lo:
             raise InputError(key, f"an integer >= {lo}", got=repr(val))
+    for key, fval in (("aux_weight", aux_weight), ("mode_seeking", mode_seeking)):
+        if isinstance(fval, bool) or not isinstance(fval, (int, float)) or not 0 <= fval <= 100:
+            raise InputError(key, "a number in [0, 100]", got=repr(fval))
     if isinstance(conditioners, str):
         conditioners = tuple(c.strip() for c in conditioners.split(",") if c.strip())
     if threads:
@@ -117,14 +132,20 @@ def train(
     torch.manual_seed(seed)  # here, after plugin loading and data (which may draw from torch's global RNG)
     G = Generator(dims, z_dim=z_dim, embed_dim=embed_dim, ch=g_ch).to(dev)
     D = Discriminator(dims, ch=d_ch).to(dev)
+    C = None
+    if aux_weight:  # frozen finding classifier for the AC-GAN term, trained first on the same images
+        C = train_finding_classifier(images.to(dev), classes, steps=classifier_steps, seed=seed,
+                                     log=print if progress else None)
     init_sha = _load_init(init, G) if init else None
     G_ema = copy.deepcopy(G).eval()
     for p in G_ema.parameters():
         p.requires_grad_(False)
+    nets = {"G": G, "D": D, "G_ema": G_ema}  # what a checkpoint holds (C is retrained, deterministically)
     opt_g = torch.optim.Adam(G.parameters(), lr=lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr=lr, betas=(0.5, 0.999))
 
-    def batch_conds(cls: np.ndarray) -> dict[str, torch.Tensor]:
+    def batch_conds(cls: np.ndarray) -> tuple[dict[str, torch.Tensor], np.ndarray]:
+        """Condition vectors of a batch of condition indices, and which rows were made null."""
         b = len(cls)
         conds = {k: torch.zeros(b, dims[k]) for k in names}
         which = rng.integers(len(names), size=b)
@@ -135,7 +156,7 @@ def train(
             name = names[which[i]]
             r = rows[name][k]
             conds[name][i] = tables[name][r[rng.integers(len(r))]]
-        return {k: v.to(dev) for k, v in conds.items()}
+        return {k: v.to(dev) for k, v in conds.items()}, null
 
     # fixed noise and label conditions for the per-epoch grid: one row per condition, 8 columns
     grid_z = torch.randn(8 * len(CONDITION_LABELS), z_dim, generator=gen)
@@ -152,6 +173,7 @@ def train(
         "seed": seed, "epochs": 0, "iterations": 0, "batch_size": batch_size, "lr": lr, "p_null": p_null,
         "ema": ema, "n_per_condition": n_per_condition, "phantom_difficulty": data.difficulty,
         "condition_labels": list(CONDITION_LABELS), "version": VERSION, "loss": "hinge",
+        "aux_weight": aux_weight, "classifier_steps": classifier_steps, "mode_seeking": mode_seeking,
         **({"init_weights_sha256": init_sha} if init_sha else {}),
     }
     bar = None
@@ -164,7 +186,7 @@ def train(
     if resume:
         if checkpoint is None or not (Path(checkpoint) / "model.safetensors").is_file():
             raise InputError("resume", f"a checkpoint from an earlier run at {checkpoint}", got="none found")
-        start, it = _load_checkpoint(checkpoint, config, G, D, G_ema, opt_g, opt_d, rng, gen)
+        start, it = _load_checkpoint(checkpoint, config, nets, opt_g, opt_d, rng, gen)
         if bar is not None:
             bar.update(min(start, epochs) * steps)
     try:
@@ -174,7 +196,7 @@ def train(
             for s in range(steps):
                 idx = perm[s * batch_size:(s + 1) * batch_size]
                 x = images[idx].to(dev)
-                c_real = batch_conds(classes[idx])
+                c_real, _ = batch_conds(classes[idx])
                 z = torch.randn(batch_size, z_dim, generator=gen).to(dev)
                 with torch.no_grad():
                     fake = G(z, c_real)
@@ -183,9 +205,24 @@ def train(
                 loss_d.backward()
                 opt_d.step()
 
-                c_gen = batch_conds(rng.integers(len(CONDITION_LABELS), size=batch_size))
-                z = torch.randn(batch_size, z_dim, generator=gen).to(dev)
-                loss_g = -D(G(z, c_gen), c_gen).mean()
+                if mode_seeking:  # two halves with the same conditions, different noise
+                    half = rng.integers(len(CONDITION_LABELS), size=batch_size // 2)
+                    c_half, null_half = batch_conds(half)
+                    gen_cls, null = np.concatenate([half, half]), np.concatenate([null_half, null_half])
+                    c_gen = {k: torch.cat([v, v]) for k, v in c_half.items()}
+                else:
+                    gen_cls = rng.integers(len(CONDITION_LABELS), size=batch_size)
+                    c_gen, null = batch_conds(gen_cls)
+                z = torch.randn(len(gen_cls), z_dim, generator=gen).to(dev)
+                fake = G(z, c_gen)
+                loss_g = -D(fake, c_gen).mean()
+                keep = torch.from_numpy(~null).to(dev)
+                if C is not None and bool(keep.any()):  # conditioned rows should show their condition
+                    loss_g = loss_g + aux_weight * aux_loss(C, fake[keep], torch.from_numpy(gen_cls).to(dev)[keep])
+                if mode_seeking:
+                    m = len(gen_cls) // 2
+                    ratio = (fake[:m] - fake[m:]).abs().mean() / (z[:m] - z[m:]).abs().mean()
+                    loss_g = loss_g + mode_seeking / (ratio + 1e-5)
                 opt_g.zero_grad(set_to_none=True)
                 loss_g.backward()
                 opt_g.step()
@@ -205,7 +242,7 @@ def train(
                           last_loss_g=round(sums[1] / steps, 4))
             save_bundle(out, G_ema.state_dict(), config, CARD)
             if checkpoint is not None:
-                _save_checkpoint(checkpoint, config, G, D, G_ema, opt_g, opt_d, rng, gen)
+                _save_checkpoint(checkpoint, config, nets, opt_g, opt_d, rng, gen)
             if samples is not None:
                 from hygeia.evaluation.generators import write_grid
 
@@ -239,16 +276,16 @@ def _load_init(init: str | Path, G: Any) -> str:
 
 # --------------------------------------------------------------------------- checkpoints
 _HYPER = ("conditioners", "z_dim", "embed_dim", "g_ch", "d_ch", "seed", "batch_size", "lr", "p_null", "ema",
-          "n_per_condition", "phantom_difficulty", "init_weights_sha256")
+          "n_per_condition", "phantom_difficulty", "init_weights_sha256", "aux_weight", "classifier_steps", "mode_seeking")
 
 
-def _save_checkpoint(path: str | Path, config: dict[str, Any], G: Any, D: Any, G_ema: Any, opt_g: Any, opt_d: Any,
+def _save_checkpoint(path: str | Path, config: dict[str, Any], nets: dict[str, Any], opt_g: Any, opt_d: Any,
                      rng: np.random.Generator, gen: torch.Generator) -> None:
     """Everything needed to continue training, as a bundle (safetensors + JSON; no pickle)."""
     tensors: dict[str, torch.Tensor] = {}
     groups: dict[str, Any] = {}
-    for prefix, module in (("G.", G), ("D.", D), ("G_ema.", G_ema)):
-        tensors.update({prefix + k: v for k, v in module.state_dict().items()})
+    for name, module in nets.items():
+        tensors.update({f"{name}.{k}": v for k, v in module.state_dict().items()})
     for prefix, opt in (("opt_g", opt_g), ("opt_d", opt_d)):
         sd = opt.state_dict()
         groups[prefix] = sd["param_groups"]
@@ -260,7 +297,7 @@ def _save_checkpoint(path: str | Path, config: dict[str, Any], G: Any, D: Any, G
     save_bundle(path, tensors, state, CARD)
 
 
-def _load_checkpoint(path: str | Path, config: dict[str, Any], G: Any, D: Any, G_ema: Any, opt_g: Any, opt_d: Any,
+def _load_checkpoint(path: str | Path, config: dict[str, Any], nets: dict[str, Any], opt_g: Any, opt_d: Any,
                      rng: np.random.Generator, gen: torch.Generator) -> tuple[int, int]:
     from hygeia.bundles import load_bundle
 
@@ -270,8 +307,8 @@ def _load_checkpoint(path: str | Path, config: dict[str, Any], G: Any, D: Any, G
     if diff:
         raise InputError("resume", f"the options of the checkpointed run ({', '.join(f'{k}={saved.get(k)!r}' for k in diff)})",
                          got=", ".join(f"{k}={config.get(k)!r}" for k in diff))
-    for prefix, module in (("G.", G), ("D.", D), ("G_ema.", G_ema)):
-        module.load_state_dict({k[len(prefix):]: v for k, v in b.tensors.items() if k.startswith(prefix)})
+    for name, module in nets.items():
+        module.load_state_dict({k[len(name) + 1:]: v for k, v in b.tensors.items() if k.startswith(name + ".")})
     for prefix, opt in (("opt_g", opt_g), ("opt_d", opt_d)):
         state: dict[int, dict[str, torch.Tensor]] = {}
         for k, v in b.tensors.items():
