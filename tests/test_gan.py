@@ -153,15 +153,15 @@ def test_trainer_rejects_unknown_options(tmp_path):
 
 
 def test_aux_classifier_and_mode_seeking_terms_change_training(tiny):
-    """The AC-GAN term (aux_weight) and the mode-seeking term train other weights than the plain
-    hinge loss, and are recorded in the bundle's config."""
+    """The AC-GAN term (aux_weight, on by default) and the mode-seeking term train other weights
+    than the plain hinge loss, and are recorded in the bundle's config."""
     d = tiny[0]
     kw = dict(n_per_condition=8, batch_size=8, conditioners="label", g_ch=8, d_ch=8, classifier_steps=3,
               cache=d / "data.npz", samples=None, progress=False, seed=3, checkpoint=None, epochs=1)
     plain = train(out=d / "plain", aux_weight=0, **kw)
     ms = train(out=d / "ms", aux_weight=0, mode_seeking=0.5, **kw)
     ac = train(out=d / "ac", aux_weight=1.0, **kw)
-    assert load_bundle(plain).sha256 == load_bundle(train(out=d / "default", **kw)).sha256, "default: plain hinge"
+    assert load_bundle(ac).sha256 == load_bundle(train(out=d / "default", **kw)).sha256, "default: the AC-GAN term"
     shas = {load_bundle(p).sha256 for p in (plain, ms, ac)}
     assert len(shas) == 3
     cfg = json.loads((ms / "config.json").read_text())

@@ -34,10 +34,12 @@ CARD = ModelCard(
                   "an equal number per condition: normal and each of the five findings alone.",
     metrics={},
     limitations="64x64 grayscale only. Learned one finding at a time (no co-occurring findings). "
-                "Trained 13 epochs on a CPU: pneumothorax, small nodules and effusion are mostly not "
-                "rendered so that the cnn judge sees them (ratio to real 0.69 overall); cardiomegaly and "
-                "consolidation are. Text conditioning saw 20 phrasings per condition: other phrasings, "
-                "unrelated or negated text condition weakly or map to an arbitrary mixture.",
+                "Trained 21 epochs on a CPU with an auxiliary finding classifier (AC-GAN term): "
+                "consolidation, effusion and cardiomegaly are drawn so that the cnn judge sees them; "
+                "pneumothorax mostly is not, and the judge calls a finding (mostly nodule) on every "
+                "'normal' sample: the GAN's high-frequency texture reads as nodules. Samples are less "
+                "diverse than real phantoms. Text conditioning saw 20 phrasings per condition: other "
+                "phrasings, unrelated or negated text condition weakly or map to an arbitrary mixture.",
 )
 
 # Prompts used to train text conditioning: prefix + phrase, for each condition.

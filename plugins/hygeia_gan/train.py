@@ -2,6 +2,8 @@
 
 Hinge loss, one discriminator step per generator step, Adam (2e-4, betas 0.5/0.999), an
 exponential moving average of the generator's weights (shipped instead of the raw weights).
+By default the generator also minimises the auxiliary-classifier term of AC-GAN against a small
+finding classifier trained first on the same phantoms and then frozen (:mod:`hygeia.adversarial`).
 Each training image is conditioned through one conditioner picked at random (``label`` with the
 finding label, ``text`` with one of :data:`hygeia_gan.plugin.PHRASES`' prompts), or through none
 with probability ``p_null`` (so unconditional sampling works). Everything random is drawn from
@@ -62,7 +64,7 @@ def train(
     out: str | Path = WEIGHTS,
     seed: int = 0,
     progress: bool = True,
-    epochs: int = 13,
+    epochs: int = 21,
     n_per_condition: int = 1200,
     batch_size: int = 32,
     lr: float = 2e-4,
@@ -81,7 +83,7 @@ def train(
     checkpoint: str | Path | None = "runs/gan/checkpoint",
     resume: bool = False,
     init: str | Path | None = None,
-    aux_weight: float = 0.0,
+    aux_weight: float = 1.0,
     classifier_steps: int = 3000,
     mode_seeking: float = 0.0,
     **options: Any,
