@@ -71,7 +71,7 @@ def train(
     p_null: float = 0.1,
     conditioners: tuple[str, ...] | str = SUPPORTED,
     g_ch: int = 24,
-    d_ch: int = 16,
+    d_ch: int = 32,
     z_dim: int = 96,
     embed_dim: int = 64,
     ema: float = 0.999,
