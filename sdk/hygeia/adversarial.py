@@ -18,6 +18,7 @@ trained here on the generator's own training images.
 from __future__ import annotations
 
 import time
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -77,17 +78,23 @@ class FindingClassifier(nn.Module):
 def condition_targets() -> torch.Tensor:
     """``[len(CONDITION_LABELS), len(FINDING_LABELS)]``: row ``k`` is the finding vector of
     condition ``k`` ('normal': all zeros; a finding: one-hot)."""
+    return _targets(torch.device("cpu")).clone()
+
+
+@lru_cache(maxsize=None)
+def _targets(device: torch.device) -> torch.Tensor:
+    """The table of :func:`condition_targets`, built once per device (read-only: never mutate)."""
     t = torch.zeros(len(CONDITION_LABELS), len(FINDING_LABELS))
     for k, label in enumerate(CONDITION_LABELS):
         if label in FINDING_LABELS:
             t[k, FINDING_LABELS.index(label)] = 1.0
-    return t
+    return t.to(device)
 
 
 def aux_loss(classifier: nn.Module, images: torch.Tensor, conditions: torch.Tensor) -> torch.Tensor:
     """AC-GAN generator term: BCE of the classifier's logits on ``images`` against the finding
     vectors of ``conditions`` (indices into CONDITION_LABELS)."""
-    targets = condition_targets().to(images.device)[conditions.to(images.device)]
+    targets = _targets(images.device)[conditions.to(images.device)]
     return F.binary_cross_entropy_with_logits(classifier(images), targets)
 
 
