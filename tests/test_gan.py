@@ -146,7 +146,7 @@ def test_trainer_rejects_unknown_options(tmp_path):
         train(out=tmp_path / "x", learning_rate=1.0)
     with pytest.raises(InputError, match="conditioners"):
         train(out=tmp_path / "x", conditioners="property", n_per_condition=8, progress=False)
-    for bad in ({"aux_weight": -1}, {"mode_seeking": "a lot"}, {"classifier_steps": 0}):
+    for bad in ({"aux_weight": -1}, {"mode_seeking": "a lot"}, {"classifier_steps": 0}, {"upsampling": "bilinear"}):
         with pytest.raises(InputError, match=next(iter(bad))):
             train(out=tmp_path / "x", n_per_condition=8, progress=False, **bad)
     assert not (tmp_path / "x").exists()
@@ -166,3 +166,23 @@ def test_aux_classifier_and_mode_seeking_terms_change_training(tiny):
     assert len(shas) == 3
     cfg = json.loads((ms / "config.json").read_text())
     assert cfg["aux_weight"] == 0 and cfg["mode_seeking"] == 0.5 and cfg["classifier_steps"] == 3
+
+
+def test_resize_upsampling_trains_and_loads(tiny):
+    """``upsampling="resize"`` (nearest-neighbour + 3x3 convolutions) is recorded in the bundle and
+    rebuilt by the plugin; bundles without the key (the transposed default) still load."""
+    from hygeia_gan.networks import Generator
+
+    d = tiny[0]
+    kw = dict(n_per_condition=8, batch_size=8, conditioners="label", g_ch=8, d_ch=8, classifier_steps=3,
+              cache=d / "data.npz", samples=None, progress=False, seed=3, checkpoint=None, epochs=1)
+    rs = train(out=d / "resize", upsampling="resize", **kw)
+    assert json.loads((rs / "config.json").read_text())["upsampling"] == "resize"
+    assert load_bundle(rs).sha256 != load_bundle(tiny[1]).sha256
+    g = GanGenerator(bundle=rs, device="cpu")
+    assert any(isinstance(m, torch.nn.Upsample) for m in g.net.modules())
+    a, b = g.generate(2, condition="effusion", seed=1), g.generate(2, condition="effusion", seed=1)
+    assert a[0].pixels.shape == (1, 64, 64) and np.array_equal(a[1].pixels, b[1].pixels)
+    assert not any(isinstance(m, torch.nn.Upsample) for m in GanGenerator(bundle=tiny[1], device="cpu").net.modules())
+    with pytest.raises(ValueError, match="upsampling"):
+        Generator({"label": 32}, upsampling="bicubic")

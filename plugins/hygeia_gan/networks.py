@@ -33,19 +33,38 @@ class CondNorm(nn.Module):
         return self.norm(x) * (1 + g[:, :, None, None]) + b[:, :, None, None]
 
 
+UPSAMPLING = ("transposed", "resize")
+"""How the generator doubles resolution: ``transposed`` (stride-2 transposed convolutions, the
+DCGAN default) or ``resize`` (nearest-neighbour upsampling then a 3x3 convolution, which cannot
+produce checkerboard artifacts: Odena, Dumoulin & Olah 2016), the latter with one more 3x3
+convolution at 64 px before the output."""
+
+
+def _up(a: int, b: int, mode: str) -> nn.Module:
+    if mode == "transposed":
+        return nn.ConvTranspose2d(a, b, 4, 2, 1)
+    return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(a, b, 3, 1, 1))
+
+
 class Generator(nn.Module):
     """``G(z [B, z_dim], {conditioner: [B, D]}) -> [B, 1, 64, 64]`` in [0, 1]."""
 
-    def __init__(self, dims: dict[str, int], z_dim: int = 96, embed_dim: int = 64, ch: int = 32) -> None:
+    def __init__(self, dims: dict[str, int], z_dim: int = 96, embed_dim: int = 64, ch: int = 32,
+                 upsampling: str = "transposed") -> None:
         super().__init__()
+        if upsampling not in UPSAMPLING:
+            raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
         self.z_dim = z_dim
         self.embed = nn.ModuleDict({k: nn.Linear(d, embed_dim, bias=False) for k, d in dims.items()})
         chans = [8 * ch, 4 * ch, 2 * ch, ch]  # at 4, 8, 16, 32 px
         cdim = z_dim + embed_dim
         self.fc = nn.Linear(cdim, chans[0] * 16)
         self.norms = nn.ModuleList([CondNorm(c, cdim) for c in chans])
-        self.ups = nn.ModuleList([nn.ConvTranspose2d(a, b, 4, 2, 1) for a, b in zip(chans[:-1], chans[1:])])
-        self.out = nn.ConvTranspose2d(chans[-1], 1, 4, 2, 1)  # 32 -> 64 px
+        self.ups = nn.ModuleList([_up(a, b, upsampling) for a, b in zip(chans[:-1], chans[1:])])
+        if upsampling == "transposed":
+            self.out: nn.Module = nn.ConvTranspose2d(chans[-1], 1, 4, 2, 1)  # 32 -> 64 px
+        else:  # 32 -> 64 px, then a 3x3 refinement at full resolution
+            self.out = nn.Sequential(_up(chans[-1], chans[-1], upsampling), nn.ReLU(), nn.Conv2d(chans[-1], 1, 3, 1, 1))
 
     def forward(self, z: torch.Tensor, conds: dict[str, torch.Tensor]) -> torch.Tensor:
         c = torch.cat([z, embed(self.embed, conds)], dim=1)  # every layer sees noise and condition

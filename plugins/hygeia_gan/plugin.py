@@ -100,7 +100,8 @@ class GanGenerator:
         self.conditioners: dict[str, dict[str, Any]] = cfg["conditioners"]
         dims = {k: int(v["dim"]) for k, v in self.conditioners.items()}
         self.device = pick_device(device)
-        self.net = Generator(dims, z_dim=cfg["z_dim"], embed_dim=cfg["embed_dim"], ch=cfg["g_ch"])
+        self.net = Generator(dims, z_dim=cfg["z_dim"], embed_dim=cfg["embed_dim"], ch=cfg["g_ch"],
+                             upsampling=cfg.get("upsampling", "transposed"))
         self.net.load_state_dict(b.tensors, strict=True)
         self.net.to(self.device).eval()
         self.identity = ModelIdentity(NAME, VERSION, "generator", b.sha256)

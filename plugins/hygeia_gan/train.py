@@ -29,7 +29,7 @@ from hygeia.errors import InputError
 from hygeia.vocab import CONDITION_LABELS
 
 from .data import conditional_set
-from .networks import Discriminator, Generator
+from .networks import UPSAMPLING, Discriminator, Generator
 from .plugin import CARD, NAME, VERSION, WEIGHTS, prompts
 
 SUPPORTED = ("label", "text")
@@ -86,6 +86,7 @@ def train(
     aux_weight: float = 1.0,
     classifier_steps: int = 3000,
     mode_seeking: float = 0.0,
+    upsampling: str = "transposed",
     **options: Any,
 ) -> Path:
     """Train the GAN on phantoms and write its bundle to ``out``; returns ``out``.
@@ -103,12 +104,14 @@ def train(
     :mod:`hygeia.adversarial`), and the generator is pushed to make images it classifies as the
     requested condition (0 = plain projection GAN). ``mode_seeking``: weight of the
     mode-seeking term (MSGAN, Mao et al. 2019; 0 = off), which keeps two noises with the same
-    condition from giving the same image.
+    condition from giving the same image. ``upsampling``: ``transposed`` or ``resize``
+    (nearest-neighbour upsampling + 3x3 convolutions, no checkerboard artifacts; see
+    :data:`hygeia_gan.networks.UPSAMPLING`).
     """
     if options:
         raise InputError("gan trainer options", "epochs, n_per_condition, batch_size, lr, p_null, conditioners, "
                          "g_ch, d_ch, z_dim, embed_dim, ema, threads, device, cache, samples, max_minutes, checkpoint, resume, init, "
-                         "aux_weight, classifier_steps, mode_seeking",
+                         "aux_weight, classifier_steps, mode_seeking, upsampling",
                          got=", ".join(sorted(options)))
     for key, val, lo in (("epochs", epochs, 1), ("n_per_condition", n_per_condition, 8), ("batch_size", batch_size, 2),
                          ("classifier_steps", classifier_steps, 1)):
@@ -117,6 +120,8 @@ def train(
     for key, fval in (("aux_weight", aux_weight), ("mode_seeking", mode_seeking)):
         if isinstance(fval, bool) or not isinstance(fval, (int, float)) or not 0 <= fval <= 100:
             raise InputError(key, "a number in [0, 100]", got=repr(fval))
+    if upsampling not in UPSAMPLING:
+        raise InputError("upsampling", " or ".join(UPSAMPLING), got=repr(upsampling))
     if isinstance(conditioners, str):
         conditioners = tuple(c.strip() for c in conditioners.split(",") if c.strip())
     if threads:
@@ -132,7 +137,7 @@ def train(
     names = list(tables)
 
     torch.manual_seed(seed)  # here, after plugin loading and data (which may draw from torch's global RNG)
-    G = Generator(dims, z_dim=z_dim, embed_dim=embed_dim, ch=g_ch).to(dev)
+    G = Generator(dims, z_dim=z_dim, embed_dim=embed_dim, ch=g_ch, upsampling=upsampling).to(dev)
     D = Discriminator(dims, ch=d_ch).to(dev)
     C = None
     if aux_weight:  # frozen finding classifier for the AC-GAN term, trained first on the same images
@@ -176,6 +181,7 @@ def train(
         "ema": ema, "n_per_condition": n_per_condition, "phantom_difficulty": data.difficulty,
         "condition_labels": list(CONDITION_LABELS), "version": VERSION, "loss": "hinge",
         "aux_weight": aux_weight, "classifier_steps": classifier_steps, "mode_seeking": mode_seeking,
+        "upsampling": upsampling,
         **({"init_weights_sha256": init_sha} if init_sha else {}),
     }
     bar = None
@@ -278,7 +284,8 @@ def _load_init(init: str | Path, G: Any) -> str:
 
 # --------------------------------------------------------------------------- checkpoints
 _HYPER = ("conditioners", "z_dim", "embed_dim", "g_ch", "d_ch", "seed", "batch_size", "lr", "p_null", "ema",
-          "n_per_condition", "phantom_difficulty", "init_weights_sha256", "aux_weight", "classifier_steps", "mode_seeking")
+          "n_per_condition", "phantom_difficulty", "init_weights_sha256", "aux_weight", "classifier_steps", "mode_seeking",
+          "upsampling")
 
 
 def _save_checkpoint(path: str | Path, config: dict[str, Any], nets: dict[str, Any], opt_g: Any, opt_d: Any,
