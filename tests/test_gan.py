@@ -168,21 +168,29 @@ def test_aux_classifier_and_mode_seeking_terms_change_training(tiny):
     assert cfg["aux_weight"] == 0 and cfg["mode_seeking"] == 0.5 and cfg["classifier_steps"] == 3
 
 
-def test_resize_upsampling_trains_and_loads(tiny):
-    """``upsampling="resize"`` (nearest-neighbour + 3x3 convolutions) is recorded in the bundle and
-    rebuilt by the plugin; bundles without the key (the transposed default) still load."""
+def test_upsampling_option_trains_and_loads(tiny):
+    """``upsampling`` is recorded in the bundle and rebuilt by the plugin: ``resize`` (the default:
+    nearest-neighbour + 3x3 convolutions) and ``transposed``; a bundle without the key is transposed."""
     from hygeia_gan.networks import Generator
 
     d = tiny[0]
     kw = dict(n_per_condition=8, batch_size=8, conditioners="label", g_ch=8, d_ch=8, classifier_steps=3,
               cache=d / "data.npz", samples=None, progress=False, seed=3, checkpoint=None, epochs=1)
-    rs = train(out=d / "resize", upsampling="resize", **kw)
-    assert json.loads((rs / "config.json").read_text())["upsampling"] == "resize"
-    assert load_bundle(rs).sha256 != load_bundle(tiny[1]).sha256
-    g = GanGenerator(bundle=rs, device="cpu")
-    assert any(isinstance(m, torch.nn.Upsample) for m in g.net.modules())
+    tr = train(out=d / "transposed", upsampling="transposed", **kw)
+    assert json.loads((tr / "config.json").read_text())["upsampling"] == "transposed"
+    assert json.loads((tiny[1] / "config.json").read_text())["upsampling"] == "resize", "the default"
+    assert load_bundle(tr).sha256 != load_bundle(tiny[1]).sha256
+
+    def has_resize(bundle):
+        return any(isinstance(m, torch.nn.Upsample) for m in GanGenerator(bundle=bundle, device="cpu").net.modules())
+
+    assert has_resize(tiny[1]) and not has_resize(tr)
+    cfg = json.loads((tr / "config.json").read_text())
+    del cfg["upsampling"]
+    (tr / "config.json").write_text(json.dumps(cfg))
+    assert not has_resize(tr), "no key: transposed (bundles from before the option)"
+    g = GanGenerator(bundle=tiny[1], device="cpu")
     a, b = g.generate(2, condition="effusion", seed=1), g.generate(2, condition="effusion", seed=1)
     assert a[0].pixels.shape == (1, 64, 64) and np.array_equal(a[1].pixels, b[1].pixels)
-    assert not any(isinstance(m, torch.nn.Upsample) for m in GanGenerator(bundle=tiny[1], device="cpu").net.modules())
     with pytest.raises(ValueError, match="upsampling"):
         Generator({"label": 32}, upsampling="bicubic")

@@ -34,10 +34,10 @@ class CondNorm(nn.Module):
 
 
 UPSAMPLING = ("transposed", "resize")
-"""How the generator doubles resolution: ``transposed`` (stride-2 transposed convolutions, the
-DCGAN default) or ``resize`` (nearest-neighbour upsampling then a 3x3 convolution, which cannot
-produce checkerboard artifacts: Odena, Dumoulin & Olah 2016), the latter with one more 3x3
-convolution at 64 px before the output."""
+"""How the generator doubles resolution: ``resize`` (the default: nearest-neighbour upsampling then
+a 3x3 convolution, which cannot produce checkerboard artifacts: Odena, Dumoulin & Olah 2016, with
+one more 3x3 convolution at 64 px before the output) or ``transposed`` (stride-2 transposed
+convolutions, the DCGAN layer; bundles from before session 8)."""
 
 
 def _up(a: int, b: int, mode: str) -> nn.Module:
@@ -50,7 +50,7 @@ class Generator(nn.Module):
     """``G(z [B, z_dim], {conditioner: [B, D]}) -> [B, 1, 64, 64]`` in [0, 1]."""
 
     def __init__(self, dims: dict[str, int], z_dim: int = 96, embed_dim: int = 64, ch: int = 32,
-                 upsampling: str = "transposed") -> None:
+                 upsampling: str = "resize") -> None:
         super().__init__()
         if upsampling not in UPSAMPLING:
             raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")

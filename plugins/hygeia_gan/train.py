@@ -64,7 +64,7 @@ def train(
     out: str | Path = WEIGHTS,
     seed: int = 0,
     progress: bool = True,
-    epochs: int = 21,
+    epochs: int = 36,
     n_per_condition: int = 1200,
     batch_size: int = 32,
     lr: float = 2e-4,
@@ -85,8 +85,8 @@ def train(
     init: str | Path | None = None,
     aux_weight: float = 1.0,
     classifier_steps: int = 3000,
-    mode_seeking: float = 0.0,
-    upsampling: str = "transposed",
+    mode_seeking: float = 0.1,
+    upsampling: str = "resize",
     **options: Any,
 ) -> Path:
     """Train the GAN on phantoms and write its bundle to ``out``; returns ``out``.
@@ -277,7 +277,7 @@ def _load_init(init: str | Path, G: Any) -> str:
     try:
         G.load_state_dict(b.tensors)
     except RuntimeError as e:
-        raise InputError("init", "a gan bundle trained with the same conditioners, z_dim, embed_dim and g_ch",
+        raise InputError("init", "a gan bundle trained with the same conditioners, z_dim, embed_dim, g_ch and upsampling",
                          got=f"{init}: {str(e).splitlines()[0]}") from None
     return b.sha256
 
