@@ -189,6 +189,9 @@ def test_upsampling_option_trains_and_loads(tiny):
     del cfg["upsampling"]
     (tr / "config.json").write_text(json.dumps(cfg))
     assert not has_resize(tr), "no key: transposed (bundles from before the option)"
+    (tr / "config.json").write_text(json.dumps({**cfg, "upsampling": "bicubic"}))
+    with pytest.raises(InputError, match="upsampling"):
+        GanGenerator(bundle=tr, device="cpu")
     g = GanGenerator(bundle=tiny[1], device="cpu")
     a, b = g.generate(2, condition="effusion", seed=1), g.generate(2, condition="effusion", seed=1)
     assert a[0].pixels.shape == (1, 64, 64) and np.array_equal(a[1].pixels, b[1].pixels)
