@@ -469,3 +469,26 @@ def test_model_ready_before_its_plugin_is_built_and_a_failed_build_is_named(trit
         assert set(server.warm_times) == {"generator_phantom"} and server.warm_after >= server.ready_after
         # still serving after the refused requests
         assert len(connect("generator", "phantom", server.grpc_url).generate(2, seed=1)) == 2
+
+
+def test_watchdog_reloads_a_multi_instance_model_once(triton_repo: Path) -> None:
+    """Kill one of the cnn's two stubs: the watchdog reloads the model once. The replaced
+    instance's surviving stub exits only after the new stubs are up; that exit is not a death
+    (counted as one, it made the watchdog reload the model in a loop)."""
+    if not (triton_repo / "diagnoser_cnn").is_dir():
+        pytest.skip("diagnoser_cnn not built")
+    with TritonServer(triton_repo, models=["diagnoser_cnn"]) as server:
+        url = server.grpc_url
+        image = {"IMAGES": np.zeros((1, 1, 64, 64), np.float32)}
+        old = server._stubs()["diagnoser_cnn"]
+        assert len(old) == 2, server._stubs()
+        os.kill(min(old), signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while not server.restarts:
+            assert time.monotonic() < deadline, server.log_tail()
+            time.sleep(0.5)
+        time.sleep(5)  # five watchdog ticks
+        assert [m for m, _ in server.restarts] == ["diagnoser_cnn"], server.restarts
+        new = server._stubs()["diagnoser_cnn"]
+        assert len(new) == 2 and not (new & old)
+        assert _infer(url, "diagnoser_cnn", image, ["PROBS"]).as_numpy("PROBS").shape[-1] == 5

@@ -405,22 +405,28 @@ class TritonServer:
                 raise TritonServerError(f"reloading {model}: HTTP {r.status}")
 
     def _watch(self, interval: float) -> None:
-        known = self._stubs()
+        retired: set[int] = set()  # stubs of replaced instances: they exit seconds after a reload
+
+        def live() -> dict[str, set[int]]:
+            return {m: p - retired for m, p in self._stubs().items()}
+
+        known = live()
         while not self._stop_watch.wait(interval):
             if self.proc is None or self.proc.poll() is not None:
                 return
-            now = self._stubs()
+            now = live()
             for model, pids in list(known.items()):
                 if pids - now.get(model, set()):
                     log.warning("tritonserver: the Python stub of %s died; reloading the model", model)
+                    retired |= now.get(model, set())  # the surviving stubs of the old instances
                     try:
                         self.reload(model)
                         self.restarts.append((model, time.time()))
                         log.warning("tritonserver: %s reloaded, serving again", model)
                     except Exception as exc:  # noqa: BLE001 - keep watching the others
                         log.error("tritonserver: reloading %s failed: %s", model, exc)
-                    now = self._stubs()
-            known = {m: p for m, p in now.items()}
+                    now = live()
+            known = now
 
     def start_watchdog(self, interval: float = 1.0) -> None:
         if self._watch_thread is None:
