@@ -15,6 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from hygeia.adversarial import ProjectionDiscriminator, embed
+from hygeia.errors import InputError
 
 
 class CondNorm(nn.Module):
@@ -53,7 +54,7 @@ class Generator(nn.Module):
                  upsampling: str = "resize") -> None:
         super().__init__()
         if upsampling not in UPSAMPLING:
-            raise ValueError(f"upsampling must be one of {UPSAMPLING}, got {upsampling!r}")
+            raise InputError("upsampling", " or ".join(UPSAMPLING), got=repr(upsampling))
         self.z_dim = z_dim
         self.embed = nn.ModuleDict({k: nn.Linear(d, embed_dim, bias=False) for k, d in dims.items()})
         chans = [8 * ch, 4 * ch, 2 * ch, ch]  # at 4, 8, 16, 32 px

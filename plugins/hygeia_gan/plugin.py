@@ -20,7 +20,7 @@ from hygeia.errors import InputError
 from hygeia.validation import check_condition, check_n, check_seed
 from hygeia.vocab import CONDITION_LABELS, finding
 
-from .networks import UPSAMPLING, Generator
+from .networks import Generator
 
 NAME, VERSION = "gan", "1.0.0"
 WEIGHTS = Path(__file__).parent / "weights" / "gan"
@@ -102,11 +102,8 @@ class GanGenerator:
         self.conditioners: dict[str, dict[str, Any]] = cfg["conditioners"]
         dims = {k: int(v["dim"]) for k, v in self.conditioners.items()}
         self.device = pick_device(device)
-        upsampling = cfg.get("upsampling", "transposed")  # bundles before session 8 have no key
-        if upsampling not in UPSAMPLING:
-            raise InputError("bundle config 'upsampling'", " or ".join(UPSAMPLING), got=repr(upsampling))
         self.net = Generator(dims, z_dim=cfg["z_dim"], embed_dim=cfg["embed_dim"], ch=cfg["g_ch"],
-                             upsampling=upsampling)
+                             upsampling=cfg.get("upsampling", "transposed"))  # no key: bundles before session 8
         self.net.load_state_dict(b.tensors, strict=True)
         self.net.to(self.device).eval()
         self.identity = ModelIdentity(NAME, VERSION, "generator", b.sha256)
