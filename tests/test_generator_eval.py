@@ -110,7 +110,11 @@ def test_end_to_end_json(judge_and_gan, capsys, tmp_path):
         assert key in printed and printed[key] is not None, key
     assert printed == json.loads(json.dumps({k: v for k, v in res.items()}))
     assert set(printed["per_condition"]) == {"normal", *FINDING_LABELS}
-    assert printed["per_condition"]["effusion"]["sampling"] == {"truncation": None}  # what the gan recorded
+    # what the gan recorded: its bundle's sampling defaults (guidance away from 'normal', not for 'normal')
+    assert printed["per_condition"]["effusion"]["sampling"] == {"truncation": None, "guidance_scale": 3.0,
+                                                               "negative_condition": "normal"}
+    assert printed["per_condition"]["normal"]["sampling"] == {"truncation": None, "guidance_scale": 1.0,
+                                                             "negative_condition": None}
     assert 0 <= printed["conditional_accuracy"] <= 1 and printed["frechet"] >= 0
     assert (tmp_path / "grid.png").is_file()
 

@@ -49,7 +49,7 @@ from hygeia.data import FOV_MM, class_conditional_set
 from hygeia.errors import BundleError, InputError
 from hygeia.outputs import atomic_dir
 from hygeia.text import MIN_LABEL_SIMILARITY, label_condition
-from hygeia.validation import check_n, check_seed
+from hygeia.validation import check_guidance_scale, check_n, check_seed
 from hygeia.vocab import CONDITION_LABELS
 
 NAME, VERSION = "diffusion", "1.0.0"
@@ -91,9 +91,7 @@ def negative_class(negative: Any, labels: tuple[str, ...], cls: int) -> int:
 
 def check_guidance(gs: Any) -> float:
     """A classifier-free guidance scale in [0, MAX_GUIDANCE], else an InputError naming it."""
-    if isinstance(gs, bool) or not isinstance(gs, (int, float)) or not math.isfinite(gs) or not 0 <= gs <= MAX_GUIDANCE:
-        raise InputError("guidance_scale", f"a number in [0, {MAX_GUIDANCE:g}]", got=repr(gs))
-    return float(gs)
+    return check_guidance_scale(gs, MAX_GUIDANCE)
 
 COMPONENTS = ("unet", "scheduler", "vae")
 _WEIGHT_FILE = "diffusion_pytorch_model.safetensors"

@@ -26,11 +26,12 @@ from torch.nn import functional as F
 from hygeia.adversarial import aux_loss, train_finding_classifier
 from hygeia.bundles import pick_device, save_bundle
 from hygeia.errors import InputError
+from hygeia.validation import check_guidance_scale
 from hygeia.vocab import CONDITION_LABELS
 
 from .data import conditional_set
 from .networks import UPSAMPLING, Discriminator, Generator
-from .plugin import CARD, NAME, VERSION, WEIGHTS, prompts
+from .plugin import CARD, DEFAULT_GUIDANCE, DEFAULT_NEGATIVE, MAX_GUIDANCE, NAME, VERSION, WEIGHTS, prompts
 
 SUPPORTED = ("label", "text")
 
@@ -87,6 +88,8 @@ def train(
     classifier_steps: int = 3000,
     mode_seeking: float = 0.1,
     upsampling: str = "resize",
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    negative_condition: str = DEFAULT_NEGATIVE,
     **options: Any,
 ) -> Path:
     """Train the GAN on phantoms and write its bundle to ``out``; returns ``out``.
@@ -106,12 +109,14 @@ def train(
     mode-seeking term (MSGAN, Mao et al. 2019; 0 = off), which keeps two noises with the same
     condition from giving the same image. ``upsampling``: ``transposed`` or ``resize``
     (nearest-neighbour upsampling + 3x3 convolutions, no checkerboard artifacts; see
-    :data:`hygeia_gan.networks.UPSAMPLING`).
+    :data:`hygeia_gan.networks.UPSAMPLING`). ``guidance_scale`` and ``negative_condition``: the
+    sampling defaults recorded in the bundle (they do not change training; see
+    :meth:`hygeia_gan.plugin.GanGenerator.guided_vectors`).
     """
     if options:
         raise InputError("gan trainer options", "epochs, n_per_condition, batch_size, lr, p_null, conditioners, "
                          "g_ch, d_ch, z_dim, embed_dim, ema, threads, device, cache, samples, max_minutes, checkpoint, resume, init, "
-                         "aux_weight, classifier_steps, mode_seeking, upsampling",
+                         "aux_weight, classifier_steps, mode_seeking, upsampling, guidance_scale, negative_condition",
                          got=", ".join(sorted(options)))
     for key, val, lo in (("epochs", epochs, 1), ("n_per_condition", n_per_condition, 8), ("batch_size", batch_size, 2),
                          ("classifier_steps", classifier_steps, 1)):
@@ -122,6 +127,9 @@ def train(
             raise InputError(key, "a number in [0, 100]", got=repr(fval))
     if upsampling not in UPSAMPLING:
         raise InputError("upsampling", " or ".join(UPSAMPLING), got=repr(upsampling))
+    check_guidance_scale(guidance_scale, MAX_GUIDANCE)
+    if not isinstance(negative_condition, str):
+        raise InputError("negative_condition", "a finding label, a text prompt or 'none'", got=repr(negative_condition))
     if isinstance(conditioners, str):
         conditioners = tuple(c.strip() for c in conditioners.split(",") if c.strip())
     if threads:
@@ -182,6 +190,7 @@ def train(
         "condition_labels": list(CONDITION_LABELS), "version": VERSION, "loss": "hinge",
         "aux_weight": aux_weight, "classifier_steps": classifier_steps, "mode_seeking": mode_seeking,
         "upsampling": upsampling,
+        "sampling": {"guidance_scale": float(guidance_scale), "negative_condition": negative_condition},
         **({"init_weights_sha256": init_sha} if init_sha else {}),
     }
     bar = None

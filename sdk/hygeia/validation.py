@@ -1,6 +1,7 @@
 """Input checks shared by every plugin: each failure is an InputError naming the input."""
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import numpy as np
@@ -78,6 +79,14 @@ def check_n(n: Any, max_n: int = MAX_N, name: str = "n") -> int:
     if n > max_n:
         raise InputError(name, f"at most {max_n} per call (memory)", got=n)
     return int(n)
+
+
+def check_guidance_scale(scale: Any, max_scale: float = 20.0, name: str = "guidance_scale") -> float:
+    """A finite guidance scale in ``[0, max_scale]`` (1: no guidance), else an InputError naming it."""
+    if (isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating)) or not math.isfinite(scale)
+            or not 0 <= scale <= max_scale):
+        raise InputError(name, f"a number in [0, {max_scale:g}]", got=repr(scale))
+    return float(scale)
 
 
 def check_seed(seed: Any, name: str = "seed") -> int:
