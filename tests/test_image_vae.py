@@ -50,11 +50,34 @@ def test_progress_called_per_batch(vae) -> None:
 
 @pytest.mark.parametrize("opts, name", [
     ({"temperature": 0}, "temperature"), ({"temperature": 2.5}, "temperature"), ({"temperature": "hot"}, "temperature"),
-    ({"batch_size": 0}, "batch_size"), ({"guidance_scale": 2.0}, "options"),
+    ({"batch_size": 0}, "batch_size"), ({"steps": 3}, "options"), ({"guidance_scale": 21}, "guidance_scale"),
+    ({"guidance_scale": float("inf")}, "guidance_scale"), ({"guidance_scale": "2"}, "guidance_scale"),
+    ({"negative_condition": "atelectasis"}, "negative_condition"), ({"negative_condition": 0}, "negative_condition"),
 ])
 def test_bad_options(vae, opts, name) -> None:
     with pytest.raises(InputError, match=name):
         vae.generate(1, condition="normal", seed=0, **opts)
+
+
+def test_guidance_shifts_the_prior_mean(vae) -> None:
+    """Guided samples are the unguided ones shifted by (s - 1)(mean_c - mean_b) in latent space;
+    'normal' (its own negative) and the null condition are never guided."""
+    from hygeia_vae.image import PRIORS, sample_prior
+
+    px = lambda out: np.stack([g.pixels for g in out])  # noqa: E731
+    for neg in ("normal", "none", "cardiomegaly"):
+        got = vae.generate(3, condition="effusion", seed=4, guidance_scale=2.5, negative_condition=neg)
+        assert got[0].provenance["guidance_scale"] == 2.5 and got[0].provenance["negative_condition"] == neg
+        m = vae.prior["mean"]
+        z = sample_prior(vae.prior, PRIORS.index("effusion"), 3, 4) + 1.5 * (m[PRIORS.index("effusion")] - m[PRIORS.index(neg)])
+        np.testing.assert_allclose(px(got), vae.decode(z.view(3, *vae.latent_shape)).cpu().numpy(), atol=1e-5)
+    unguided = px(vae.generate(3, condition="effusion", seed=4, guidance_scale=1))
+    assert np.abs(px(vae.generate(3, condition="effusion", seed=4, guidance_scale=2.5)) - unguided).mean() > 1e-3
+    assert vae.defaults == {"guidance_scale": 3.0, "negative_condition": "normal"}, "the shipped bundle's sampling"
+    for cond in ("normal", None):
+        out = vae.generate(2, condition=cond, seed=4, guidance_scale=5, negative_condition="normal")
+        assert out[0].provenance["guidance_scale"] == 1.0 and out[0].provenance["negative_condition"] is None
+        np.testing.assert_array_equal(px(out), px(vae.generate(2, condition=cond, seed=4, guidance_scale=1)))
 
 
 def test_bad_condition_and_n(vae) -> None:
@@ -97,6 +120,8 @@ def test_training_writes_bundle_and_grids(tmp_path) -> None:
     assert sorted(p.name for p in (tmp_path / "a-grids").iterdir()) == ["epoch_001.png", "epoch_002.png"]
     assert a.generate(1, condition="effusion", seed=0)[0].pixels.shape == (1, 64, 64)
     assert "val_reconstruction_mse" in a.card.metrics
+    assert a.config["sampling"] == {"guidance_scale": 3.0, "negative_condition": "normal"}
+    assert a.generate(1, condition="effusion", seed=0)[0].provenance["guidance_scale"] == 3.0
     assert run("b").identity.weights_sha256 == a.identity.weights_sha256, "same seed must give the same weights"
     with pytest.raises(InputError, match="epochs"):
         train(out=tmp_path / "c", epochs=0)
@@ -104,6 +129,10 @@ def test_training_writes_bundle_and_grids(tmp_path) -> None:
         train(out=tmp_path / "c", block_out_channels=[8, 12, 16])
     with pytest.raises(InputError, match="attention"):
         train(out=tmp_path / "c", attention="yes")
+    with pytest.raises(InputError, match="guidance_scale"):
+        train(out=tmp_path / "c", guidance_scale=-2)
+    with pytest.raises(InputError, match="negative_condition"):
+        train(out=tmp_path / "c", negative_condition="healthy")
     train(out=tmp_path / "d", seed=3, progress=False, epochs=1, n_per_class=8, batch_size=16, n_val=4, prior_rank=4,
           samples_dir=tmp_path / "d-grids", cache=tmp_path / "cache", block_out_channels=[8, 8, 16], attention=True)
     d = ImageVAE(tmp_path / "d", device="cpu")

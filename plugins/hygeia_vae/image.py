@@ -10,6 +10,10 @@ means of each condition's training images (one per label of :data:`hygeia.vocab.
 plus a pooled one for ``condition=None``). Each prior is low-rank plus diagonal: the class mean,
 the top ``prior_rank`` principal directions with their standard deviations, and a per-dimension
 residual. Sampling draws ``z ~ p(z | c)`` (noise scaled by ``temperature``) and decodes it.
+Guidance (``guidance_scale`` s, ``negative_condition`` b, default from the bundle): the sample
+is shifted by ``(s - 1) (mean_c - mean_b)``, i.e. drawn around ``mean_b + s (mean_c - mean_b)``,
+which is what ``p(z|c)^s p(z|b)^(1-s)`` gives for two Gaussians of one covariance: the same
+negative-condition guidance as the ``diffusion`` and ``gan`` plugins, on the prior.
 
 Training data: 64x64 phantoms, one clean condition per image (``findings=[label]``), an equal
 number per label, each label drawn from its own range of training-split seeds.
@@ -29,7 +33,7 @@ from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.data import FOV_MM, class_conditional_set
 from hygeia.errors import InputError
 from hygeia.text import label_condition
-from hygeia.validation import check_n, check_seed
+from hygeia.validation import check_guidance_scale, check_n, check_seed
 from hygeia.vocab import CONDITION_LABELS
 
 NAME, VERSION = "vae", "1.0.0"
@@ -40,6 +44,12 @@ MAX_N = 4096
 """Most images one ``generate`` call may return (a 64x64 float32 image is 16 KiB; latents are tiny)."""
 PRIORS: tuple[str, ...] = (*CONDITION_LABELS, "none")
 """Rows of the prior tensors: one per condition label, then the pooled (unconditional) prior."""
+MAX_GUIDANCE = 20.0
+NO_NEGATIVE = "none"
+"""``negative_condition`` value that guides away from the pooled (unconditional) prior."""
+DEFAULT_GUIDANCE, DEFAULT_NEGATIVE = 3.0, "normal"
+"""Sampling defaults the trainer records in new bundles (``config["sampling"]``); a bundle without
+them samples unguided (scale 1). See docs/plugins/vae.md for the measurements."""
 
 AUTOENCODER = dict(
     in_channels=1,
@@ -110,6 +120,9 @@ class ImageVAE:
         self.autoencoder = ae.eval().requires_grad_(False).to(self.device)
         self.latent_shape: tuple[int, int, int] = tuple(self.config["latent_shape"])  # type: ignore[assignment]
         self.prior = {k[len("prior."):]: v.float().to(self.device) for k, v in b.tensors.items() if k.startswith("prior.")}
+        sampling = self.config.get("sampling", {})  # no key: bundles before session 9, unguided
+        self.defaults = {"guidance_scale": float(sampling.get("guidance_scale", 1.0)),
+                         "negative_condition": str(sampling.get("negative_condition", NO_NEGATIVE))}
 
     # -- latent space (used by the diffusion plugin's latent mode) ---------------------
     @property
@@ -136,23 +149,41 @@ class ImageVAE:
         progress: Callable[[int, int], Any] | None = None,
         temperature: float = 1.0,
         batch_size: int = 256,
+        guidance_scale: float | None = None,
+        negative_condition: str | None = None,
         **options: Any,
     ) -> list[GeneratedImage]:
         """``n`` images for ``condition`` (a finding label, or None), reproducible from ``seed``.
 
         ``temperature`` in (0, 2] scales the prior's noise (lower: closer to the label's mean
-        image, less diverse). ``progress(done, total)`` is called after each decoded batch.
+        image, less diverse). ``guidance_scale`` in [0, 20] (1: unguided) and
+        ``negative_condition`` (a label or ``"none"``: the pooled prior) shift the prior's mean
+        (module docstring); default: the bundle's (shipped: 3 away from ``normal``); the null
+        condition and a condition equal to its negative are not guided.
+        ``progress(done, total)`` is called after each decoded batch.
         """
         n = check_n(n, max_n=self.max_n)
         seed = check_seed(seed)
         if options:
-            raise InputError("generate options", "temperature, batch_size, progress", got=", ".join(sorted(options)))
+            raise InputError("generate options", "temperature, batch_size, guidance_scale, negative_condition, progress",
+                             got=", ".join(sorted(options)))
         kind, label, text_match = label_condition(condition, self.condition_kinds, CONDITION_LABELS, NAME)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature <= 2:
             raise InputError("temperature", "a number in (0, 2]", got=repr(temperature))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError("batch_size", "a positive integer", got=repr(batch_size))
-        z = sample_prior(self.prior, PRIORS.index(label or "none"), n, seed, float(temperature))
+        scale = check_guidance_scale(self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale,
+                                     MAX_GUIDANCE)
+        negative = self.defaults["negative_condition"] if negative_condition is None else negative_condition
+        if not isinstance(negative, str) or negative.strip().lower() not in (*CONDITION_LABELS, NO_NEGATIVE):
+            raise InputError("negative_condition", f"a label of {', '.join(CONDITION_LABELS)} or {NO_NEGATIVE!r}",
+                             got=repr(negative)[:200])
+        row, base = PRIORS.index(label or "none"), PRIORS.index(negative.strip().lower())
+        if row == base or label is None:  # nothing to guide
+            scale, negative = 1.0, None
+        z = sample_prior(self.prior, row, n, seed, float(temperature))
+        if scale != 1.0:
+            z = z + (scale - 1.0) * (self.prior["mean"][row] - self.prior["mean"][base])
         z = z.view(n, *self.latent_shape)
         out: list[np.ndarray] = []
         for start in range(0, n, batch_size):
@@ -162,6 +193,7 @@ class ImageVAE:
         pixels = np.concatenate(out).astype(np.float32)
         prov = {"generator": NAME, "version": VERSION, "weights_sha256": self.identity.weights_sha256,
                 "condition_kind": kind, "temperature": float(temperature), "sampler": "label-conditional latent prior",
+                "guidance_scale": scale, "negative_condition": negative and negative.strip().lower(),
                 **text_match}
         return [
             GeneratedImage(np.ascontiguousarray(pixels[i]), PIXEL_SPACING, "DX", seed, label, self.identity,
@@ -218,16 +250,25 @@ def train(
     threads: int | None = None,
     block_out_channels: list[int] | tuple[int, ...] | None = None,
     attention: bool | None = None,
+    guidance_scale: float = DEFAULT_GUIDANCE,
+    negative_condition: str = DEFAULT_NEGATIVE,
     **options: Any,
 ) -> Path:
     """Train the VAE and fit its label priors; write the bundle to ``out`` (what ``hygeia train vae`` runs).
 
     Reproducible from ``seed`` on one device and thread count. A PNG grid of samples (one row
     per condition) is written to ``samples_dir`` (default ``runs/vae``) after every epoch.
+    ``guidance_scale`` and ``negative_condition``: the sampling defaults recorded in the bundle
+    (they do not change training).
     """
     if options:
         raise InputError("train options", "epochs, n_per_class, batch_size, lr, recon_sigma, prior_rank, n_val, "
-                         "samples_dir, cache, threads, block_out_channels, attention", got=", ".join(sorted(options)))
+                         "samples_dir, cache, threads, block_out_channels, attention, guidance_scale, "
+                         "negative_condition", got=", ".join(sorted(options)))
+    check_guidance_scale(guidance_scale, MAX_GUIDANCE)
+    if not isinstance(negative_condition, str) or negative_condition not in PRIORS:
+        raise InputError("negative_condition", f"a label of {', '.join(CONDITION_LABELS)} or {NO_NEGATIVE!r}",
+                         got=repr(negative_condition))
     arch = dict(AUTOENCODER)
     if block_out_channels is not None:
         if (not isinstance(block_out_channels, (list, tuple)) or len(block_out_channels) != 3
@@ -320,6 +361,7 @@ def train(
         "prior_rank": prior_rank,
         "image_size": SIZE,
         "pixel_spacing_mm": list(PIXEL_SPACING),
+        "sampling": {"guidance_scale": float(guidance_scale), "negative_condition": negative_condition},
         "training": {"seed": seed, "epochs": epochs, "n_per_class": n_per_class, "batch_size": batch_size, "lr": lr,
                      "recon_sigma": recon_sigma, "device": str(device), "torch": torch.__version__},
     }
