@@ -71,7 +71,9 @@ def test_guidance_shifts_the_prior_mean(vae) -> None:
         m = vae.prior["mean"]
         z = sample_prior(vae.prior, PRIORS.index("effusion"), 3, 4) + 1.5 * (m[PRIORS.index("effusion")] - m[PRIORS.index(neg)])
         np.testing.assert_allclose(px(got), vae.decode(z.view(3, *vae.latent_shape)).cpu().numpy(), atol=1e-5)
-    unguided = px(vae.generate(3, condition="effusion", seed=4, guidance_scale=1))
+    unguided_out = vae.generate(3, condition="effusion", seed=4, guidance_scale=1)
+    assert unguided_out[0].provenance["negative_condition"] is None, "scale 1 guides away from nothing"
+    unguided = px(unguided_out)
     assert np.abs(px(vae.generate(3, condition="effusion", seed=4, guidance_scale=2.5)) - unguided).mean() > 1e-3
     assert vae.defaults == {"guidance_scale": 3.0, "negative_condition": "normal"}, "the shipped bundle's sampling"
     for cond in ("normal", None):

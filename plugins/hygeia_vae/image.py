@@ -179,7 +179,7 @@ class ImageVAE:
             raise InputError("negative_condition", f"a label of {', '.join(CONDITION_LABELS)} or {NO_NEGATIVE!r}",
                              got=repr(negative)[:200])
         row, base = PRIORS.index(label or "none"), PRIORS.index(negative.strip().lower())
-        if row == base or label is None:  # nothing to guide
+        if row == base or label is None or scale == 1.0:  # nothing to guide
             scale, negative = 1.0, None
         z = sample_prior(self.prior, row, n, seed, float(temperature))
         if scale != 1.0:
