@@ -119,6 +119,26 @@ def test_end_to_end_json(judge_and_gan, capsys, tmp_path):
     assert (tmp_path / "grid.png").is_file()
 
 
+def test_cli_sampling_options_seed_and_condition_kind(judge_and_gan, tmp_path):
+    """`hygeia evaluate generator gan --option guidance_scale=1 --condition-kind text --seed 1`
+    evaluates the unguided generator on the text prompts; a bad option fails before any work."""
+    from typer.testing import CliRunner
+
+    from hygeia.cli import app
+
+    runner = CliRunner()
+    args = ["evaluate", "generator", "gan", "-n", "10", "--json", "--grid", str(tmp_path / "g.png")]
+    r = runner.invoke(app, [*args, "--option", "guidance_scale=1", "--condition-kind", "text", "--seed", "1"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert out["condition_kind"] == "text" and out["seed"] == 1 and out["options"] == {"guidance_scale": 1}
+    assert {v["sampling"]["guidance_scale"] for v in out["per_condition"].values()} == {1.0}
+    bad = runner.invoke(app, [*args, "--option", "guidance_scale=99"])
+    assert isinstance(bad.exception, InputError) and "guidance_scale" in str(bad.exception)
+    with pytest.raises(InputError, match="progress"):
+        ev.evaluate_generator(judge_and_gan[1], judge_and_gan[0], n=10, options={"progress": True})
+
+
 def test_real_images_are_held_out_and_conditioned():
     real = ev.real_images(10)
     assert set(real) == {"normal", *FINDING_LABELS}

@@ -237,11 +237,17 @@ def evaluate_generator(
     n: int = typer.Option(200, "-n", help="Samples per condition."),
     json_out: bool = typer.Option(False, "--json"),
     grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of samples per condition."),
+    condition_kind: Optional[str] = typer.Option(
+        None, "--condition-kind", help="label, text (the TEXT_PROMPTS) or none (default: label when taken)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the samples and of the real phantoms' subsets."),
+    option: Optional[list[str]] = typer.Option(
+        None, "--option", help="Generate option KEY=VALUE for every sample (repeatable), e.g. guidance_scale=1."),
 ) -> None:
     """Conditional accuracy (judged by the cnn), Frechet distance, KID and MS-SSIM diversity."""
     from .evaluation.generators import main as run
 
-    run(name, n=n, json_out=json_out, grid=grid)
+    run(name, n=n, json_out=json_out, grid=grid, condition_kind=condition_kind, seed=seed,
+        options=_parse_options(option))
 
 
 @evaluate_app.command("molecules")

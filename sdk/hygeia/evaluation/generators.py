@@ -245,12 +245,23 @@ def real_images(n: int, progress: bool = False) -> dict[str, np.ndarray]:
 
 
 def evaluate_generator(gen: Any, judge: Any, n: int = 200, condition_kind: str | None = None, seed: int = 0,
-                       progress: bool = False, real: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """All generator metrics as a JSON-able dict (see the module docstring)."""
+                       progress: bool = False, real: dict[str, np.ndarray] | None = None,
+                       options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """All generator metrics as a JSON-able dict (see the module docstring).
+
+    ``options``: keyword options for every ``gen.generate`` call (e.g. ``{"guidance_scale": 1}``);
+    checked with one single-image call before any other work.
+    """
     n = _check_n(n)
     if getattr(gen, "output", None) != "image":
         raise InputError("generator", "an image generator (output='image')", got=getattr(gen, "output", None))
     kind, conds = _conditions_for(gen, condition_kind)
+    options = dict(options or {})
+    if "progress" in options:
+        raise InputError("options", "generate options other than 'progress' (the evaluation reports progress)",
+                         got="'progress'")
+    if options:
+        gen.generate(1, condition=conds[0], seed=seed, **options)  # a bad option fails here, before any work
     real = real if real is not None else real_images(n, progress=progress)
     labels = list(CONDITION_LABELS) if kind != "none" else ["(unconditional)"]
     gen_imgs: dict[str, np.ndarray] = {}
@@ -260,7 +271,7 @@ def evaluate_generator(gen: Any, judge: Any, n: int = 200, condition_kind: str |
     takes_progress = "progress" in inspect.signature(gen.generate).parameters
     try:
         for k, (label, cond) in enumerate(zip(labels, conds)):
-            opts: dict[str, Any] = {}
+            opts: dict[str, Any] = dict(options)
             if bar is not None and takes_progress:
                 opts["progress"] = bar.callback(k * n)
             out = gen.generate(n, condition=cond, seed=seed + 1000 * (k + 1), **opts)
@@ -306,6 +317,7 @@ def evaluate_generator(gen: Any, judge: Any, n: int = 200, condition_kind: str |
         "condition_kind": kind,
         "n_per_condition": n,
         "seed": seed,
+        "options": options,
         "conditional_accuracy": acc,
         "real_conditional_accuracy": racc,
         "accuracy_ratio": None if acc is None or not racc else acc / racc,
@@ -346,7 +358,7 @@ def render_table(result: dict[str, Any]) -> Any:
 
 
 def main(name: str, n: int = 200, json_out: bool = False, grid: Path | None = None,
-         condition_kind: str | None = None, seed: int = 0) -> dict[str, Any]:
+         condition_kind: str | None = None, seed: int = 0, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """What ``hygeia evaluate generator NAME`` runs: print JSON or a table (and write a PNG grid)."""
     from rich.console import Console
 
@@ -359,7 +371,8 @@ def main(name: str, n: int = 200, json_out: bool = False, grid: Path | None = No
     _conditions_for(gen, condition_kind)  # bad condition kind: fail before any work
     judge = reg.create("diagnoser", JUDGE)
     console = Console(stderr=json_out)
-    result = evaluate_generator(gen, judge, n=n, condition_kind=condition_kind, seed=seed, progress=True)
+    result = evaluate_generator(gen, judge, n=n, condition_kind=condition_kind, seed=seed, progress=True,
+                                options=options)
     samples = result.pop("_samples")
     if json_out:
         print(json.dumps(result, indent=2))
