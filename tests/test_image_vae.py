@@ -69,7 +69,8 @@ def test_guidance_shifts_the_prior_mean(vae) -> None:
         got = vae.generate(3, condition="effusion", seed=4, guidance_scale=2.5, negative_condition=neg)
         assert got[0].provenance["guidance_scale"] == 2.5 and got[0].provenance["negative_condition"] == neg
         m = vae.prior["mean"]
-        z = sample_prior(vae.prior, PRIORS.index("effusion"), 3, 4) + 1.5 * (m[PRIORS.index("effusion")] - m[PRIORS.index(neg)])
+        shift = m[PRIORS.index("effusion")] - m[PRIORS.index(neg)]
+        z = sample_prior(vae.prior, PRIORS.index("effusion"), 3, 4) + 1.5 * shift
         np.testing.assert_allclose(px(got), vae.decode(z.view(3, *vae.latent_shape)).cpu().numpy(), atol=1e-5)
     unguided_out = vae.generate(3, condition="effusion", seed=4, guidance_scale=1)
     assert unguided_out[0].provenance["negative_condition"] is None, "scale 1 guides away from nothing"

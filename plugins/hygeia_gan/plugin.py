@@ -149,8 +149,9 @@ class GanGenerator:
         conds[cname] = self._conditioner(cname).encode([value]).float().cpu()
         return conds, kind, cname
 
-    def guided_vectors(self, condition: Any, guidance_scale: float | None = None,
-                       negative_condition: str | None = None) -> tuple[dict[str, torch.Tensor], str, str | None, float, str | None]:
+    def guided_vectors(
+        self, condition: Any, guidance_scale: float | None = None, negative_condition: str | None = None,
+    ) -> tuple[dict[str, torch.Tensor], str, str | None, float, str | None]:
         """Condition vectors with guidance applied: ``(vectors, kind, conditioner, scale, negative)``.
 
         Guidance in embedding space: the generator embeds its condition vectors linearly (a sum
@@ -271,7 +272,8 @@ SPEC = PluginSpec(
         TensorSpec("SEED", "INT64", (1,), description="random seed: same seed, same images"),
         TensorSpec("CONDITION", "BYTES", (1,), optional=True,
                    description="finding label (normal, nodule, ...) or free text; empty = unconditional"),
-        TensorSpec("OPTIONS", "BYTES", (1,), optional=True, description='JSON options, e.g. {"truncation": 1.5, "guidance_scale": 2}'),
+        TensorSpec("OPTIONS", "BYTES", (1,), optional=True,
+                   description='JSON options, e.g. {"truncation": 1.5, "guidance_scale": 2}'),
     ),
     outputs=(
         TensorSpec("IMAGE", "FP32", (1, SIZE, SIZE), description="each synthetic image, in [0, 1]"),

@@ -165,8 +165,8 @@ class ImageVAE:
         n = check_n(n, max_n=self.max_n)
         seed = check_seed(seed)
         if options:
-            raise InputError("generate options", "temperature, batch_size, guidance_scale, negative_condition, progress",
-                             got=", ".join(sorted(options)))
+            raise InputError("generate options", "temperature, batch_size, guidance_scale, negative_condition, "
+                             "progress", got=", ".join(sorted(options)))
         kind, label, text_match = label_condition(condition, self.condition_kinds, CONDITION_LABELS, NAME)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature <= 2:
             raise InputError("temperature", "a number in (0, 2]", got=repr(temperature))
