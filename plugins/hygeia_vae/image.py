@@ -167,7 +167,8 @@ class ImageVAE:
         """``n`` images for ``condition`` (a finding label, or None), reproducible from ``seed``.
 
         ``temperature`` in (0, 2] scales the prior's noise (lower: closer to the label's mean
-        image, less diverse; default: the bundle's, else 1). ``guidance_scale`` in [0, 20] (1: unguided) and
+        image, less diverse; default: the bundle's, else 1). ``guidance_scale`` in [0, 20] (1:
+        unguided) and
         ``negative_condition`` (a label or ``"none"``: the pooled prior) shift the prior's mean
         (module docstring); default: the bundle's (shipped: 3 away from ``normal``); the null
         condition and a condition equal to its negative are not guided.
@@ -226,7 +227,8 @@ def sample_prior(prior: dict[str, torch.Tensor], row: int, n: int, seed: int, te
     (for the mixture: within the chosen component)."""
     g = torch.Generator().manual_seed(seed)
     if "gmm_weights" in prior:
-        mean, basis, w, mus, chol = (prior[k][row] for k in ("mean", "basis", "gmm_weights", "gmm_means", "gmm_chol"))
+        keys = ("mean", "basis", "gmm_weights", "gmm_means", "gmm_chol")
+        mean, basis, w, mus, chol = (prior[k][row] for k in keys)
         # width a multiple of 16: torch's CPU normal sampler fills blocks of 16 values, so only then
         # is row i the same whatever n is (image i independent of how many are drawn with it)
         e = torch.randn(n, -(-(1 + basis.shape[1]) // 16) * 16, generator=g).to(mean.device)
@@ -251,7 +253,8 @@ def fit_gmm_prior(latents: torch.Tensor, pcs: int, components: int, seed: int = 
     xc = x - mean
     _, _, vh = torch.linalg.svd(xc, full_matrices=False)
     basis = vh[:pcs].T  # [D, pcs]
-    gm = GaussianMixture(components, covariance_type="full", reg_covar=1e-4, random_state=seed).fit((xc @ basis).numpy())
+    gm = GaussianMixture(components, covariance_type="full", reg_covar=1e-4, random_state=seed)
+    gm.fit((xc @ basis).numpy())
     return {"mean": mean.float(), "basis": basis.float(), "gmm_weights": torch.from_numpy(gm.weights_).float(),
             "gmm_means": torch.from_numpy(gm.means_).float(),
             "gmm_chol": torch.from_numpy(np.linalg.cholesky(gm.covariances_)).float()}
@@ -311,7 +314,8 @@ def train(
     if options:
         raise InputError("train options", "epochs, n_per_class, batch_size, lr, recon_sigma, prior_rank, n_val, "
                          "samples_dir, cache, threads, block_out_channels, attention, guidance_scale, "
-                         "negative_condition, temperature, prior, prior_pcs, prior_components", got=", ".join(sorted(options)))
+                         "negative_condition, temperature, prior, prior_pcs, prior_components",
+                         got=", ".join(sorted(options)))
     check_guidance_scale(guidance_scale, MAX_GUIDANCE)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature <= 2:
         raise InputError("temperature", "a number in (0, 2]", got=repr(temperature))
@@ -457,7 +461,8 @@ SPEC = PluginSpec(
     kind="generator",
     name=NAME,
     version=VERSION,
-    description="Image VAE (diffusers AutoencoderKL, 4x16x16 latent) with a label-conditional Gaussian prior; 64x64 DX",
+    description="Image VAE (diffusers AutoencoderKL, 4x16x16 latent) with a label-conditional latent prior "
+                "(a Gaussian mixture per label); 64x64 DX",
     factory=ImageVAE,
     inputs=(
         TensorSpec("N", "INT64", (1,), description="number of images (one generate() call)"),
