@@ -89,10 +89,6 @@ def negative_class(negative: Any, labels: tuple[str, ...], cls: int) -> int:
     return NULL_CLASS if base == cls else base
 
 
-def check_guidance(gs: Any) -> float:
-    """A classifier-free guidance scale in [0, MAX_GUIDANCE], else an InputError naming it."""
-    return check_guidance_scale(gs, MAX_GUIDANCE)
-
 COMPONENTS = ("unet", "scheduler", "vae")
 _WEIGHT_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -341,7 +337,8 @@ class DiffusionGenerator:
         steps = self.defaults["steps"] if steps is None else steps
         if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
             raise InputError("steps", f"an integer in [1, {MAX_STEPS}]", got=repr(steps))
-        gs = check_guidance(self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale)
+        gs = check_guidance_scale(self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale,
+                                  MAX_GUIDANCE)
         sampler = self.defaults["sampler"] if sampler is None else sampler
         if sampler not in SAMPLERS:
             raise InputError("sampler", f"one of {', '.join(SAMPLERS)}", got=repr(sampler))
@@ -434,7 +431,7 @@ def train(
         raise InputError("train options", "epochs, n_per_class, batch_size, lr, mode, patch, vae, p_uncond, "
                          "ema_decay, samples_dir, cache, threads, unet, init, guidance_scale, negative_condition",
                          got=", ".join(sorted(options)))
-    check_guidance(guidance_scale)
+    check_guidance_scale(guidance_scale, MAX_GUIDANCE)
     negative_class(negative_condition, tuple(CONDITION_LABELS), NULL_CLASS)  # validates it
     for name, v, lo in (("epochs", epochs, 1), ("n_per_class", n_per_class, 8), ("batch_size", batch_size, 2),
                         ("patch", patch, 1)):

@@ -192,7 +192,8 @@ class ImageVAE:
         if not isinstance(negative, str) or negative.strip().lower() not in (*CONDITION_LABELS, NO_NEGATIVE):
             raise InputError("negative_condition", f"a label of {', '.join(CONDITION_LABELS)} or {NO_NEGATIVE!r}",
                              got=repr(negative)[:200])
-        row, base = PRIORS.index(label or "none"), PRIORS.index(negative.strip().lower())
+        negative = negative.strip().lower()
+        row, base = PRIORS.index(label or "none"), PRIORS.index(negative)
         if row == base or label is None or scale == 1.0:  # nothing to guide
             scale, negative = 1.0, None
         z = sample_prior(self.prior, row, n, seed, float(temperature))
@@ -207,7 +208,7 @@ class ImageVAE:
         pixels = np.concatenate(out).astype(np.float32)
         prov = {"generator": NAME, "version": VERSION, "weights_sha256": self.identity.weights_sha256,
                 "condition_kind": kind, "temperature": float(temperature), "sampler": "label-conditional latent prior",
-                "guidance_scale": scale, "negative_condition": negative and negative.strip().lower(),
+                "guidance_scale": scale, "negative_condition": negative,
                 **text_match}
         return [
             GeneratedImage(np.ascontiguousarray(pixels[i]), PIXEL_SPACING, "DX", seed, label, self.identity,
