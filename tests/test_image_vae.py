@@ -147,7 +147,7 @@ def test_training_writes_bundle_and_grids(tmp_path) -> None:
     with pytest.raises(InputError, match="negative_condition"):
         train(out=tmp_path / "c", negative_condition="healthy")
     with pytest.raises(InputError, match="prior"):
-        train(out=tmp_path / "c", prior="flow")
+        train(out=tmp_path / "c", prior="glow")
     with pytest.raises(InputError, match="temperature"):
         train(out=tmp_path / "c", temperature=0)
     train(out=tmp_path / "d", seed=3, progress=False, epochs=1, n_per_class=8, batch_size=16, n_val=4, prior_rank=4,
@@ -175,3 +175,77 @@ def test_free_text_is_mapped_to_a_label():
     with pytest.raises(UnsupportedConditionError, match="weather"):
         vae.generate(1, condition="the weather is nice today", seed=0)
     assert "pleural effusion" in label_phrases("effusion") and "no finding" in label_phrases("normal")
+
+
+@pytest.fixture(scope="module")
+def tiny_flow_vae(tmp_path_factory):
+    """A tiny vae with a flow prior, trained by the real trainer (1 autoencoder epoch, 30 one-batch flow epochs)."""
+    from hygeia_vae.image import ImageVAE, train
+
+    d = tmp_path_factory.mktemp("flowvae")
+    train(out=d / "a", seed=3, progress=False, epochs=1, n_per_class=8, batch_size=16, n_val=4, prior_rank=4,
+          samples_dir=d / "grids", cache=d / "cache", prior="flow", prior_epochs=30, prior_blocks=2, prior_hidden=8)
+    return ImageVAE(d / "a", device="cpu"), d / "a"
+
+
+def test_flow_prior_is_invertible_and_learns() -> None:
+    """The flow maps latents to noise and back exactly, and training lowers the likelihood loss
+    the same way from the same seed."""
+    from hygeia_vae.flow_prior import GRID, train_flow_prior
+
+    g = torch.Generator().manual_seed(0)
+    rows = torch.arange(64) % 3
+    mu = torch.randn(64, 4, 16, 16, generator=g) * 0.3 + rows[:, None, None, None].float()  # one mean per row
+    sd = torch.full_like(mu, 0.1)
+    first: list[float] = []
+    flow, log = train_flow_prior(mu, sd, rows, 4, 3, epochs=6, seed=1, blocks=2, hidden=16, batch_size=16,
+                                 report=lambda e, n, nll: first.append(nll))
+    assert len(first) == 6 and first[-1] < first[0] - 0.1, f"the loss did not fall: {first}"
+    assert log["prior_train_nll_per_dim"] == round(first[-1], 4)
+    with torch.no_grad():
+        u = torch.randn(5, *GRID, generator=g)
+        e = flow.embedding(torch.tensor([0, 1, 2, 3, 0]))
+        z = flow.inverse(u, e)
+        back, _ = flow.inn(z, c=flow._cond(e))
+    torch.testing.assert_close(back, u, atol=1e-4, rtol=0)
+    again, _ = train_flow_prior(mu, sd, rows, 4, 3, epochs=6, seed=1, blocks=2, hidden=16, batch_size=16)
+    for (k, a), b in zip(flow.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), f"{k} differs between two runs with one seed"
+
+
+def test_flow_prior_bundle_samples_and_guides(tiny_flow_vae, tmp_path) -> None:
+    """A flow-prior bundle: reproducible, image i independent of n, guidance in latent space
+    z_b + s (z_c - z_b) with the same noise (s = 0: exactly the negative condition's image),
+    and the autoencoder_from option refits the same prior on the same autoencoder."""
+    from hygeia_vae.image import ImageVAE, train
+
+    v, path = tiny_flow_vae
+    assert v.config["prior"] == {"kind": "flow", "blocks": 2, "hidden": 8, "emb": 8, "epochs": 30, "noise": 1.0}
+    assert v.flow is not None and "gmm_chol" not in v.prior and v.prior["mean"].shape[0] == len(CONDITION_LABELS) + 1
+    px = lambda out: np.stack([g.pixels for g in out])  # noqa: E731
+    a = px(v.generate(4, condition="effusion", seed=2))
+    np.testing.assert_array_equal(a, px(v.generate(4, condition="effusion", seed=2)))
+    np.testing.assert_allclose(px(v.generate(1, condition="effusion", seed=2))[0], a[0], atol=1e-5)
+    from hygeia_vae.image import FLOW_GRID, PRIORS
+
+    u = torch.randn(3, *FLOW_GRID, generator=torch.Generator().manual_seed(0))
+    c, b = PRIORS.index("effusion"), PRIORS.index("normal")
+    zc, zb = v._flow_latents(u, c, c, 1.0), v._flow_latents(u, b, b, 1.0)
+    assert float((zc - zb).abs().mean()) > 1e-4, "two conditions must map the same noise apart"
+    torch.testing.assert_close(v._flow_latents(u, c, b, 2.5), zb + 2.5 * (zc - zb), atol=1e-5, rtol=0)
+    for neg in ("normal", "none"):
+        zero = px(v.generate(4, condition="effusion", seed=2, guidance_scale=0, negative_condition=neg))
+        own = px(v.generate(4, condition=neg if neg != "none" else None, seed=2, guidance_scale=1))
+        np.testing.assert_allclose(zero, own, atol=1e-5)
+    cold = px(v.generate(8, condition="nodule", seed=1, temperature=0.05))
+    warm = px(v.generate(8, condition="nodule", seed=1, temperature=1.0))
+    assert cold.std(0).mean() < warm.std(0).mean()
+    train(out=tmp_path / "b", seed=3, progress=False, n_per_class=8, n_val=4, cache=tmp_path / "cache", prior="flow",
+          prior_epochs=30, prior_blocks=2, prior_hidden=8, autoencoder_from=path)
+    b = ImageVAE(tmp_path / "b", device="cpu")
+    assert b.identity.weights_sha256 == v.identity.weights_sha256, "same autoencoder + seed: the same flow prior"
+    assert b.config["training"]["autoencoder_from"]["weights_sha256"] == v.identity.weights_sha256
+    with pytest.raises(InputError, match="autoencoder_from"):
+        train(out=tmp_path / "c", autoencoder_from=tmp_path / "missing")
+    with pytest.raises(InputError, match="prior_epochs"):
+        train(out=tmp_path / "c", prior="flow", prior_epochs=0)

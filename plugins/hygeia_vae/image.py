@@ -12,12 +12,15 @@ is a Gaussian mixture (``prior_components`` full-covariance components, scikit-l
 label's top ``prior_pcs`` principal directions: "ex-post density estimation" (Ghosh et al. 2020).
 Bundles before session 9 have a single Gaussian per label instead (``prior="gaussian"``): the
 class mean, the top ``prior_rank`` principal directions with their standard deviations, and a
-per-dimension residual. Sampling draws ``z ~ p(z | c)`` (noise scaled by ``temperature``) and
-decodes it.
+per-dimension residual. ``prior="flow"`` (experimental, session 10; :mod:`hygeia_vae.flow_prior`)
+is a conditional normalizing flow over the whole latent instead. Sampling draws ``z ~ p(z | c)``
+(noise scaled by ``temperature``) and decodes it.
 Guidance (``guidance_scale`` s, ``negative_condition`` b, default from the bundle): the sample
 is shifted by ``(s - 1) (mean_c - mean_b)``, i.e. drawn around ``mean_b + s (mean_c - mean_b)``,
 which is what ``p(z|c)^s p(z|b)^(1-s)`` gives for two Gaussians of one covariance: the same
-negative-condition guidance as the ``diffusion`` and ``gan`` plugins, on the prior.
+negative-condition guidance as the ``diffusion`` and ``gan`` plugins, on the prior. For the flow
+prior guidance is paired instead: the same base noise mapped under ``c`` and under ``b``, and
+``z = z_b + s (z_c - z_b)``.
 
 Training data: 64x64 phantoms, one clean condition per image (``findings=[label]``), an equal
 number per label, each label drawn from its own range of training-split seeds.
@@ -40,6 +43,8 @@ from hygeia.text import label_condition
 from hygeia.validation import check_guidance_scale, check_n, check_seed
 from hygeia.vocab import CONDITION_LABELS
 
+from .flow_prior import GRID as FLOW_GRID
+
 NAME, VERSION = "vae", "1.0.0"
 WEIGHTS = Path(__file__).parent / "weights" / NAME
 SIZE = 64
@@ -51,9 +56,10 @@ PRIORS: tuple[str, ...] = (*CONDITION_LABELS, "none")
 MAX_GUIDANCE = 20.0
 NO_NEGATIVE = "none"
 """``negative_condition`` value that guides away from the pooled (unconditional) prior."""
-PRIOR_KINDS = ("pca-gmm", "gaussian")
+PRIOR_KINDS = ("flow", "pca-gmm", "gaussian")
 """Label priors the trainer fits: ``pca-gmm`` (the default since session 9: a Gaussian mixture in
-the label's top principal directions) or ``gaussian`` (low-rank plus diagonal; bundles before)."""
+the label's top principal directions), ``gaussian`` (low-rank plus diagonal; bundles before) or
+``flow`` (experimental since session 10: a conditional normalizing flow, :mod:`hygeia_vae.flow_prior`)."""
 DEFAULT_GUIDANCE, DEFAULT_NEGATIVE, DEFAULT_TEMPERATURE = 5.0, "normal", 1.1
 """Sampling defaults the trainer records in new bundles (``config["sampling"]``); a bundle without
 them samples unguided (scale 1). See docs/plugins/vae.md for the measurements."""
@@ -129,7 +135,17 @@ class ImageVAE:
         ae.load_state_dict({k[len("autoencoder."):]: v for k, v in b.tensors.items() if k.startswith("autoencoder.")})
         self.autoencoder = ae.eval().requires_grad_(False).to(self.device)
         self.latent_shape: tuple[int, int, int] = tuple(self.config["latent_shape"])  # type: ignore[assignment]
-        self.prior = {k[len("prior."):]: v.float().to(self.device) for k, v in b.tensors.items() if k.startswith("prior.")}
+        self.prior = {k[len("prior."):]: v.float().to(self.device) for k, v in b.tensors.items()
+                      if k.startswith("prior.") and not k.startswith("prior.flow.")}
+        self.flow: Any = None  # the flow prior's network (prior kind "flow")
+        prior_config = self.config.get("prior", {"kind": "gaussian"})
+        if prior_config["kind"] == "flow":
+            from .flow_prior import FlowPrior
+
+            flow = FlowPrior(len(PRIORS), prior_config["blocks"], prior_config["hidden"], prior_config["emb"])
+            flow.load_state_dict({k[len("prior.flow."):]: v for k, v in b.tensors.items()
+                                  if k.startswith("prior.flow.")})
+            self.flow = flow.eval().requires_grad_(False).to(self.device)
         sampling = self.config.get("sampling", {})  # no key: bundles before session 9, unguided
         self.defaults = {"guidance_scale": float(sampling.get("guidance_scale", 1.0)),
                          "negative_condition": str(sampling.get("negative_condition", NO_NEGATIVE)),
@@ -196,13 +212,19 @@ class ImageVAE:
         row, base = PRIORS.index(label or "none"), PRIORS.index(negative)
         if row == base or label is None or scale == 1.0:  # nothing to guide
             scale, negative = 1.0, None
-        z = sample_prior(self.prior, row, n, seed, float(temperature))
-        if scale != 1.0:
-            z = z + (scale - 1.0) * (self.prior["mean"][row] - self.prior["mean"][base])
-        z = z.view(n, *self.latent_shape)
+        if self.flow is None:
+            z = sample_prior(self.prior, row, n, seed, float(temperature))
+            if scale != 1.0:
+                z = z + (scale - 1.0) * (self.prior["mean"][row] - self.prior["mean"][base])
+            z = z.view(n, *self.latent_shape)
+        else:  # base noise for all n first (image i's is row i of one randn call), mapped per batch below
+            z = float(temperature) * torch.randn(n, *FLOW_GRID, generator=torch.Generator().manual_seed(seed))
         out: list[np.ndarray] = []
         for start in range(0, n, batch_size):
-            out.append(self.decode(z[start:start + batch_size].to(self.device)).float().cpu().numpy())
+            zb = z[start:start + batch_size].to(self.device)
+            if self.flow is not None:
+                zb = self._flow_latents(zb, row, base, scale)
+            out.append(self.decode(zb).float().cpu().numpy())
             if callable(progress):  # progress=False/None: no callback
                 progress(min(start + batch_size, n), n)
         pixels = np.concatenate(out).astype(np.float32)
@@ -215,6 +237,17 @@ class ImageVAE:
                            {**prov, "index": i})
             for i in range(n)
         ]
+
+    @torch.no_grad()
+    def _flow_latents(self, u: torch.Tensor, row: int, base: int, scale: float) -> torch.Tensor:
+        """Flow prior: base noise ``u`` -> latents of condition ``row``; guided (``scale`` != 1) as
+        ``z_b + s (z_c - z_b)``, where ``z_b`` is the same noise mapped under the negative ``base``."""
+        rows = torch.full((len(u),), row, dtype=torch.long, device=u.device)
+        z = self.flow.inverse(u, self.flow.embedding(rows))
+        if scale != 1.0:
+            zb = self.flow.inverse(u, self.flow.embedding(torch.full_like(rows, base)))
+            z = zb + scale * (z - zb)
+        return z / self.scaling_factor
 
     def save(self, path: str | Path) -> str:
         """Write this model's bundle to ``path``; returns the weights' SHA-256."""
@@ -292,6 +325,11 @@ def train(
     prior: str = "pca-gmm",
     prior_pcs: int = 96,
     prior_components: int = 30,
+    prior_epochs: int = 40,
+    prior_blocks: int = 12,
+    prior_hidden: int = 96,
+    prior_noise: float = 1.0,
+    autoencoder_from: str | Path | None = None,
     n_val: int = 256,
     samples_dir: str | Path | None = None,
     cache: str | Path | None = None,
@@ -310,12 +348,17 @@ def train(
     ``guidance_scale``, ``negative_condition`` and ``temperature``: the sampling defaults recorded
     in the bundle (they do not change training). ``prior``: ``pca-gmm`` (a Gaussian mixture of
     ``prior_components`` full-covariance components in each label's top ``prior_pcs`` principal
-    directions) or ``gaussian`` (rank ``prior_rank`` plus a diagonal residual).
+    directions), ``gaussian`` (rank ``prior_rank`` plus a diagonal residual) or ``flow`` (experimental:
+    a conditional Glow of ``prior_blocks`` blocks and ``prior_hidden`` channels trained for
+    ``prior_epochs`` on posterior samples with their noise scaled by ``prior_noise``).
+    ``autoencoder_from``: a trained vae bundle whose autoencoder is reused (no autoencoder epochs;
+    only the priors are fitted).
     """
     if options:
         raise InputError("train options", "epochs, n_per_class, batch_size, lr, recon_sigma, prior_rank, n_val, "
                          "samples_dir, cache, threads, block_out_channels, attention, guidance_scale, "
-                         "negative_condition, temperature, prior, prior_pcs, prior_components",
+                         "negative_condition, temperature, prior, prior_pcs, prior_components, prior_epochs, "
+                         "prior_blocks, prior_hidden, prior_noise, autoencoder_from",
                          got=", ".join(sorted(options)))
     check_guidance_scale(guidance_scale, MAX_GUIDANCE)
     if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not 0 < temperature <= 2:
@@ -339,9 +382,23 @@ def train(
         arch["mid_block_add_attention"] = attention
     for name, v, lo in (("epochs", epochs, 1), ("n_per_class", n_per_class, 8), ("batch_size", batch_size, 2),
                         ("prior_rank", prior_rank, 1), ("n_val", n_val, 1), ("prior_pcs", prior_pcs, 1),
-                        ("prior_components", prior_components, 1)):
+                        ("prior_components", prior_components, 1), ("prior_epochs", prior_epochs, 1),
+                        ("prior_blocks", prior_blocks, 1), ("prior_hidden", prior_hidden, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise InputError(name, f"an integer >= {lo}", got=repr(v))
+    if isinstance(prior_noise, bool) or not isinstance(prior_noise, (int, float)) or not 0 <= prior_noise <= 1:
+        raise InputError("prior_noise", "a number in [0, 1] (the posterior noise the flow prior is trained on)",
+                         got=repr(prior_noise))
+    source = None
+    if autoencoder_from is not None:  # reuse a trained bundle's autoencoder: only the priors are fitted
+        try:
+            source = load_bundle(autoencoder_from)
+        except Exception as e:
+            raise InputError("autoencoder_from", "a vae bundle folder", got=f"{autoencoder_from} ({e})") from e
+        if "autoencoder" not in source.config:
+            raise InputError("autoencoder_from", "a vae bundle (config.json has no 'autoencoder')",
+                             got=str(autoencoder_from))
+        arch = {k: v for k, v in source.config["autoencoder"].items() if k != "scaling_factor"}
     if threads:
         torch.set_num_threads(int(threads))
     out = Path(out)
@@ -351,10 +408,14 @@ def train(
     images, conds = class_conditional_set(n_per_class, size=SIZE, cache=cache, progress=progress)
     x_all = torch.from_numpy(images)
     ae = build_autoencoder(arch).to(device).train()
+    if source is not None:
+        ae.load_state_dict({k[len("autoencoder."):]: v for k, v in source.tensors.items()
+                            if k.startswith("autoencoder.")})
+        epochs = 0
     opt = torch.optim.AdamW(ae.parameters(), lr=lr, weight_decay=1e-4)
     steps_per_epoch = len(x_all) // batch_size
     total = epochs * steps_per_epoch
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(total, 1), pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
     w_rec = 1.0 / (2 * recon_sigma ** 2)
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -395,11 +456,34 @@ def train(
     ae.eval()
     # latent statistics, the label priors and held-out reconstruction error
     with torch.no_grad():
-        mu = torch.cat([ae.encode(x_all[i:i + 256].to(device) * 2 - 1).latent_dist.mean.cpu()
-                        for i in range(0, len(x_all), 256)])
+        posts = [ae.encode(x_all[i:i + 256].to(device) * 2 - 1).latent_dist for i in range(0, len(x_all), 256)]
+    mu, sd = torch.cat([p.mean.cpu() for p in posts]), torch.cat([p.std.cpu() for p in posts])
+    del posts
     scaling = float(1.0 / mu.std())
     ae.register_to_config(scaling_factor=scaling)
-    priors = _fit_priors(mu.flatten(1), torch.from_numpy(conds), prior_rank, prior, prior_pcs, prior_components, seed)
+    prior_config: dict[str, Any] = {"kind": prior}
+    if prior == "flow":
+        from .flow_prior import train_flow_prior
+
+        def report(epoch: int, total_epochs: int, nll: float) -> None:
+            if progress:
+                print(f"flow prior epoch {epoch}/{total_epochs} nll/dim {nll:.4f} {(time.time() - t0) / 60:.1f} min",
+                      flush=True)
+
+        flow, flow_log = train_flow_prior((mu * scaling).to(device), (sd * scaling * prior_noise).to(device),
+                                          torch.from_numpy(conds).to(device), len(PRIORS), PRIORS.index(NO_NEGATIVE),
+                                          epochs=prior_epochs, seed=seed, blocks=prior_blocks, hidden=prior_hidden,
+                                          report=report)
+        log.update(flow_log)
+        flat, rows = mu.flatten(1), torch.from_numpy(conds)
+        priors = {"mean": torch.stack([flat[rows == k].mean(0) for k in range(len(CONDITION_LABELS))] + [flat.mean(0)])}
+        priors.update({f"flow.{k}": v.detach().cpu() for k, v in flow.state_dict().items()})
+        prior_config.update(flow.config, epochs=prior_epochs, noise=float(prior_noise))
+    else:
+        priors = _fit_priors(mu.flatten(1), torch.from_numpy(conds), prior_rank, prior, prior_pcs, prior_components,
+                             seed)
+        if prior == "pca-gmm":
+            prior_config.update(pcs=prior_pcs, components=prior_components)
     from hygeia.data import make_phantom_set
 
     val = torch.from_numpy(make_phantom_set(n_val, split="val", size=SIZE).images)
@@ -416,13 +500,15 @@ def train(
         "latent_shape": list(mu.shape[1:]),
         "priors": list(PRIORS),
         "prior_rank": prior_rank,
-        "prior": {"kind": prior, **({"pcs": prior_pcs, "components": prior_components} if prior == "pca-gmm" else {})},
+        "prior": prior_config,
         "image_size": SIZE,
         "pixel_spacing_mm": list(PIXEL_SPACING),
         "sampling": {"guidance_scale": float(guidance_scale), "negative_condition": negative_condition,
                      "temperature": float(temperature)},
         "training": {"seed": seed, "epochs": epochs, "n_per_class": n_per_class, "batch_size": batch_size, "lr": lr,
-                     "recon_sigma": recon_sigma, "device": str(device), "torch": torch.__version__},
+                     "recon_sigma": recon_sigma, "device": str(device), "torch": torch.__version__,
+                     **({"autoencoder_from": {"weights_sha256": source.sha256,
+                                              "training": source.config.get("training", {})}} if source else {})},
     }
     save_bundle(out, tensors, config, _card(metrics))
     return out
