@@ -66,24 +66,34 @@ def test_bad_options(vae, opts, name) -> None:
         vae.generate(1, condition="normal", seed=0, **opts)
 
 
-def test_guidance_shifts_the_prior_mean(vae) -> None:
-    """Guided samples are the unguided ones shifted by (s - 1)(mean_c - mean_b) in latent space;
-    'normal' (its own negative) and the null condition are never guided."""
+def test_guidance_is_flow_paired(vae) -> None:
+    """The shipped mixture prior is guided through its flow: each sample z is mapped to the flow's
+    noise under its condition and back under the negative (z_b, the same sample without the
+    finding), then z_b + s (z - z_b); 'normal' (its own negative) and the null condition are never guided."""
     from hygeia_vae.image import PRIORS, sample_prior
 
+    assert vae.config["prior"]["guidance"] == "flow" and vae.flow is not None
     px = lambda out: np.stack([g.pixels for g in out])  # noqa: E731
+    sf = vae.scaling_factor
+    c = PRIORS.index("effusion")
+    z = sample_prior(vae.prior, c, 3, 4, vae.defaults["temperature"]).view(3, *vae.latent_shape)
+    unguided = px(vae.generate(3, condition="effusion", seed=4, guidance_scale=1))
+    np.testing.assert_allclose(unguided, vae.decode(z).cpu().numpy(), atol=1e-5)
     for neg in ("normal", "none", "cardiomegaly"):
         got = vae.generate(3, condition="effusion", seed=4, guidance_scale=2.5, negative_condition=neg)
         assert got[0].provenance["guidance_scale"] == 2.5 and got[0].provenance["negative_condition"] == neg
-        m = vae.prior["mean"]
-        shift = m[PRIORS.index("effusion")] - m[PRIORS.index(neg)]
-        z = sample_prior(vae.prior, PRIORS.index("effusion"), 3, 4, vae.defaults["temperature"]) + 1.5 * shift
-        np.testing.assert_allclose(px(got), vae.decode(z.view(3, *vae.latent_shape)).cpu().numpy(), atol=1e-5)
+        with torch.no_grad():
+            e = vae.flow.embedding
+            u = vae.flow(z * sf, e(torch.full((3,), c)))
+            zb = vae.flow.inverse(u, e(torch.full((3,), PRIORS.index(neg)))) / sf
+        assert float((zb - z).abs().mean()) > 0.01, "the negative must map the sample elsewhere"
+        np.testing.assert_allclose(px(got), vae.decode(zb + 2.5 * (z - zb)).cpu().numpy(), atol=1e-4)
+        zero = px(vae.generate(3, condition="effusion", seed=4, guidance_scale=0, negative_condition=neg))
+        np.testing.assert_allclose(zero, vae.decode(zb).cpu().numpy(), atol=1e-4)
     unguided_out = vae.generate(3, condition="effusion", seed=4, guidance_scale=1)
     assert unguided_out[0].provenance["negative_condition"] is None, "scale 1 guides away from nothing"
-    unguided = px(unguided_out)
     assert np.abs(px(vae.generate(3, condition="effusion", seed=4, guidance_scale=2.5)) - unguided).mean() > 1e-3
-    assert vae.defaults == {"guidance_scale": 5.0, "negative_condition": "normal", "temperature": 1.1}, "shipped"
+    assert vae.defaults == {"guidance_scale": 7.0, "negative_condition": "normal", "temperature": 1.1}, "shipped"
     for cond in ("normal", None):
         out = vae.generate(2, condition=cond, seed=4, guidance_scale=5, negative_condition="normal")
         assert out[0].provenance["guidance_scale"] == 1.0 and out[0].provenance["negative_condition"] is None
@@ -123,18 +133,27 @@ def test_training_writes_bundle_and_grids(tmp_path) -> None:
 
     def run(name: str) -> ImageVAE:
         train(out=tmp_path / name, seed=3, progress=False, epochs=2, n_per_class=8, batch_size=16, n_val=4,
-              prior_rank=4, samples_dir=tmp_path / f"{name}-grids", cache=tmp_path / "cache")
+              prior_rank=4, samples_dir=tmp_path / f"{name}-grids", cache=tmp_path / "cache", guide="mean")
         return ImageVAE(tmp_path / name, device="cpu")
 
     a = run("a")
     assert sorted(p.name for p in (tmp_path / "a-grids").iterdir()) == ["epoch_001.png", "epoch_002.png"]
     assert a.generate(1, condition="effusion", seed=0)[0].pixels.shape == (1, 64, 64)
     assert "val_reconstruction_mse" in a.card.metrics
-    assert a.config["sampling"] == {"guidance_scale": 5.0, "negative_condition": "normal", "temperature": 1.1}
-    assert a.config["prior"] == {"kind": "pca-gmm", "pcs": 96, "components": 30}
-    assert "gmm_chol" in a.prior and a.prior["mean"].shape[0] == len(CONDITION_LABELS) + 1
+    assert a.config["sampling"] == {"guidance_scale": 7.0, "negative_condition": "normal", "temperature": 1.1}
+    assert a.config["prior"] == {"kind": "pca-gmm", "pcs": 96, "components": 30, "guidance": "mean"}
+    assert "gmm_chol" in a.prior and a.prior["mean"].shape[0] == len(CONDITION_LABELS) + 1 and a.flow is None
     r = a.generate(1, condition="effusion", seed=0)[0]
-    assert r.provenance["guidance_scale"] == 5.0 and r.provenance["temperature"] == 1.1
+    assert r.provenance["guidance_scale"] == 7.0 and r.provenance["temperature"] == 1.1
+    from hygeia_vae.image import PRIORS, sample_prior  # guide="mean": the sample shifted by (s - 1)(mean_c - mean_b)
+
+    for neg in ("normal", "none", "cardiomegaly"):
+        got = a.generate(3, condition="effusion", seed=4, guidance_scale=2.5, negative_condition=neg)
+        m = a.prior["mean"]
+        z = sample_prior(a.prior, PRIORS.index("effusion"), 3, 4, 1.1) + 1.5 * (m[PRIORS.index("effusion")]
+                                                                             - m[PRIORS.index(neg)])
+        np.testing.assert_allclose(np.stack([g.pixels for g in got]), a.decode(z.view(3, *a.latent_shape)).numpy(),
+                                   atol=1e-5)
     assert run("b").identity.weights_sha256 == a.identity.weights_sha256, "same seed must give the same weights"
     with pytest.raises(InputError, match="epochs"):
         train(out=tmp_path / "c", epochs=0)
@@ -150,13 +169,16 @@ def test_training_writes_bundle_and_grids(tmp_path) -> None:
         train(out=tmp_path / "c", prior="glow")
     with pytest.raises(InputError, match="temperature"):
         train(out=tmp_path / "c", temperature=0)
+    with pytest.raises(InputError, match="guide"):
+        train(out=tmp_path / "c", guide="classifier")
     train(out=tmp_path / "d", seed=3, progress=False, epochs=1, n_per_class=8, batch_size=16, n_val=4, prior_rank=4,
           samples_dir=tmp_path / "d-grids", cache=tmp_path / "cache", block_out_channels=[8, 8, 16], attention=True,
-          prior="gaussian")
+          prior="gaussian", guide="mean")
     d = ImageVAE(tmp_path / "d", device="cpu")
     assert d.config["autoencoder"]["block_out_channels"] == [8, 8, 16]
     assert d.config["autoencoder"]["mid_block_add_attention"] is True
-    assert d.config["prior"] == {"kind": "gaussian"} and "residual" in d.prior and "gmm_chol" not in d.prior
+    assert d.config["prior"] == {"kind": "gaussian", "guidance": "mean"} and "residual" in d.prior
+    assert "gmm_chol" not in d.prior
     assert d.generate(1, condition="nodule", seed=0)[0].pixels.shape == (1, 64, 64)
 
 
@@ -220,7 +242,8 @@ def test_flow_prior_bundle_samples_and_guides(tiny_flow_vae, tmp_path) -> None:
     from hygeia_vae.image import ImageVAE, train
 
     v, path = tiny_flow_vae
-    assert v.config["prior"] == {"kind": "flow", "blocks": 2, "hidden": 8, "emb": 8, "epochs": 30, "noise": 1.0}
+    assert v.config["prior"] == {"kind": "flow", "flow": {"blocks": 2, "hidden": 8, "emb": 8, "epochs": 30,
+                                                          "noise": 0.25}}
     assert v.flow is not None and "gmm_chol" not in v.prior and v.prior["mean"].shape[0] == len(CONDITION_LABELS) + 1
     px = lambda out: np.stack([g.pixels for g in out])  # noqa: E731
     a = px(v.generate(4, condition="effusion", seed=2))

@@ -74,9 +74,14 @@ class FlowPrior(nn.Module):
         d = u[0].numel()
         return (0.5 * u.pow(2).flatten(1).sum(1) - logdet).mean() / d + 0.5 * math.log(2 * math.pi)
 
+    def forward(self, z: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        """Scaled latents ``[B, 4, 16, 16]`` and condition embeddings ``[B, emb]`` -> base noise ``[B, 16, 8, 8]``."""
+        u, _ = self.inn(z, c=self._cond(embedding), jac=False)  # sampling needs no log-determinant
+        return u
+
     def inverse(self, u: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """Base noise ``u [B, 16, 8, 8]`` and condition embeddings ``[B, emb]`` -> scaled latents ``[B, 4, 16, 16]``."""
-        z, _ = self.inn(u, c=self._cond(embedding), rev=True)
+        z, _ = self.inn(u, c=self._cond(embedding), rev=True, jac=False)
         return z
 
 
