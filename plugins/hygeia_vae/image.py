@@ -375,6 +375,8 @@ def train(
     directions), ``gaussian`` (rank ``prior_rank`` plus a diagonal residual) or ``flow`` (experimental:
     a conditional Glow of ``prior_blocks`` blocks and ``prior_hidden`` channels trained for
     ``prior_epochs`` on posterior samples with their noise scaled by ``prior_noise``).
+    ``guide``: how a ``pca-gmm`` or ``gaussian`` prior is guided: ``flow`` (the default since
+    session 10; trains the same conditional flow beside it) or ``mean`` (the mean shift).
     ``autoencoder_from``: a trained vae bundle whose autoencoder is reused (no autoencoder epochs;
     only the priors are fitted).
     """
