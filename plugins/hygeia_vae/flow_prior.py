@@ -26,6 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
+LATENT = (4, 16, 16)
+"""The vae latent the flow takes (unscaled latents are multiplied by the scaling factor first)."""
 GRID = (16, 8, 8)
 """Shape of the flow's base noise per sample: the squeezed ``[4, 16, 16]`` latent."""
 
@@ -43,21 +45,18 @@ def _subnet(hidden: int) -> Callable[[int, int], nn.Module]:
 class FlowPrior(nn.Module):
     """Conditional Glow over scaled latents ``[B, 4, 16, 16]``; condition rows index an embedding."""
 
-    def __init__(self, n_conditions: int, blocks: int = 12, hidden: int = 96, emb: int = 8, seed: int = 0,
-                 latent_shape: tuple[int, int, int] = (4, 16, 16)) -> None:
+    def __init__(self, n_conditions: int, blocks: int = 12, hidden: int = 96, emb: int = 8, seed: int = 0) -> None:
         import FrEIA.framework as Ff
         import FrEIA.modules as Fm
 
         super().__init__()
-        if tuple(latent_shape) != (4, 16, 16):
-            raise ValueError(f"the flow prior takes a [4, 16, 16] latent, not {list(latent_shape)}")
         self.config = {"blocks": blocks, "hidden": hidden, "emb": emb}
         torch.manual_seed(seed)
         np_state = np.random.get_state()  # FrEIA draws each block's channel permutation from numpy's global RNG
         np.random.seed(seed)
         try:
             self.embedding = nn.Embedding(n_conditions, emb)
-            self.inn = Ff.SequenceINN(*latent_shape)
+            self.inn = Ff.SequenceINN(*LATENT)
             self.inn.append(Fm.IRevNetDownsampling)
             for _ in range(blocks):
                 self.inn.append(Fm.AllInOneBlock, cond=0, cond_shape=(emb, *GRID[1:]),

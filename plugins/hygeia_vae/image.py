@@ -255,21 +255,23 @@ class ImageVAE:
     def _flow_latents(self, u: torch.Tensor, row: int, base: int, scale: float) -> torch.Tensor:
         """Flow prior: base noise ``u`` -> latents of condition ``row``; guided (``scale`` != 1) as
         ``z_b + s (z_c - z_b)``, where ``z_b`` is the same noise mapped under the negative ``base``."""
-        rows = torch.full((len(u),), row, dtype=torch.long, device=u.device)
-        z = self.flow.inverse(u, self.flow.embedding(rows))
-        if scale != 1.0:
-            zb = self.flow.inverse(u, self.flow.embedding(torch.full_like(rows, base)))
-            z = zb + scale * (z - zb)
-        return z / self.scaling_factor
+        z = self.flow.inverse(u, self._embed(row, len(u)))
+        return self._paired(u, z, base, scale) if scale != 1.0 else z / self.scaling_factor
 
     @torch.no_grad()
     def _flow_guided(self, z: torch.Tensor, row: int, base: int, scale: float) -> torch.Tensor:
         """Flow-paired guidance of prior samples ``z`` (unscaled latents of condition ``row``): the
         flow maps each to its base noise under ``row`` and back under ``base`` (the same sample
         without the finding, ``z_b``); returns ``z_b + s (z - z_b)``."""
-        rows = torch.full((len(z),), row, dtype=torch.long, device=z.device)
         x = z * self.scaling_factor
-        zb = self.flow.inverse(self.flow(x, self.flow.embedding(rows)), self.flow.embedding(torch.full_like(rows, base)))
+        return self._paired(self.flow(x, self._embed(row, len(x))), x, base, scale)
+
+    def _embed(self, row: int, n: int) -> torch.Tensor:
+        return self.flow.embedding.weight[row].expand(n, -1)
+
+    def _paired(self, u: torch.Tensor, x: torch.Tensor, base: int, scale: float) -> torch.Tensor:
+        """``z_b + s (x - z_b)`` with ``z_b`` = noise ``u`` mapped under ``base``; scaled -> unscaled latents."""
+        zb = self.flow.inverse(u, self._embed(base, len(u)))
         return (zb + scale * (x - zb)) / self.scaling_factor
 
     def save(self, path: str | Path) -> str:
