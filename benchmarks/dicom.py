@@ -93,7 +93,8 @@ def bare_highdicom_sr(diagnosis: Any, src: Any) -> Any:
 
 def bench_sr(n: int) -> dict[str, Any]:
     import hygeia
-    from hygeia.data import load_image, prepare_image, write_phantom_dicom
+    from hygeia.data.io import load_image, prepare_image
+    from hygeia_lab import write_phantom_dicom
     from hygeia_dicom.sr import build_sr
 
     tmp = Path(tempfile.mkdtemp(prefix="hygeia-bench-sr-"))
@@ -128,7 +129,8 @@ def bench_gateway(n_studies: int, per_study: int, workers: int = 2, sr_processes
     import subprocess
 
     import hygeia
-    from hygeia.data import load_image, prepare_image, write_phantom_study
+    from hygeia.data.io import load_image, prepare_image
+    from hygeia_lab import write_phantom_study
     from hygeia_pacs import Gateway, GatewayConfig
 
     sys.path.insert(0, str(ROOT / "tests" / "integration"))

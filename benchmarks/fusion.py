@@ -44,7 +44,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.threads)
-    from hygeia.data import make_phantom_set
+    from hygeia_lab import make_phantom_set
     from hygeia.plugins import get_registry
 
     reg = get_registry()

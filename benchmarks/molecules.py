@@ -40,7 +40,7 @@ def speed(gen: Any, n: int, seed: int) -> dict[str, float]:
 
 def conditioning(gen: Any, per_target: int, seed: int) -> dict[str, dict[str, Any]]:
     """For each property: sample at several targets; Pearson r(target, measured) and the means."""
-    from hygeia.evaluation.molecules import property_rows
+    from hygeia_lab.evaluation.molecules import property_rows
 
     base = property_rows([m.smiles for m in gen.generate(per_target * 2, seed=seed)])
     out: dict[str, dict[str, Any]] = {}
@@ -89,7 +89,7 @@ def main() -> None:
     if args.moses:
         from rich.console import Console
 
-        from hygeia.evaluation.molecules import evaluate_smiles, render_table, write_molecules
+        from hygeia_lab.evaluation.molecules import evaluate_smiles, render_table, write_molecules
 
         t = time.perf_counter()
         smiles = [m.smiles for m in gen.generate(args.moses, seed=args.seed)]

@@ -1,10 +1,10 @@
-"""hygeia.adversarial: the projection discriminator, the finding classifier of the AC-GAN term."""
+"""hygeia_lab.adversarial: the projection discriminator, the finding classifier of the AC-GAN term."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from hygeia.adversarial import (FindingClassifier, ProjectionDiscriminator, aux_loss, condition_targets,
+from hygeia_lab.adversarial import (FindingClassifier, ProjectionDiscriminator, aux_loss, condition_targets,
                                 train_finding_classifier)
 from hygeia.vocab import CONDITION_LABELS, FINDING_LABELS
 

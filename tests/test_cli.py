@@ -53,7 +53,7 @@ def test_generate_png_grid_marked_synthetic(tmp_path):
 
 
 def test_diagnose_dicom_json(tmp_path):
-    from hygeia.data import write_phantom_dicom
+    from hygeia_lab import write_phantom_dicom
 
     dcm = write_phantom_dicom(tmp_path / "p.dcm", seed=5, finding="cardiomegaly")
     res = json.loads(hygeia("diagnose", str(dcm), "--json", "--png", str(tmp_path / "o.png")).stdout)
@@ -65,7 +65,7 @@ def test_diagnose_dicom_json(tmp_path):
 
 
 def test_diagnose_png(tmp_path):
-    from hygeia.data import make_phantom
+    from hygeia_lab import make_phantom
     from hygeia.outputs import write_png
 
     png = write_png(tmp_path / "x.png", make_phantom(1, size=128).image)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from hygeia.api import Diagnosis
-from hygeia.data import make_phantom, make_phantom_set
+from hygeia_lab import make_phantom, make_phantom_set
 from hygeia.errors import InputError
-from hygeia.evaluation.diagnosers import evaluate, expected_calibration_error
+from hygeia_lab.evaluation.diagnosers import evaluate, expected_calibration_error
 from hygeia.vocab import FINDING_LABELS, finding
 
 

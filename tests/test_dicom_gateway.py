@@ -45,7 +45,7 @@ def cnn():
 
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory) -> Path:
-    from hygeia.data import write_phantom_dicom
+    from hygeia_lab import write_phantom_dicom
 
     return Path(write_phantom_dicom(tmp_path_factory.mktemp("ph") / "dx.dcm", seed=7, finding="effusion"))
 

@@ -107,7 +107,7 @@ def test_prepare_image_area_and_bilinear():
 
 
 def test_load_series_orders_instances_and_skips_non_dicom(tmp_path):
-    from hygeia.data import write_phantom_study
+    from hygeia_lab import write_phantom_study
 
     paths = write_phantom_study(tmp_path / "study", n=3, seed=4)
     (tmp_path / "study" / "README.txt").write_text("not an image")

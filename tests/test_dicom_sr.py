@@ -42,7 +42,7 @@ def cnn():
 
 @pytest.fixture(scope="module")
 def phantom_files(tmp_path_factory):
-    from hygeia.data import write_phantom_dicom
+    from hygeia_lab import write_phantom_dicom
 
     d = tmp_path_factory.mktemp("phantoms")
     return [Path(write_phantom_dicom(d / f"p{seed}.dcm", seed=seed, finding=f))
@@ -124,7 +124,7 @@ def test_sr_from_cnn_on_phantom_passes_validators(cnn, phantom_files, tmp_path):
 
 
 def test_sr_for_a_study_of_several_images(cnn, tmp_path):
-    from hygeia.data import write_phantom_dicom
+    from hygeia_lab import write_phantom_dicom
 
     paths = [Path(write_phantom_dicom(tmp_path / f"s{i}.dcm", seed=40 + i)) for i in range(2)]
     datasets = [pydicom.dcmread(p) for p in paths]
@@ -178,7 +178,9 @@ def test_cli_diagnose_writes_sr(phantom_files, tmp_path):
     out = tmp_path / "cli_sr.dcm"
     from typer.testing import CliRunner
 
-    from hygeia.cli import app
+    from hygeia.cli import get_app
+
+    app = get_app()
 
     r = CliRunner().invoke(app, ["diagnose", str(phantom_files[0]), "--sr", str(out)])
     assert r.exit_code == 0, r.output[-2000:]
@@ -237,7 +239,9 @@ def test_sc_bad_input(tmp_path):
 def test_cli_generate_writes_synthetic_sc(tmp_path):
     from typer.testing import CliRunner
 
-    from hygeia.cli import app
+    from hygeia.cli import get_app
+
+    app = get_app()
 
     r = CliRunner().invoke(app, ["generate", "--plugin", "phantom", "-n", "2", "-c", "nodule", "--seed", "3",
                                  "--out", str(tmp_path / "grid.png"), "--dicom", str(tmp_path / "sc")])

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from hygeia.data import make_phantom, make_phantom_set
+from hygeia_lab import make_phantom, make_phantom_set
 from hygeia.errors import InputError
 from hygeia.plugins import get_registry
 from hygeia.testing import DiagnoserContract
@@ -107,7 +107,7 @@ def test_wrong_size_rejected_or_resized(fusion, size):
     resizing = get_registry().create("diagnoser", "fusion", resize=True)
     out = resizing.diagnose(big, texts=["cough"])
     assert out[0].image_size == (size, size) and out[0].findings[0].heatmap.shape == (size, size)
-    from hygeia.data import prepare_image
+    from hygeia.data.io import prepare_image
 
     want = fusion.predict(prepare_image(big[0, 0], size=(size, size))[None], ["cough"], maps=False)[0]
     assert np.allclose([f.probability for f in out[0].findings], want[0], atol=1e-5)
@@ -201,7 +201,7 @@ def test_evaluate_three_way_json(tmp_path, capsys):
     """`hygeia evaluate diagnoser fusion --json`: fusion, fusion_no_text, image_only; pure JSON on stdout."""
     import json
 
-    from hygeia.evaluation.diagnosers import main
+    from hygeia_lab.evaluation.diagnosers import main
 
     roc = tmp_path / "roc.png"
     with warnings.catch_warnings():

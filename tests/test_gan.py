@@ -172,7 +172,7 @@ def test_guidance_makes_the_judge_see_nodules(gan):
     """The reason for the default: unguided nodules are too faint for the cnn judge (about 1 in 4
     found at n=200); guided away from 'normal' they are found far more often."""
     judge = get_registry().create("diagnoser", "cnn", heatmaps=False, device="cpu")
-    from hygeia.evaluation.generators import judge_probabilities
+    from hygeia_lab.evaluation.generators import judge_probabilities
     from hygeia.vocab import FINDING_LABELS
 
     k = FINDING_LABELS.index("nodule")

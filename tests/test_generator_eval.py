@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from hygeia.errors import BundleError, InputError, PluginNotFoundError
-from hygeia.evaluation import generators as ev
+from hygeia_lab.evaluation import generators as ev
+from hygeia_lab.grids import write_grid
 from hygeia.plugins import get_registry
 from hygeia.vocab import FINDING_LABELS
 
@@ -56,12 +57,12 @@ def test_shows_condition():
 
 def test_write_grid(tmp_path):
     imgs = np.random.default_rng(0).random((12, 1, 64, 64)).astype(np.float32)
-    p = ev.write_grid(imgs, tmp_path / "g.png", ncol=6, row_labels=["normal", "effusion"], scale=1, pad=2)
+    p = write_grid(imgs, tmp_path / "g.png", ncol=6, row_labels=["normal", "effusion"], scale=1, pad=2)
     with Image.open(p) as im:
         assert im.mode == "L" and im.size[1] == 2 * (64 + 2) + 2 and im.size[0] > 6 * 64
     assert [x.name for x in tmp_path.iterdir()] == ["g.png"], "no temporary file left behind"
     with pytest.raises(InputError):
-        ev.write_grid(np.zeros((0, 1, 8, 8)), tmp_path / "e.png")
+        write_grid(np.zeros((0, 1, 8, 8)), tmp_path / "e.png")
 
 
 @pytest.mark.parametrize("n", [0, 5, 10**6, 2.5, True])
@@ -124,7 +125,9 @@ def test_cli_sampling_options_seed_and_condition_kind(judge_and_gan, tmp_path):
     evaluates the unguided generator on the text prompts; a bad option fails before any work."""
     from typer.testing import CliRunner
 
-    from hygeia.cli import app
+    from hygeia.cli import get_app
+
+    app = get_app()
 
     runner = CliRunner()
     args = ["evaluate", "generator", "gan", "-n", "10", "--json", "--grid", str(tmp_path / "g.png")]

@@ -108,7 +108,7 @@ def test_bad_condition_and_n(vae) -> None:
 
 
 def test_latent_space_reconstructs_held_out_phantoms(vae) -> None:
-    from hygeia.data import make_phantom_set
+    from hygeia_lab import make_phantom_set
 
     x = torch.from_numpy(make_phantom_set(16, split="test", size=64, start=100).images)
     z = vae.encode(x)

@@ -10,7 +10,7 @@ pytest.importorskip("rdkit")
 
 import hygeia  # noqa: E402
 from hygeia.errors import InputError, UnsupportedConditionError  # noqa: E402
-from hygeia.evaluation.molecules import (  # noqa: E402
+from hygeia_lab.evaluation.molecules import (  # noqa: E402
     baselines,
     molecular_properties,
     read_smiles,
@@ -125,7 +125,7 @@ def test_write_smi_and_sdf(tmp_path: Path):
 
 
 def test_tiny_training_skips_and_counts_invalid_smiles_and_resumes(tmp_path: Path):
-    from hygeia.evaluation._moses_compat import import_moses
+    from hygeia_lab.evaluation._moses_compat import import_moses
     from hygeia_vae.molecule import MoleculeVAEGenerator, train
 
     data = list(import_moses().get_dataset("test")[:300]) + ["C1CC", "not a molecule", "c1ccccc1X"]
@@ -158,8 +158,8 @@ def test_baselines_and_table():
 
 @pytest.mark.slow
 def test_moses_metrics_on_training_molecules(tmp_path: Path, capsys):
-    from hygeia.evaluation._moses_compat import import_moses
-    from hygeia.evaluation.molecules import main
+    from hygeia_lab.evaluation._moses_compat import import_moses
+    from hygeia_lab.evaluation.molecules import main
 
     train = list(import_moses().get_dataset("train")[:300])
     path = write_molecules(train + ["C1CC"], tmp_path / "train.smi")
@@ -176,7 +176,7 @@ def test_moses_compat_shims():
 
     import pandas as pd
 
-    from hygeia.evaluation._moses_compat import import_moses
+    from hygeia_lab.evaluation._moses_compat import import_moses
 
     import_moses()
     import moses.metrics.metrics as mm

@@ -5,7 +5,8 @@ import pytest
 from PIL import Image
 
 from hygeia.api import GeneratedImage, ModelIdentity
-from hygeia.outputs import atomic_path, image_grid, write_image_grid, write_json
+from hygeia.outputs import atomic_path, write_json
+from hygeia_lab.grids import image_grid, write_image_grid
 
 MODEL = ModelIdentity("toy", "1.0", "generator", None)
 

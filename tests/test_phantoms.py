@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hygeia.api import Region
-from hygeia.data import (
+from hygeia_lab import (
     DEFAULT_DIFFICULTY,
     load_npz,
     make_phantom,
@@ -226,7 +226,7 @@ def test_dicom_passes_dciodvfy(tmp_path):
 
 
 def test_phantom_generator_plugin():
-    from hygeia_phantom.generator import SPEC, PhantomGenerator, phantom_seed
+    from hygeia_lab.phantom_generator import SPEC, PhantomGenerator, phantom_seed
 
     g = PhantomGenerator()
     a = g.generate(2, condition="effusion", seed=4)

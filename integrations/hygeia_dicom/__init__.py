@@ -1,6 +1,7 @@
 """Hygeia DICOM integration: TID 1500 Structured Reports for diagnoses, synthetic Secondary
-Captures for generated images. Registered through ``hygeia_output_formats`` (formats ``sr`` and
-``dicom-sc``); DICOM reading itself lives in the core (:mod:`hygeia.data.io`).
+Captures and synthetic Digital X-Ray images for generated images. Registered through
+``hygeia_output_formats`` (formats ``sr``, ``dicom-sc`` and ``dicom-dx``); DICOM reading itself
+lives in the core (:mod:`hygeia.data.io`).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any, Iterator
 from hygeia import hookimpl
 from hygeia.api import OutputFormat
 
-__all__ = ["build_sc", "build_sr", "write_sc", "write_sr"]
+__all__ = ["build_sc", "build_sr", "dx_dataset", "write_dx", "write_sc", "write_sr"]
 
 
 def __getattr__(name: str) -> Any:  # lazy: importing highdicom costs ~1 s
@@ -21,6 +22,10 @@ def __getattr__(name: str) -> Any:  # lazy: importing highdicom costs ~1 s
         from . import sc
 
         return getattr(sc, name)
+    if name in ("dx_dataset", "write_dx"):
+        from . import dx
+
+        return getattr(dx, name)
     raise AttributeError(name)
 
 
@@ -36,6 +41,12 @@ def _write_sc(results: Any, out: Any, **context: Any) -> list[Any]:
     return write_sc(results, out, **context)
 
 
+def _write_dx(results: Any, out: Any, **context: Any) -> list[Any]:
+    from .dx import write_dx
+
+    return write_dx(results, out, **context)
+
+
 @hookimpl
 def hygeia_output_formats() -> Iterator[OutputFormat]:
     yield OutputFormat(
@@ -46,3 +57,7 @@ def hygeia_output_formats() -> Iterator[OutputFormat]:
         name="dicom-sc", accepts="images",
         description="DICOM Secondary Capture per generated image, marked synthetic (ConversionType SYN)",
         write=_write_sc)
+    yield OutputFormat(
+        name="dicom-dx", accepts="images",
+        description="DICOM Digital X-Ray image (For Presentation) per generated image, marked synthetic",
+        write=_write_dx)

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from hygeia.api import Diagnosis, Finding, ModelCard, ModelIdentity, PluginSpec, Region, TensorSpec
+from hygeia import tensors
+from hygeia.api import Diagnosis, Finding, ModelCard, ModelIdentity, PluginSpec, Region
 from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.validation import check_images, check_texts
 from hygeia.vocab import FINDING_LABELS, finding
@@ -41,7 +42,7 @@ DEFAULT_ARCH: dict[str, Any] = {
 CARD = ModelCard(
     intended_use=("Demonstration and test diagnoser for the Hygeia SDK: flags nodule, consolidation, effusion, "
                   "cardiomegaly and pneumothorax on 64x64 synthetic chest-radiograph phantoms. Not for clinical use."),
-    training_data="Synthetic phantoms only (hygeia.data.make_phantom_set, split 'train'); thresholds on split 'val'.",
+    training_data="Synthetic phantoms only (hygeia_lab.phantoms.make_phantom_set, split 'train'); thresholds on split 'val'.",
     metrics={},
     limitations=("Trained and measured on procedural phantoms, never on patient images: its numbers say nothing about "
                  "real radiographs. Image-only (ignores clinical text). Grad-CAM regions are coarse (16x16 feature map)."),
@@ -211,15 +212,8 @@ SPEC = PluginSpec(
     version=VERSION,
     description="Image-only multi-label chest finding classifier (MONAI ResNet, 64x64) with Grad-CAM regions",
     factory=CnnDiagnoser,
-    inputs=(
-        TensorSpec("IMAGE", "FP32", (1, 64, 64), description="chest image in [0, 1]"),
-        TensorSpec("TEXT", "BYTES", (1,), optional=True, description="clinical text (accepted, not used)"),
-    ),
-    outputs=(
-        TensorSpec("PROBABILITIES", "FP32", (len(FINDING_LABELS),), description="per finding, FINDING_LABELS order"),
-        TensorSpec("THRESHOLDS", "FP32", (len(FINDING_LABELS),), description="decision thresholds (val split)"),
-        TensorSpec("HEATMAPS", "FP32", (len(FINDING_LABELS), 64, 64), optional=True, description="Grad-CAM in [0, 1]"),
-    ),
+    **tensors.diagnoser(channels=1, size=INPUT_SIZE, findings=len(FINDING_LABELS)),
     model_card=_shipped_card(),
     train=_train,
+    default=True,
 )

@@ -15,8 +15,8 @@ import torch
 
 from hygeia.api import ModelCard
 from hygeia.bundles import pick_device, save_bundle
-from hygeia.data import DEFAULT_DIFFICULTY, PhantomSet, load_npz, make_phantom_set, save_npz
-from hygeia.data import phantoms as _phantoms
+from hygeia_lab import DEFAULT_DIFFICULTY, PhantomSet, load_npz, make_phantom_set, save_npz
+from hygeia_lab import phantoms as _phantoms
 from hygeia.errors import InputError
 from hygeia.vocab import FINDING_LABELS
 
@@ -85,7 +85,7 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, **opt
     """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from hygeia.evaluation.diagnosers import evaluate
+    from hygeia_lab.evaluation.diagnosers import evaluate
 
     arch = {**DEFAULT_ARCH, **(options.pop("arch", None) or {})}
     unknown = set(options) - set(DEFAULTS)
@@ -167,7 +167,7 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, **opt
         "train_seconds": round(train_s, 1),
     }
     card = ModelCard(intended_use=CARD.intended_use,
-                     training_data=(f"{o['n_train']} synthetic 64x64 phantoms (hygeia.data, split 'train', difficulty "
+                     training_data=(f"{o['n_train']} synthetic 64x64 phantoms (hygeia_lab.phantoms, split 'train', difficulty "
                                     f"{o['difficulty']}), {epochs} epochs, seed {seed}; thresholds on {o['n_val']} "
                                     f"'val' phantoms; metrics on {o['n_test']} 'test' phantoms (seeds never used in training)."),
                      metrics=metrics, limitations=CARD.limitations, license=CARD.license)

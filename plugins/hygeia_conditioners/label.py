@@ -11,7 +11,8 @@ from typing import Any, Sequence
 
 import torch
 
-from hygeia.api import ModelCard, ModelIdentity, PluginSpec, TensorSpec
+from hygeia import tensors
+from hygeia.api import ModelCard, ModelIdentity, PluginSpec
 from hygeia.bundles import load_bundle, save_bundle
 from hygeia.errors import InputError
 from hygeia.validation import check_condition
@@ -74,8 +75,7 @@ SPEC = PluginSpec(
     version=VERSION,
     description="Finding label (hygeia.vocab, SNOMED CT coded) -> 32-d orthonormal embedding",
     factory=LabelConditioner,
-    inputs=(TensorSpec("CONDITION", "BYTES", (1,), description="finding label, UTF-8"),),
-    outputs=(TensorSpec("EMBEDDING", "FP32", (DIM,)),),
+    **tensors.conditioner(dim=DIM),
     model_card=CARD,
     train=train,
 )

@@ -13,7 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from hygeia.api import ModelCard, ModelIdentity, PluginSpec, TensorSpec
+from hygeia import tensors
+from hygeia.api import ModelCard, ModelIdentity, PluginSpec
 from hygeia.errors import InputError
 from hygeia.validation import check_condition
 
@@ -97,7 +98,6 @@ SPEC = PluginSpec(
     version=VERSION,
     description="Molecular property targets (logP, QED, SA, MW) -> standardised values + presence flags",
     factory=PropertyConditioner,
-    inputs=(TensorSpec("CONDITION", "BYTES", (1,), description='JSON property targets, e.g. {"logP": 2.5}'),),
-    outputs=(TensorSpec("EMBEDDING", "FP32", (DIM,)),),
+    **tensors.conditioner(dim=DIM),
     model_card=CARD,
 )

@@ -22,7 +22,8 @@ from typing import Any, Sequence
 
 import torch
 
-from hygeia.api import ModelCard, ModelIdentity, PluginSpec, TensorSpec
+from hygeia import tensors
+from hygeia.api import ModelCard, ModelIdentity, PluginSpec
 from hygeia.bundles import sha256_file
 from hygeia.errors import InputError
 from hygeia.text import encoder_path, load_encoder, sentence_vectors, tokenize
@@ -128,7 +129,6 @@ SPEC = PluginSpec(
     version=VERSION,
     description="Free text -> all-MiniLM-L6-v2 embeddings (pooled 384-d vector; token states for cross-attention)",
     factory=TextConditioner,
-    inputs=(TensorSpec("CONDITION", "BYTES", (1,), description="text, UTF-8; empty = unconditional"),),
-    outputs=(TensorSpec("EMBEDDING", "FP32", (DIM,), description="pooled, L2-normalised; zeros when unconditional"),),
+    **tensors.conditioner(dim=DIM),
     model_card=CARD,
 )

@@ -40,12 +40,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hygeia.api import GeneratedImage, ModelCard, ModelIdentity, PluginSpec, TensorSpec
+from hygeia import tensors
+from hygeia.api import GeneratedImage, ModelCard, ModelIdentity, PluginSpec
 from hygeia.bundles import CARD as CARD_FILE
 from hygeia.bundles import CONFIG as CONFIG_FILE
 from hygeia.bundles import WEIGHTS as WEIGHTS_FILE
 from hygeia.bundles import load_bundle, pick_device, sha256_file
-from hygeia.data import FOV_MM, class_conditional_set
+from hygeia.vocab import CHEST_FOV_MM as FOV_MM
+from hygeia_lab.phantoms import class_conditional_set
 from hygeia.errors import BundleError, InputError
 from hygeia.outputs import atomic_dir
 from hygeia.text import MIN_LABEL_SIMILARITY, label_condition
@@ -116,7 +118,7 @@ CARD = ModelCard(
         "pipelines and data augmentation research. Not for clinical use; every output is marked synthetic."
     ),
     training_data=(
-        "Hygeia phantoms (hygeia.data.make_phantom_set, split 'train', 64x64, default difficulty): "
+        "Hygeia phantoms (hygeia_lab.phantoms.make_phantom_set, split 'train', 64x64, default difficulty): "
         "an equal number per condition label (normal + 5 findings), one finding per image."
     ),
     metrics={},
@@ -549,7 +551,8 @@ def train(
 
 def _write_epoch_grid(unet: Any, sched_cfg: dict[str, Any], space: Space, path: Path, seed: int,
                       guidance: float = DEFAULT_GUIDANCE, negative: str = DEFAULT_NEGATIVE) -> None:
-    from hygeia.outputs import image_grid, write_png
+    from hygeia.outputs import write_png
+    from hygeia_lab.grids import image_grid
 
     device = next(unet.parameters()).device
     g = torch.Generator().manual_seed(seed)
@@ -574,18 +577,7 @@ SPEC = PluginSpec(
     description="Class-conditional diffusion (diffusers UNet2DModel, DDPM training, DDIM/DPM-Solver sampling, "
                 "classifier-free guidance); 64x64 DX",
     factory=DiffusionGenerator,
-    inputs=(
-        TensorSpec("N", "INT64", (1,), description="number of images (one generate() call)"),
-        TensorSpec("SEED", "INT64", (1,), description="random seed: same seed, same images"),
-        TensorSpec("CONDITION", "BYTES", (1,), optional=True, description="finding label (normal, nodule, ...), free text mapped to a label, or empty"),
-        TensorSpec("OPTIONS", "BYTES", (1,), optional=True,
-                   description='JSON options, e.g. {"steps": 50, "guidance_scale": 2.0, "sampler": "ddim"}'),
-    ),
-    outputs=(
-        TensorSpec("IMAGES", "FP32", (-1, 1, SIZE, SIZE), description="synthetic images in [0, 1]"),
-        TensorSpec("META", "BYTES", (-1,), description="JSON per image: seed, condition, spacing, provenance"),
-        TensorSpec("PROGRESS", "INT64", (2,), description="(done, total) denoising steps"),
-    ),
+    **tensors.generator("image"),
     model_card=CARD,
     train=train,
 )

@@ -9,7 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from hygeia import hookimpl
-from hygeia.api import PluginSpec, TensorSpec
+from hygeia import tensors
+from hygeia.api import PluginSpec
+from hygeia.vocab import FINDING_LABELS
 
 NAME, VERSION = "fusion", "1.0.0"
 
@@ -70,16 +72,7 @@ SPEC = PluginSpec(
     description=("Vision (MONAI ResNet) + language (frozen all-MiniLM-L6-v2) co-attention fusion: 5 chest findings "
                  f"from a {SIZE}x{SIZE} image and an optional clinical history line, with heat maps and regions"),
     factory=_factory,
-    inputs=(
-        TensorSpec("IMAGES", "FP32", (1, SIZE, SIZE), description="grayscale image in [0, 1] (RGB is converted to luminance)"),
-        TensorSpec("TEXTS", "BYTES", (1,), optional=True, description="clinical history/indication, UTF-8; "
-                   "absent or empty: image-only"),
-    ),
-    outputs=(
-        TensorSpec("PROBS", "FP32", (5,), description="probability per finding, hygeia.vocab order"),
-        TensorSpec("THRESHOLDS", "FP32", (5,), description="decision threshold per finding"),
-        TensorSpec("HEATMAPS", "FP32", (5, SIZE, SIZE), description="per-finding heat map in [0, 1]"),
-    ),
+    **tensors.diagnoser(channels=1, size=(SIZE, SIZE), findings=len(FINDING_LABELS)),
     model_card=_card(),
     train=_train,
 )

@@ -116,7 +116,7 @@ class FusionDiagnoser:
 
     Options: ``bundle`` (other weights than the shipped ones), ``device`` (default: CUDA if
     available), ``resize`` (False: images of another size than ``input_size`` are rejected; True: they are
-    resized with :func:`hygeia.data.prepare_image`, MONAI area/bilinear ``Resize``), ``regions``
+    resized with :func:`hygeia.data.io.prepare_image`, MONAI area/bilinear ``Resize``), ``regions``
     (``auto``: nodule -> point, others -> polygon; ``point``; ``polygon``; ``none``),
     ``use_text`` (False: always image-only, texts are ignored).
     """
@@ -173,7 +173,7 @@ class FusionDiagnoser:
         a = check_images(images, size=None, channels=1, name="images")
         if tuple(a.shape[2:]) == self.input_size:
             return a
-        from hygeia.data import prepare_image
+        from hygeia.data.io import prepare_image
 
         return np.stack([prepare_image(im[0], size=self.input_size) for im in a]).astype(np.float32)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from hygeia.api import ModelCard
 from hygeia.bundles import pick_device, save_bundle
-from hygeia.data import PhantomSet, load_npz, make_phantom_set, save_npz
+from hygeia_lab import PhantomSet, load_npz, make_phantom_set, save_npz
 from hygeia.errors import InputError
 from hygeia.vocab import FINDING_LABELS
 
@@ -47,7 +47,7 @@ def card(metrics: dict[str, Any] | None = None, n_train: int = DEFAULTS["n_train
                       f"effusion, cardiomegaly, pneumothorax) on {size}x{size} chest-radiograph-like images, optionally "
                       "helped by the clinical history/indication line, with per-finding heat maps and regions. "
                       "Not for clinical use."),
-        training_data=(f"{n_train} synthetic phantoms (hygeia.data.make_phantom_set, split 'train', default "
+        training_data=(f"{n_train} synthetic phantoms (hygeia_lab.phantoms.make_phantom_set, split 'train', default "
                        "difficulty) with their generated clinical indication text; thresholds and model "
                        "selection on 1000 'val' phantoms. No patient data."),
         metrics=dict(metrics or {}),

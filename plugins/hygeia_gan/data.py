@@ -4,7 +4,7 @@ For every condition of :data:`hygeia.vocab.CONDITION_LABELS` ('normal' and the f
 ``n_per_condition`` phantoms of the ``train`` split are drawn with that finding forced on and the
 others off; condition ``k`` uses image indices ``k*n .. (k+1)*n - 1`` so no patient repeats. The
 set depends only on ``n_per_condition`` (and the phantom generator's version), never on the
-training seed; it can be cached as an .npz (written atomically by :func:`hygeia.data.save_npz`).
+training seed; it can be cached as an .npz (written atomically by :func:`hygeia_lab.phantoms.save_npz`).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from hygeia.data import PhantomSet, load_npz, make_phantom_set, save_npz
+from hygeia_lab import PhantomSet, load_npz, make_phantom_set, save_npz
 from hygeia.vocab import CONDITION_LABELS
 
 

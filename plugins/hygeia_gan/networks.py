@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hygeia.adversarial import ProjectionDiscriminator, embed
+from hygeia_lab.adversarial import ProjectionDiscriminator, embed
 from hygeia.errors import InputError
 
 

@@ -13,9 +13,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from hygeia.api import GeneratedImage, ModelCard, ModelIdentity, PluginSpec, TensorSpec
+from hygeia import tensors
+from hygeia.api import GeneratedImage, ModelCard, ModelIdentity, PluginSpec
 from hygeia.bundles import load_bundle, pick_device, save_bundle
-from hygeia.data import FOV_MM
+from hygeia.vocab import CHEST_FOV_MM as FOV_MM
 from hygeia.errors import InputError
 from hygeia.validation import check_condition, check_guidance_scale, check_n, check_seed, condition_kind
 from hygeia.vocab import CONDITION_LABELS, finding
@@ -37,7 +38,7 @@ them samples unguided (scale 1). Shipped bundle, ``hygeia evaluate generator gan
 CARD = ModelCard(
     intended_use="Research and software testing: synthetic 64x64 chest-radiograph phantoms with a "
                  "requested finding (label or free text). Not for clinical use; never real patients.",
-    training_data="Hygeia phantoms (hygeia.data.make_phantom_set, split 'train', default difficulty), "
+    training_data="Hygeia phantoms (hygeia_lab.phantoms.make_phantom_set, split 'train', default difficulty), "
                   "an equal number per condition: normal and each of the five findings alone.",
     metrics={},
     limitations="64x64 grayscale only. Learned one finding at a time (no co-occurring findings). "
@@ -267,19 +268,7 @@ SPEC = PluginSpec(
     description="Conditional GAN (projection discriminator, spectral norm, hinge loss): 64x64 chest "
                 "phantoms from a finding label or a text prompt, via the label and text conditioners",
     factory=GanGenerator,
-    inputs=(
-        TensorSpec("N", "INT64", (1,), description="number of images (one generate() call)"),
-        TensorSpec("SEED", "INT64", (1,), description="random seed: same seed, same images"),
-        TensorSpec("CONDITION", "BYTES", (1,), optional=True,
-                   description="finding label (normal, nodule, ...) or free text; empty = unconditional"),
-        TensorSpec("OPTIONS", "BYTES", (1,), optional=True,
-                   description='JSON options, e.g. {"truncation": 1.5, "guidance_scale": 2}'),
-    ),
-    outputs=(
-        TensorSpec("IMAGE", "FP32", (1, SIZE, SIZE), description="each synthetic image, in [0, 1]"),
-        TensorSpec("META", "BYTES", (-1,), description="JSON per image: seed, condition, spacing, provenance"),
-        TensorSpec("PROGRESS", "INT64", (2,), description="(done, total) images"),
-    ),
+    **tensors.generator("image"),
     model_card=CARD,
     train=_train,
 )

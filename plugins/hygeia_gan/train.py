@@ -3,7 +3,7 @@
 Hinge loss, one discriminator step per generator step, Adam (2e-4, betas 0.5/0.999), an
 exponential moving average of the generator's weights (shipped instead of the raw weights).
 By default the generator also minimises the auxiliary-classifier term of AC-GAN against a small
-finding classifier trained first on the same phantoms and then frozen (:mod:`hygeia.adversarial`).
+finding classifier trained first on the same phantoms and then frozen (:mod:`hygeia_lab.adversarial`).
 Each training image is conditioned through one conditioner picked at random (``label`` with the
 finding label, ``text`` with one of :data:`hygeia_gan.plugin.PHRASES`' prompts), or through none
 with probability ``p_null`` (so unconditional sampling works). Everything random is drawn from
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from hygeia.adversarial import aux_loss, train_finding_classifier
+from hygeia_lab.adversarial import aux_loss, train_finding_classifier
 from hygeia.bundles import pick_device, save_bundle
 from hygeia.errors import InputError
 from hygeia.validation import check_guidance_scale
@@ -104,7 +104,7 @@ def train(
     discriminator and the optimisers start fresh (a second stage; the bundle records it).
     ``aux_weight``: weight of the auxiliary-classifier term (AC-GAN): a finding classifier is
     first trained on the training images (``classifier_steps`` steps, then frozen; see
-    :mod:`hygeia.adversarial`), and the generator is pushed to make images it classifies as the
+    :mod:`hygeia_lab.adversarial`), and the generator is pushed to make images it classifies as the
     requested condition (0 = plain projection GAN). ``mode_seeking``: weight of the
     mode-seeking term (MSGAN, Mao et al. 2019; 0 = off), which keeps two noises with the same
     condition from giving the same image. ``upsampling``: ``transposed`` or ``resize``
@@ -261,7 +261,7 @@ def train(
             if checkpoint is not None:
                 _save_checkpoint(checkpoint, config, nets, opt_g, opt_d, rng, gen)
             if samples is not None:
-                from hygeia.evaluation.generators import write_grid
+                from hygeia_lab.evaluation.generators import write_grid
 
                 with torch.no_grad():
                     grid = G_ema(grid_z.to(dev), {k: v.to(dev) for k, v in grid_conds.items()}).cpu().numpy()

@@ -38,9 +38,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from hygeia.api import GeneratedImage, ModelCard, ModelIdentity, PluginSpec, TensorSpec
+from hygeia import tensors
+from hygeia.api import GeneratedImage, ModelCard, ModelIdentity, PluginSpec
 from hygeia.bundles import load_bundle, pick_device, save_bundle
-from hygeia.data import FOV_MM, class_conditional_set
+from hygeia.vocab import CHEST_FOV_MM as FOV_MM
+from hygeia_lab.phantoms import class_conditional_set
 from hygeia.errors import InputError
 from hygeia.text import label_condition
 from hygeia.validation import check_guidance_scale, check_n, check_seed
@@ -91,7 +93,7 @@ CARD = ModelCard(
         "Not for clinical use; every output is marked synthetic."
     ),
     training_data=(
-        "Hygeia phantoms (hygeia.data.make_phantom_set, split 'train', 64x64, default difficulty): "
+        "Hygeia phantoms (hygeia_lab.phantoms.make_phantom_set, split 'train', 64x64, default difficulty): "
         "an equal number per condition label (normal + 5 findings), one finding per image."
     ),
     metrics={},
@@ -517,7 +519,7 @@ def train(
                                           + [flat.mean(0)])}
         priors.update({f"flow.{k}": v.detach().cpu() for k, v in flow.state_dict().items()})
         prior_config["flow"] = {**flow.config, "epochs": prior_epochs, "noise": float(prior_noise)}
-    from hygeia.data import make_phantom_set
+    from hygeia_lab import make_phantom_set
 
     val = torch.from_numpy(make_phantom_set(n_val, split="val", size=SIZE).images)
     with torch.no_grad():
@@ -562,7 +564,8 @@ def _fit_priors(flat: torch.Tensor, conds: torch.Tensor, rank: int, kind: str = 
 
 def _write_epoch_grid(ae: Any, x_all: torch.Tensor, conds: np.ndarray, path: Path, rank: int, seed: int) -> None:
     """Samples from priors fitted on 128 images per label: one row of 8 per condition label."""
-    from hygeia.outputs import image_grid, write_png
+    from hygeia.outputs import write_png
+    from hygeia_lab.grids import image_grid
 
     device = next(ae.parameters()).device
     idx = np.concatenate([np.flatnonzero(conds == k)[:128] for k in range(len(CONDITION_LABELS))])
@@ -584,17 +587,7 @@ SPEC = PluginSpec(
     description="Image VAE (diffusers AutoencoderKL, 4x16x16 latent) with a label-conditional latent prior "
                 "(a Gaussian mixture per label, guided through a conditional flow); 64x64 DX",
     factory=ImageVAE,
-    inputs=(
-        TensorSpec("N", "INT64", (1,), description="number of images (one generate() call)"),
-        TensorSpec("SEED", "INT64", (1,), description="random seed: same seed, same images"),
-        TensorSpec("CONDITION", "BYTES", (1,), optional=True, description="finding label (normal, nodule, ...), free text mapped to a label, or empty"),
-        TensorSpec("OPTIONS", "BYTES", (1,), optional=True, description='JSON options, e.g. {"temperature": 0.8}'),
-    ),
-    outputs=(
-        TensorSpec("IMAGES", "FP32", (-1, 1, SIZE, SIZE), description="synthetic images in [0, 1]"),
-        TensorSpec("META", "BYTES", (-1,), description="JSON per image: seed, condition, spacing, provenance"),
-        TensorSpec("PROGRESS", "INT64", (2,), description="(done, total) batches decoded"),
-    ),
+    **tensors.generator("image"),
     model_card=CARD,
     train=train,
 )

@@ -33,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from hygeia.api import GeneratedMolecule, ModelCard, ModelIdentity, PluginSpec, TensorSpec
+from hygeia import tensors
+from hygeia.api import GeneratedMolecule, ModelCard, ModelIdentity, PluginSpec
 from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.errors import BundleError, InputError
 from hygeia.validation import check_condition, check_n, check_seed
@@ -213,7 +214,7 @@ class MoleculeVAEGenerator:
                 progress(len(smiles), n)
         from rdkit import Chem
 
-        from hygeia.evaluation.molecules import molecular_properties, quiet_rdkit
+        from hygeia_lab.evaluation.molecules import molecular_properties, quiet_rdkit
 
         quiet_rdkit()
         out = []
@@ -228,7 +229,7 @@ class MoleculeVAEGenerator:
 def load_training_smiles(data: str | Path | None) -> list[str]:
     """The MOSES training SMILES (default), or a .smi/.csv file of your own."""
     if data is None or str(data) == "moses":
-        from hygeia.evaluation._moses_compat import import_moses
+        from hygeia_lab.evaluation._moses_compat import import_moses
 
         return list(import_moses().get_dataset("train"))
     path = Path(data)
@@ -242,7 +243,7 @@ def load_training_smiles(data: str | Path | None) -> list[str]:
         if col is None:
             raise InputError(str(path), "a CSV with a SMILES column", got=", ".join(df.columns))
         return [str(s) for s in df[col]]
-    from hygeia.evaluation.molecules import read_smiles
+    from hygeia_lab.evaluation.molecules import read_smiles
 
     return read_smiles(path)
 
@@ -258,7 +259,7 @@ def prepare(smiles: Sequence[str], max_len: int, progress: bool = True) -> Prepa
     """Keep SMILES RDKit parses and the tokenizer covers within ``max_len``; count the rest."""
     from rdkit import Chem
 
-    from hygeia.evaluation.molecules import quiet_rdkit
+    from hygeia_lab.evaluation.molecules import quiet_rdkit
 
     quiet_rdkit()
     keep, toks = [], []
@@ -301,7 +302,7 @@ class _Batches(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from rdkit import Chem
 
-        from hygeia.evaluation.molecules import molecular_properties
+        from hygeia_lab.evaluation.molecules import molecular_properties
 
         idx = self.order[i * self.batch_size:(i + 1) * self.batch_size]
         seqs = [[self.index[BOS]] + [self.index.get(t, self.index[UNK]) for t in self.prep.tokens[j]]
@@ -564,12 +565,7 @@ SPEC = PluginSpec(
     version=VERSION,
     description="Conditional SMILES VAE (GRU, free-bits KL) trained on MOSES; logP/QED/SA/MW targets",
     factory=MoleculeVAEGenerator,
-    inputs=(TensorSpec("N", "INT64", (1,), description="how many molecules"),
-            TensorSpec("SEED", "INT64", (1,), optional=True),
-            TensorSpec("CONDITION", "BYTES", (1,), optional=True,
-                       description='JSON property targets, e.g. {"logP": 2.5, "QED": 0.8}')),
-    outputs=(TensorSpec("SMILES", "BYTES", (-1,), description="one SMILES per molecule"),
-             TensorSpec("VALID", "BOOL", (-1,), description="RDKit parses it")),
+    **tensors.generator("molecule"),
     model_card=_shipped_card(),
     train=train,
 )

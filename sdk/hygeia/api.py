@@ -71,6 +71,9 @@ class PluginSpec:
     train: Callable[..., Any] | None = None
     """Optional ``train(out=PATH, seed=0, progress=True, **options) -> PATH``: trains the model
     reproducibly and writes a bundle (what ``hygeia train NAME`` runs)."""
+    default: bool = False
+    """Offer this plugin as its kind's default when the user names none (see
+    :meth:`hygeia.plugins.PluginRegistry.default_name`)."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -89,6 +92,7 @@ class PluginSpec:
             "inputs": [asdict(t) for t in self.inputs],
             "outputs": [asdict(t) for t in self.outputs],
             "model_card": self.model_card.to_dict(),
+            "default": self.default,
         }
 
 
@@ -107,6 +111,8 @@ class OutputFormat:
     description: str
     write: Callable[..., list[Any]]
     package: str = ""
+    suffixes: tuple[str, ...] = ()
+    """File suffixes (``".png"``) that select this format when the output is one file."""
 
 
 # --------------------------------------------------------------------------- results

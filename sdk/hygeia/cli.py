@@ -23,8 +23,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-evaluate_app = typer.Typer(help="Evaluate a plugin on held-out data.", no_args_is_help=True)
-app.add_typer(evaluate_app, name="evaluate")
 console = Console()
 err = Console(stderr=True)
 
@@ -32,7 +30,7 @@ err = Console(stderr=True)
 _COMMAND_MODULES = ("hygeia.serving.cli",)
 
 
-def _parse_options(options: list[str] | None) -> dict[str, Any]:
+def parse_options(options: list[str] | None) -> dict[str, Any]:
     """``--option key=value`` pairs; values are parsed as JSON when possible (numbers, bools)."""
     out: dict[str, Any] = {}
     for item in options or []:
@@ -81,12 +79,12 @@ def generate(
     condition: Optional[str] = typer.Option(None, "--condition", "-c",
                                             help="A finding label, free text, or JSON properties."),
     out: Path = typer.Option(Path("samples.png"), "--out", "-o",
-                             help="PNG grid for images; .smi or .sdf for molecules."),
+                             help="Images: a file an output format takes (.png: a grid); molecules: .smi or .sdf."),
     dicom: Optional[Path] = typer.Option(None, "--dicom", help="Also write DICOM Secondary Captures here."),
     server: Optional[str] = typer.Option(None, "--server", help="Generate on a Triton server HOST:PORT."),
     option: Optional[list[str]] = typer.Option(None, "--option", help="Plugin option KEY=VALUE (repeatable)."),
 ) -> None:
-    """Generate synthetic images (PNG grid) or molecules (.smi/.sdf)."""
+    """Generate synthetic images (a PNG grid, or any output format by suffix) or molecules (.smi/.sdf)."""
     cond: Any = condition
     if condition and condition.lstrip().startswith("{"):
         try:
@@ -94,7 +92,7 @@ def generate(
         except ValueError as exc:
             raise InputError("--condition", "valid JSON for property targets", got=str(exc)) from None
     gen = _plugin("generator", plugin, server)
-    opts = _parse_options(option)
+    opts = parse_options(option)
     with _progress() as prog:
         task = prog.add_task(f"generating with {plugin}", total=n)
         if _accepts_progress(gen.generate):
@@ -102,24 +100,17 @@ def generate(
         results = gen.generate(n, condition=cond, seed=seed, **opts)
     if gen.output == "molecule":
         smiles = [m.smiles for m in results]
-        if out.suffix.lower() == ".sdf":
-            from .evaluation.molecules import write_molecules
+        from .chem import write_molecules
 
-            write_molecules(smiles, out)
-        else:
-            from .outputs import write_text
-
-            write_text(out, "\n".join(smiles) + "\n")
+        write_molecules(smiles, out)
         valid = sum(m.valid for m in results)
         console.print(f"wrote {len(results)} molecules ({valid} valid) to {out}")
         return
-    from .outputs import write_image_grid
+    from .plugins import get_registry
 
-    write_image_grid(out, results)
+    get_registry().output_format_for(out, "images").write(results, out)
     console.print(f"wrote {len(results)} synthetic images to {out}")
     if dicom is not None:
-        from .plugins import get_registry
-
         paths = get_registry().output_format("dicom-sc").write(results, dicom, sources=None)
         console.print(f"wrote {len(paths)} DICOM Secondary Captures (synthetic) to {dicom}")
 
@@ -129,7 +120,8 @@ def generate(
 def diagnose(
     inputs: list[Path] = typer.Argument(..., help="DICOM (.dcm), PNG or .npy/.npz images.", exists=True,
                                         dir_okay=False),
-    plugin: str = typer.Option("cnn", "--plugin", "-p", help="Diagnoser plugin name."),
+    plugin: Optional[str] = typer.Option(None, "--plugin", "-p",
+                                         help="Diagnoser plugin name (default: $HYGEIA_DIAGNOSER or the installed default)."),
     text: Optional[list[str]] = typer.Option(None, "--text", "-t",
                                              help="Clinical history/indication (one, or one per image)."),
     json_out: bool = typer.Option(False, "--json", help="Print findings as JSON."),
@@ -142,6 +134,10 @@ def diagnose(
 
     from .data.io import load_image, prepare_image
 
+    if plugin is None:
+        from .plugins import get_registry
+
+        plugin = get_registry().default_name("diagnoser")
     diag = _plugin("diagnoser", plugin, server)
     loaded = [load_image(p) for p in inputs]
     batch = np.stack([prepare_image(li.pixels, size=diag.input_size) for li in loaded])
@@ -205,7 +201,7 @@ def train(
     spec = get_registry().find(plugin)
     if spec.train is None:
         raise InputError("plugin", f"a plugin with a trainer ({spec.kind} {plugin!r} has none)")
-    opts = _parse_options(option)
+    opts = parse_options(option)
     if out is not None:
         opts["out"] = out
     if epochs is not None:
@@ -216,63 +212,17 @@ def train(
     console.print(f"trained {spec.kind} {plugin!r}; bundle at {path}")
 
 
-# --------------------------------------------------------------------------- evaluate
-@evaluate_app.command("diagnoser")
-def evaluate_diagnoser(
-    name: str = typer.Argument(..., help="Diagnoser plugin name."),
-    n: int = typer.Option(2000, "-n", help="Held-out phantoms."),
-    json_out: bool = typer.Option(False, "--json"),
-    roc: Optional[Path] = typer.Option(None, "--roc", help="Write ROC curves as PNG."),
-    size: Optional[int] = typer.Option(None, "--size", help="Phantom size in pixels (default: the diagnoser's input size)."),
-) -> None:
-    """Per-finding AUROC, sensitivity/specificity, ECE and localisation on held-out phantoms."""
-    from .evaluation.diagnosers import main as run
-
-    run(name, n=n, json_out=json_out, roc=roc, size=size)
+_loaded = False
 
 
-@evaluate_app.command("generator")
-def evaluate_generator(
-    name: str = typer.Argument(..., help="Image generator plugin name."),
-    n: int = typer.Option(200, "-n", help="Samples per condition."),
-    json_out: bool = typer.Option(False, "--json"),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of samples per condition."),
-    condition_kind: Optional[str] = typer.Option(
-        None, "--condition-kind", help="label, text (the TEXT_PROMPTS) or none (default: label when taken)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the samples and of the real phantoms' subsets."),
-    option: Optional[list[str]] = typer.Option(
-        None, "--option", help="Generate option KEY=VALUE for every sample (repeatable), e.g. guidance_scale=1."),
-) -> None:
-    """Conditional accuracy (judged by the cnn), Frechet distance, KID and MS-SSIM diversity."""
-    from .evaluation.generators import main as run
-
-    run(name, n=n, json_out=json_out, grid=grid, condition_kind=condition_kind, seed=seed,
-        options=_parse_options(option))
-
-
-@evaluate_app.command("molecules")
-def evaluate_molecules(
-    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="A .smi file, one SMILES per line."),
-    json_out: bool = typer.Option(False, "--json"),
-) -> None:
-    """The MOSES metric table for a SMILES file, next to the published baselines."""
-    from .evaluation.molecules import main as run
-
-    run(path, json_out=json_out)
-
-
-# --------------------------------------------------------------------------- demo
-@app.command()
-def demo(
-    out: Path = typer.Option(Path("out/demo"), "--out", "-o", help="Output folder."),
-    seed: int = typer.Option(0, "--seed"),
-    server: Optional[str] = typer.Option(None, "--server", help="Diagnose through this Triton server."),
-    local: bool = typer.Option(False, "--local", help="Diagnose in-process instead of through Triton."),
-) -> None:
-    """The main job: a phantom study -> diagnosis -> findings JSON, PNG (and SR, SC where installed)."""
-    from .demo import run_demo
-
-    run_demo(out, seed=seed, server=server, local=local, console=console)
+def get_app() -> typer.Typer:
+    """The ``hygeia`` app with every command: the core's, serving's and those plugins add
+    through ``hygeia_cli_commands`` (the lab's ``evaluate`` and ``demo``, the gateway's ...)."""
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        _load_command_plugins()
+    return app
 
 
 def _load_command_plugins() -> None:
@@ -294,8 +244,7 @@ def main(argv: list[str] | None = None) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        _load_command_plugins()
-        app(args=argv, standalone_mode=True)
+        get_app()(args=argv, standalone_mode=True)
     except HygeiaError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)

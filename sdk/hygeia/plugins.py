@@ -22,7 +22,7 @@ import pluggy
 
 from . import hookspecs
 from .api import KINDS, Kind, OutputFormat, PluginSpec
-from .errors import PluginConflictError, PluginNotFoundError
+from .errors import InputError, PluginConflictError, PluginNotFoundError
 
 log = logging.getLogger(__name__)
 hookimpl = pluggy.HookimplMarker(hookspecs.PROJECT)
@@ -158,6 +158,37 @@ class PluginRegistry:
             raise PluginNotFoundError("output format", name, list(formats))
         return formats[name]
 
+    def output_format_for(self, path: Any, accepts: str) -> OutputFormat:
+        """The output format that writes ``accepts`` results to a file with ``path``'s suffix."""
+        suffix = os.path.splitext(str(path))[1].lower()
+        found = [f for f in self.output_formats().values() if f.accepts == accepts and suffix in f.suffixes]
+        if len(found) != 1:
+            known = sorted({x for f in self.output_formats().values() if f.accepts == accepts for x in f.suffixes})
+            raise InputError("out", f"a file ending in one of {', '.join(known) or 'none'}", got=str(path))
+        return found[0]
+
+    def default_name(self, kind: Kind) -> str:
+        """The plugin of ``kind`` to use when the user names none.
+
+        In order: the environment variable ``HYGEIA_<KIND>`` (``HYGEIA_DIAGNOSER=cnn``); the one
+        installed plugin whose spec says ``default=True``; the only installed plugin of that kind.
+        Anything else is an error that says how to choose.
+        """
+        env = f"HYGEIA_{kind.upper()}"
+        chosen = os.environ.get(env, "").strip()
+        if chosen:
+            self.get(kind, chosen)
+            return chosen
+        flagged = [s.name for s in self.all(kind) if s.default]
+        if len(flagged) == 1:
+            return flagged[0]
+        names = self.names(kind)
+        if not flagged and len(names) == 1:
+            return names[0]
+        among = ", ".join(flagged or names) or "none installed"
+        raise InputError(f"{kind} plugin", f"a name (set {env} or pass the plugin name; installed: {among})",
+                         got="no name and no single default")
+
     def create(self, kind: Kind, name: str, **options: Any) -> Any:
         """Build the plugin object: ``get(kind, name).factory(**options)``."""
         return self.get(kind, name).factory(**options)
@@ -198,7 +229,3 @@ def reset_registry() -> None:
 def create(kind: Kind, name: str, **options: Any) -> Any:
     """Shortcut: ``get_registry().create(kind, name, **options)``."""
     return get_registry().create(kind, name, **options)
-
-
-def iter_specs(kind: Kind | None = None) -> Iterable[PluginSpec]:
-    return get_registry().all(kind)

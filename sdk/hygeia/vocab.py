@@ -65,3 +65,7 @@ def finding_index(label: str) -> int:
     if f is NORMAL:
         raise InputError("finding label", f"one of {', '.join(FINDING_LABELS)}", got="'normal'")
     return FINDINGS.index(f)
+
+CHEST_FOV_MM = 350.0
+"""Field of view (mm) of the chest radiographs the built-in image models read and write: an
+image of S pixels a side has a pixel spacing of ``CHEST_FOV_MM / S`` mm."""

@@ -28,8 +28,8 @@ GATEWAY_AET, SCU_AET = "HYGEIA", "STORESCU"
 
 
 def phantom_study(folder: Path, seed: int, n: int) -> list[Path]:
-    """A real phantom study (hygeia.data.write_phantom_study): n DX instances, one series."""
-    from hygeia.data import write_phantom_study
+    """A real phantom study (hygeia_lab.write_phantom_study): n DX instances, one series."""
+    from hygeia_lab import write_phantom_study
 
     return [Path(p) for p in write_phantom_study(folder, n=n, seed=seed)]
 
@@ -240,7 +240,7 @@ def test_remote_diagnoser_on_triton_down_then_up(orthanc, triton_repo, require_m
     from pydicom.sr.codedict import codes
 
     import hygeia
-    from hygeia.data import load_image, prepare_image
+    from hygeia.data.io import load_image, prepare_image
     from hygeia.serving.server import TritonServer
     from hygeia_pacs import Gateway, GatewayConfig
 

@@ -19,10 +19,12 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
-from ..api import PluginSpec
+from .. import tensors
+from ..api import PluginSpec, TensorSpec
 from ..errors import InputError
 from ..outputs import atomic_dir
 from ..plugins import ENTRY_POINT_GROUP, PluginRegistry, _as_list, get_registry
+from ..vocab import finding
 from . import wire
 
 log = logging.getLogger(__name__)
@@ -55,22 +57,14 @@ _TYPE = {"FP32": "TYPE_FP32", "INT64": "TYPE_INT64", "BYTES": "TYPE_STRING", "BO
          "INT32": "TYPE_INT32", "FP16": "TYPE_FP16", "UINT8": "TYPE_UINT8"}
 
 
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    dtype: str  # Triton name: FP32, INT64, BYTES, BOOL
-    dims: tuple[int, ...]
-    optional: bool = False
-
-
 @dataclass
 class ModelPlan:
     """Everything that goes into one model's config.pbtxt."""
 
     model: str
     spec: PluginSpec
-    inputs: list[Tensor]
-    outputs: list[Tensor]
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
     params: dict[str, str]
     max_batch_size: int
     decoupled: bool = False
@@ -103,57 +97,50 @@ def _entry_point_of(registry: PluginRegistry, spec: PluginSpec) -> str:
     return ""
 
 
-def _first(tensors: Iterable[Any], dtype: str) -> Any:
-    return next((t for t in tensors if t.dtype == dtype), None)
-
-
-def plan_model(spec: PluginSpec, instance: Any, entry_point: str = "", device: Device = "cpu",
-               max_batch_size: int | None = None) -> ModelPlan:
-    """The wire-level description of one plugin (see :mod:`hygeia.serving.wire`)."""
-    ident = instance.identity
+def _served_by_instance(spec: PluginSpec, instance: Any) -> tuple[dict[str, Any], tensors.Tensors]:
+    """What the instance serves (info for the config) and the tensors of :mod:`hygeia.tensors` for it."""
     info: dict[str, Any] = {"condition_kinds": sorted(getattr(instance, "condition_kinds", []) or [])}
-    kind = spec.kind
-    if kind == "diagnoser":
+    if spec.kind == "diagnoser":
         h, w = (int(x) for x in instance.input_size)
-        img = next((t for t in spec.inputs if t.dtype == "FP32" and len(t.dims) == 3), None)
-        c = int(img.dims[0]) if img is not None and img.dims[0] > 0 else 1
+        img = next((t for t in spec.inputs if t.name == tensors.IMAGES), None)
+        c = int(img.dims[0]) if img is not None and img.dims and img.dims[0] > 0 else 1
         labels = list(instance.findings)
         codes: dict[str, dict[str, str]] = {}
         for lab in labels:
             try:
-                from ..vocab import finding
                 code = finding(lab).code
-                codes[lab] = {"value": code.value, "scheme": code.scheme, "meaning": code.meaning}
-            except Exception:
-                pass
+            except InputError:  # a finding outside the built-in vocabulary: the plugin codes it
+                continue
+            codes[lab] = {"value": code.value, "scheme": code.scheme, "meaning": code.meaning}
         info.update(findings=labels, input_size=[h, w], channels=c, codes=codes)
-        f = len(labels)
-        inputs = [Tensor(wire.IMAGES, "FP32", (c, h, w)), Tensor(wire.TEXTS, "BYTES", (1,), optional=True)]
-        outputs = [Tensor(wire.PROBS, "FP32", (f,)), Tensor(wire.THRESHOLDS, "FP32", (f,)),
-                   Tensor(wire.HEATMAPS, "FP32", (f, -1, -1)), Tensor(wire.REGIONS, "BYTES", (f,))]
-        decoupled = False
-    elif kind == "conditioner":
-        dim = int(instance.dim)
-        info.update(dim=dim)
-        inputs = [Tensor(wire.CONDITION, "BYTES", (1,))]
-        outputs = [Tensor(wire.EMBEDDING, "FP32", (dim,))]
-        decoupled = False
-    else:
-        output = getattr(instance, "output", "image")
-        info.update(output=output)
-        inputs = [Tensor(wire.N, "INT64", (1,)), Tensor(wire.SEED, "INT64", (1,)),
-                  Tensor(wire.CONDITION, "BYTES", (1,), optional=True),
-                  Tensor(wire.OPTIONS, "BYTES", (1,), optional=True)]
-        outputs = [Tensor(wire.PROGRESS, "INT64", (2,)), Tensor(wire.META, "BYTES", (-1,))]
-        if output == "molecule":
-            outputs += [Tensor(wire.SMILES, "BYTES", (-1,)), Tensor(wire.VALID, "BOOL", (-1,))]
-        else:
-            # [n, C, H, W]: every size variable, since options (e.g. size=128) may change it
-            outputs += [Tensor(wire.IMAGES, "FP32", (-1, -1, -1, -1))]
-        decoupled = True
+        return info, tensors.diagnoser(channels=c, size=(h, w), findings=len(labels))
+    if spec.kind == "conditioner":
+        info.update(dim=int(instance.dim))
+        return info, tensors.conditioner(dim=int(instance.dim))
+    output = getattr(instance, "output", "image")
+    info.update(output=output)
+    return info, tensors.generator(output)
+
+
+def _check_declared(spec: PluginSpec, served: tensors.Tensors) -> None:
+    """The spec's tensors must be the ones its instance serves (names, dtypes, dims, optional)."""
+    for direction in ("inputs", "outputs"):
+        declared = [(t.name, t.dtype, tuple(t.dims), t.optional) for t in getattr(spec, direction)]
+        actual = [(t.name, t.dtype, tuple(t.dims), t.optional) for t in served[direction]]
+        if declared != actual:
+            raise InputError(f"{spec.kind} plugin {spec.name!r} spec {direction}",
+                             f"the tensors its instance serves (hygeia.tensors): {actual}", got=declared)
+
+
+def plan_model(spec: PluginSpec, instance: Any, entry_point: str = "", device: Device = "cpu",
+               max_batch_size: int | None = None) -> ModelPlan:
+    """The config of one plugin: its spec's tensors (checked against the instance) and parameters."""
+    ident = instance.identity
+    info, served = _served_by_instance(spec, instance)
+    _check_declared(spec, served)
     params = {
         MARKER: "1",
-        "hygeia_kind": kind,
+        "hygeia_kind": spec.kind,
         "hygeia_name": spec.name,
         "hygeia_version": ident.version,
         "hygeia_identity_name": ident.name,
@@ -163,8 +150,9 @@ def plan_model(spec: PluginSpec, instance: Any, entry_point: str = "", device: D
         "hygeia_device": device,
         "hygeia_info": json.dumps(info, sort_keys=True, separators=(",", ":")),
     }
-    return ModelPlan(wire.model_name(kind, spec.name), spec, inputs, outputs, params,
-                     max_batch_size or _declared_max_batch(instance, spec.name) or MAX_BATCH[kind], decoupled)
+    return ModelPlan(wire.model_name(spec.kind, spec.name), spec, list(spec.inputs), list(spec.outputs), params,
+                     max_batch_size or _declared_max_batch(instance, spec.name) or MAX_BATCH[spec.kind],
+                     decoupled=spec.kind == "generator")
 
 
 def _declared_max_batch(instance: Any, name: str) -> int | None:
@@ -186,7 +174,7 @@ def render_config(plan: ModelPlan, device: Device = "cpu", instances: int | None
     """config.pbtxt text for ``plan`` on a CPU or GPU host (``instances`` None: :func:`default_instances`)."""
     if instances is None:
         instances = default_instances(plan.spec.kind, device)
-    def tensors(ts: list[Tensor]) -> str:
+    def tensor_rows(ts: list[TensorSpec]) -> str:
         rows = []
         for t in ts:
             opt = "\n    optional: true" if t.optional else ""
@@ -201,8 +189,8 @@ def render_config(plan: ModelPlan, device: Device = "cpu", instances: int | None
         f"name: {_pbtxt_str(plan.model)}",
         'backend: "python"',
         f"max_batch_size: {plan.max_batch_size}",
-        f"input [\n{tensors(plan.inputs)}\n]",
-        f"output [\n{tensors(plan.outputs)}\n]",
+        f"input [\n{tensor_rows(plan.inputs)}\n]",
+        f"output [\n{tensor_rows(plan.outputs)}\n]",
         f"dynamic_batching {{\n  max_queue_delay_microseconds: {queue_delay_us}\n}}",
         f"instance_group [\n  {{\n    kind: {kind}\n    count: {instances}\n  }}\n]",
     ]

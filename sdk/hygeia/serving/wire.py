@@ -1,22 +1,11 @@
-"""The Triton wire format of Hygeia models: tensor names, dtypes and the conversions
-between plugin results (``Diagnosis``, ``GeneratedImage``, ...) and tensors.
+"""The Triton wire format of Hygeia models: conversions between plugin results
+(``Diagnosis``, ``GeneratedImage``, ...) and tensors.
 
-Defined once here and used by both sides: the server adapter (:mod:`hygeia.serving.adapter`)
-encodes, the remote plugins (:mod:`hygeia.serving.remote`) decode. Pure numpy: importing this
-module needs neither Triton nor torch. The format is documented in ``docs/serving.md``.
-
-Per kind (batch dimension first, ``B`` = images/conditions in one request):
-
-- conditioner: ``CONDITION`` BYTES [B,1] -> ``EMBEDDING`` FP32 [B,D]
-- diagnoser: ``IMAGES`` FP32 [B,C,H,W], ``TEXTS`` BYTES [B,1] (optional) ->
-  ``PROBS`` FP32 [B,F], ``THRESHOLDS`` FP32 [B,F], ``HEATMAPS`` FP32 [B,F,h,w] (h = w = 0: none;
-  a NaN map: none for that finding), ``REGIONS`` BYTES [B,F] (empty: none, else JSON
-  ``{"kind": "box", "coords": [[x, y], ...]}``)
-- generator (decoupled, one request = one ``generate`` call): ``N`` INT64 [1,1], ``SEED`` INT64 [1,1],
-  ``CONDITION`` BYTES [1,1] (optional), ``OPTIONS`` BYTES [1,1] (optional JSON object) -> a stream
-  of responses, each with ``PROGRESS`` INT64 [1,2] (done, total); the last one also carries
-  ``IMAGES`` FP32 [1,n,C,H,W] or ``SMILES`` BYTES [1,n] + ``VALID`` BOOL [1,n], and ``META``
-  BYTES [1,n] (JSON per item: seed, condition, spacing, modality, provenance, model).
+The tensor names, dtypes and shapes are declared once, in :mod:`hygeia.tensors`; this module
+encodes and decodes their contents and is used by both sides: the server adapter
+(:mod:`hygeia.serving.adapter`) encodes, the remote plugins (:mod:`hygeia.serving.remote`)
+decode. Pure numpy: importing this module needs neither Triton nor torch. The format is
+documented in ``docs/serving.md``.
 """
 from __future__ import annotations
 
@@ -36,6 +25,23 @@ from ..api import (
     Region,
 )
 from ..errors import InputError, UnsupportedConditionError
+from ..tensors import (  # noqa: F401  (the names, re-exported for the adapter and the client)
+    CONDITION,
+    EMBEDDING,
+    HEATMAPS,
+    IMAGES,
+    META,
+    OPTIONS,
+    PROBS,
+    PROGRESS,
+    REGIONS,
+    SEED,
+    SMILES,
+    TEXTS,
+    THRESHOLDS,
+    VALID,
+    N,
+)
 from ..vocab import Code, finding
 
 MAX_TEXT_BYTES = 16_384
@@ -43,11 +49,6 @@ MAX_TEXT_BYTES = 16_384
 
 PARAM_PREFIX = "hygeia_"
 
-# Tensor names, one place.
-CONDITION, EMBEDDING = "CONDITION", "EMBEDDING"
-IMAGES, TEXTS = "IMAGES", "TEXTS"
-PROBS, THRESHOLDS, HEATMAPS, REGIONS = "PROBS", "THRESHOLDS", "HEATMAPS", "REGIONS"
-N, SEED, OPTIONS, PROGRESS, SMILES, VALID, META = "N", "SEED", "OPTIONS", "PROGRESS", "SMILES", "VALID", "META"
 
 
 def model_name(kind: str, name: str) -> str:
@@ -105,17 +106,6 @@ def decode_condition(text: str | None) -> Any:
         if isinstance(value, dict):
             return value
     return text
-
-
-# --------------------------------------------------------------------------- identity
-def identity_to_params(identity: ModelIdentity) -> dict[str, str]:
-    return {"name": identity.name, "version": identity.version, "kind": identity.kind,
-            "weights_sha256": identity.weights_sha256 or ""}
-
-
-def identity_from_params(params: Mapping[str, str]) -> ModelIdentity:
-    return ModelIdentity(params["name"], params["version"], params["kind"],  # type: ignore[arg-type]
-                         params.get("weights_sha256") or None)
 
 
 def _identity_from_json(d: Mapping[str, Any]) -> ModelIdentity:

@@ -82,6 +82,12 @@ class _Contract:
 
         json.dumps(spec.metadata())  # JSON-able
 
+    def test_served_tensors(self, plugin: Any, spec: PluginSpec) -> None:
+        """The spec declares the tensors :mod:`hygeia.tensors` describes for this plugin's kind and sizes."""
+        from ..serving.repository import plan_model
+
+        plan_model(spec, plugin)  # InputError naming the spec's tensors and the expected ones
+
     def test_identity(self, plugin: Any, spec: PluginSpec) -> None:
         ident = plugin.identity
         assert isinstance(ident, ModelIdentity)

@@ -2,8 +2,9 @@
 
 Fixtures:
 
-- ``hygeia_registry``: the process-wide plugin registry (``hygeia.get_registry()``);
-- ``hygeia_phantoms``: a small held-out phantom set (images, labels, texts) for quick checks.
+- ``hygeia_registry``: the process-wide plugin registry (``hygeia.get_registry()``).
+
+The lab adds ``hygeia_phantoms`` (:mod:`hygeia_lab.pytest_plugin`).
 
 The contract classes themselves live in :mod:`hygeia.testing`.
 """
@@ -21,10 +22,3 @@ def hygeia_registry() -> Any:
 
     return get_registry()
 
-
-@pytest.fixture(scope="session")
-def hygeia_phantoms() -> Any:
-    """64 held-out 64x64 phantoms (``hygeia.data.PhantomSet``, split ``test``), made once per session."""
-    from hygeia.data import make_phantom_set
-
-    return make_phantom_set(64, split="test", size=64)

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 import hygeia
-from hygeia.api import Diagnosis, Finding, ModelCard, ModelIdentity, PluginSpec, TensorSpec
+from hygeia import tensors
+from hygeia.api import Diagnosis, Finding, ModelCard, ModelIdentity, PluginSpec
 from hygeia.bundles import load_bundle, save_bundle
 from hygeia.validation import check_images, check_texts
 from hygeia.vocab import finding
@@ -69,7 +70,7 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, n_tra
     """Fit the logistic regressions on phantoms (sklearn, deterministic)."""
     from sklearn.linear_model import LogisticRegression
 
-    from hygeia.data import make_phantom_set
+    from hygeia_lab import make_phantom_set
     from hygeia.vocab import finding_index
 
     ps = make_phantom_set(n_train, split="train", size=SIZE[0], progress=progress)
@@ -93,7 +94,6 @@ def hygeia_diagnosers():  # type: ignore[no-untyped-def]
         kind="diagnoser", name=NAME, version=VERSION,
         description="Example third-party diagnoser: zone intensities + logistic regression",
         factory=IntensityDiagnoser,
-        inputs=(TensorSpec("IMAGE", "FP32", (1, *SIZE)), TensorSpec("TEXT", "BYTES", (1,), optional=True)),
-        outputs=(TensorSpec("PROBS", "FP32", (len(FINDINGS),)), TensorSpec("THRESHOLDS", "FP32", (len(FINDINGS),))),
+        **tensors.diagnoser(channels=1, size=SIZE, findings=len(FINDINGS)),
         model_card=CARD, train=train,
     )

@@ -12,17 +12,20 @@ from rich.table import Table
 
 
 def run_demo(out: Path, seed: int = 0, server: str | None = None, local: bool = False,
-             console: Console | None = None, plugin: str = "cnn", n_images: int = 4) -> dict[str, Any]:
+             console: Console | None = None, plugin: str | None = None, n_images: int = 4) -> dict[str, Any]:
     """Run the demo into ``out``; returns a summary (also written as ``out/findings.json``)."""
-    from .data import write_phantom_study
-    from .data.io import load_image, prepare_image
-    from .errors import PluginNotFoundError
-    from .outputs import write_diagnosis_png, write_image_grid, write_json
-    from .plugins import get_registry
+    from .studies import write_phantom_study
+    from hygeia.data.io import load_image, prepare_image
+    from hygeia.errors import PluginNotFoundError
+    from hygeia.outputs import write_diagnosis_png, write_json
+
+    from .grids import write_image_grid
+    from hygeia.plugins import get_registry
 
     console = console or Console()
     out.mkdir(parents=True, exist_ok=True)
     reg = get_registry()
+    plugin = plugin or reg.default_name("diagnoser")
     files = write_phantom_study(out / "study", n=n_images, seed=seed)
     console.print(f"1. wrote a phantom study of {len(files)} DICOM images to {out / 'study'}")
 
@@ -32,7 +35,7 @@ def run_demo(out: Path, seed: int = 0, server: str | None = None, local: bool = 
         results = diagnoser.diagnose(np.stack([prepare_image(li.pixels, size=diagnoser.input_size) for li in loaded]))
         where = "in-process" if local else f"Triton at {server}"
     else:
-        from .serving.server import serve_plugins
+        from hygeia.serving.server import serve_plugins
 
         console.print("   starting the embedded Triton Inference Server ...")
         with serve_plugins([plugin]) as srv:
@@ -78,6 +81,6 @@ def run_demo(out: Path, seed: int = 0, server: str | None = None, local: bool = 
 
 
 def _remote(plugin: str, server: str | None) -> Any:
-    from .serving import connect
+    from hygeia.serving import connect
 
     return connect("diagnoser", plugin, server)

@@ -4,7 +4,7 @@ For each condition ('normal' and each finding of :data:`hygeia.vocab.FINDING_LAB
 generator draws ``n`` images and the phantom generator draws ``n`` held-out real images (split
 ``test``, that finding alone). Then:
 
-- **conditional accuracy**: the judge (the ``cnn`` diagnoser, trained on real phantoms only)
+- **conditional accuracy**: the judge (the default image-only diagnoser, trained on real phantoms only)
   says whether each image shows the requested finding (for 'normal': no finding at all).
   ``real_conditional_accuracy`` is the same judge on the real images; their ratio is the figure
   that counts, since the judge itself is imperfect (design.md, "Judging generators fairly").
@@ -14,7 +14,7 @@ generator draws ``n`` images and the phantom generator draws ``n`` held-out real
 - **diversity**: mean MS-SSIM (MONAI ``MultiScaleSSIMMetric``, kernel 3 at 64 px) over pairs of
   images of one condition, generated and real; a generator that collapses scores higher.
 
-The sdk finds the generator and the judge only through the plugin registry.
+The lab finds the generator and the judge only through the plugin registry.
 """
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import InputError
-from ..vocab import CONDITION_LABELS, FINDING_LABELS, finding
+from hygeia.errors import InputError
+from hygeia_lab.grids import write_grid
+from hygeia.vocab import CONDITION_LABELS, FINDING_LABELS, finding
 
-JUDGE = "cnn"
 MAX_N = 5000  # per condition: 6 conditions x (generated + real) images and features in memory
 MIN_N = 10
 SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "negative_condition", "temperature", "truncation")
@@ -42,47 +42,6 @@ TARGETS = {"accuracy_ratio": 0.95, "ms_ssim_gap": 0.05,
 TEXT_PROMPTS = {"normal": "normal chest radiograph", **{f: f"chest radiograph with {finding(f).code.meaning.lower()}"
                                                          for f in FINDING_LABELS}}
 """Prompts used for generators that take text but not labels."""
-
-
-# --------------------------------------------------------------------------- images
-def write_grid(images: Any, path: str | os.PathLike[str], ncol: int = 8, row_labels: Sequence[str] | None = None,
-               scale: int = 2, pad: int = 2) -> Path:
-    """Write ``images`` (``[N, 1, H, W]`` or ``[N, H, W]`` in [0, 1]) as one PNG grid, atomically.
-
-    ``row_labels`` are drawn at the left of each row (one per row of ``ncol`` images).
-    """
-    from PIL import Image, ImageDraw
-
-    a = np.asarray(images, dtype=np.float32)
-    if a.ndim == 4:
-        a = a[:, 0]
-    if a.ndim != 3 or len(a) == 0:
-        raise InputError("images", "a non-empty [N, 1, H, W] or [N, H, W] array", got=f"shape {list(a.shape)}")
-    n, h, w = a.shape
-    nrow = -(-n // ncol)
-    left = 0 if not row_labels else 8 + 7 * max(len(s) for s in row_labels)
-    canvas = np.full((nrow * (h * scale + pad) + pad, left + ncol * (w * scale + pad) + pad), 255, np.uint8)
-    tiles = (np.clip(a, 0, 1) * 255).round().astype(np.uint8).repeat(scale, 1).repeat(scale, 2)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        y, x = pad + r * (h * scale + pad), left + pad + c * (w * scale + pad)
-        canvas[y:y + h * scale, x:x + w * scale] = tiles[i]
-    img = Image.fromarray(canvas, mode="L")
-    if row_labels:
-        draw = ImageDraw.Draw(img)
-        for r, label in enumerate(row_labels[:nrow]):
-            draw.text((4, pad + r * (h * scale + pad) + h * scale // 2 - 5), str(label), fill=0)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        img.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 # --------------------------------------------------------------------------- metrics
@@ -224,7 +183,7 @@ class _Bar:
 def real_images(n: int, progress: bool = False) -> dict[str, np.ndarray]:
     """Held-out real phantoms (split ``test``), ``n`` per condition, each finding alone
     (condition ``k`` uses test images ``k*n .. (k+1)*n - 1``: different patients per condition)."""
-    from ..data import make_phantom_set
+    from hygeia_lab.phantoms import make_phantom_set
 
     bar = _Bar(len(CONDITION_LABELS) * n, "held-out phantoms") if progress else None
     out: dict[str, np.ndarray] = {}
@@ -358,18 +317,23 @@ def render_table(result: dict[str, Any]) -> Any:
 
 
 def main(name: str, n: int = 200, json_out: bool = False, grid: Path | None = None,
-         condition_kind: str | None = None, seed: int = 0, options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What ``hygeia evaluate generator NAME`` runs: print JSON or a table (and write a PNG grid)."""
+         condition_kind: str | None = None, seed: int = 0, options: dict[str, Any] | None = None,
+         judge_name: str | None = None) -> dict[str, Any]:
+    """What ``hygeia evaluate generator NAME`` runs: print JSON or a table (and write a PNG grid).
+
+    ``judge_name``: the image-only diagnoser that judges the samples (None: the installed default
+    diagnoser, ``HYGEIA_DIAGNOSER`` or the spec marked ``default``).
+    """
     from rich.console import Console
 
-    from ..plugins import get_registry
+    from hygeia.plugins import get_registry
 
     n = _check_n(n)
     reg = get_registry()
     spec = reg.get("generator", name)  # PluginNotFoundError names the generators there are
     gen = spec.factory()
     _conditions_for(gen, condition_kind)  # bad condition kind: fail before any work
-    judge = reg.create("diagnoser", JUDGE)
+    judge = reg.create("diagnoser", judge_name or reg.default_name("diagnoser"))
     console = Console(stderr=json_out)
     result = evaluate_generator(gen, judge, n=n, condition_kind=condition_kind, seed=seed, progress=True,
                                 options=options)

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.nn.utils import spectral_norm
 
-from .vocab import CONDITION_LABELS, FINDING_LABELS
+from hygeia.vocab import CONDITION_LABELS, FINDING_LABELS
 
 
 def embed(maps: nn.ModuleDict, conds: dict[str, torch.Tensor]) -> torch.Tensor:

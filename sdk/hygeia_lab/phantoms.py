@@ -36,9 +36,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from ..api import Region
-from ..errors import InputError
-from ..vocab import CONDITION_LABELS, FINDING_LABELS, NORMAL, finding
+from hygeia.api import Region
+from hygeia.errors import InputError
+from hygeia.vocab import CHEST_FOV_MM, CONDITION_LABELS, FINDING_LABELS, NORMAL, finding
 
 __all__ = [
     "DEFAULT_DIFFICULTY", "FOV_MM", "SPLITS", "Phantom", "PhantomSet", "make_phantom",
@@ -49,8 +49,8 @@ DEFAULT_DIFFICULTY = 1.0
 """Default ``difficulty``: tuned so that the image-only ``cnn`` scores per-finding AUROC of about
 0.80-0.95 at 64x64 (see docs/phantoms.md). Higher is harder (fainter findings, more noise)."""
 
-FOV_MM = 350.0
-"""Field of view (mm) of every phantom, whatever its size in pixels."""
+FOV_MM = CHEST_FOV_MM
+"""Field of view (mm) of every phantom, whatever its size in pixels (:data:`hygeia.vocab.CHEST_FOV_MM`)."""
 
 SPLITS: dict[str, int] = {"train": 1, "val": 2, "test": 3}
 """Split names and their ids: split ``s`` image ``i`` has the seed drawn from
@@ -795,7 +795,7 @@ def load_npz(path: str | os.PathLike[str]) -> PhantomSet:
     except (OSError, KeyError, ValueError) as exc:
         if isinstance(exc, InputError):
             raise
-        raise InputError(str(path), "a phantom .npz written by hygeia.data.save_npz", got=str(exc)[:200]) from None
+        raise InputError(str(path), "a phantom .npz written by hygeia_lab.phantoms.save_npz", got=str(exc)[:200]) from None
 
 
 def class_conditional_set(n_per_class: int, size: int = 64, cache: str | Path | None = None,

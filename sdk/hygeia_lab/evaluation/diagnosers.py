@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InputError
-from ..outputs import atomic_path
-from ..vocab import FINDING_LABELS
+from hygeia.errors import InputError
+from hygeia.outputs import atomic_path
+from hygeia.vocab import FINDING_LABELS
 
 __all__ = ["evaluate", "expected_calibration_error", "main"]
 
@@ -217,7 +217,7 @@ def _roc_png(path: Path, result: dict[str, Any]) -> Path:
 
 
 def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = None, size: int | None = None,
-         difficulty: float | None = None) -> dict[str, Any]:
+         difficulty: float | None = None, baseline: str | None = "") -> dict[str, Any]:
     """``hygeia evaluate diagnoser NAME``: ``n`` test-split phantoms, print a table or JSON.
 
     The phantoms are rendered at ``size`` pixels (default: the diagnoser's own input size); a
@@ -226,9 +226,9 @@ def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = No
     from rich.console import Console
     from rich.table import Table
 
-    from ..data import DEFAULT_DIFFICULTY, make_phantom_set
-    from ..plugins import get_registry
-    from ..validation import check_n
+    from hygeia_lab.phantoms import DEFAULT_DIFFICULTY, make_phantom_set
+    from hygeia.plugins import get_registry
+    from hygeia.validation import check_n
 
     n = check_n(n, name="n")
     diag = get_registry().create("diagnoser", name)
@@ -244,7 +244,7 @@ def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = No
         ps = make_phantom_set(n, "test", size=size, difficulty=DEFAULT_DIFFICULTY if difficulty is None else difficulty,
                               progress=True)
         if _uses_text(diag):
-            results = compare(name, diag, ps)
+            results = compare(name, diag, ps, baseline=baseline)
         else:
             res = evaluate(diag, ps, progress=True)
     if _uses_text(diag):
@@ -268,8 +268,12 @@ def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = No
 
 
 # --------------------------------------------------------------------------- text-aware diagnosers
-BASELINE = "cnn"
-"""The image-only diagnoser a text-aware diagnoser is compared with (found through the registry)."""
+def default_baseline() -> str:
+    """The image-only diagnoser a text-aware diagnoser is compared with: the installed default
+    diagnoser (``HYGEIA_DIAGNOSER`` or the spec marked ``default``; see ``--baseline``)."""
+    from hygeia.plugins import get_registry
+
+    return get_registry().default_name("diagnoser")
 
 TARGETS = {"macro_auroc": 0.95, "gain_over_image_only": 0.05, "localisation_hit_rate": 0.8}
 """Targets of the fusion issue, printed next to the measured numbers (not enforced)."""
@@ -280,20 +284,22 @@ def _uses_text(diagnoser: Any) -> bool:
     return "text" in set(getattr(diagnoser, "condition_kinds", ()) or ())
 
 
-def compare(name: str, diagnoser: Any, phantom_set: Any, baseline: str | None = BASELINE,
+def compare(name: str, diagnoser: Any, phantom_set: Any, baseline: str | None = "",
             progress: bool = True) -> dict[str, dict[str, Any]]:
     """Evaluate a text-aware diagnoser three ways on one phantom set.
 
     Keys: ``NAME`` (with the phantoms' clinical texts), ``NAME_no_text`` (the same model, texts
-    None) and ``image_only`` (the ``baseline`` diagnoser from the registry, when installed). Each
-    value is what :func:`evaluate` returns.
+    None) and ``image_only`` (the ``baseline`` diagnoser from the registry, when installed; ``""``:
+    :func:`default_baseline`; None: no baseline). Each value is what :func:`evaluate` returns.
     """
     from dataclasses import replace
 
-    from ..plugins import get_registry
+    from hygeia.plugins import get_registry
 
     out: dict[str, dict[str, Any]] = {name: evaluate(diagnoser, phantom_set, progress=progress)}
     out[f"{name}_no_text"] = evaluate(diagnoser, replace(phantom_set, texts=None), progress=progress)
+    if baseline == "":
+        baseline = default_baseline()
     if baseline and baseline != name:
         try:
             base = get_registry().create("diagnoser", baseline)

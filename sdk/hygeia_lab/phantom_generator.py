@@ -1,4 +1,4 @@
-"""The ``phantom`` generator: :func:`hygeia.data.make_phantom` behind the Generator protocol.
+"""The ``phantom`` generator: :func:`hygeia_lab.phantoms.make_phantom` behind the Generator protocol.
 
 It has no weights: images are drawn procedurally, reproducibly from the seed. Image ``i`` of
 ``generate(n, seed=s)`` uses the phantom seed ``SeedSequence([0x5048414E, s, i])`` (a
@@ -10,8 +10,9 @@ from typing import Any, Callable
 
 import numpy as np
 
-from hygeia.api import GeneratedImage, ModelCard, ModelIdentity, PluginSpec, TensorSpec
-from hygeia.data import DEFAULT_DIFFICULTY, make_phantom
+from hygeia.api import GeneratedImage, ModelCard, ModelIdentity, PluginSpec
+from hygeia import tensors
+from .phantoms import DEFAULT_DIFFICULTY, Phantom, make_phantom
 from hygeia.errors import InputError
 from hygeia.validation import check_condition, check_n, check_seed
 from hygeia.vocab import NORMAL, finding
@@ -24,7 +25,7 @@ _STREAM = 0x5048414E  # "PHAN"
 CARD = ModelCard(
     intended_use=("Synthetic chest-radiograph-like test images with known findings, masks and clinical text, "
                   "for developing and testing Hygeia plugins. Not for clinical use; not a patient image."),
-    training_data="None: procedural (hygeia.data.phantoms), drawn from the seed.",
+    training_data="None: procedural (hygeia_lab.phantoms), drawn from the seed.",
     metrics={"difficulty_default": DEFAULT_DIFFICULTY, "field_of_view_mm": 350.0},
     limitations=("Stylised anatomy and findings; realistic in layout, prevalence and subtlety only to a point. "
                  "Model metrics measured on phantoms do not transfer to real radiographs."),
@@ -72,29 +73,31 @@ class PhantomGenerator:
         for i in range(n):
             ps = phantom_seed(seed, i)
             p = make_phantom(ps, size=size, findings=findings, difficulty=difficulty)
-            out.append(GeneratedImage(
-                pixels=p.image[None], pixel_spacing=p.pixel_spacing, modality="DX", seed=seed,
-                condition=label, model=self.identity,
-                provenance={"generator": NAME, "version": VERSION, "seed": seed, "index": i, "phantom_seed": ps,
-                            "condition": label, "difficulty": float(difficulty), "size": size,
-                            "labels": {k: bool(v) for k, v in p.labels.items()}, "text": p.text,
-                            "synthetic": True}))
+            image = as_generated_image(p, self.identity, seed=seed, condition=label)
+            image.provenance.update(generator=NAME, version=VERSION, seed=seed, index=i, difficulty=float(difficulty),
+                                    size=size, condition=label)
+            out.append(image)
             if progress is not None:
                 progress(i + 1, n)
         return out
+
+
+def as_generated_image(p: Phantom, identity: ModelIdentity, seed: int | None = None,
+                       condition: Any = None) -> GeneratedImage:
+    """A phantom as a :class:`hygeia.api.GeneratedImage` (what output formats such as ``dicom-dx`` write)."""
+    return GeneratedImage(
+        pixels=p.image[None], pixel_spacing=p.pixel_spacing, modality="DX",
+        seed=p.seed if seed is None else seed, condition=condition, model=identity,
+        provenance={"phantom_seed": p.seed, "labels": {k: bool(v) for k, v in p.labels.items()}, "text": p.text,
+                    "sex": p.meta.get("sex", "O"), "age": p.meta.get("age", 50), "synthetic": True})
 
 
 SPEC = PluginSpec(
     kind="generator",
     name=NAME,
     version=VERSION,
-    description="Procedural chest-radiograph phantoms with findings (no weights; hygeia.data.make_phantom)",
+    description="Procedural chest-radiograph phantoms with findings (no weights; hygeia_lab.phantoms.make_phantom)",
     factory=PhantomGenerator,
-    inputs=(
-        TensorSpec("CONDITION", "BYTES", (1,), optional=True,
-                   description="finding label ('normal', 'nodule', ...), UTF-8; empty or absent: sampled"),
-        TensorSpec("SEED", "INT64", (1,), description="seed; image i uses SeedSequence([PHAN, seed, i])"),
-    ),
-    outputs=(TensorSpec("IMAGE", "FP32", (1, 64, 64), description="synthetic phantom in [0, 1]"),),
+    **tensors.generator("image"),
     model_card=CARD,
 )

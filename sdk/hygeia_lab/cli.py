@@ -1,0 +1,85 @@
+"""The lab's commands on the ``hygeia`` command line: ``evaluate`` and ``demo``.
+
+Added through the ``hygeia_cli_commands`` hook (see :mod:`hygeia_lab.plugin`), so the core's CLI
+frame never imports the lab.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+evaluate_app = typer.Typer(help="Evaluate a plugin on held-out phantoms or MOSES.", no_args_is_help=True)
+
+
+@evaluate_app.command("diagnoser")
+def evaluate_diagnoser(
+    name: str = typer.Argument(..., help="Diagnoser plugin name."),
+    n: int = typer.Option(2000, "-n", help="Held-out phantoms."),
+    json_out: bool = typer.Option(False, "--json"),
+    roc: Optional[Path] = typer.Option(None, "--roc", help="Write ROC curves as PNG."),
+    size: Optional[int] = typer.Option(None, "--size", help="Phantom size in pixels (default: the diagnoser's input size)."),
+    baseline: Optional[str] = typer.Option(
+        None, "--baseline", help="Image-only diagnoser a text-aware one is compared with (default: the default diagnoser)."),
+) -> None:
+    """Per-finding AUROC, sensitivity/specificity, ECE and localisation on held-out phantoms."""
+    from .evaluation.diagnosers import main as run
+
+    run(name, n=n, json_out=json_out, roc=roc, size=size, baseline="" if baseline is None else baseline)
+
+
+@evaluate_app.command("generator")
+def evaluate_generator(
+    name: str = typer.Argument(..., help="Image generator plugin name."),
+    n: int = typer.Option(200, "-n", help="Samples per condition."),
+    json_out: bool = typer.Option(False, "--json"),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of samples per condition."),
+    condition_kind: Optional[str] = typer.Option(
+        None, "--condition-kind", help="label, text (the TEXT_PROMPTS) or none (default: label when taken)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the samples and of the real phantoms' subsets."),
+    option: Optional[list[str]] = typer.Option(
+        None, "--option", help="Generate option KEY=VALUE for every sample (repeatable), e.g. guidance_scale=1."),
+    judge: Optional[str] = typer.Option(
+        None, "--judge", help="Image-only diagnoser that judges the samples (default: the default diagnoser)."),
+) -> None:
+    """Conditional accuracy (judged by an image-only diagnoser), Frechet distance, KID and MS-SSIM diversity."""
+    from hygeia.cli import parse_options
+
+    from .evaluation.generators import main as run
+
+    run(name, n=n, json_out=json_out, grid=grid, condition_kind=condition_kind, seed=seed,
+        options=parse_options(option), judge_name=judge)
+
+
+@evaluate_app.command("molecules")
+def evaluate_molecules(
+    path: Path = typer.Argument(..., exists=True, dir_okay=False, help="A .smi file, one SMILES per line."),
+    json_out: bool = typer.Option(False, "--json"),
+) -> None:
+    """The MOSES metric table for a SMILES file, next to the published baselines."""
+    from .evaluation.molecules import main as run
+
+    run(path, json_out=json_out)
+
+
+def demo(
+    out: Path = typer.Option(Path("out/demo"), "--out", "-o", help="Output folder."),
+    seed: int = typer.Option(0, "--seed"),
+    server: Optional[str] = typer.Option(None, "--server", help="Diagnose through this Triton server."),
+    local: bool = typer.Option(False, "--local", help="Diagnose in-process instead of through Triton."),
+    plugin: Optional[str] = typer.Option(
+        None, "--plugin", "-p", help="Diagnoser plugin (default: $HYGEIA_DIAGNOSER or the installed default)."),
+) -> None:
+    """The main job: a phantom study -> diagnosis -> findings JSON, PNG (and SR, SC where installed)."""
+    from hygeia.cli import console
+
+    from .demo import run_demo
+
+    run_demo(out, seed=seed, server=server, local=local, console=console, plugin=plugin)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``hygeia evaluate ...`` and ``hygeia demo`` to ``app``."""
+    app.add_typer(evaluate_app, name="evaluate")
+    app.command("demo")(demo)
