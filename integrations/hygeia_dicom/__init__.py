@@ -35,6 +35,12 @@ def _write_sr(results: Any, out: Any, **context: Any) -> list[Any]:
     return write_sr(results, out, **context)
 
 
+def _build_sr(results: Any, **context: Any) -> list[Any]:
+    from .sr import build_sr
+
+    return [build_sr(results, context.pop("sources", None) or [], **context)]
+
+
 def _write_sc(results: Any, out: Any, **context: Any) -> list[Any]:
     from .sc import write_sc
 
@@ -52,7 +58,7 @@ def hygeia_output_formats() -> Iterator[OutputFormat]:
     yield OutputFormat(
         name="sr", accepts="diagnosis",
         description="DICOM Comprehensive 3D SR, TID 1500 Measurement Report (one per study, not verified)",
-        write=_write_sr)
+        write=_write_sr, build=_build_sr)
     yield OutputFormat(
         name="dicom-sc", accepts="images",
         description="DICOM Secondary Capture per generated image, marked synthetic (ConversionType SYN)",

@@ -20,7 +20,6 @@ import io
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -49,8 +48,12 @@ def study_tag(study_uid: str) -> str:
     return "study#" + hashlib.sha256(study_uid.encode()).hexdigest()[:10]
 
 
+SR_FORMAT = "sr"
+"""The output format (``hygeia_output_formats``) that builds the reports the gateway sends."""
+
+
 def encode_sr(diagnoses: list[Any], datasets: list[Any]) -> tuple[bytes, dict[str, Any]]:
-    """Build one TID 1500 SR (``hygeia_dicom.sr.build_sr``) and encode it as a PS3.10 file.
+    """Build one TID 1500 SR through the ``sr`` output format and encode it as a PS3.10 file.
 
     Returns the bytes and the SR's SOP Instance UID, Series Instance UID and number of finding
     groups. Runs in a worker thread or, with ``sr_processes``, in a separate process (the
@@ -58,9 +61,13 @@ def encode_sr(diagnoses: list[Any], datasets: list[Any]) -> tuple[bytes, dict[st
     """
     import pydicom
 
-    from hygeia_dicom.sr import build_sr
+    from hygeia.plugins import get_registry
 
-    sr = build_sr(diagnoses, datasets)
+    fmt = get_registry().output_format(SR_FORMAT)
+    if fmt.build is None:
+        raise InputError(f"output format {SR_FORMAT!r} ({fmt.package})", "a format that builds reports in memory",
+                         got="a file writer only")
+    sr, = fmt.build(diagnoses, sources=datasets)
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, sr, enforce_file_format=True)
     return buf.getvalue(), {"sop_instance_uid": str(sr.SOPInstanceUID),
@@ -70,7 +77,10 @@ def encode_sr(diagnoses: list[Any], datasets: list[Any]) -> tuple[bytes, dict[st
 def _warm_sr_process() -> None:
     """Process-pool initializer: import the SR stack once, before the first study."""
     import highdicom  # noqa: F401
-    import hygeia_dicom.sr  # noqa: F401
+
+    from hygeia.plugins import get_registry
+
+    get_registry().output_format(SR_FORMAT)
 
 
 def clinical_text(ds: Any) -> str:
@@ -78,14 +88,6 @@ def clinical_text(ds: Any) -> str:
     parts = [str(getattr(ds, kw, "") or "").strip() for kw in
              ("AdditionalPatientHistory", "ReasonForTheRequestedProcedure", "ReasonForStudy")]
     return " ".join(p for p in parts if p)
-
-
-@dataclass
-class StoreResult:
-    """What the gateway answered to one C-STORE (kept for the status counters)."""
-
-    status: int
-    reason: str
 
 
 class Gateway:

@@ -113,6 +113,9 @@ class OutputFormat:
     package: str = ""
     suffixes: tuple[str, ...] = ()
     """File suffixes (``".png"``) that select this format when the output is one file."""
+    build: Callable[..., list[Any]] | None = None
+    """Optional ``build(results, **context)``: the objects ``write`` would write, in memory (for
+    example pydicom Datasets), for callers that send rather than store them (the PACS gateway)."""
 
 
 # --------------------------------------------------------------------------- results
