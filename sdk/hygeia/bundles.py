@@ -51,14 +51,23 @@ def save_bundle(
     tensors: Mapping[str, torch.Tensor],
     config: Mapping[str, Any],
     card: ModelCard,
+    extra: Mapping[str, bytes] | None = None,
 ) -> str:
-    """Write a bundle atomically (replacing any old one) and return the weights' SHA-256."""
+    """Write a bundle atomically (replacing any old one) and return the weights' SHA-256.
+
+    ``extra``: more files for the bundle folder (name -> bytes), such as a training run's
+    ``metrics.csv`` and curve PNG; they are written in the same atomic step.
+    """
     path = Path(path)
     with atomic_dir(path) as tmp:
         weights = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
         save_file(weights, str(tmp / WEIGHTS))
         (tmp / CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True) + "\n")
         (tmp / CARD).write_text(json.dumps(card.to_dict(), indent=2) + "\n")
+        for name, data in (extra or {}).items():
+            if Path(name).name != name or name in (WEIGHTS, CONFIG, CARD):
+                raise BundleError(f"model bundle {path}: extra file name {name!r} (a plain name, not a bundle part)")
+            (tmp / name).write_bytes(data)
         mask = current_umask()
         for f in tmp.iterdir():
             os.chmod(f, 0o666 & ~mask)
