@@ -16,7 +16,7 @@ import os
 import threading
 from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
-from typing import Any, Iterable
+from typing import Any
 
 import pluggy
 

@@ -35,7 +35,7 @@ def run_demo(out: Path, seed: int = 0, server: str | None = None, local: bool = 
         results = diagnoser.diagnose(np.stack([prepare_image(li.pixels, size=diagnoser.input_size) for li in loaded]))
         where = "in-process" if local else f"Triton at {server}"
     else:
-        from hygeia.serving.server import serve_plugins
+        from hygeia.serving.launch import serve_plugins
 
         console.print("   starting the embedded Triton Inference Server ...")
         with serve_plugins([plugin]) as srv:

@@ -28,7 +28,8 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 from hygeia.serving import connect, wire  # noqa: E402
 from hygeia.serving.repository import build_repository, is_generated  # noqa: E402
 from hygeia.serving.remote import RemoteError  # noqa: E402
-from hygeia.serving.server import TritonServer, check  # noqa: E402
+from hygeia.serving.launch import check  # noqa: E402
+from hygeia.serving.server import TritonServer  # noqa: E402
 
 
 def _infer(url: str, model: str, inputs: dict[str, np.ndarray], outputs: list[str] | None = None):

@@ -41,7 +41,7 @@ def _build(repo: Path, device: str, instances: int | None, queue_delay_us: int, 
 
 
 def _check(server: str, timeout: float) -> None:
-    from .server import check
+    from .launch import check
 
     live, ready, states = check(server, timeout=timeout)
     t = Table("model", "version", "state", "reason", title=f"Triton at {server}: live={live} ready={ready}")

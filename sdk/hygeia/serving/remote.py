@@ -1,11 +1,12 @@
 """Remote plugins: the Generator / Conditioner / Diagnoser protocols over Triton gRPC.
 
-``connect("diagnoser", "cnn", "127.0.0.1:8001")`` returns an object that behaves like the local
+``connect("diagnoser", "my-diagnoser", "127.0.0.1:8001")`` returns an object that behaves like the local
 plugin: same attributes (``identity``, ``findings``, ``input_size``, ``condition_kinds`` ...),
 same methods, same result dataclasses, same errors (bad input -> :class:`hygeia.errors.InputError`
 with the server's message). Tensors travel as binary protobuf (never JSON). Transient
 ``UNAVAILABLE`` errors are retried with exponential back-off; every call has a deadline;
-TLS and auth headers are optional.
+TLS and auth headers are optional. Several endpoints (``"h1:8001,h2:8001"``) spread the requests
+over replicas and fail over when one is lost (:class:`hygeia.serving.endpoints.EndpointPool`).
 """
 from __future__ import annotations
 
@@ -160,11 +161,20 @@ class Connection:
         return [n[len(kind) + 1:] for n in names if n.startswith(f"{kind}_")]
 
 
+def _connection(server: str, **opts: Any) -> Any:
+    """One endpoint (:class:`Connection`) or, for ``"h1:p,h2:p"``, an :class:`EndpointPool`."""
+    if "," in server:
+        from .endpoints import EndpointPool
+
+        return EndpointPool(server, **opts)
+    return Connection(server, **opts)
+
+
 class _Remote:
     kind = ""
 
-    def __init__(self, name: str, server: str | Connection, **opts: Any) -> None:
-        self.conn = server if isinstance(server, Connection) else Connection(server, **opts)
+    def __init__(self, name: str, server: Any, **opts: Any) -> None:
+        self.conn = server if not isinstance(server, str) else _connection(server, **opts)
         self.name = name
         self.model = wire.model_name(self.kind, name)
         cfg = self.conn.model_config(self.model)
@@ -203,7 +213,7 @@ class RemoteConditioner(_Remote):
 
     kind = "conditioner"
 
-    def __init__(self, name: str, server: str | Connection, **opts: Any) -> None:
+    def __init__(self, name: str, server: Any, **opts: Any) -> None:
         super().__init__(name, server, **opts)
         self.dim = int(self.info["dim"])
 
@@ -233,7 +243,7 @@ class RemoteDiagnoser(_Remote):
 
     kind = "diagnoser"
 
-    def __init__(self, name: str, server: str | Connection, **opts: Any) -> None:
+    def __init__(self, name: str, server: Any, **opts: Any) -> None:
         super().__init__(name, server, **opts)
         self.findings: tuple[str, ...] = tuple(self.info["findings"])
         self.input_size: tuple[int, int] = tuple(self.info["input_size"])  # type: ignore[assignment]
@@ -263,7 +273,7 @@ class RemoteGenerator(_Remote):
 
     kind = "generator"
 
-    def __init__(self, name: str, server: str | Connection, **opts: Any) -> None:
+    def __init__(self, name: str, server: Any, **opts: Any) -> None:
         super().__init__(name, server, **opts)
         self.output = self.info.get("output", "image")
 
@@ -339,10 +349,12 @@ REMOTE_KINDS: dict[str, type[_Remote]] = {
 
 
 def connect(kind: str, name: str, server: str, **opts: Any) -> Any:
-    """The plugin ``kind``/``name`` served by Triton at ``server`` (``HOST:PORT``, gRPC).
+    """The plugin ``kind``/``name`` served by Triton at ``server`` (``HOST:PORT``, gRPC; several
+    comma-separated endpoints spread requests and fail over, see :mod:`hygeia.serving.endpoints`).
 
     ``opts`` go to :class:`Connection`: ``timeout``, ``retries``, ``backoff``, ``ssl``,
-    ``root_certificates``, ``private_key``, ``certificate_chain``, ``headers``, ``token``.
+    ``root_certificates``, ``private_key``, ``certificate_chain``, ``headers``, ``token``
+    (and ``cooldown`` for several endpoints).
     """
     if kind not in REMOTE_KINDS:
         raise InputError("kind", "one of generator, conditioner, diagnoser", got=repr(kind))

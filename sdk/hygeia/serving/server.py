@@ -17,18 +17,12 @@ included), so no stray processes survive.
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -36,113 +30,22 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
-from ..errors import HygeiaError
+from ..errors import HygeiaError  # noqa: F401  (re-exported errors below)
+from .binary import (  # noqa: F401  (public names kept here for callers)
+    TritonServerError,
+    backend_directory,
+    free_port,
+    server_env,
+    tritonserver_binary,
+)
 
 
 log = logging.getLogger(__name__)
 
 
 _WARM_RE = re.compile(r"hygeia-warm (\S+) (?:ok after ([0-9.]+) s|failed: ([^\n]*))")
-
-
-class TritonServerError(HygeiaError):
-    """tritonserver could not be found, did not start, or a model failed to load."""
-
-
-def _pytriton_root() -> Path:
-    try:
-        import pytriton  # type: ignore[import-not-found]
-    except ImportError:
-        raise TritonServerError("tritonserver not found: install the serving extra "
-                                "(pip install 'hygeia[serving]', which brings nvidia-pytriton)") from None
-    root = Path(pytriton.__file__).parent / "tritonserver"
-    if not (root / "bin" / "tritonserver").is_file():
-        raise TritonServerError(f"tritonserver not found under {root}")
-    return root
-
-
-def tritonserver_binary() -> Path:
-    """Path of the tritonserver executable (env ``HYGEIA_TRITONSERVER`` overrides)."""
-    env = os.environ.get("HYGEIA_TRITONSERVER")
-    if env:
-        return Path(env)
-    return _pytriton_root() / "bin" / "tritonserver"
-
-
-def backend_directory() -> Path:
-    """A backends folder whose python backend has the stub for this Python (3.x).
-
-    The wheel ships the stubs apart (``python_backend_stubs/3.11/``); Triton expects the stub next
-    to ``libtriton_python.so``. We assemble a private copy in the user cache (never touching
-    site-packages), once per wheel location and Python version.
-    """
-    env = os.environ.get("HYGEIA_TRITON_BACKENDS")
-    if env:
-        return Path(env)
-    root = _pytriton_root()
-    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = root / "python_backend_stubs" / pyver / "triton_python_backend_stub"
-    if not stub.is_file():
-        raise TritonServerError(f"no Python backend stub for Python {pyver} in {stub.parent.parent}")
-    src = root / "backends" / "python"
-    if (src / "triton_python_backend_stub").is_file():
-        return root / "backends"
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hygeia" / "triton"
-    key = f"{hashlib.sha256(str(root).encode()).hexdigest()[:10]}-py{pyver}-{int(stub.stat().st_mtime)}"
-    dest = cache / key / "backends"
-    if (dest / "python" / "triton_python_backend_stub").is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".backends.", dir=dest.parent))
-    try:
-        (tmp / "python").mkdir()
-        for f in src.iterdir():
-            if f.is_file():
-                shutil.copy2(f, tmp / "python" / f.name)
-        shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
-        try:
-            os.replace(tmp, dest)
-        except OSError:  # another process won the race
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return dest
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A free TCP port (the OS picks one from the ephemeral, high range)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def server_env(threads: int | None = None) -> dict[str, str]:
-    """Environment for tritonserver: this venv's ``bin`` first on PATH (the stub runs its Python)."""
-    env = dict(os.environ)
-    venv_bin = str(Path(sys.prefix) / "bin")
-    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
-    env.setdefault("PYTHONNOUSERSITE", "1")
-    # The stub links libpython3.X.so: it must load the libpython of the Python that runs us (else
-    # e.g. Debian's 3.11.2 libpython meets pyenv's 3.11.7 stdlib and `import ssl` fails), and it
-    # finds libcudart through an RPATH relative to the wheel, which our copy of the stub breaks.
-    paths = []
-    libdir = sysconfig.get_config_var("LIBDIR")
-    ldlib = sysconfig.get_config_var("LDLIBRARY") or ""
-    if libdir and ldlib and (Path(libdir) / ldlib).exists():
-        paths.append(libdir)
-    try:
-        libs = _pytriton_root().parent.parent / "nvidia_pytriton.libs"
-        if libs.is_dir():
-            paths.append(str(libs))
-    except TritonServerError:
-        pass
-    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (*paths, env.get("LD_LIBRARY_PATH", "")) if p)
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    return env
 
 
 @dataclass
@@ -488,46 +391,3 @@ class TritonServer:
                 self.log_path.unlink()
             except OSError:
                 pass
-
-
-def check(server: str, timeout: float = 5.0, **opts: Any) -> tuple[bool, bool, list[ModelState]]:
-    """(live, ready, model states) of the server at ``HOST:PORT`` (gRPC), via Triton's own endpoints."""
-    from .remote import Connection
-
-    conn = Connection(server, timeout=timeout, retries=0, **opts)
-    c = conn.client()
-    try:
-        live, ready = bool(c.is_server_live()), bool(c.is_server_ready())
-        index = c.get_model_repository_index(as_json=True, headers=conn.headers, client_timeout=timeout)
-    except Exception as exc:  # noqa: BLE001 - report, do not crash
-        raise TritonServerError(f"cannot reach Triton at {server}: {exc}") from None
-    states = [ModelState(m.get("name", "?"), m.get("version", ""), m.get("state", "UNKNOWN"), m.get("reason", ""))
-              for m in index.get("models", [])]
-    return live, ready, states
-
-
-@contextlib.contextmanager
-def serve_plugins(plugins: Sequence[str] | None = None, repo: str | os.PathLike[str] | None = None,
-                  device: str = "cpu", **server_opts: Any) -> Iterator[TritonServer]:
-    """Build a repository for ``plugins`` (names; None: every installed plugin) and serve it.
-
-    ``repo`` defaults to a temporary folder, removed afterwards. For the demo, tests and scripts::
-
-        with serve_plugins(["cnn"]) as server:
-            connect("diagnoser", "cnn", server.grpc_url).diagnose(images)
-    """
-    from .repository import build_repository
-
-    tmp = None if repo is not None else tempfile.mkdtemp(prefix="hygeia-triton-")
-    path = Path(repo if repo is not None else tmp)  # type: ignore[arg-type]
-    try:
-        res = build_repository(path, names=plugins, device=device)  # type: ignore[arg-type]
-        if not res.models:
-            raise TritonServerError(f"no model could be built for {plugins or 'the installed plugins'}: {res.failed}")
-        if res.failed:
-            log.warning("left out of the Triton repository: %s", res.failed)
-        with TritonServer(path, **server_opts) as server:
-            yield server
-    finally:
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)

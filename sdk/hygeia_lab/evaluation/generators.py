@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

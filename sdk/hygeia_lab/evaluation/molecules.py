@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-from hygeia.chem import PROPERTY_NAMES, molecular_properties, quiet_rdkit, read_smiles, write_molecules
+from hygeia.chem import molecular_properties, quiet_rdkit, read_smiles
 from hygeia.errors import InputError
 
 # MOSES (Polykovskiy et al. 2020; molecularsets/moses README, v0.3): mean over 3 runs of 30,000

@@ -1,0 +1,115 @@
+"""Where the tritonserver binary and its Python backend are, and the environment it runs in.
+
+The nvidia-pytriton wheel ships a real tritonserver with the Python backend; the backend's stub
+for this Python is assembled once into a private cache (never touching site-packages).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import socket
+import sys
+import sysconfig
+import tempfile
+from pathlib import Path
+
+from ..errors import HygeiaError
+
+
+class TritonServerError(HygeiaError):
+    """tritonserver could not be found, did not start, or a model failed to load."""
+
+
+def _pytriton_root() -> Path:
+    try:
+        import pytriton  # type: ignore[import-not-found]
+    except ImportError:
+        raise TritonServerError("tritonserver not found: install the serving extra "
+                                "(pip install 'hygeia[serving]', which brings nvidia-pytriton)") from None
+    root = Path(pytriton.__file__).parent / "tritonserver"
+    if not (root / "bin" / "tritonserver").is_file():
+        raise TritonServerError(f"tritonserver not found under {root}")
+    return root
+
+
+def tritonserver_binary() -> Path:
+    """Path of the tritonserver executable (env ``HYGEIA_TRITONSERVER`` overrides)."""
+    env = os.environ.get("HYGEIA_TRITONSERVER")
+    if env:
+        return Path(env)
+    return _pytriton_root() / "bin" / "tritonserver"
+
+
+def backend_directory() -> Path:
+    """A backends folder whose python backend has the stub for this Python (3.x).
+
+    The wheel ships the stubs apart (``python_backend_stubs/3.11/``); Triton expects the stub next
+    to ``libtriton_python.so``. We assemble a private copy in the user cache (never touching
+    site-packages), once per wheel location and Python version.
+    """
+    env = os.environ.get("HYGEIA_TRITON_BACKENDS")
+    if env:
+        return Path(env)
+    root = _pytriton_root()
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = root / "python_backend_stubs" / pyver / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonServerError(f"no Python backend stub for Python {pyver} in {stub.parent.parent}")
+    src = root / "backends" / "python"
+    if (src / "triton_python_backend_stub").is_file():
+        return root / "backends"
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "hygeia" / "triton"
+    key = f"{hashlib.sha256(str(root).encode()).hexdigest()[:10]}-py{pyver}-{int(stub.stat().st_mtime)}"
+    dest = cache / key / "backends"
+    if (dest / "python" / "triton_python_backend_stub").is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".backends.", dir=dest.parent))
+    try:
+        (tmp / "python").mkdir()
+        for f in src.iterdir():
+            if f.is_file():
+                shutil.copy2(f, tmp / "python" / f.name)
+        shutil.copy2(stub, tmp / "python" / "triton_python_backend_stub")
+        try:
+            os.replace(tmp, dest)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A free TCP port (the OS picks one from the ephemeral, high range)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def server_env(threads: int | None = None) -> dict[str, str]:
+    """Environment for tritonserver: this venv's ``bin`` first on PATH (the stub runs its Python)."""
+    env = dict(os.environ)
+    venv_bin = str(Path(sys.prefix) / "bin")
+    env["PATH"] = venv_bin + os.pathsep + env.get("PATH", "")
+    env.setdefault("PYTHONNOUSERSITE", "1")
+    # The stub links libpython3.X.so: it must load the libpython of the Python that runs us (else
+    # e.g. Debian's 3.11.2 libpython meets pyenv's 3.11.7 stdlib and `import ssl` fails), and it
+    # finds libcudart through an RPATH relative to the wheel, which our copy of the stub breaks.
+    paths = []
+    libdir = sysconfig.get_config_var("LIBDIR")
+    ldlib = sysconfig.get_config_var("LDLIBRARY") or ""
+    if libdir and ldlib and (Path(libdir) / ldlib).exists():
+        paths.append(libdir)
+    try:
+        libs = _pytriton_root().parent.parent / "nvidia_pytriton.libs"
+        if libs.is_dir():
+            paths.append(str(libs))
+    except TritonServerError:
+        pass
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (*paths, env.get("LD_LIBRARY_PATH", "")) if p)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    return env
