@@ -193,23 +193,65 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed reproduces the same weights."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the plugin's)."),
     resume: bool = typer.Option(False, "--resume", help="Resume from the last checkpoint, if the plugin supports it."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Your labelled studies: a CheXpert-style or "
+                                        "ChestX-ray14-style CSV, or a MONAI datalist JSON (docs/user-data.md)."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder the image paths are relative to "
+                                              "(default: the label file's folder)."),
+    codes: Optional[Path] = typer.Option(None, "--codes", help="CSV finding,code,scheme,meaning for findings "
+                                         "outside the built-in code table."),
+    uncertain: Optional[str] = typer.Option(None, "--uncertain", help="CheXpert -1 labels: ignore (default), "
+                                            "u-ones or u-zeros."),
+    text_column: Optional[str] = typer.Option(None, "--text-column", help="Column with clinical text, for "
+                                              "diagnosers that read text."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Fine-tune from this bundle instead of training "
+                                        "from scratch."),
+    nproc: int = typer.Option(1, "--nproc", help="Processes on this machine (torch DDP through torchrun; gloo on "
+                              "CPU, NCCL on GPU)."),
     option: Optional[list[str]] = typer.Option(None, "--option", help="Trainer option KEY=VALUE (repeatable)."),
 ) -> None:
-    """Train a plugin's model reproducibly and write its bundle."""
+    """Train a plugin's model reproducibly and write its bundle (on phantoms, or on --data)."""
     from .plugins import get_registry
 
     spec = get_registry().find(plugin)
     if spec.train is None:
         raise InputError("plugin", f"a plugin with a trainer ({spec.kind} {plugin!r} has none)")
+    if nproc != 1:
+        _torchrun(nproc)
     opts = parse_options(option)
-    if out is not None:
-        opts["out"] = out
-    if epochs is not None:
-        opts["epochs"] = epochs
+    given = {"out": out, "epochs": epochs, "data": data, "image_root": image_root, "codes": codes,
+             "uncertain": uncertain, "text_column": text_column, "init": init}
+    opts.update({k: v for k, v in given.items() if v is not None})
     if resume:
         opts["resume"] = True
     path = spec.train(seed=seed, progress=True, **opts)
-    console.print(f"trained {spec.kind} {plugin!r}; bundle at {path}")
+    if path is not None:  # None: a DDP rank other than 0
+        console.print(f"trained {spec.kind} {plugin!r}; bundle at {path}")
+
+
+def _torchrun(nproc: int) -> None:
+    """Run this same ``hygeia train`` command as ``nproc`` processes under torchrun, then exit.
+
+    Several machines: run ``torchrun --nnodes M --nproc-per-node N --rdzv-endpoint HOST:PORT -m hygeia
+    train ...`` on each (docs/user-data.md); the trainer reads the torchrun environment.
+    """
+    import os
+    import subprocess
+
+    if isinstance(nproc, bool) or not 1 <= nproc <= 64:
+        raise InputError("--nproc", "an integer from 1 to 64", got=nproc)
+    if os.environ.get("LOCAL_RANK") is not None:  # already a torchrun worker
+        return
+    argv = list(sys.argv[1:])
+    for i, a in enumerate(argv):
+        if a == "--nproc":
+            del argv[i:i + 2]
+            break
+        if a.startswith("--nproc="):
+            del argv[i]
+            break
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "hygeia", *argv]
+    raise typer.Exit(subprocess.call(cmd))
 
 
 _loaded = False
