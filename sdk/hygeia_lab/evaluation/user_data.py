@@ -1,0 +1,151 @@
+"""Evaluate a diagnoser on labelled image files: the user's studies or an exported phantom set.
+
+``hygeia evaluate diagnoser NAME --bundle B --data valid.csv`` reads the label file
+(:func:`hygeia.data.labels.read_labels`), streams the images through the diagnoser in batches,
+and reports per-finding and macro AUROC with bootstrap 95 % intervals (resampling images), the
+sensitivity and specificity at the diagnoser's thresholds, and ROC curves as PNG.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from hygeia.errors import InputError
+
+BOOTSTRAP = 1000
+
+
+def _auroc(y: np.ndarray, p: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney statistic (ties count half; equals sklearn's roc_auc_score)."""
+    from scipy.stats import rankdata
+
+    pos = y > 0.5
+    n_pos, n_neg = int(pos.sum()), int((~pos).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    return float((rankdata(p)[pos].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def bootstrap_auroc(y: np.ndarray, p: np.ndarray, n: int = BOOTSTRAP, seed: int = 0) -> dict[str, Any]:
+    """AUROC per column of ``y`` / ``p`` (NaN labels ignored) and the macro AUROC, each with a
+    percentile bootstrap 95 % interval over images (resamples lacking a class are skipped)."""
+    y, p = np.asarray(y, np.float64), np.asarray(p, np.float64)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(y), size=(n, len(y)))
+    per: list[dict[str, float]] = []
+    boots = np.full((n, y.shape[1]), np.nan)
+    for j in range(y.shape[1]):
+        m = ~np.isnan(y[:, j])
+        point = _auroc(y[m, j], p[m, j])
+        for b in range(n):
+            ii = idx[b][m[idx[b]]]
+            boots[b, j] = _auroc(y[ii, j], p[ii, j])
+        lo, hi = (np.nanpercentile(boots[:, j], [2.5, 97.5]) if np.isfinite(boots[:, j]).any() else (np.nan, np.nan))
+        per.append({"auroc": point, "ci95": [float(lo), float(hi)], "n": int(m.sum()), "n_pos": int(y[m, j].sum())})
+    macro_boot = np.nanmean(boots, axis=1) if np.isfinite(boots).any() else np.full(n, np.nan)
+    points = [r["auroc"] for r in per]
+    macro = float(np.nanmean(points)) if np.isfinite(points).any() else float("nan")
+    lo, hi = np.nanpercentile(macro_boot, [2.5, 97.5]) if np.isfinite(macro_boot).any() else (np.nan, np.nan)
+    return {"per_finding": per, "macro_auroc": macro, "macro_ci95": [float(lo), float(hi)], "bootstrap": n}
+
+
+def predict(diagnoser: Any, items: Sequence[Any], batch_size: int = 32, workers: int = 0,
+            progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities ``[N, F]`` of the diagnoser's findings and its thresholds, images streamed from disk."""
+    from hygeia_lab.training.data import ShardedPermutation, check_batch, dataset, loader
+
+    size = int(max(diagnoser.input_size))
+    dl = loader(dataset(items, size), batch_size, ShardedPermutation(len(items), 0, shuffle=False), workers)
+    probs: list[np.ndarray] = []
+    thresholds = np.full(len(diagnoser.findings), np.nan)
+    from rich.progress import Progress
+
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("diagnosing", total=len(items))
+        for batch in dl:
+            check_batch(batch)
+            for d in diagnoser.diagnose(batch["image"].numpy()):
+                by = {f.label: f for f in d.findings}
+                probs.append(np.array([by[f].probability if f in by else np.nan for f in diagnoser.findings]))
+                thresholds = np.array([by[f].threshold if f in by else t for f, t in zip(diagnoser.findings, thresholds)])
+            bar.advance(task, len(batch["image"]))
+    return np.stack(probs), thresholds
+
+
+def evaluate_items(diagnoser: Any, items: Sequence[Any], findings: Sequence[str], batch_size: int = 32,
+                   progress: bool = True, seed: int = 0) -> dict[str, Any]:
+    """Metrics of ``diagnoser`` on ``items`` for the label file's ``findings`` it reports."""
+    own = list(diagnoser.findings)
+    missing = [f for f in findings if f not in own]
+    if len(missing) == len(findings):
+        raise InputError("--data findings", f"findings the diagnoser reports ({', '.join(own)})",
+                         got=", ".join(findings))
+    p, thr = predict(diagnoser, items, batch_size=batch_size, progress=progress)
+    cols = [f for f in findings if f in own]
+    y = np.stack([it.labels for it in items])[:, [list(findings).index(f) for f in cols]]
+    pp = p[:, [own.index(f) for f in cols]]
+    res = bootstrap_auroc(y, pp, seed=seed)
+    per = {}
+    for j, f in enumerate(cols):
+        m = ~np.isnan(y[:, j])
+        t = float(thr[own.index(f)])
+        call, truth = pp[m, j] >= t, y[m, j] > 0.5
+        per[f] = {**res["per_finding"][j], "threshold": t,
+                  "sensitivity": float(call[truth].mean()) if truth.any() else float("nan"),
+                  "specificity": float((~call[~truth]).mean()) if (~truth).any() else float("nan")}
+    return {"diagnoser": diagnoser.identity.name, "weights_sha256": diagnoser.identity.weights_sha256,
+            "n_images": len(items), "per_finding": per, "macro_auroc": res["macro_auroc"],
+            "macro_ci95": res["macro_ci95"], "bootstrap": res["bootstrap"], "not_reported": missing,
+            "_roc": {"y": y, "p": pp, "findings": cols}}
+
+
+def roc_png(path: Path, result: dict[str, Any]) -> Path:
+    """ROC curves, one per finding, with AUROC and interval in the legend (written atomically)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    from hygeia.outputs import atomic_path
+
+    roc = result["_roc"]
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=100)
+    for j, f in enumerate(roc["findings"]):
+        m = ~np.isnan(roc["y"][:, j])
+        if 0 < roc["y"][m, j].sum() < m.sum():
+            fpr, tpr, _ = roc_curve(roc["y"][m, j], roc["p"][m, j])
+            r = result["per_finding"][f]
+            ax.plot(fpr, tpr, label=f"{f} {r['auroc']:.3f} [{r['ci95'][0]:.3f}, {r['ci95'][1]:.3f}]")
+    ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+    ax.set_xlabel("1 - specificity")
+    ax.set_ylabel("sensitivity")
+    ax.set_title(f"{result['diagnoser']}: macro AUROC {result['macro_auroc']:.3f}")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return Path(path)
+
+
+def print_result(result: dict[str, Any], json_out: bool) -> None:
+    """The result as JSON on stdout, or a table."""
+    public = {k: v for k, v in result.items() if not k.startswith("_")}
+    if json_out:
+        print(json.dumps(public, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table("finding", "n+", "AUROC", "95 % CI", "sens", "spec", "threshold",
+              title=f"{result['diagnoser']} on {result['n_images']} images")
+    for f, r in result["per_finding"].items():
+        t.add_row(f, str(r["n_pos"]), f"{r['auroc']:.3f}", f"{r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}",
+                  f"{r['sensitivity']:.3f}", f"{r['specificity']:.3f}", f"{r['threshold']:.3f}")
+    t.add_row("macro", "", f"{result['macro_auroc']:.3f}",
+              f"{result['macro_ci95'][0]:.3f}-{result['macro_ci95'][1]:.3f}", "", "", "")
+    Console().print(t)
