@@ -112,7 +112,7 @@ def _send_raw(port: int, sop_class: str, sop_uid: str, body: bytes) -> int:
 
 def test_bad_input_is_rejected_and_gateway_keeps_serving(cnn, phantom, tmp_path, caplog):
     from hygeia_pacs import Gateway
-    from hygeia_pacs.gateway import (STATUS_MODALITY, STATUS_NO_PIXELS, STATUS_UNDECODABLE, STATUS_VOLUME)
+    from hygeia_pacs.listener import (STATUS_MODALITY, STATUS_NO_PIXELS, STATUS_UNDECODABLE, STATUS_VOLUME)
 
     cfg = _config(tmp_path, study_timeout_s=3600)
     good = pydicom.dcmread(phantom)
@@ -257,3 +257,20 @@ def test_dead_sr_process_is_replaced_and_the_study_retried(cnn, phantom, tmp_pat
         assert info["groups"] == len(cnn.findings)
     finally:
         gw._sr_pool.shutdown()
+
+
+def test_failed_study_is_listed_and_retry_queues_it_again(tmp_path):
+    """`hygeia gateway status` lists a failure record; `hygeia gateway retry` puts the job back."""
+    from hygeia_pacs.spool import Spool
+
+    spool = Spool(tmp_path / "spool")
+    spool.store("1.2.3", "1.2.3.4", b"DICM")
+    job, = spool.close_idle(0.0, now=1e12)
+    spool.fail(job, {"study": "study#abc", "reason": "PermanentError: refused", "attempts": 3})
+    assert spool.summary()["failed"] == 1 and spool.jobs() == []
+    assert spool.failures() == [{"job": job.name, "study": "study#abc", "reason": "PermanentError: refused",
+                                 "attempts": 3, "time": None}]
+    assert spool.retry_failed() == 1
+    again, = spool.jobs()
+    assert again.name == job.name and (again / "instances" / "1.2.3.4.dcm").read_bytes() == b"DICM"
+    assert spool.state(again)["attempts"] == 0 and spool.summary()["failed"] == 0

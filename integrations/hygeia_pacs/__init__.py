@@ -1,7 +1,8 @@
 """Hygeia PACS gateway: receives images by DICOM C-STORE, diagnoses them (locally or on Triton),
 and sends a TID 1500 SR back to the PACS by C-STORE and/or DICOMweb STOW-RS.
 
-``hygeia gateway CONFIG`` runs it (the command is added through ``hygeia_cli_commands``).
+``hygeia gateway run CONFIG`` runs it; ``work``, ``status`` and ``retry`` manage a broker queue and
+failures (the commands are added through ``hygeia_cli_commands``).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""``hygeia gateway``: run the PACS gateway (added to the core CLI through ``hygeia_cli_commands``)."""
+"""``hygeia gateway run|work|status|retry`` (added to the core CLI through ``hygeia_cli_commands``)."""
 from __future__ import annotations
 
 import json
@@ -10,42 +10,102 @@ from typing import Any, Optional
 
 import typer
 
+gateway_app = typer.Typer(help="The PACS gateway: DICOM in, diagnosis, TID 1500 SR back.", no_args_is_help=True)
+_CONFIG = typer.Argument(..., exists=True, dir_okay=False, help="Gateway config (.json or .toml).")
+
+
+@gateway_app.command("run")
+def run(
+    config: Path = _CONFIG,
+    server: Optional[str] = typer.Option(None, "--server", help="Diagnose on Triton HOST:PORT[,HOST:PORT] (overrides config)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every instance and association."),
+) -> None:
+    """Run the gateway: C-STORE in, diagnosis, TID 1500 SR back to the PACS (C-STORE/STOW-RS)."""
+    _serve(config, server, verbose, work_only=False)
+
+
+@gateway_app.command("work")
+def work(
+    config: Path = _CONFIG,
+    server: Optional[str] = typer.Option(None, "--server", help="Diagnose on Triton HOST:PORT[,HOST:PORT] (overrides config)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """A worker without a DICOM listener: process studies from the config's broker queue."""
+    _serve(config, server, verbose, work_only=True)
+
+
+@gateway_app.command("status")
+def status(config: Path = _CONFIG) -> None:
+    """The queue as JSON: counts, and every failed (dead-lettered) study with its reason."""
+    from .config import GatewayConfig
+    from .spool import Spool
+
+    cfg = GatewayConfig.load(config)
+    spool = Spool(cfg.spool)
+    out: dict[str, Any] = {**spool.summary(), "failures": spool.failures()}
+    if cfg.broker:
+        from .broker import status as broker_status
+
+        out["broker"] = broker_status(cfg.broker, cfg.broker_queue, cfg.broker_delivery_limit)
+    typer.echo(json.dumps(out, indent=2))
+
+
+@gateway_app.command("retry")
+def retry(config: Path = _CONFIG) -> None:
+    """Send every failed (dead-lettered) study again."""
+    from .config import GatewayConfig
+    from .spool import Spool
+
+    cfg = GatewayConfig.load(config)
+    moved = Spool(cfg.spool).retry_failed()
+    if cfg.broker:
+        from .broker import BrokerQueue
+
+        from .broker import BrokerError, describe
+
+        q = BrokerQueue(cfg.broker, cfg.broker_queue, cfg.broker_delivery_limit)
+        try:
+            moved += q.retry_dead()
+        except Exception as exc:  # pika's connection and channel errors: one line, no password
+            raise BrokerError(f"broker {describe(cfg.broker)}: {type(exc).__name__}: {str(exc)[:200]}") from None
+        finally:
+            q.close()
+    typer.echo(f"{moved} stud{'y' if moved == 1 else 'ies'} queued again")
+
+
+def _serve(config: Path, server: Optional[str], verbose: bool, work_only: bool) -> None:
+    from .config import GatewayConfig
+    from .gateway import Gateway
+
+    cfg = GatewayConfig.load(config)
+    if server:
+        cfg.server = server
+    if work_only:
+        if not cfg.broker:
+            from hygeia.errors import InputError
+
+            raise InputError("gateway config broker", "an amqp:// URL (a worker consumes the broker queue)", got="none")
+        cfg.receive = False
+    _setup_logging(verbose)
+    gw = Gateway(cfg).start()
+    stop = threading.Event()
+
+    def _handle(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handle)
+    signal.signal(signal.SIGINT, _handle)
+    where = "worker" if work_only else f"{cfg.ae_title} on {cfg.host}:{cfg.port}"
+    typer.echo(f"hygeia gateway {where} (Ctrl-C stops)", err=True)
+    while not stop.wait(0.5):
+        pass
+    gw.stop()
+    typer.echo(f"stopped: {json.dumps(gw.status())}", err=True)
+
 
 def register(app: typer.Typer) -> None:
-    """Add the ``gateway`` command to the ``hygeia`` app."""
-
-    @app.command()
-    def gateway(
-        config: Path = typer.Argument(..., exists=True, dir_okay=False, help="Gateway config (.json or .toml)."),
-        server: Optional[str] = typer.Option(None, "--server", help="Diagnose on Triton HOST:PORT (overrides config)."),
-        status: bool = typer.Option(False, "--status", help="Print the queue's state as JSON and exit."),
-        verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every instance and association."),
-    ) -> None:
-        """Run the DICOM gateway: C-STORE in, diagnosis, TID 1500 SR back to the PACS (C-STORE/STOW-RS)."""
-        from .config import GatewayConfig
-        from .gateway import Gateway
-        from .spool import Spool
-
-        cfg = GatewayConfig.load(config)
-        if server:
-            cfg.server = server
-        if status:
-            typer.echo(json.dumps(Spool(cfg.spool).summary(), indent=2))
-            return
-        _setup_logging(verbose)
-        gw = Gateway(cfg).start()
-        stop = threading.Event()
-
-        def _handle(signum: int, frame: Any) -> None:
-            stop.set()
-
-        signal.signal(signal.SIGTERM, _handle)
-        signal.signal(signal.SIGINT, _handle)
-        typer.echo(f"hygeia gateway {cfg.ae_title} on {cfg.host}:{cfg.port} (Ctrl-C stops)", err=True)
-        while not stop.wait(0.5):
-            pass
-        gw.stop()
-        typer.echo(f"stopped: {json.dumps(gw.status())}", err=True)
+    """Add ``hygeia gateway ...`` to the ``hygeia`` app."""
+    app.add_typer(gateway_app, name="gateway")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -57,3 +117,4 @@ def _setup_logging(verbose: bool) -> None:
         logger.addHandler(RichHandler(show_path=False, markup=False))
         logger.propagate = False
     logging.getLogger("pynetdicom").setLevel(logging.INFO if verbose else logging.WARNING)
+    logging.getLogger("pika").setLevel(logging.WARNING)

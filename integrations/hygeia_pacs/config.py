@@ -52,7 +52,7 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 11112
     allowed_callers: tuple[str, ...] = ()
-    diagnoser: str = "cnn"
+    diagnoser: str | None = None  # None: the installed default diagnoser (HYGEIA_DIAGNOSER, or the spec marked default)
     server: str | None = None  # Triton gRPC HOST:PORT; None = run the diagnoser in-process
     study_timeout_s: float = 10.0
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
@@ -67,6 +67,11 @@ class GatewayConfig:
     sr_processes: int = 0  # build + encode SRs in this many separate processes (0: in the worker threads)
     keep_instances: bool = False
     poll_s: float = 0.2
+    broker: str | None = None  # amqp://user:password@host:5672/vhost: studies travel through RabbitMQ
+    broker_queue: str = "hygeia.studies"
+    broker_delivery_limit: int = 20  # deliveries before the quorum queue dead-letters a study
+    receive: bool = True  # run the DICOM listener (False: a worker that only consumes the broker queue)
+    consume: bool = True  # process studies (False with a broker: a receiver that only publishes)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -91,6 +96,14 @@ class GatewayConfig:
         if isinstance(self.sr_processes, bool) or not isinstance(self.sr_processes, int) or not 0 <= self.sr_processes <= 64:
             raise InputError("gateway config sr_processes", "an integer from 0 to 64 (0: no separate processes)",
                              got=repr(self.sr_processes))
+        if self.broker is not None and not str(self.broker).startswith(("amqp://", "amqps://")):
+            raise InputError("gateway config broker", "an amqp:// or amqps:// URL", got="another scheme")
+        if not self.consume and self.broker is None:
+            raise InputError("gateway config consume", "true unless a broker is set (someone must process studies)",
+                             got="false without a broker")
+        if not self.receive and self.broker is None:
+            raise InputError("gateway config receive", "true unless a broker is set (a worker needs a broker queue)",
+                             got="false without a broker")
         if self.study_timeout_s <= 0 or self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise InputError("gateway config timings", "study_timeout_s > 0 and 0 < retry_initial_s <= retry_max_s",
                              got=(self.study_timeout_s, self.retry_initial_s, self.retry_max_s))

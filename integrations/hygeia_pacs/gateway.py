@@ -15,8 +15,7 @@ Logs never contain patient data: a study is named by a short hash of its UID.
 """
 from __future__ import annotations
 
-import hashlib
-import io
+import functools
 import logging
 import threading
 import time
@@ -29,59 +28,11 @@ from hygeia.errors import InputError
 
 from .config import GatewayConfig
 from .senders import PermanentError, send_cstore, send_stow
+from .listener import Listener, study_tag  # noqa: F401  (study_tag: public here too)
+from .reports import _warm_sr_process, encode_sr, report_uids
 from .spool import Spool, durable_write
 
 log = logging.getLogger("hygeia_pacs.gateway")
-
-# Failure statuses for rejected instances (0xC000-0xCFFF: "Cannot understand", PS3.4 B.2.3).
-STATUS_UNDECODABLE = 0xC210  # not a decodable DICOM data set
-STATUS_NO_PIXELS = 0xC211  # DICOM without pixel data
-STATUS_MODALITY = 0xC212  # modality not accepted
-STATUS_VOLUME = 0xC213  # 3D volume (several frames) where a 2D image is expected
-STATUS_PIXELS = 0xC214  # pixel data not decodable (transfer syntax / compression)
-STATUS_BAD_UID = 0xC215  # missing or malformed Study/SOP Instance UID
-STATUS_OUT_OF_RESOURCES = 0xA700  # could not write to the spool
-
-
-def study_tag(study_uid: str) -> str:
-    """A short, non-reversible name for a study in logs (no PHI, no UID)."""
-    return "study#" + hashlib.sha256(study_uid.encode()).hexdigest()[:10]
-
-
-SR_FORMAT = "sr"
-"""The output format (``hygeia_output_formats``) that builds the reports the gateway sends."""
-
-
-def encode_sr(diagnoses: list[Any], datasets: list[Any]) -> tuple[bytes, dict[str, Any]]:
-    """Build one TID 1500 SR through the ``sr`` output format and encode it as a PS3.10 file.
-
-    Returns the bytes and the SR's SOP Instance UID, Series Instance UID and number of finding
-    groups. Runs in a worker thread or, with ``sr_processes``, in a separate process (the
-    arguments are pickled: diagnoses and pixel-free headers).
-    """
-    import pydicom
-
-    from hygeia.plugins import get_registry
-
-    fmt = get_registry().output_format(SR_FORMAT)
-    if fmt.build is None:
-        raise InputError(f"output format {SR_FORMAT!r} ({fmt.package})", "a format that builds reports in memory",
-                         got="a file writer only")
-    sr, = fmt.build(diagnoses, sources=datasets)
-    buf = io.BytesIO()
-    pydicom.dcmwrite(buf, sr, enforce_file_format=True)
-    return buf.getvalue(), {"sop_instance_uid": str(sr.SOPInstanceUID),
-                            "series_instance_uid": str(sr.SeriesInstanceUID), "groups": _count_groups(sr)}
-
-
-def _warm_sr_process() -> None:
-    """Process-pool initializer: import the SR stack once, before the first study."""
-    import highdicom  # noqa: F401
-
-    from hygeia.plugins import get_registry
-
-    get_registry().output_format(SR_FORMAT)
-
 
 def clinical_text(ds: Any) -> str:
     """Clinical history carried by an image, if any (Additional Patient History, Reason for Study)."""
@@ -90,7 +41,7 @@ def clinical_text(ds: Any) -> str:
     return " ".join(p for p in parts if p)
 
 
-class Gateway:
+class Gateway(Listener):
     """Runs the SCP and the worker. ``diagnoser``: any object with ``diagnose(images, texts)`` and
     ``input_size``; None builds it from the config (local plugin or Triton)."""
 
@@ -114,30 +65,23 @@ class Gateway:
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> "Gateway":
         """Start listening and processing (returns at once; see :meth:`stop`)."""
-        from pynetdicom import AE, AllStoragePresentationContexts, evt
-        from pynetdicom.sop_class import Verification
-
-        if self._diagnoser is None and not self.config.server:
+        if self._diagnoser is None and not self.config.server and self.config.consume:
             self.diagnoser()  # a local plugin that cannot load is a configuration error: fail now
-        ae = AE(ae_title=self.config.ae_title)
-        ae.require_calling_aet = list(self.config.allowed_callers)
-        ae.maximum_pdu_size = 0
-        for cx in AllStoragePresentationContexts:
-            ae.add_supported_context(cx.abstract_syntax, list(self.config.transfer_syntaxes))
-        ae.add_supported_context(Verification)
-        handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected),
-                    (evt.EVT_ABORTED, self._on_aborted)]
-        self._ae = ae
-        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        if self.config.receive:
+            self._start_listener()
         self._stop.clear()
         if self.config.sr_processes:
             self._start_sr_pool()
-        self._workers = [threading.Thread(target=self._work_loop, name=f"hygeia-gateway-worker-{i}", daemon=True)
+        target = self._work_loop
+        if self.config.broker:
+            from . import distributed
+
+            distributed.clear_work(self)
+            target = functools.partial(distributed.work_loop, self)
+        self._workers = [threading.Thread(target=target, name=f"hygeia-gateway-worker-{i}", daemon=True)
                          for i in range(self.config.workers)]
         for w in self._workers:
             w.start()
-        log.info("gateway %s listening on %s:%d (callers %s); spool %s", self.config.ae_title, self.config.host,
-                 self.config.port, ",".join(self.config.allowed_callers), self.config.spool)
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -174,75 +118,21 @@ class Gateway:
     def diagnoser(self) -> Any:
         """The diagnoser, built on first use (a remote one may fail now and succeed later)."""
         if self._diagnoser is None:
+            from hygeia.plugins import get_registry
+
+            name = self.config.diagnoser or get_registry().default_name("diagnoser")
             if self.config.server:
                 from hygeia.serving import connect
 
-                self._diagnoser = connect("diagnoser", self.config.diagnoser, self.config.server)
+                self._diagnoser = connect("diagnoser", name, self.config.server)
             else:
-                import hygeia
-
-                self._diagnoser = hygeia.create("diagnoser", self.config.diagnoser)
+                self._diagnoser = get_registry().create("diagnoser", name)
         return self._diagnoser
 
     # -- receiving -----------------------------------------------------------------
     def _count(self, key: str, n: int = 1) -> None:
         with self._counter_lock:
             self.counters[key] += n
-
-    def _reject(self, event: Any, status: int, reason: str) -> Any:
-        from pydicom import Dataset
-
-        self._count("rejected")
-        caller = getattr(getattr(event.assoc, "requestor", None), "ae_title", "?")
-        sop_class = str(getattr(getattr(event, "request", None), "AffectedSOPClassUID", "?"))
-        log.warning("rejected instance from %s: %s (SOP Class %s, status 0x%04X)", caller, reason, sop_class, status)
-        ds = Dataset()
-        ds.Status = status
-        ds.ErrorComment = reason[:64]
-        return ds
-
-    def _on_rejected(self, event: Any) -> None:
-        caller = getattr(getattr(event.assoc, "requestor", None), "ae_title", "?")
-        log.warning("association from AE title %r rejected (not in allowed_callers)", caller)
-
-    def _on_aborted(self, event: Any) -> None:
-        log.info("association aborted")
-
-    def _on_store(self, event: Any) -> Any:
-        """C-STORE handler: validate, store durably, then answer."""
-        try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
-            _ = [elem for elem in ds]  # force parsing of every top-level element
-        except Exception as exc:
-            return self._reject(event, STATUS_UNDECODABLE, f"not a decodable DICOM data set ({type(exc).__name__})")
-        study_uid, sop_uid = str(getattr(ds, "StudyInstanceUID", "")), str(getattr(ds, "SOPInstanceUID", ""))
-        if not study_uid or not sop_uid:
-            return self._reject(event, STATUS_BAD_UID, "missing Study Instance UID or SOP Instance UID")
-        if "PixelData" not in ds:
-            return self._reject(event, STATUS_NO_PIXELS, "no Pixel Data: an image is expected")
-        modality = str(getattr(ds, "Modality", "")).upper()
-        if modality not in self.config.modalities:
-            return self._reject(event, STATUS_MODALITY,
-                                f"modality {modality or 'none'} not accepted ({'/'.join(self.config.modalities)})")
-        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-        if frames > 1:
-            return self._reject(event, STATUS_VOLUME, f"3D volume ({frames} frames): 2D image expected")
-        from hygeia.data.io import load_dataset
-
-        try:
-            load_dataset(ds, name="received instance")
-        except InputError as exc:
-            return self._reject(event, STATUS_PIXELS, f"pixel data not usable: {exc.got}"[:64])
-        try:
-            self.spool.store(study_uid, sop_uid, event.encoded_dataset(include_meta=True))
-        except ValueError as exc:
-            return self._reject(event, STATUS_BAD_UID, str(exc))
-        except OSError as exc:
-            log.error("cannot write to the spool: %s", exc)
-            return self._reject(event, STATUS_OUT_OF_RESOURCES, "gateway spool not writable")
-        self._count("accepted")
-        return 0x0000
 
     # -- processing ----------------------------------------------------------------
     def _work_loop(self) -> None:
@@ -414,14 +304,15 @@ class Gateway:
             if "PixelData" in d:
                 del d.PixelData
         t0 = time.perf_counter()
+        uids = report_uids(datasets, diagnoses[0].model)
         if self._sr_pool is None:
-            out = encode_sr(diagnoses, datasets)
+            out = encode_sr(diagnoses, datasets, **uids)
         else:
             from concurrent.futures.process import BrokenProcessPool
 
             pool = self._sr_pool
             try:
-                out = pool.submit(encode_sr, diagnoses, datasets).result()
+                out = pool.submit(encode_sr, diagnoses, datasets, **uids).result()
             except BrokenProcessPool:  # an SR process died (killed, out of memory): new pool, retry later
                 with self._claim_lock:  # one worker replaces the broken pool, the others find it replaced
                     if self._sr_pool is pool:
@@ -447,10 +338,3 @@ class Gateway:
                 return True
             time.sleep(0.05)
         return False
-
-
-def _count_groups(sr: Any) -> int:
-    try:
-        return sum(1 for _ in sr.ContentSequence[-1].ContentSequence)
-    except Exception:
-        return 0

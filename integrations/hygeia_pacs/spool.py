@@ -172,6 +172,34 @@ class Spool:
         fsync_dir(self.processing)
         return out
 
+    def failures(self) -> list[dict[str, Any]]:
+        """The failure records (dead letters of the local queue), oldest first."""
+        out = []
+        for f in sorted(self.failed.glob("*.json")):
+            r = read_json(f, default={}) or {}
+            out.append({"job": f.stem, "study": r.get("study", ""), "reason": r.get("reason", ""),
+                        "attempts": r.get("attempts", 0), "time": r.get("time")})
+        return out
+
+    def retry_failed(self) -> int:
+        """Put every failed job back into processing/ with a fresh state; returns how many."""
+        moved = 0
+        with self.lock:
+            for record in sorted(self.failed.glob("*.json")):
+                job = self.failed / record.stem
+                if not job.is_dir():
+                    record.unlink()
+                    continue
+                state = self.state(job)
+                state.update(attempts=0, next_attempt=0.0, created=time.time(), last_error=None)
+                write_json(job / "state.json", state)
+                os.replace(job, self.processing / job.name)
+                record.unlink()
+                moved += 1
+            fsync_dir(self.processing)
+            fsync_dir(self.failed)
+        return moved
+
     def summary(self) -> dict[str, int]:
         return {
             "open_studies": len(self.open_studies()),

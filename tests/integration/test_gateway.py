@@ -198,7 +198,7 @@ def test_gateway_killed_after_ack_resumes(orthanc, tmp_path):
     log = open(tmp_path / "gateway.log", "ab")
 
     def launch() -> subprocess.Popen:
-        p = subprocess.Popen([sys.executable, "-m", "hygeia", "gateway", str(cfg_path)], stdout=log,
+        p = subprocess.Popen([sys.executable, "-m", "hygeia", "gateway", "run", str(cfg_path)], stdout=log,
                              stderr=subprocess.STDOUT, env=env)
         assert wait_port(cfg["port"], timeout=120), (tmp_path / "gateway.log").read_text()[-3000:]
         return p
