@@ -89,7 +89,8 @@ def main() -> None:
     if args.moses:
         from rich.console import Console
 
-        from hygeia_lab.evaluation.molecules import evaluate_smiles, render_table, write_molecules
+        from hygeia.chem import write_molecules
+        from hygeia_lab.evaluation.molecules import evaluate_smiles, render_table
 
         t = time.perf_counter()
         smiles = [m.smiles for m in gen.generate(args.moses, seed=args.seed)]
@@ -114,7 +115,7 @@ def main() -> None:
     if args.json:
         args.json.write_text(json.dumps(report, indent=2, default=float))
     if args.update_card:
-        from hygeia_vae.molecule import WEIGHTS, update_card_metrics
+        from hygeia_molvae.plugin import WEIGHTS, update_card_metrics
 
         m: dict[str, Any] = {"cpu_valid_molecules_per_s": round(s["valid_per_s"], 1),
                              "cpu_threads_for_speed": s["threads"]}

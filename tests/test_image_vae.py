@@ -39,7 +39,8 @@ def test_conditions_differ_and_prefix_is_stable(vae) -> None:
 def test_temperature_controls_diversity(vae) -> None:
     """Temperature scales the noise within the chosen mixture component (the component choice
     does not depend on it), so latents move linearly with it and cold samples vary less."""
-    from hygeia_vae.image import PRIORS, sample_prior
+    from hygeia_vae._prior import sample_prior
+    from hygeia_vae.model import PRIORS
 
     cold = np.stack([g.pixels for g in vae.generate(16, condition="nodule", seed=1, temperature=0.05)])
     warm = np.stack([g.pixels for g in vae.generate(16, condition="nodule", seed=1, temperature=1.0)])
@@ -70,7 +71,8 @@ def test_guidance_is_flow_paired(vae) -> None:
     """The shipped mixture prior is guided through its flow: each sample z is mapped to the flow's
     noise under its condition and back under the negative (z_b, the same sample without the
     finding), then z_b + s (z - z_b); 'normal' (its own negative) and the null condition are never guided."""
-    from hygeia_vae.image import PRIORS, sample_prior
+    from hygeia_vae._prior import sample_prior
+    from hygeia_vae.model import PRIORS
 
     assert vae.config["prior"]["guidance"] == "flow" and vae.flow is not None
     px = lambda out: np.stack([g.pixels for g in out])  # noqa: E731
@@ -129,7 +131,8 @@ def test_priors_cover_every_label(vae) -> None:
 
 def test_training_writes_bundle_and_grids(tmp_path) -> None:
     """A tiny run of the real trainer: bundle loadable, one sample grid per epoch, same seed -> same weights."""
-    from hygeia_vae.image import ImageVAE, train
+    from hygeia_vae.plugin import ImageVAE
+    from hygeia_vae.train import train
 
     def run(name: str) -> ImageVAE:
         train(out=tmp_path / name, seed=3, progress=False, epochs=2, n_per_class=8, batch_size=16, n_val=4,
@@ -145,7 +148,8 @@ def test_training_writes_bundle_and_grids(tmp_path) -> None:
     assert "gmm_chol" in a.prior and a.prior["mean"].shape[0] == len(CONDITION_LABELS) + 1 and a.flow is None
     r = a.generate(1, condition="effusion", seed=0)[0]
     assert r.provenance["guidance_scale"] == 7.0 and r.provenance["temperature"] == 1.1
-    from hygeia_vae.image import PRIORS, sample_prior  # guide="mean": the sample shifted by (s - 1)(mean_c - mean_b)
+    from hygeia_vae._prior import sample_prior  # guide="mean": the sample shifted by (s - 1)(mean_c - mean_b)
+    from hygeia_vae.model import PRIORS
 
     for neg in ("normal", "none", "cardiomegaly"):
         got = a.generate(3, condition="effusion", seed=4, guidance_scale=2.5, negative_condition=neg)
@@ -202,7 +206,8 @@ def test_free_text_is_mapped_to_a_label():
 @pytest.fixture(scope="module")
 def tiny_flow_vae(tmp_path_factory):
     """A tiny vae with a flow prior, trained by the real trainer (1 autoencoder epoch, 30 one-batch flow epochs)."""
-    from hygeia_vae.image import ImageVAE, train
+    from hygeia_vae.plugin import ImageVAE
+    from hygeia_vae.train import train
 
     d = tmp_path_factory.mktemp("flowvae")
     train(out=d / "a", seed=3, progress=False, epochs=1, n_per_class=8, batch_size=16, n_val=4, prior_rank=4,
@@ -213,7 +218,8 @@ def tiny_flow_vae(tmp_path_factory):
 def test_flow_prior_is_invertible_and_learns() -> None:
     """The flow maps latents to noise and back exactly, and training lowers the likelihood loss
     the same way from the same seed."""
-    from hygeia_vae.flow_prior import GRID, train_flow_prior
+    from hygeia_vae.model import GRID
+    from hygeia_vae.train import train_flow_prior
 
     g = torch.Generator().manual_seed(0)
     rows = torch.arange(64) % 3
@@ -239,7 +245,8 @@ def test_flow_prior_bundle_samples_and_guides(tiny_flow_vae, tmp_path) -> None:
     """A flow-prior bundle: reproducible, image i independent of n, guidance in latent space
     z_b + s (z_c - z_b) with the same noise (s = 0: exactly the negative condition's image),
     and the autoencoder_from option refits the same prior on the same autoencoder."""
-    from hygeia_vae.image import ImageVAE, train
+    from hygeia_vae.plugin import ImageVAE
+    from hygeia_vae.train import train
 
     v, path = tiny_flow_vae
     assert v.config["prior"] == {"kind": "flow", "flow": {"blocks": 2, "hidden": 8, "emb": 8, "epochs": 30,
@@ -249,7 +256,8 @@ def test_flow_prior_bundle_samples_and_guides(tiny_flow_vae, tmp_path) -> None:
     a = px(v.generate(4, condition="effusion", seed=2))
     np.testing.assert_array_equal(a, px(v.generate(4, condition="effusion", seed=2)))
     np.testing.assert_allclose(px(v.generate(1, condition="effusion", seed=2))[0], a[0], atol=1e-5)
-    from hygeia_vae.image import FLOW_GRID, PRIORS
+    from hygeia_vae.model import GRID as FLOW_GRID
+    from hygeia_vae.model import PRIORS
 
     u = torch.randn(3, *FLOW_GRID, generator=torch.Generator().manual_seed(0))
     c, b = PRIORS.index("effusion"), PRIORS.index("normal")

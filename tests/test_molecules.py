@@ -10,13 +10,8 @@ pytest.importorskip("rdkit")
 
 import hygeia  # noqa: E402
 from hygeia.errors import InputError, UnsupportedConditionError  # noqa: E402
-from hygeia_lab.evaluation.molecules import (  # noqa: E402
-    baselines,
-    molecular_properties,
-    read_smiles,
-    render_table,
-    write_molecules,
-)
+from hygeia.chem import molecular_properties, read_smiles, write_molecules  # noqa: E402
+from hygeia_lab.evaluation.molecules import baselines, render_table  # noqa: E402
 
 TRAIN_SMILES = [  # MOSES training molecules
     "CCCS(=O)c1ccc2[nH]c(=NC(=O)OC)[nH]c2c1",
@@ -126,7 +121,8 @@ def test_write_smi_and_sdf(tmp_path: Path):
 
 def test_tiny_training_skips_and_counts_invalid_smiles_and_resumes(tmp_path: Path):
     from hygeia_lab.evaluation._moses_compat import import_moses
-    from hygeia_vae.molecule import MoleculeVAEGenerator, train
+    from hygeia_molvae.plugin import MoleculeVAEGenerator
+    from hygeia_molvae.train import train
 
     data = list(import_moses().get_dataset("test")[:300]) + ["C1CC", "not a molecule", "c1ccccc1X"]
     (tmp_path / "train.smi").write_text("\n".join(data) + "\n")

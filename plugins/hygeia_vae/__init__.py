@@ -1,4 +1,4 @@
-"""Built-in VAE generators: ``molecule-vae`` (SMILES, conditional on molecular properties)."""
+"""Built-in generator ``vae``: an image VAE with a label-conditional latent prior (64x64 phantoms)."""
 from __future__ import annotations
 
 from hygeia import hookimpl
@@ -6,9 +6,6 @@ from hygeia import hookimpl
 
 @hookimpl
 def hygeia_generators():  # type: ignore[no-untyped-def]
-    from . import molecule
+    from . import plugin
 
-    yield molecule.SPEC
-    from . import image
-
-    yield image.SPEC
+    yield plugin.SPEC

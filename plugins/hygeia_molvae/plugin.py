@@ -1,0 +1,143 @@
+"""``molecule-vae``: a conditional SMILES VAE trained on MOSES (the network: :mod:`hygeia_molvae.model`).
+
+``generate(n, condition=None | {"logP": 2.5, ...}, seed=0)`` draws ``z ~ N(0, I)`` and decodes
+it autoregressively under the ``property`` conditioner's vector for ``condition`` (properties
+left out are "don't care"). Invalid SMILES are returned with ``valid=False``; RDKit work goes
+through :mod:`hygeia.chem`.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from hygeia import tensors
+from hygeia.api import GeneratedMolecule, ModelCard, ModelIdentity, PluginSpec
+from hygeia.bundles import load_bundle, pick_device, save_bundle
+from hygeia.errors import BundleError, InputError
+from hygeia.validation import check_condition, check_n, check_seed
+
+from ._bundle import NAME, VERSION, WEIGHTS, make_card
+from .model import COND_DIM, EOS, MoleculeVAE, VAEConfig
+
+
+class MoleculeVAEGenerator:
+    """``generate(n, condition=None | {"logP": 2.5, ...}, seed=0) -> list[GeneratedMolecule]``."""
+
+    output = "molecule"
+    condition_kinds = frozenset({"none", "properties"})
+    max_n = 100_000
+
+    def __init__(self, bundle: str | Path | None = None, device: str | None = None) -> None:
+        path = Path(bundle) if bundle else WEIGHTS
+        b = load_bundle(path, device="cpu")
+        try:
+            self.cfg = VAEConfig(**b.config["model"])
+        except (KeyError, TypeError) as exc:
+            raise BundleError(f"model bundle {path}: config.json lacks a valid 'model' section: {exc}") from exc
+        self.device = pick_device(device)
+        self.model = MoleculeVAE(self.cfg)
+        self.model.load_state_dict(b.tensors)
+        self.model.to(self.device).eval()
+        self.identity = ModelIdentity(NAME, VERSION, "generator", b.sha256)
+        self.card = b.card
+        self.config = b.config
+        from hygeia.plugins import get_registry
+
+        self.conditioner = get_registry().create("conditioner", "property", device=str(self.device))
+
+    def _conditions(self, n: int, condition: Any) -> torch.Tensor:
+        kind = check_condition(condition, self.condition_kinds, NAME)
+        if kind == "none":
+            return torch.zeros(n, COND_DIM, device=self.device)
+        return self.conditioner.encode([condition]).to(self.device).expand(n, -1)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """Token ids -> SMILES strings (stopping at EOS)."""
+        vocab, eos = self.cfg.vocab, self.cfg.vocab.index(EOS)
+        out = []
+        for row in ids.tolist():
+            chars = []
+            for i in row:
+                if i == eos or i == 0:
+                    break
+                chars.append(vocab[i])
+            out.append("".join(chars))
+        return out
+
+    def generate(self, n: int, condition: Any = None, seed: int = 0,
+                 progress: Callable[[int, int], None] | None = None, batch_size: int = 2048,
+                 temperature: float | None = None, properties: bool = False,
+                 **options: Any) -> list[GeneratedMolecule]:
+        """Sample ``n`` molecules from the prior; the same ``seed`` gives the same molecules.
+
+        ``temperature``: softmax temperature (default: the bundle's ``sampling.temperature``,
+        chosen on held-out training molecules); ``properties=True`` also fills each valid
+        molecule's logP/QED/SA/MW (slower).
+        """
+        if temperature is None:
+            temperature = float(self.config.get("sampling", {}).get("temperature", 1.0))
+        if options:
+            raise InputError("options", "batch_size, temperature or properties", got=", ".join(options))
+        n, seed = check_n(n, self.max_n), check_seed(seed)
+        if not (isinstance(temperature, (int, float)) and 0.05 <= temperature <= 5):
+            raise InputError("temperature", "a number in [0.05, 5]", got=repr(temperature))
+        cond = self._conditions(n, condition)
+        g = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, self.cfg.latent, generator=g).to(self.device)
+        smiles: list[str] = []
+        for start in range(0, n, batch_size):
+            ids = self.model.sample(z[start:start + batch_size], cond[start:start + batch_size], g, temperature)
+            smiles.extend(self.decode(ids))
+            if progress is not None:
+                progress(len(smiles), n)
+        from rdkit import Chem
+
+        from hygeia.chem import molecular_properties, quiet_rdkit
+
+        quiet_rdkit()
+        out = []
+        for s in smiles:
+            mol = Chem.MolFromSmiles(s) if s else None
+            props = molecular_properties(mol) if (properties and mol is not None) else {}
+            out.append(GeneratedMolecule(s, mol is not None, seed, condition, self.identity, props))
+        return out
+
+
+def _shipped_card() -> ModelCard:
+    """The model card of the shipped weights (with their measured metrics), if present."""
+    try:
+        return ModelCard.from_dict(json.loads((WEIGHTS / "model_card.json").read_text()))
+    except (OSError, ValueError, TypeError):
+        return make_card({}, "MOSES training set (molsets 0.3.1)")
+
+
+def update_card_metrics(bundle: str | Path, metrics: dict[str, Any] | None = None,
+                        sampling: dict[str, Any] | None = None) -> None:
+    """Merge measured ``metrics`` into a bundle's model card and ``sampling`` defaults
+    (e.g. ``{"temperature": 0.8}``) into its config; the weights stay unchanged."""
+    b = load_bundle(bundle)
+    card = ModelCard.from_dict({**b.card.to_dict(), "metrics": {**dict(b.card.metrics), **(metrics or {})}})
+    config = {**b.config, "sampling": {**b.config.get("sampling", {}), **(sampling or {})}}
+    save_bundle(bundle, b.tensors, config, card)
+
+
+def _train(**options: Any) -> Path:
+    """``hygeia train molecule-vae``: :func:`hygeia_molvae.train.train`, imported by name only when training, so
+    that neither serving nor the import graph of this module reaches the trainer (and the lab)."""
+    return importlib.import_module(f"{__package__}.train").train(**options)
+
+
+SPEC = PluginSpec(
+    kind="generator",
+    name=NAME,
+    version=VERSION,
+    description="Conditional SMILES VAE (GRU, free-bits KL) trained on MOSES; logP/QED/SA/MW targets",
+    factory=MoleculeVAEGenerator,
+    **tensors.generator("molecule"),
+    model_card=_shipped_card(),
+    train=_train,
+)
