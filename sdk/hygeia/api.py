@@ -5,6 +5,7 @@ remote (Triton) plugins and integrations (DICOM SR, Secondary Capture) share one
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Literal, Mapping, Protocol, Sequence, runtime_checkable
 
@@ -68,9 +69,11 @@ class PluginSpec:
     outputs: tuple[TensorSpec, ...]
     model_card: ModelCard
     package: str = ""  # filled in by the plugin manager: the distribution that registered it
-    train: Callable[..., Any] | None = None
-    """Optional ``train(out=PATH, seed=0, progress=True, **options) -> PATH``: trains the model
-    reproducibly and writes a bundle (what ``hygeia train NAME`` runs)."""
+    train: Callable[..., Any] | str | None = None
+    """Optional trainer ``train(out=PATH, seed=0, progress=True, **options) -> PATH`` that trains the
+    model reproducibly and writes a bundle (what ``hygeia train NAME`` runs): the function, or its
+    ``"package.module:function"`` name, imported only when training starts (so serving a plugin
+    never imports its trainer); :meth:`trainer` returns the function."""
     default: bool = False
     """Offer this plugin as its kind's default when the user names none (see
     :meth:`hygeia.plugins.PluginRegistry.default_name`)."""
@@ -80,6 +83,20 @@ class PluginSpec:
             raise ValueError(f"PluginSpec.kind: expected one of {KINDS}, got {self.kind!r}")
         if not self.name or not self.name.replace("-", "").replace("_", "").isalnum():
             raise ValueError(f"PluginSpec.name: expected a non-empty [A-Za-z0-9_-] name, got {self.name!r}")
+        if isinstance(self.train, str) and not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", self.train):
+            raise ValueError(f"PluginSpec.train: expected a function or 'package.module:function', got {self.train!r}")
+
+    def trainer(self) -> Callable[..., Any] | None:
+        """The trainer function (imported now when ``train`` names it), or None."""
+        if self.train is None or callable(self.train):
+            return self.train
+        import importlib
+
+        module, _, attr = str(self.train).partition(":")
+        try:
+            return getattr(importlib.import_module(module), attr or "train")
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"PluginSpec.train of {self.name!r}: cannot load {self.train!r}: {exc}") from None
 
     def metadata(self) -> dict[str, Any]:
         """JSON-able description (what ``hygeia plugins --json`` prints)."""

@@ -223,7 +223,7 @@ def train(
     opts.update({k: v for k, v in given.items() if v is not None})
     if resume:
         opts["resume"] = True
-    path = spec.train(seed=seed, progress=True, **opts)
+    path = spec.trainer()(seed=seed, progress=True, **opts)  # type: ignore[misc]
     if path is not None:  # None: a DDP rank other than 0
         console.print(f"trained {spec.kind} {plugin!r}; bundle at {path}")
 

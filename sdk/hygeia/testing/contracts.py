@@ -72,6 +72,8 @@ class _Contract:
         for field in ("intended_use", "training_data", "limitations"):
             assert str(getattr(card, field)).strip(), f"model card: {field} must not be empty"
         assert spec.inputs and spec.outputs, "inputs and outputs must be declared (a server needs them)"
+        if spec.train is not None:
+            assert callable(spec.trainer()), f"train {spec.train!r} does not name a function"
         for t in (*spec.inputs, *spec.outputs):
             assert t.name and t.name == t.name.upper(), f"tensor name {t.name!r}: expected UPPER_CASE"
             assert t.dtype in _DTYPES, f"tensor {t.name}: dtype {t.dtype!r} not in {sorted(_DTYPES)}"

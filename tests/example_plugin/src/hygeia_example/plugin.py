@@ -51,16 +51,10 @@ class IntensityDiagnoser:
         return save_bundle(path, t, self.config, CARD)
 
 
-def _train(**options: Any) -> Path:
-    from .train import train
-
-    return train(**options)
-
-
 SPEC = PluginSpec(
     kind="diagnoser", name=NAME, version=VERSION,
     description="Example third-party diagnoser: zone intensities + logistic regression",
     factory=IntensityDiagnoser,
     **tensors.diagnoser(channels=1, size=SIZE, findings=len(FINDINGS)),
-    model_card=CARD, train=_train,
+    model_card=CARD, train="hygeia_example.train:train",
 )
