@@ -7,7 +7,6 @@ through :mod:`hygeia.chem`.
 """
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -125,12 +124,6 @@ def update_card_metrics(bundle: str | Path, metrics: dict[str, Any] | None = Non
     save_bundle(bundle, b.tensors, config, card)
 
 
-def _train(**options: Any) -> Path:
-    """``hygeia train molecule-vae``: :func:`hygeia_molvae.train.train`, imported by name only when training, so
-    that neither serving nor the import graph of this module reaches the trainer (and the lab)."""
-    return importlib.import_module(f"{__package__}.train").train(**options)
-
-
 SPEC = PluginSpec(
     kind="generator",
     name=NAME,
@@ -139,5 +132,5 @@ SPEC = PluginSpec(
     factory=MoleculeVAEGenerator,
     **tensors.generator("molecule"),
     model_card=_shipped_card(),
-    train=_train,
+    train="hygeia_molvae.train:train",
 )

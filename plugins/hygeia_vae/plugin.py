@@ -24,7 +24,6 @@ Guidance (``guidance_scale`` s, ``negative_condition`` b, defaults from the bund
 """
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -210,12 +209,6 @@ class ImageVAE:
         return save_bundle(path, self._tensors, self.config, self.card)
 
 
-def _train(**options: Any) -> Path:
-    """``hygeia train vae``: :func:`hygeia_vae.train.train`, imported by name only when training, so
-    that neither serving nor the import graph of this module reaches the trainer (and the lab)."""
-    return importlib.import_module(f"{__package__}.train").train(**options)
-
-
 SPEC = PluginSpec(
     kind="generator",
     name=NAME,
@@ -225,5 +218,5 @@ SPEC = PluginSpec(
     factory=ImageVAE,
     **tensors.generator("image"),
     model_card=CARD,
-    train=_train,
+    train="hygeia_vae.train:train",
 )
