@@ -20,12 +20,54 @@ DEFAULT_TRANSFER_SYNTAXES = (
 
 
 @dataclass
+class TlsOptions:
+    """TLS for a DICOM association (PEM files): the listener's own certificate and key, the CAs
+    it trusts for client certificates; a destination's CAs (and a client certificate if asked)."""
+
+    certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+    require_client_certificate: bool = False
+    server_hostname: str | None = None  # for sends: the name in the destination's certificate
+
+    def _load(self, ctx: Any, what: str) -> Any:
+        try:
+            if self.certificate:
+                ctx.load_cert_chain(self.certificate, self.private_key)
+            if self.ca_certificates:
+                ctx.load_verify_locations(self.ca_certificates)
+        except (OSError, ValueError) as exc:
+            raise InputError(f"gateway config {what} tls", "readable PEM certificate, key and CA files",
+                             got=f"{type(exc).__name__}: {exc}") from None
+        return ctx
+
+    def server_context(self) -> Any:
+        import ssl
+
+        if not self.certificate:
+            raise InputError("gateway config tls", "a certificate and private_key for the listener", got="none")
+        ctx = self._load(ssl.create_default_context(ssl.Purpose.CLIENT_AUTH), "listener")
+        ctx.verify_mode = ssl.CERT_REQUIRED if self.require_client_certificate else ssl.CERT_NONE
+        return ctx
+
+    def client_context(self) -> Any:
+        import ssl
+
+        return self._load(ssl.create_default_context(ssl.Purpose.SERVER_AUTH), "cstore")
+
+
+@dataclass
 class CStoreDestination:
-    """Where SRs go by DIMSE C-STORE."""
+    """Where SRs go by DIMSE C-STORE (``tls``: over TLS)."""
 
     ae_title: str
     host: str
     port: int
+    tls: TlsOptions | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tls, dict):
+            self.tls = TlsOptions(**self.tls)
 
 
 @dataclass
@@ -70,6 +112,7 @@ class GatewayConfig:
     broker: str | None = None  # amqp://user:password@host:5672/vhost: studies travel through RabbitMQ
     broker_queue: str = "hygeia.studies"
     broker_delivery_limit: int = 20  # deliveries before the quorum queue dead-letters a study
+    tls: TlsOptions | None = None  # the DICOM listener over TLS
     receive: bool = True  # run the DICOM listener (False: a worker that only consumes the broker queue)
     consume: bool = True  # process studies (False with a broker: a receiver that only publishes)
     extra: dict[str, Any] = field(default_factory=dict)
@@ -85,6 +128,8 @@ class GatewayConfig:
                 raise InputError("gateway config AE title", "1-16 characters without backslash", got=repr(a))
         self.modalities = tuple(str(m).upper() for m in self.modalities)
         self.transfer_syntaxes = tuple(str(t) for t in self.transfer_syntaxes)
+        if isinstance(self.tls, dict):
+            self.tls = TlsOptions(**self.tls)
         if isinstance(self.cstore, dict):
             self.cstore = CStoreDestination(**self.cstore)
         if isinstance(self.stow, dict):

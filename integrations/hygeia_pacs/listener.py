@@ -50,7 +50,9 @@ class Listener:
         handlers = [(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_rejected),
                     (evt.EVT_ABORTED, self._on_aborted)]
         self._ae = ae
-        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers)
+        ssl_context = self.config.tls.server_context() if self.config.tls is not None else None
+        self._server = ae.start_server((self.config.host, self.config.port), block=False, evt_handlers=handlers,
+                                       ssl_context=ssl_context)
         log.info("gateway %s listening on %s:%d (callers %s); spool %s", self.config.ae_title, self.config.host,
                  self.config.port, ",".join(self.config.allowed_callers), self.config.spool)
 

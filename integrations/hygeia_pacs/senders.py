@@ -42,7 +42,10 @@ def send_cstore(ds: Any, dest: CStoreDestination, calling_ae: str, timeout_s: fl
     ae.add_requested_context(sop_class, syntax)
     if syntax != "1.2.840.10008.1.2.1" and not isinstance(ds, Path):  # a Dataset can be re-encoded
         ae.add_requested_context(sop_class, "1.2.840.10008.1.2.1")
-    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
+    tls = None
+    if dest.tls is not None:
+        tls = (dest.tls.client_context(), dest.tls.server_hostname or dest.host)
+    assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
         raise TransientError(f"C-STORE association to {dest.ae_title}@{dest.host}:{dest.port} {reason}")
