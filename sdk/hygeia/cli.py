@@ -186,6 +186,11 @@ def _plugin(kind: Any, name: str, server: Optional[str]) -> Any:
 
 
 # --------------------------------------------------------------------------- train
+def _opt(flag: str, help_text: str) -> Any:
+    """An optional ``--flag VALUE`` (None when not given)."""
+    return typer.Option(None, flag, help=help_text)
+
+
 @app.command()
 def train(
     plugin: str = typer.Argument(..., help="Plugin to train (must declare a trainer)."),
@@ -193,18 +198,14 @@ def train(
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed reproduces the same weights."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the plugin's)."),
     resume: bool = typer.Option(False, "--resume", help="Resume from the last checkpoint, if the plugin supports it."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Your labelled studies: a CheXpert-style or "
-                                        "ChestX-ray14-style CSV, or a MONAI datalist JSON (docs/user-data.md)."),
-    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder the image paths are relative to "
-                                              "(default: the label file's folder)."),
-    codes: Optional[Path] = typer.Option(None, "--codes", help="CSV finding,code,scheme,meaning for findings "
-                                         "outside the built-in code table."),
-    uncertain: Optional[str] = typer.Option(None, "--uncertain", help="CheXpert -1 labels: ignore (default), "
-                                            "u-ones or u-zeros."),
-    text_column: Optional[str] = typer.Option(None, "--text-column", help="Column with clinical text, for "
-                                              "diagnosers that read text."),
-    init: Optional[Path] = typer.Option(None, "--init", help="Fine-tune from this bundle instead of training "
-                                        "from scratch."),
+    data: Optional[Path] = _opt("--data", "Your labelled studies: a CheXpert-style or ChestX-ray14-style CSV, or a "
+                                "MONAI datalist JSON (docs/user-data.md)."),
+    image_root: Optional[Path] = _opt("--image-root", "Folder the image paths are relative to (default: the "
+                                      "label file's folder)."),
+    codes: Optional[Path] = _opt("--codes", "CSV finding,code,scheme,meaning for findings outside the built-in table."),
+    uncertain: Optional[str] = _opt("--uncertain", "CheXpert -1 labels: ignore (default), u-ones or u-zeros."),
+    text_column: Optional[str] = _opt("--text-column", "Column with clinical text, for diagnosers that read text."),
+    init: Optional[Path] = _opt("--init", "Fine-tune from this bundle instead of training from scratch."),
     nproc: int = typer.Option(1, "--nproc", help="Processes on this machine (torch DDP through torchrun; gloo on "
                               "CPU, NCCL on GPU)."),
     option: Optional[list[str]] = typer.Option(None, "--option", help="Trainer option KEY=VALUE (repeatable)."),
