@@ -1,4 +1,5 @@
-"""Built-in conditioners: ``label`` (finding vocabulary -> embedding)."""
+"""Built-in conditioners: ``label`` (finding label -> 32-d embedding), ``text`` (free text ->
+all-MiniLM-L6-v2 vectors) and ``property`` (molecular property targets -> 8-d vector)."""
 from __future__ import annotations
 
 from hygeia import hookimpl
@@ -6,12 +7,6 @@ from hygeia import hookimpl
 
 @hookimpl
 def hygeia_conditioners():  # type: ignore[no-untyped-def]
-    from . import label
+    from . import plugin
 
-    yield label.SPEC
-    from . import property
-
-    yield property.SPEC
-    from . import text
-
-    yield text.SPEC
+    yield from plugin.SPECS
