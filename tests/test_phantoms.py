@@ -248,3 +248,13 @@ def test_parallel_set_matches_serial():
     a, b = make_phantom_set(70, "val"), make_phantom_set(70, "val", workers=2)
     assert np.array_equal(a.images, b.images) and np.array_equal(a.masks, b.masks)
     assert np.array_equal(a.labels, b.labels) and a.texts == b.texts and np.array_equal(a.seeds, b.seeds)
+
+
+def test_package_exports_and_code_hash():
+    import hygeia_lab
+    import hygeia_lab.phantoms as ph
+
+    assert all(hasattr(ph, name) for name in ph.__all__)
+    assert all(getattr(hygeia_lab, n) is getattr(ph, n) for n in ph.__all__ if n in hygeia_lab.__all__)
+    h = ph.code_hash()
+    assert re.fullmatch(r"[0-9a-f]{64}", h) and h == ph.code_hash()
