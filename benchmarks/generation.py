@@ -116,7 +116,7 @@ def _guided_vs_unguided(gen: Any, args: argparse.Namespace) -> dict[str, Any]:
 
 
 GUIDANCE_TARGETS = {"gan": 0.95, "vae": 0.85}
-"""gan: guidance shifts the condition vectors once per call (free); vae (since session 10): each
+"""gan: guidance shifts the condition vectors once per call (free); vae: each
 sample goes through the guiding flow forward and back, about a tenth of the decoder's work."""
 for _name in GUIDANCE_TARGETS:
     comparison(_name)(_guided_vs_unguided)

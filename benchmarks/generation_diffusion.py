@@ -74,7 +74,7 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, device: t
 def run(n: int = 16, steps: int = 25, repeats: int = 3, device: str | None = None, guidance: float = 2.0,
         bundle: str | None = None, compile: bool = True) -> dict[str, Any]:
     import hygeia
-    from hygeia_diffusion.generator import NULL_CLASS, make_scheduler
+    from hygeia_diffusion.model import NULL_CLASS, make_scheduler
 
     opts = {"device": device} if device else {}
     if bundle:

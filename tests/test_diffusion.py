@@ -85,7 +85,7 @@ def test_sampler_matches_hand_written_diffusers_loop(gen) -> None:
     """Hygeia's sampler is the textbook classifier-free-guidance DDIM loop, step for step."""
     from diffusers import DDIMScheduler
 
-    from hygeia_diffusion.generator import NULL_CLASS, denoise, make_scheduler
+    from hygeia_diffusion.model import NULL_CLASS, denoise, make_scheduler
 
     noise = torch.randn((2, *gen.sample_shape), generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([1, 3])
@@ -106,7 +106,7 @@ def test_negative_condition_is_the_guidance_baseline(gen) -> None:
     eps = eps_normal + s * (eps_label - eps_normal), step for step; "none" is plain guidance."""
     from diffusers import DDIMScheduler
 
-    from hygeia_diffusion.generator import NULL_CLASS, denoise, make_scheduler
+    from hygeia_diffusion.model import NULL_CLASS, denoise, make_scheduler
 
     assert gen.defaults["negative_condition"] == "normal"
     noise = torch.randn((2, *gen.sample_shape), generator=torch.Generator().manual_seed(0))
@@ -165,7 +165,8 @@ def test_latent_mode_round_trip(tmp_path) -> None:
     """Latent mode: a (tiny, untrained) UNet on the shipped vae's latent space, saved and reloaded."""
     from diffusers import DDPMScheduler, UNet2DModel
 
-    from hygeia_diffusion.generator import SCHEDULER, UNET, write_bundle
+    from hygeia_diffusion.model import SCHEDULER, UNET
+    from hygeia_diffusion.plugin import write_bundle
 
     vae = hygeia.create("generator", "vae", device="cpu")
     torch.manual_seed(0)
@@ -184,7 +185,7 @@ def test_latent_mode_round_trip(tmp_path) -> None:
 
 def test_training_writes_bundle_and_grids(tmp_path) -> None:
     """A tiny run of the real trainer (small UNet): loadable bundle, grids per epoch, reproducible."""
-    from hygeia_diffusion.generator import train
+    from hygeia_diffusion.train import train
 
     small = {"block_out_channels": [16, 16, 16], "attention_head_dim": 8, "norm_num_groups": 8}
 

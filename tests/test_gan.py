@@ -57,7 +57,7 @@ def test_training_is_reproducible(tiny):
 
 def test_init_starts_the_generator_from_a_bundle(tiny):
     """A second stage starts G from a bundle's weights (D fresh) and records which bundle."""
-    from hygeia_gan.networks import Generator
+    from hygeia_gan.model import Generator
     from hygeia_gan.train import _load_init
 
     d, a = tiny[0], tiny[1]
@@ -232,7 +232,7 @@ def test_aux_classifier_and_mode_seeking_terms_change_training(tiny):
 def test_upsampling_option_trains_and_loads(tiny):
     """``upsampling`` is recorded in the bundle and rebuilt by the plugin: ``resize`` (the default:
     nearest-neighbour + 3x3 convolutions) and ``transposed``; a bundle without the key is transposed."""
-    from hygeia_gan.networks import Generator
+    from hygeia_gan.model import Generator
 
     d = tiny[0]
     kw = dict(n_per_condition=8, batch_size=8, conditioners="label", g_ch=8, d_ch=8, classifier_steps=3,

@@ -1,4 +1,4 @@
-"""Built-in diffusion generator: ``diffusion`` (diffusers UNet, DDPM training, DDIM/DPM-Solver sampling)."""
+"""Built-in generator ``diffusion``: class-conditional diffusion (diffusers UNet, DDPM training, DDIM/DPM-Solver sampling)."""
 from __future__ import annotations
 
 from hygeia import hookimpl
@@ -6,6 +6,6 @@ from hygeia import hookimpl
 
 @hookimpl
 def hygeia_generators():  # type: ignore[no-untyped-def]
-    from . import generator
+    from . import plugin
 
-    yield generator.SPEC
+    yield plugin.SPEC

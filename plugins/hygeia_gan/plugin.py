@@ -3,7 +3,8 @@
 Conditioned through conditioner plugins: the shipped bundle was trained with the ``label``
 conditioner (finding labels) and the ``text`` conditioner (free-text prompts) at once, so
 ``generate(n, "effusion")`` and ``generate(n, "chest radiograph with a pleural effusion")`` both
-work; ``condition=None`` (or "") is unconditional. Architecture: see :mod:`hygeia_gan.networks`.
+work; ``condition=None`` (or "") is unconditional. Networks: :mod:`hygeia_gan.model`; trainer
+(``hygeia train gan``): :mod:`hygeia_gan.train`, which the spec names and which only training imports.
 """
 from __future__ import annotations
 
@@ -16,12 +17,12 @@ import torch
 from hygeia import tensors
 from hygeia.api import GeneratedImage, ModelCard, ModelIdentity, PluginSpec
 from hygeia.bundles import load_bundle, pick_device, save_bundle
-from hygeia.vocab import CHEST_FOV_MM as FOV_MM
 from hygeia.errors import InputError
 from hygeia.validation import check_condition, check_guidance_scale, check_n, check_seed, condition_kind
-from hygeia.vocab import CONDITION_LABELS, finding
+from hygeia.vocab import CHEST_FOV_MM as FOV_MM
+from hygeia.vocab import finding
 
-from .networks import Generator
+from .model import Generator
 
 NAME, VERSION = "gan", "1.0.0"
 WEIGHTS = Path(__file__).parent / "weights" / "gan"
@@ -56,28 +57,6 @@ CARD = ModelCard(
                 "label 'normal' too, which hurts them (judge: 0.45 guided, 0.66 unguided).",
 )
 
-# Prompts used to train text conditioning: prefix + phrase, for each condition.
-PHRASES: dict[str, tuple[str, ...]] = {
-    "normal": ("normal chest", "no acute cardiopulmonary abnormality", "clear lungs and a normal heart size",
-               "unremarkable chest", "no finding"),
-    "nodule": ("a pulmonary nodule", "a solitary lung nodule", "a small rounded opacity in the lung",
-               "a lung mass", "a nodule"),
-    "consolidation": ("lung consolidation", "airspace opacity", "patchy consolidation in keeping with pneumonia",
-                      "lobar pneumonia", "consolidation"),
-    "effusion": ("a pleural effusion", "a blunted costophrenic angle", "pleural fluid with a meniscus",
-                 "an effusion", "effusion"),
-    "cardiomegaly": ("cardiomegaly", "an enlarged heart", "a cardiothoracic ratio above 0.5",
-                     "enlarged cardiac silhouette", "cardiac enlargement"),
-    "pneumothorax": ("a pneumothorax", "a visible pleural line with absent lung markings", "a collapsed lung",
-                     "pneumothorax", "air in the pleural space"),
-}
-PREFIXES: tuple[str, ...] = ("", "chest radiograph with ", "frontal chest x-ray showing ", "findings: ")
-
-
-def prompts() -> list[tuple[int, str]]:
-    """(condition index, prompt) pairs the text conditioning was trained on."""
-    return [(k, p + s) for k, c in enumerate(CONDITION_LABELS) for s in PHRASES[c] for p in PREFIXES]
-
 
 def _progress(total: int, what: str, progress: Any) -> tuple[Callable[[int], None], Callable[[], None]]:
     """``progress``: a callback ``(done, total)``, True (a tqdm bar), or None/False (silent)."""
@@ -94,6 +73,31 @@ def _progress(total: int, what: str, progress: Any) -> tuple[Callable[[int], Non
 
     bar = tqdm(total=total, desc=what, unit="img")
     return bar.update, bar.close
+
+
+def _check_sampling(batch_size: Any, truncation: Any) -> None:
+    """InputError for a ``batch_size`` outside [1, MAX_BATCH] or a ``truncation`` outside [0.5, 4]."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
+        raise InputError("batch_size", f"an integer in [1, {MAX_BATCH}]", got=repr(batch_size))
+    if truncation is not None and (isinstance(truncation, bool) or not isinstance(truncation, (int, float))
+                                   or not 0.5 <= truncation <= 4.0):
+        raise InputError("truncation", "a number in [0.5, 4] or None", got=repr(truncation))
+
+
+def _noise(n: int, z_dim: int, seed: int, truncation: float | None) -> torch.Tensor:
+    """``[n, z_dim]`` standard normal noise, row ``i`` of a CPU ``torch.Generator(seed)``; with
+    ``truncation``, values beyond it are redrawn from the same generator (up to 100 rounds) and what
+    is left is clamped."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, z_dim, generator=g)
+    if truncation is not None:
+        for _ in range(100):
+            bad = z.abs() > truncation
+            if not bad.any():
+                break
+            z[bad] = torch.randn(int(bad.sum()), generator=g)
+        z = z.clamp(-truncation, truncation)
+    return z
 
 
 class GanGenerator:
@@ -115,7 +119,7 @@ class GanGenerator:
         dims = {k: int(v["dim"]) for k, v in self.conditioners.items()}
         self.device = pick_device(device)
         self.net = Generator(dims, z_dim=cfg["z_dim"], embed_dim=cfg["embed_dim"], ch=cfg["g_ch"],
-                             upsampling=cfg.get("upsampling", "transposed"))  # no key: bundles before session 8
+                             upsampling=cfg.get("upsampling", "transposed"))  # no key: transposed
         self.net.load_state_dict(b.tensors, strict=True)
         self.net.to(self.device).eval()
         self.identity = ModelIdentity(NAME, VERSION, "generator", b.sha256)
@@ -127,7 +131,7 @@ class GanGenerator:
                 self.route.setdefault(kind, cname)
         self.condition_kinds = frozenset({"none", *self.route})
         self._cond_objs: dict[str, Any] = {}
-        sampling = cfg.get("sampling", {})  # no key: bundles before session 9, unguided
+        sampling = cfg.get("sampling", {})  # no key: unguided
         self.defaults = {"guidance_scale": float(sampling.get("guidance_scale", 1.0)),
                          "negative_condition": str(sampling.get("negative_condition", NO_NEGATIVE))}
 
@@ -210,29 +214,12 @@ class GanGenerator:
                              got=", ".join(sorted(options)))
         n = check_n(n, max_n=MAX_N)
         seed = check_seed(seed)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= MAX_BATCH:
-            raise InputError("batch_size", f"an integer in [1, {MAX_BATCH}]", got=repr(batch_size))
-        if truncation is not None and (isinstance(truncation, bool) or not isinstance(truncation, (int, float))
-                                       or not 0.5 <= truncation <= 4.0):
-            raise InputError("truncation", "a number in [0.5, 4] or None", got=repr(truncation))
+        _check_sampling(batch_size, truncation)
         conds, kind, cname, scale, negative = self.guided_vectors(condition, guidance_scale, negative_condition)
-        g = torch.Generator().manual_seed(seed)
-        z = torch.randn(n, self.net.z_dim, generator=g)
-        if truncation is not None:
-            for _ in range(100):
-                bad = z.abs() > truncation
-                if not bad.any():
-                    break
-                z[bad] = torch.randn(int(bad.sum()), generator=g)
-            z = z.clamp(-truncation, truncation)
+        z = _noise(n, self.net.z_dim, seed, truncation)
         update, close = _progress(n, "gan: sampling", progress)
         out: list[GeneratedImage] = []
-        prov = {"generator": NAME, "generator_version": VERSION, "conditioner": cname,
-                "conditioner_version": None if cname is None else self.conditioners[cname].get("version"),
-                "condition_kind": kind,
-                "truncation": truncation, "guidance_scale": scale, "negative_condition": negative,
-                "weights_sha256": self.identity.weights_sha256,
-                "training": {k: self.config.get(k) for k in ("seed", "epochs", "phantom_difficulty")}}
+        prov = self._provenance(cname, kind, truncation, scale, negative)
         spacing = (FOV_MM / SIZE, FOV_MM / SIZE)
         try:
             with torch.inference_mode():
@@ -250,15 +237,19 @@ class GanGenerator:
             close()
         return out
 
+    def _provenance(self, cname: str | None, kind: str, truncation: float | None, scale: float,
+                    negative: str | None) -> dict[str, Any]:
+        """What every image of one ``generate`` call records (its index and device are added per image)."""
+        return {"generator": NAME, "generator_version": VERSION, "conditioner": cname,
+                "conditioner_version": None if cname is None else self.conditioners[cname].get("version"),
+                "condition_kind": kind,
+                "truncation": truncation, "guidance_scale": scale, "negative_condition": negative,
+                "weights_sha256": self.identity.weights_sha256,
+                "training": {k: self.config.get(k) for k in ("seed", "epochs", "phantom_difficulty")}}
+
     def save(self, path: str | Path) -> str:
         """Write the generator's weights as a bundle (safetensors + config + model card)."""
         return save_bundle(path, self.net.state_dict(), self.config, self.card)
-
-
-def _train(**kwargs: Any) -> Path:
-    from .train import train
-
-    return train(**kwargs)
 
 
 SPEC = PluginSpec(
@@ -270,5 +261,5 @@ SPEC = PluginSpec(
     factory=GanGenerator,
     **tensors.generator("image"),
     model_card=CARD,
-    train=_train,
+    train="hygeia_gan.train:train",
 )

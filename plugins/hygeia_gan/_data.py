@@ -1,10 +1,14 @@
-"""Training data of the conditional GAN: phantoms with exactly one condition each.
+"""Training data of the ``gan`` (used by :mod:`hygeia_gan.train` only): phantoms with exactly one
+condition each, and the text prompts the ``text`` conditioner is trained on.
 
 For every condition of :data:`hygeia.vocab.CONDITION_LABELS` ('normal' and the five findings)
 ``n_per_condition`` phantoms of the ``train`` split are drawn with that finding forced on and the
 others off; condition ``k`` uses image indices ``k*n .. (k+1)*n - 1`` so no patient repeats. The
 set depends only on ``n_per_condition`` (and the phantom generator's version), never on the
 training seed; it can be cached as an .npz (written atomically by :func:`hygeia_lab.phantoms.save_npz`).
+
+Text prompts: every prefix of :data:`PREFIXES` with every phrase of :data:`PHRASES` (120 prompts,
+20 per condition).
 """
 from __future__ import annotations
 
@@ -14,6 +18,28 @@ import numpy as np
 
 from hygeia_lab import PhantomSet, load_npz, make_phantom_set, save_npz
 from hygeia.vocab import CONDITION_LABELS
+
+# Prompts used to train text conditioning: prefix + phrase, for each condition.
+PHRASES: dict[str, tuple[str, ...]] = {
+    "normal": ("normal chest", "no acute cardiopulmonary abnormality", "clear lungs and a normal heart size",
+               "unremarkable chest", "no finding"),
+    "nodule": ("a pulmonary nodule", "a solitary lung nodule", "a small rounded opacity in the lung",
+               "a lung mass", "a nodule"),
+    "consolidation": ("lung consolidation", "airspace opacity", "patchy consolidation in keeping with pneumonia",
+                      "lobar pneumonia", "consolidation"),
+    "effusion": ("a pleural effusion", "a blunted costophrenic angle", "pleural fluid with a meniscus",
+                 "an effusion", "effusion"),
+    "cardiomegaly": ("cardiomegaly", "an enlarged heart", "a cardiothoracic ratio above 0.5",
+                     "enlarged cardiac silhouette", "cardiac enlargement"),
+    "pneumothorax": ("a pneumothorax", "a visible pleural line with absent lung markings", "a collapsed lung",
+                     "pneumothorax", "air in the pleural space"),
+}
+PREFIXES: tuple[str, ...] = ("", "chest radiograph with ", "frontal chest x-ray showing ", "findings: ")
+
+
+def prompts() -> list[tuple[int, str]]:
+    """(condition index, prompt) pairs the text conditioning is trained on."""
+    return [(k, p + s) for k, c in enumerate(CONDITION_LABELS) for s in PHRASES[c] for p in PREFIXES]
 
 
 def conditional_set(n_per_condition: int, split: str = "train", size: int = 64, start: int = 0,

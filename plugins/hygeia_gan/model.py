@@ -1,12 +1,14 @@
-"""Networks of the conditional GAN (DCGAN-sized, so that it trains on a CPU): a generator with
-condition-modulated group norm, and a spectrally normalised projection discriminator
-(Miyato & Koyama 2018, "cGANs with projection discriminator"), for 64x64 grayscale.
+"""Networks of the ``gan`` generator (DCGAN-sized, so that it trains on a CPU): a generator with
+condition-modulated group norm for 64x64 grayscale images.
 
 Conditions arrive as ``{conditioner name: [B, D]}``: each conditioner's vectors (``label`` 32-d,
-``text`` 384-d, ...) get their own learned linear map, and the maps' outputs are summed; a row a
-conditioner does not condition is zero in its tensor. The null condition (unconditional) is all
-zeros: the generator's modulation then falls back to its biases and the discriminator's
-projection term vanishes.
+``text`` 384-d, ...) get their own learned linear map, and the maps' outputs are summed
+(:func:`embed`); a row a conditioner does not condition is zero in its tensor. The null condition
+(unconditional) is all zeros: the generator's modulation then falls back to its biases.
+
+The discriminator it is trained against (a spectrally normalised projection discriminator,
+Miyato & Koyama 2018) is the lab's :class:`hygeia_lab.adversarial.ProjectionDiscriminator`, used
+by :mod:`hygeia_gan.train` only.
 """
 from __future__ import annotations
 
@@ -14,8 +16,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hygeia_lab.adversarial import ProjectionDiscriminator, embed
 from hygeia.errors import InputError
+
+
+def embed(maps: nn.ModuleDict, conds: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of each conditioner's linear map of its rows: rows a conditioner does not condition
+    are zero in its tensor, so they contribute nothing (and an all-zero row is unconditional).
+    The same sum as :func:`hygeia_lab.adversarial.embed` (the discriminator's)."""
+    return sum(maps[k](v) for k, v in conds.items())  # type: ignore[return-value]
 
 
 class CondNorm(nn.Module):
@@ -38,7 +46,7 @@ UPSAMPLING = ("transposed", "resize")
 """How the generator doubles resolution: ``resize`` (the default: nearest-neighbour upsampling then
 a 3x3 convolution, which cannot produce checkerboard artifacts: Odena, Dumoulin & Olah 2016, with
 one more 3x3 convolution at 64 px before the output) or ``transposed`` (stride-2 transposed
-convolutions, the DCGAN layer; bundles from before session 8)."""
+convolutions, the DCGAN layer; what a bundle without the ``upsampling`` key uses)."""
 
 
 def _up(a: int, b: int, mode: str) -> nn.Module:
@@ -73,7 +81,3 @@ class Generator(nn.Module):
         for norm, up in zip(self.norms[:-1], self.ups):
             h = up(F.relu(norm(h, c)))
         return torch.sigmoid(self.out(F.relu(self.norms[-1](h, c))))
-
-
-Discriminator = ProjectionDiscriminator
-"""The projection discriminator (:class:`hygeia.adversarial.ProjectionDiscriminator`)."""
