@@ -5,15 +5,15 @@ import numpy as np
 import pytest
 
 from hygeia.api import Diagnosis
-from hygeia_lab import make_phantom, make_phantom_set
 from hygeia.errors import InputError
-from hygeia_lab.evaluation.diagnosers import evaluate, expected_calibration_error
 from hygeia.vocab import FINDING_LABELS, finding
+from hygeia_lab import make_phantom, make_phantom_set
+from hygeia_lab.evaluation.diagnosers import evaluate, expected_calibration_error
 
 
 @pytest.fixture(scope="module")
 def cnn():
-    from hygeia_cnn.model import CnnDiagnoser
+    from hygeia_cnn.plugin import CnnDiagnoser
 
     return CnnDiagnoser()  # the shipped bundle (hygeia.create("diagnoser", "cnn") builds the same)
 
@@ -24,16 +24,30 @@ def held_out():
 
 
 def test_shipped_bundle_loads(cnn):
-    from hygeia_cnn.model import SPEC as spec
+    from hygeia_cnn.plugin import SPEC as spec
 
     assert spec.kind == "diagnoser" and spec.train is not None and spec.factory is type(cnn)
+    assert spec.default is True  # the diagnoser hygeia uses when none is named
     assert cnn.identity.name == "cnn" and len(cnn.identity.weights_sha256) == 64
     assert len(cnn.thresholds) == 5 and all(0 < t < 1 for t in cnn.thresholds)
     m = spec.model_card.metrics
     assert set(m["test_auroc"]) == set(FINDING_LABELS) and m["n_test"] >= 2000
-    from hygeia_cnn.model import WEIGHTS
+    from hygeia_cnn.plugin import WEIGHTS
 
     assert sum(p.stat().st_size for p in WEIGHTS.iterdir()) < 10 * 2**20
+
+
+def test_serving_does_not_import_the_trainer():
+    """Registering and building the plugin loads plugin.py and model.py, not train.py (the spec
+    names its trainer by string, imported when training starts)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from hygeia.plugins import get_registry; r = get_registry(); "
+            "r.create('diagnoser', 'cnn', device='cpu'); s = r.find('cnn'); "
+            "assert 'hygeia_cnn.train' not in sys.modules, 'trainer imported'; "
+            "assert s.trainer().__module__ == 'hygeia_cnn.train'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 def test_outputs(cnn):
@@ -92,7 +106,7 @@ def test_beats_chance_on_held_out(cnn, held_out):
 
 
 def test_youden_threshold_is_the_middle_of_the_gap():
-    from hygeia_cnn.training import youden_thresholds
+    from hygeia_cnn.train import youden_thresholds
 
     y = np.array([[0], [0], [1], [1]])
     assert youden_thresholds(y, np.array([[0.1], [0.2], [0.8], [0.9]])) == [pytest.approx(0.5)]  # separable
@@ -116,7 +130,7 @@ def test_regions_for_present_findings(cnn):
 
 
 def test_save_round_trip(cnn, tmp_path):
-    from hygeia_cnn.model import CnnDiagnoser
+    from hygeia_cnn.plugin import CnnDiagnoser
 
     sha = cnn.save(tmp_path / "b")
     assert sha == cnn.identity.weights_sha256
@@ -134,7 +148,7 @@ def test_ece():
 def test_train_is_reproducible(tmp_path):
     """A tiny run twice with one seed gives identical weights (the real run is `hygeia train cnn`)."""
     from hygeia.bundles import load_bundle
-    from hygeia_cnn.training import train
+    from hygeia_cnn.train import train
 
     kw = dict(seed=3, progress=False, epochs=1, n_train=64, n_val=32, n_test=32, batch_size=32, threads=1,
               arch={"block_inplanes": [4, 8, 8, 8]})

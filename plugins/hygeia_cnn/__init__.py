@@ -6,6 +6,6 @@ from hygeia import hookimpl
 
 @hookimpl
 def hygeia_diagnosers():  # type: ignore[no-untyped-def]
-    from . import model
+    from . import plugin
 
-    yield model.SPEC
+    yield plugin.SPEC

@@ -1,5 +1,9 @@
 """The fusion network: MONAI ResNet image encoder + frozen text token states + co-attention.
 
+Also the frozen text encoder's side (:func:`encode_texts`: token states and mask for a list of
+texts; :func:`encoder_identity`: its name and weights' SHA-256, recorded in every bundle). MONAI
+and the encoder are imported when first needed.
+
 Shapes (batch ``B``, image tokens ``N = 16 * 16``, text tokens ``T``, width ``d``)::
 
     image [B,1,64,64] -> ResNet (MONAI) -> feature pyramid -> image tokens [B,N,d]
@@ -19,15 +23,19 @@ model is a pure image classifier whose evidence maps are its class activation ma
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
+import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import ResNet
 from torch import nn
 
 TEXT_DIM = 384  # all-MiniLM-L6-v2 hidden size
+ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 class CoAttentionBlock(nn.Module):
@@ -66,6 +74,8 @@ class FusionNet(nn.Module):
         finer: bool = False,
     ) -> None:
         super().__init__()
+        from monai.networks.nets import ResNet
+
         self.n_findings, self.grid, self.pool = n_findings, grid, pool
         # MONAI ResNet as the vision encoder: 3x3 stride-2 stem (+ max-pool if ``pool``), then four
         # basic blocks: 32, 16, 8, 4 px maps (16, 8, 4, 2 with the pool)
@@ -155,3 +165,50 @@ class FusionNet(nn.Module):
         logits = s_img + u + self.bias
         maps = s_map.transpose(1, 2).reshape(bsz, self.n_findings, side, side)
         return {"logits": logits, "maps": maps, "image_logits": s_img, "text_logits": u}
+
+
+@functools.lru_cache(maxsize=4)
+def _file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def encoder_identity() -> dict[str, str]:
+    """Name, folder and SHA-256 of the frozen text encoder's weights (recorded in the bundle)."""
+    from hygeia.text import encoder_path
+
+    p = encoder_path()
+    return {"name": ENCODER_NAME, "sha256": _file_sha256(str(p / "model.safetensors")), "path": str(p)}
+
+
+def encode_texts(texts: Sequence[str], max_tokens: int = 128, batch: int = 64,
+                 name: str = "texts") -> tuple[torch.Tensor, torch.Tensor]:
+    """Frozen token states ``[B, T, 384]`` (float32) and attention mask ``[B, T]`` for ``texts``.
+
+    An empty string is "no text" for that image (all-zero mask: only the learned no-text token is
+    attended to). Text longer than ``max_tokens`` tokens is truncated with a warning.
+    """
+    from hygeia.text import load_encoder, tokenize
+
+    _, model = load_encoder()
+    texts = list(texts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        tok = tokenize(texts, max_tokens=max_tokens, name=name)  # warns (once per call) on truncation
+    lengths = tok.attention_mask.sum(1)
+    order = torch.argsort(lengths, stable=True)  # batches of similar length: little padding
+    hidden = torch.zeros(len(texts), tok.input_ids.shape[1], model.config.hidden_size)
+    with torch.inference_mode():
+        for i in range(0, len(texts), batch):
+            j = order[i:i + batch]
+            t = int(lengths[j].max())
+            ids, am = tok.input_ids[j, :t], tok.attention_mask[j, :t]
+            hidden[j, :t] = model(input_ids=ids, attention_mask=am).last_hidden_state.float()
+    mask = tok.attention_mask.clone()
+    for i, t in enumerate(texts):
+        if not t.strip():
+            mask[i] = 0
+    return hidden, mask

@@ -1,6 +1,6 @@
 """The ``fusion`` diagnoser: image + clinical text -> coded findings with heat maps and regions.
 
-``FusionDiagnoser.diagnose(images, texts=None)`` runs the :class:`~hygeia_fusion.network.FusionNet`
+``FusionDiagnoser.diagnose(images, texts=None)`` runs the :class:`~hygeia_fusion.model.FusionNet`
 on chest-radiograph images of its bundle's ``input_size`` (128x128 shipped; grayscale ``[B,1,H,W]``
 or RGB ``[B,3,H,W]``, float in [0, 1]), with one clinical history/indication line per image or none
 (image-only mode). Text is encoded by the frozen shared encoder (:mod:`hygeia.text`,
@@ -12,80 +12,36 @@ min-max scaled to [0, 1]: that is the heat map. Its peak becomes the finding's r
 nodules; for the other findings the convex hull of the heat map's connected part at >= 50% of the
 peak around it (a closed polyline). Regions are given for findings called present (probability >=
 threshold).
+
+This module also holds the model card (:func:`card`) and the plugin's ``SPEC``; the trainer is
+:mod:`hygeia_fusion.train`, named by the spec and imported only when training starts.
 """
 from __future__ import annotations
 
-import functools
-import hashlib
+import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hygeia.api import Diagnosis, Finding, ModelIdentity, Region
+from hygeia import tensors
+from hygeia.api import Diagnosis, Finding, ModelCard, ModelIdentity, PluginSpec, Region
 from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.errors import BundleError, InputError
 from hygeia.validation import check_images, check_texts
 from hygeia.vocab import FINDING_LABELS, finding
 
-from .network import FusionNet
+from .model import FusionNet, encode_texts, encoder_identity
 
 NAME, VERSION = "fusion", "1.0.0"
 WEIGHTS = Path(__file__).parent / "weights" / "fusion"
 INPUT_SIZE = (64, 64)
-ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
 RegionKind = Literal["auto", "point", "polygon", "none"]
-
-
-@functools.lru_cache(maxsize=4)
-def _file_sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def encoder_identity() -> dict[str, str]:
-    """Name, folder and SHA-256 of the frozen text encoder's weights (recorded in the bundle)."""
-    from hygeia.text import encoder_path
-
-    p = encoder_path()
-    return {"name": ENCODER_NAME, "sha256": _file_sha256(str(p / "model.safetensors")), "path": str(p)}
-
-
-def encode_texts(texts: Sequence[str], max_tokens: int = 128, batch: int = 64,
-                 name: str = "texts") -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen token states ``[B, T, 384]`` (float32) and attention mask ``[B, T]`` for ``texts``.
-
-    An empty string is "no text" for that image (all-zero mask: only the learned no-text token is
-    attended to). Text longer than ``max_tokens`` tokens is truncated with a warning.
-    """
-    from hygeia.text import load_encoder, tokenize
-
-    _, model = load_encoder()
-    texts = list(texts)
-    with warnings.catch_warnings():
-        warnings.simplefilter("always")
-        tok = tokenize(texts, max_tokens=max_tokens, name=name)  # warns (once per call) on truncation
-    lengths = tok.attention_mask.sum(1)
-    order = torch.argsort(lengths, stable=True)  # batches of similar length: little padding
-    hidden = torch.zeros(len(texts), tok.input_ids.shape[1], model.config.hidden_size)
-    with torch.inference_mode():
-        for i in range(0, len(texts), batch):
-            j = order[i:i + batch]
-            t = int(lengths[j].max())
-            ids, am = tok.input_ids[j, :t], tok.attention_mask[j, :t]
-            hidden[j, :t] = model(input_ids=ids, attention_mask=am).last_hidden_state.float()
-    mask = tok.attention_mask.clone()
-    for i, t in enumerate(texts):
-        if not t.strip():
-            mask[i] = 0
-    return hidden, mask
 
 
 def heat_region(heat: np.ndarray, kind: Literal["point", "polygon"]) -> Region:
@@ -224,3 +180,63 @@ class FusionDiagnoser:
     def save(self, path: str | Path) -> str:
         """Write these weights as a bundle (trainable weights only; the text encoder is recorded)."""
         return save_bundle(path, self.net.state_dict(), self.config, self.card)
+
+
+def card(metrics: dict[str, Any] | None = None, n_train: int = 12000, maps: int = 16, size: int = 64) -> ModelCard:
+    """The model card the trainer writes (``n_train``, ``size``: the trainer's defaults)."""
+    return ModelCard(
+        intended_use=("Research and software testing: multi-label finding detection (nodule, consolidation, "
+                      f"effusion, cardiomegaly, pneumothorax) on {size}x{size} chest-radiograph-like images, optionally "
+                      "helped by the clinical history/indication line, with per-finding heat maps and regions. "
+                      "Not for clinical use."),
+        training_data=(f"{n_train} synthetic phantoms (hygeia_lab.phantoms.make_phantom_set, split 'train', default "
+                       "difficulty) with their generated clinical indication text; thresholds and model "
+                       "selection on 1000 'val' phantoms. No patient data."),
+        metrics=dict(metrics or {}),
+        limitations=("Trained only on synthetic phantoms: performance on real radiographs is unknown. The text "
+                     "encoder (all-MiniLM-L6-v2, frozen) reads English indications; text past 128 tokens is "
+                     f"truncated. Heat maps are {maps}x{maps} evidence maps upsampled to {size}x{size}: small nodules are "
+                     "localised to within a few pixels at best."),
+    )
+
+
+def _shipped(name: str) -> dict[str, Any] | None:
+    """A JSON file of the shipped bundle (``config.json``, ``model_card.json``), or None."""
+    try:
+        return json.loads((WEIGHTS / name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _shipped_size() -> int:
+    """Input size (pixels per side) of the shipped weights, from their config (64 when absent)."""
+    try:
+        return int((_shipped("config.json") or {})["input_size"][0])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return 64
+
+
+def _shipped_card() -> ModelCard:
+    """The shipped bundle's model card (metrics measured at training), else the static one."""
+    data = _shipped("model_card.json")
+    if data is not None:
+        try:
+            return ModelCard.from_dict(data)
+        except (ValueError, TypeError, KeyError):
+            pass
+    return card()
+
+
+SIZE = _shipped_size()
+
+SPEC = PluginSpec(
+    kind="diagnoser",
+    name=NAME,
+    version=VERSION,
+    description=("Vision (MONAI ResNet) + language (frozen all-MiniLM-L6-v2) co-attention fusion: 5 chest findings "
+                 f"from a {SIZE}x{SIZE} image and an optional clinical history line, with heat maps and regions"),
+    factory=FusionDiagnoser,
+    **tensors.diagnoser(channels=1, size=(SIZE, SIZE), findings=len(FINDING_LABELS)),
+    model_card=_shipped_card(),
+    train="hygeia_fusion.train:train",
+)

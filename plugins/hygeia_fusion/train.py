@@ -7,30 +7,32 @@ Besides the finding labels, the evidence maps are trained against the phantoms' 
 (``mask_pool``: area-averaged to the map size, so a cell's target is the share of it the finding
 covers and the map's maximum sits where the finding is, not on a cell it merely touches; binary
 cross-entropy with ``mask_pos_weight`` on the rare positive cells; weight ``mask_weight``), which
-is what makes the heat maps point at the finding. Thresholds are chosen on the validation split (Youden's J), with and
-without text. The bundle
-holds only the trainable weights; the encoder's name and SHA-256 go into its config.
+is what makes the heat maps point at the finding. Thresholds are chosen on the validation split
+(Youden's J), with and without text. The bundle holds only the trainable weights; the encoder's
+name and SHA-256 go into its config. The plugin's spec names :func:`train` as
+``"hygeia_fusion.train:train"``: this module (and the lab it uses) is imported only when training
+starts.
 """
 from __future__ import annotations
 
 import copy
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hygeia.api import ModelCard
-from hygeia.bundles import pick_device, save_bundle
-from hygeia_lab import PhantomSet, load_npz, make_phantom_set, save_npz
+from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.errors import InputError
 from hygeia.vocab import FINDING_LABELS
+from hygeia_lab import PhantomSet, load_npz, make_phantom_set, save_npz
 
-from .diagnoser import WEIGHTS, encode_texts, encoder_identity
-from .network import FusionNet
+from .model import FusionNet, encode_texts, encoder_identity
+from .plugin import WEIGHTS, card
 
 DEFAULTS: dict[str, Any] = {
     "epochs": 12, "n_train": 12000, "n_val": 1000, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
@@ -39,23 +41,8 @@ DEFAULTS: dict[str, Any] = {
     "mask_pool": "avg", "mask_pos_weight": 4.0, "max_tokens": 128, "init": None, "size": 64,
 }
 
-
-def card(metrics: dict[str, Any] | None = None, n_train: int = DEFAULTS["n_train"], maps: int = 16,
-         size: int = DEFAULTS["size"]) -> ModelCard:
-    return ModelCard(
-        intended_use=("Research and software testing: multi-label finding detection (nodule, consolidation, "
-                      f"effusion, cardiomegaly, pneumothorax) on {size}x{size} chest-radiograph-like images, optionally "
-                      "helped by the clinical history/indication line, with per-finding heat maps and regions. "
-                      "Not for clinical use."),
-        training_data=(f"{n_train} synthetic phantoms (hygeia_lab.phantoms.make_phantom_set, split 'train', default "
-                       "difficulty) with their generated clinical indication text; thresholds and model "
-                       "selection on 1000 'val' phantoms. No patient data."),
-        metrics=dict(metrics or {}),
-        limitations=("Trained only on synthetic phantoms: performance on real radiographs is unknown. The text "
-                     "encoder (all-MiniLM-L6-v2, frozen) reads English indications; text past 128 tokens is "
-                      f"truncated. Heat maps are {maps}x{maps} evidence maps upsampled to {size}x{size}: small nodules are "
-                     "localised to within a few pixels at best."),
-    )
+Callback = Callable[[int, dict[str, float]], None]
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]  # see _batch_loss
 
 
 def _dataset(split: str, n: int, data_dir: Path | None, progress: bool, size: int = 64) -> PhantomSet:
@@ -156,7 +143,7 @@ def youden_thresholds(y: np.ndarray, p: np.ndarray) -> list[float]:
 
 def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epochs: int | None = None,
           data_dir: str | Path | None = None, device: str | None = None,
-          callback: Callable[[int, dict[str, float]], None] | None = None, **options: Any) -> Path:
+          callback: Callback | None = None, **options: Any) -> Path:
     """Train the fusion diagnoser and write its bundle to ``out``; returns ``out``.
 
     Options (``hygeia train fusion --option KEY=VALUE``): ``n_train``, ``n_val``, ``batch_size``,
@@ -185,43 +172,65 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
         torch.set_num_threads(threads)
 
 
-def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_dir: str | Path | None,
-           device: str | None, callback: Callable[[int, dict[str, float]], None] | None) -> Path:
-    dev = pick_device(device)
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    data_dir = Path(data_dir) if data_dir else (Path(os.environ["HYGEIA_DATA_CACHE"]) if os.environ.get("HYGEIA_DATA_CACHE") else None)
-    size = int(o["size"])
-    tr = _dataset("train", int(o["n_train"]), data_dir, progress, size)
-    va = _dataset("val", int(o["n_val"]), data_dir, progress, size)
-    tr_s, tr_m, tr_i = _text_states(tr.texts, int(o["max_tokens"]), data_dir)
-    va_s, va_m, va_i = _text_states(va.texts, int(o["max_tokens"]), data_dir)
-    arch = {"n_findings": len(FINDING_LABELS), "width": int(o["width"]), "heads": int(o["heads"]),
+def _data_dir(data_dir: str | Path | None) -> Path | None:
+    """``data_dir``, else ``$HYGEIA_DATA_CACHE``, else None (no cache)."""
+    if data_dir:
+        return Path(data_dir)
+    return Path(os.environ["HYGEIA_DATA_CACHE"]) if os.environ.get("HYGEIA_DATA_CACHE") else None
+
+
+def _arch(o: dict[str, Any]) -> dict[str, Any]:
+    """The network config recorded in the bundle (``architecture``), from the options."""
+    return {"n_findings": len(FINDING_LABELS), "width": int(o["width"]), "heads": int(o["heads"]),
             "layers": int(o["layers"]), "widths": [int(w) for w in o["widths"]], "grid": int(o["grid"]), "pool": bool(o["pool"]),
             "fine": bool(o["fine"]), "finer": bool(o["finer"]), "dropout": 0.0}
-    net = FusionNet(**{**arch, "widths": tuple(arch["widths"])}).to(dev)
-    if o["init"]:  # warm start: every tensor of that bundle whose name and shape fit
-        from hygeia.bundles import load_bundle
 
-        have = net.state_dict()
-        init = {k: v for k, v in load_bundle(o["init"]).tensors.items() if k in have and have[k].shape == v.shape}
-        net.load_state_dict(init, strict=False)
-        if progress:
-            print(f"warm start from {o['init']}: {len(init)}/{len(have)} tensors")
+
+def _warm_start(net: FusionNet, init: str | Path, progress: bool) -> None:
+    """Copy every tensor of the bundle ``init`` whose name and shape fit ``net``."""
+    have = net.state_dict()
+    tensors = {k: v for k, v in load_bundle(init).tensors.items() if k in have and have[k].shape == v.shape}
+    net.load_state_dict(tensors, strict=False)
+    if progress:
+        print(f"warm start from {init}: {len(tensors)}/{len(have)} tensors")
+
+
+def _batch_loss(net: FusionNet, batch: Batch, o: dict[str, Any], g: torch.Generator, dev: torch.device) -> torch.Tensor:
+    """The loss of one batch: findings BCE (+ ``mask_weight`` x evidence maps against the masks).
+
+    ``batch``: images, labels, finding masks (None: labels only), text states, text masks, on the
+    CPU. Draws from ``g`` in a fixed order: the translation and jitter, then the text dropout.
+    """
+    x, y, mk, s, m = batch
+    x, mk = _augment(x, g, int(o["shift"]), mk)
+    drop = torch.rand(len(x), generator=g) < float(o["text_dropout"])
+    m[drop] = 0  # text removed: only the no-text token remains
+    out = net(x.to(dev), s.to(dev), m.to(dev))
+    loss = F.binary_cross_entropy_with_logits(out["logits"], y.to(dev))
+    if mk is not None:  # localisation: evidence maps against the finding masks
+        pool = F.adaptive_avg_pool2d if o["mask_pool"] == "avg" else F.adaptive_max_pool2d
+        target = pool(mk.to(dev), out["maps"].shape[-2:])
+        loss = loss + float(o["mask_weight"]) * F.binary_cross_entropy_with_logits(
+            out["maps"], target, pos_weight=torch.tensor(float(o["mask_pos_weight"]), device=dev))
+    return loss
+
+
+def _fit(net: FusionNet, tr: PhantomSet, va: PhantomSet, text: dict[str, tuple[torch.Tensor, ...]],
+         o: dict[str, Any], g: torch.Generator, dev: torch.device, progress: bool, t0: float,
+         callback: Callback | None) -> tuple[list[dict[str, Any]], int]:
+    """Train ``net`` for ``o["epochs"]``; it ends holding the epoch with the best validation macro
+    AUROC. Returns the per-epoch history and that epoch."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     opt = torch.optim.AdamW(net.parameters(), lr=float(o["lr"]), weight_decay=float(o["weight_decay"]))
     bs, n = int(o["batch_size"]), len(tr)
     steps = int(o["epochs"]) * ((n + bs - 1) // bs)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(o["lr"]), total_steps=steps, pct_start=0.15)
-    x_all = torch.from_numpy(tr.images)
-    y_all = torch.from_numpy(tr.labels)
+    x_all, y_all = torch.from_numpy(tr.images), torch.from_numpy(tr.labels)
     m_all = torch.from_numpy(tr.masks) if float(o["mask_weight"]) > 0 else None
-    map_pos_weight = torch.tensor(float(o["mask_pos_weight"]), device=dev)
+    (tr_s, tr_m, tr_i), (va_s, va_m, va_i) = text["train"], text["val"]
     best: tuple[float, dict[str, torch.Tensor], int] = (-1.0, {}, -1)
-    history: list[dict[str, float]] = []
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    history: list[dict[str, Any]] = []
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                    disable=not progress)
     with bar:
@@ -233,28 +242,15 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
             for i in range(0, n, bs):
                 j = perm[i:i + bs]
                 mk = m_all[j].float() if m_all is not None else None
-                x, mk = _augment(x_all[j], g, int(o["shift"]), mk)
-                x = x.to(dev)
-                y = y_all[j].to(dev)
                 ti = tr_i[j]
-                s, m = tr_s[ti].float(), tr_m[ti].clone()
-                drop = torch.rand(len(j), generator=g) < float(o["text_dropout"])
-                m[drop] = 0  # text removed: only the no-text token remains
-                out_ = net(x, s.to(dev), m.to(dev))
-                loss = F.binary_cross_entropy_with_logits(out_["logits"], y)
-                if mk is not None:  # localisation: evidence maps against the finding masks
-                    pool = F.adaptive_avg_pool2d if o["mask_pool"] == "avg" else F.adaptive_max_pool2d
-                    target = pool(mk.to(dev), out_["maps"].shape[-2:])
-                    loss = loss + float(o["mask_weight"]) * F.binary_cross_entropy_with_logits(
-                        out_["maps"], target, pos_weight=map_pos_weight)
+                loss = _batch_loss(net, (x_all[j], y_all[j], mk, tr_s[ti].float(), tr_m[ti].clone()), o, g, dev)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 tot += float(loss.detach()) * len(j)
                 bar.advance(task)
-            p = _predict(net, va.images, va_s, va_m, va_i, dev)
-            auc = _aurocs(va.labels, p)
+            auc = _aurocs(va.labels, _predict(net, va.images, va_s, va_m, va_i, dev))
             rec = {"epoch": ep + 1, "loss": tot / n, "val_macro_auroc": float(np.nanmean(auc)),
                    "val_auroc": dict(zip(FINDING_LABELS, [round(a, 4) for a in auc])),
                    "seconds": round(time.time() - t0, 1)}
@@ -265,13 +261,21 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
             if rec["val_macro_auroc"] > best[0]:
                 best = (rec["val_macro_auroc"], copy.deepcopy(net.state_dict()), ep + 1)
     net.load_state_dict(best[1])
-    p_text = _predict(net, va.images, va_s, va_m, va_i, dev)
+    return history, best[2]
+
+
+def _save(out: str | Path, net: FusionNet, va: PhantomSet, text: tuple[torch.Tensor, ...], arch: dict[str, Any],
+          o: dict[str, Any], seed: int, dev: torch.device, t0: float, history: list[dict[str, Any]],
+          best_epoch: int) -> Path:
+    """Thresholds and metrics on the validation split (with and without text), then the bundle."""
+    size = int(o["size"])
+    p_text = _predict(net, va.images, *text, dev)
     p_none = _predict(net, va.images, None, None, None, dev)
     metrics = {
         "val_macro_auroc": round(float(np.nanmean(_aurocs(va.labels, p_text))), 4),
         "val_macro_auroc_no_text": round(float(np.nanmean(_aurocs(va.labels, p_none))), 4),
         "val_per_finding_auroc": dict(zip(FINDING_LABELS, [round(a, 4) for a in _aurocs(va.labels, p_text)])),
-        "best_epoch": best[2],
+        "best_epoch": best_epoch,
     }
     config = {
         "architecture": arch,
@@ -290,3 +294,23 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
         maps = int(net(torch.zeros(1, 1, size, size, device=dev))["maps"].shape[-1])
     save_bundle(out, net.state_dict(), config, card(metrics, int(o["n_train"]), maps, size))
     return Path(out)
+
+
+def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_dir: str | Path | None,
+           device: str | None, callback: Callback | None) -> Path:
+    dev = pick_device(device)
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    t0 = time.time()
+    cache = _data_dir(data_dir)
+    size = int(o["size"])
+    tr = _dataset("train", int(o["n_train"]), cache, progress, size)
+    va = _dataset("val", int(o["n_val"]), cache, progress, size)
+    text = {"train": _text_states(tr.texts, int(o["max_tokens"]), cache),
+            "val": _text_states(va.texts, int(o["max_tokens"]), cache)}
+    arch = _arch(o)
+    net = FusionNet(**{**arch, "widths": tuple(arch["widths"])}).to(dev)
+    if o["init"]:  # warm start: every tensor of that bundle whose name and shape fit
+        _warm_start(net, o["init"], progress)
+    history, best_epoch = _fit(net, tr, va, text, o, g, dev, progress, t0, callback)
+    return _save(out, net, va, text["val"], arch, o, seed, dev, t0, history, best_epoch)

@@ -1,7 +1,9 @@
 """Reproducible training of the ``cnn`` diagnoser on phantoms (``hygeia train cnn``).
 
 Train split: fit; val split: per-finding thresholds (Youden's J); test split: the AUROC recorded in
-the model card. The same seed, options and phantom code give the same weights (CPU).
+the model card. The same seed, options and phantom code give the same weights (CPU). The plugin's
+spec names :func:`train` as ``"hygeia_cnn.train:train"``: this module (and the lab it uses) is
+imported only when training starts.
 """
 from __future__ import annotations
 
@@ -15,12 +17,13 @@ import torch
 
 from hygeia.api import ModelCard
 from hygeia.bundles import pick_device, save_bundle
-from hygeia_lab import DEFAULT_DIFFICULTY, PhantomSet, load_npz, make_phantom_set, save_npz
-from hygeia_lab import phantoms as _phantoms
 from hygeia.errors import InputError
 from hygeia.vocab import FINDING_LABELS
+from hygeia_lab import DEFAULT_DIFFICULTY, PhantomSet, load_npz, make_phantom_set, save_npz
+from hygeia_lab import phantoms as _phantoms
 
-from .model import CARD, DEFAULT_ARCH, INPUT_SIZE, VERSION, WEIGHTS, CnnDiagnoser, CnnNet
+from .model import DEFAULT_ARCH, CnnNet
+from .plugin import CARD, INPUT_SIZE, VERSION, WEIGHTS, CnnDiagnoser
 
 DEFAULTS: dict[str, Any] = {
     "epochs": 5, "n_train": 40000, "n_val": 2000, "n_test": 2000, "batch_size": 64, "lr": 3e-3,
@@ -76,35 +79,36 @@ def _augment(x: torch.Tensor, g: torch.Generator, shift: int) -> torch.Tensor:
     return ((x - 0.5) * c + 0.5 + o).clamp(0, 1)
 
 
-def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, **options: Any) -> Path:
-    """Train the cnn on phantoms and write its bundle atomically to ``out``; returns ``out``.
-
-    Options (defaults in :data:`DEFAULTS`): epochs, n_train, n_val, n_test, batch_size, lr,
-    weight_decay, difficulty, threads, cache_dir (reuse generated phantoms), device, shift, arch
-    (overrides of :data:`DEFAULT_ARCH`).
-    """
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    from hygeia_lab.evaluation.diagnosers import evaluate
-
+def _options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The network config and the trainer options (defaults filled in), checked."""
     arch = {**DEFAULT_ARCH, **(options.pop("arch", None) or {})}
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise InputError("train options", f"some of {', '.join(sorted(DEFAULTS))} or arch", got=", ".join(sorted(unknown)))
     o = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    epochs, bs = int(o["epochs"]), int(o["batch_size"])
-    if epochs < 1:
-        raise InputError("epochs", "a positive integer", got=epochs)
-    t0 = time.time()
-    torch.set_num_threads(int(o["threads"]))
-    torch.manual_seed(seed)
-    device = pick_device(o["device"])
+    if int(o["epochs"]) < 1:
+        raise InputError("epochs", "a positive integer", got=int(o["epochs"]))
+    return arch, o
 
-    train_set = phantom_data("train", int(o["n_train"]), float(o["difficulty"]), progress, o["cache_dir"])
-    val_set = phantom_data("val", int(o["n_val"]), float(o["difficulty"]), progress, o["cache_dir"])
+
+def _probs(net: CnnNet, images: np.ndarray, device: torch.device) -> np.ndarray:
+    """Probabilities ``[N, 5]`` of ``net`` (switched to eval mode) on ``images``, 512 at a time."""
+    net.eval()
+    with torch.no_grad():
+        xv = torch.from_numpy(images)
+        return torch.cat([torch.sigmoid(net(xv[i:i + 512].to(device))).cpu()
+                          for i in range(0, len(xv), 512)]).numpy()
+
+
+def _fit(net: CnnNet, train_set: PhantomSet, val_set: PhantomSet, o: dict[str, Any], seed: int,
+         device: torch.device, progress: bool, t0: float) -> None:
+    """AdamW + one-cycle on BCE, shuffled and augmented from ``seed``; logs val AUROC per epoch."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from sklearn.metrics import roc_auc_score
+
+    epochs, bs = int(o["epochs"]), int(o["batch_size"])
     x_all = torch.from_numpy(train_set.images)
     y_all = torch.from_numpy(train_set.labels)
-    net = CnnNet(arch).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=float(o["lr"]), weight_decay=float(o["weight_decay"]))
     steps_per_epoch = len(x_all) // bs
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(o["lr"]), total_steps=epochs * steps_per_epoch,
@@ -112,15 +116,6 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, **opt
     g = torch.Generator().manual_seed(seed)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     cols = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    from sklearn.metrics import roc_auc_score
-
-    def val_probs() -> np.ndarray:
-        net.eval()
-        with torch.no_grad():
-            xv = torch.from_numpy(val_set.images)
-            return torch.cat([torch.sigmoid(net(xv[i:i + 512].to(device))).cpu()
-                              for i in range(0, len(xv), 512)]).numpy()
-
     with Progress(*cols, disable=not progress) as bar:
         task = bar.add_task("training cnn", total=epochs * steps_per_epoch)
         for ep in range(epochs):
@@ -140,24 +135,21 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, **opt
                 run = 0.98 * run + 0.02 * lv if s else lv
                 bar.update(task, advance=1, description=f"training cnn: epoch {ep + 1}/{epochs} loss {run:.4f}")
             if progress:
-                pv = val_probs()
+                pv = _probs(net, val_set.images, device)
                 auc = [roc_auc_score(val_set.labels[:, k], pv[:, k]) for k in range(len(FINDING_LABELS))]
                 bar.console.log(f"epoch {ep + 1}/{epochs}: loss {run:.4f}, val AUROC "
                                 + ", ".join(f"{lab} {a:.3f}" for lab, a in zip(FINDING_LABELS, auc))
                                 + f", macro {np.mean(auc):.3f} ({time.time() - t0:.0f} s)")
-    pv = val_probs()
-    thresholds = youden_thresholds(val_set.labels, pv)
-    train_s = time.time() - t0
-    config = {"arch": arch, "thresholds": thresholds, "findings": list(FINDING_LABELS), "input_size": list(INPUT_SIZE),
-              "version": VERSION, "seed": seed,
-              "training": {k: (str(v) if k in ("cache_dir", "device") else v) for k, v in o.items()},
-              "phantom_code_sha256_12": _phantom_code_hash(), "train_seconds": round(train_s, 1)}
-    out = Path(out)
-    save_bundle(out, net.state_dict(), config, CARD)
-    # held-out test split: the numbers the model card reports
+
+
+def _test_metrics(out: Path, device: torch.device, o: dict[str, Any], thresholds: list[float], train_s: float,
+                  progress: bool) -> dict[str, Any]:
+    """The model card's metrics: the bundle at ``out`` on the held-out ``test`` split."""
+    from hygeia_lab.evaluation.diagnosers import evaluate
+
     test_set = phantom_data("test", int(o["n_test"]), float(o["difficulty"]), progress, o["cache_dir"])
     res = evaluate(CnnDiagnoser(out, device=str(device), heatmaps=False), test_set, localisation=False)
-    metrics = {
+    return {
         "test_auroc": {k: round(v["auroc"], 4) for k, v in res["per_finding"].items()},
         "test_macro_auroc": round(res["macro_auroc"], 4),
         "test_sensitivity": {k: round(v["sensitivity"], 4) for k, v in res["per_finding"].items()},
@@ -166,10 +158,40 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, **opt
         "thresholds_youden_val": dict(zip(FINDING_LABELS, [round(t, 4) for t in thresholds])),
         "train_seconds": round(train_s, 1),
     }
-    card = ModelCard(intended_use=CARD.intended_use,
+
+
+def _card(o: dict[str, Any], seed: int, metrics: dict[str, Any]) -> ModelCard:
+    return ModelCard(intended_use=CARD.intended_use,
                      training_data=(f"{o['n_train']} synthetic 64x64 phantoms (hygeia_lab.phantoms, split 'train', difficulty "
-                                    f"{o['difficulty']}), {epochs} epochs, seed {seed}; thresholds on {o['n_val']} "
+                                    f"{o['difficulty']}), {int(o['epochs'])} epochs, seed {seed}; thresholds on {o['n_val']} "
                                     f"'val' phantoms; metrics on {o['n_test']} 'test' phantoms (seeds never used in training)."),
                      metrics=metrics, limitations=CARD.limitations, license=CARD.license)
-    save_bundle(out, net.state_dict(), config, card)
+
+
+def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, **options: Any) -> Path:
+    """Train the cnn on phantoms and write its bundle atomically to ``out``; returns ``out``.
+
+    Options (defaults in :data:`DEFAULTS`): epochs, n_train, n_val, n_test, batch_size, lr,
+    weight_decay, difficulty, threads, cache_dir (reuse generated phantoms), device, shift, arch
+    (overrides of :data:`~hygeia_cnn.model.DEFAULT_ARCH`).
+    """
+    arch, o = _options(options)
+    t0 = time.time()
+    torch.set_num_threads(int(o["threads"]))
+    torch.manual_seed(seed)
+    device = pick_device(o["device"])
+    train_set = phantom_data("train", int(o["n_train"]), float(o["difficulty"]), progress, o["cache_dir"])
+    val_set = phantom_data("val", int(o["n_val"]), float(o["difficulty"]), progress, o["cache_dir"])
+    net = CnnNet(arch).to(device)
+    _fit(net, train_set, val_set, o, seed, device, progress, t0)
+    thresholds = youden_thresholds(val_set.labels, _probs(net, val_set.images, device))
+    train_s = time.time() - t0
+    config = {"arch": arch, "thresholds": thresholds, "findings": list(FINDING_LABELS), "input_size": list(INPUT_SIZE),
+              "version": VERSION, "seed": seed,
+              "training": {k: (str(v) if k in ("cache_dir", "device") else v) for k, v in o.items()},
+              "phantom_code_sha256_12": _phantom_code_hash(), "train_seconds": round(train_s, 1)}
+    out = Path(out)
+    save_bundle(out, net.state_dict(), config, CARD)
+    metrics = _test_metrics(out, device, o, thresholds, train_s, progress)  # held-out test split
+    save_bundle(out, net.state_dict(), config, _card(o, seed, metrics))
     return out

@@ -1,0 +1,171 @@
+"""The ``cnn`` diagnoser: 64x64 chest phantom -> 5 finding probabilities, Grad-CAM heat maps, regions.
+
+Image-only: clinical text is accepted (and checked) but not used. The network
+(:class:`~hygeia_cnn.model.CnnNet`) is a small MONAI ``ResNet``; per-finding thresholds were chosen
+on a validation split (Youden's J) and live in the bundle's config. Heat maps are
+``monai.visualize.GradCAM``'s maps on ``net.layer3``, computed in one forward pass
+(:meth:`CnnDiagnoser.gradcam`); a present finding gets a box around the hottest blob of its heat
+map. This module also holds the model card and the plugin's ``SPEC``; the trainer is
+:mod:`hygeia_cnn.train`, named by the spec and imported only when training starts.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hygeia import tensors
+from hygeia.api import Diagnosis, Finding, ModelCard, ModelIdentity, PluginSpec, Region
+from hygeia.bundles import load_bundle, pick_device, save_bundle
+from hygeia.validation import check_images, check_texts
+from hygeia.vocab import FINDING_LABELS, finding
+from torch import nn
+
+from .model import DEFAULT_ARCH, CnnNet, _minmax
+
+NAME, VERSION = "cnn", "1.0.0"
+INPUT_SIZE = (64, 64)
+WEIGHTS = Path(__file__).parent / "weights" / "cnn"
+
+CARD = ModelCard(
+    intended_use=("Demonstration and test diagnoser for the Hygeia SDK: flags nodule, consolidation, effusion, "
+                  "cardiomegaly and pneumothorax on 64x64 synthetic chest-radiograph phantoms. Not for clinical use."),
+    training_data="Synthetic phantoms only (hygeia_lab.phantoms.make_phantom_set, split 'train'); thresholds on split 'val'.",
+    metrics={},
+    limitations=("Trained and measured on procedural phantoms, never on patient images: its numbers say nothing about "
+                 "real radiographs. Image-only (ignores clinical text). Grad-CAM regions are coarse (16x16 feature map)."),
+)
+
+
+def _shipped_card() -> ModelCard:
+    """The shipped bundle's model card (its measured metrics), or the static card if none is shipped."""
+    import json
+
+    try:
+        return ModelCard.from_dict(json.loads((WEIGHTS / "model_card.json").read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return CARD
+
+
+def region_from_heatmap(heat: np.ndarray, level: float = 0.5) -> Region | None:
+    """A box (DICOM x=column, y=row pixel coordinates) around the blob holding the heat map's maximum."""
+    from scipy import ndimage
+
+    if not np.isfinite(heat).all() or heat.max() <= 0:
+        return None
+    lab, _ = ndimage.label(heat >= level * heat.max())
+    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    rows, cols = np.nonzero(lab == lab[r, c])
+    return Region("box", ((float(cols.min()), float(rows.min())), (float(cols.max() + 1), float(rows.max() + 1))))
+
+
+class CnnDiagnoser:
+    """``diagnose(images [B,1,64,64] float in [0,1], texts=None) -> list[Diagnosis]``."""
+
+    input_size = INPUT_SIZE
+    findings = FINDING_LABELS
+    max_batch_size = 64  # the largest batch Triton forms (1 MiB of images; 64 was the best in-process batch)
+
+    def __init__(self, bundle: str | Path | None = None, device: str | None = None, heatmaps: bool = True,
+                 batch_size: int = 256) -> None:
+        self.device = pick_device(device)
+        self._cam_lock = threading.Lock()  # the Grad-CAM hook is on the shared network: one at a time
+        b = load_bundle(bundle or WEIGHTS)
+        self.config = dict(b.config)
+        self.card = b.card
+        self.arch = {**DEFAULT_ARCH, **self.config.get("arch", {})}
+        self.net = CnnNet(self.arch)
+        self.net.load_state_dict(b.tensors)
+        self.net.to(self.device).eval()
+        self.thresholds = np.asarray(self.config.get("thresholds", [0.5] * len(FINDING_LABELS)), np.float64)
+        self.heatmaps = bool(heatmaps)
+        self.batch_size = int(batch_size)
+        self.identity = ModelIdentity(NAME, VERSION, "diagnoser", b.sha256)
+
+    # -- inference ------------------------------------------------------------
+    @torch.no_grad()
+    def predict_proba(self, images: Any) -> np.ndarray:
+        """Probabilities float32 ``[B, 5]`` (FINDING_LABELS order); the same input checks as diagnose."""
+        x = check_images(images, size=INPUT_SIZE)
+        out = []
+        for i in range(0, len(x), self.batch_size):
+            xb = torch.from_numpy(x[i:i + self.batch_size]).to(self.device)
+            out.append(torch.sigmoid(self.net(xb)).float().cpu().numpy())
+        return np.concatenate(out).astype(np.float32)
+
+    def gradcam(self, images: Any, classes: Sequence[int] | None = None) -> np.ndarray:
+        """Grad-CAM heat maps float32 ``[B, 5, H, W]`` in [0, 1] (zeros for classes not asked for).
+
+        The maps of ``monai.visualize.GradCAM`` on ``cam_layer`` (activations weighted by their
+        spatially averaged gradients, ReLU, bilinear upsampling, per-image min-max; tested equal),
+        from one forward pass: each class's gradient is taken back to ``cam_layer`` only, where
+        monai runs a full forward and backward pass per class (5x the work, most of it in the
+        full-resolution first stage).
+        """
+        from monai.visualize.visualizer import default_upsampler
+
+        x = torch.from_numpy(check_images(images, size=INPUT_SIZE)).to(self.device)
+        maps = np.zeros((x.shape[0], len(FINDING_LABELS), *INPUT_SIZE), np.float32)
+        ks = [int(k) for k in (classes if classes is not None else range(len(FINDING_LABELS)))]
+        grabbed: list[torch.Tensor] = []
+
+        def cut(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:  # the graph starts at cam_layer
+            grabbed.append(out.detach().requires_grad_(True))
+            return grabbed[-1]
+
+        self._cam_lock.acquire()  # another thread's forward pass would run this hook too
+        hook = dict(self.net.named_modules())[self.arch["cam_layer"]].register_forward_hook(cut)
+        try:
+            with torch.enable_grad():
+                logits = self.net(x)
+                acti = grabbed[0]
+                for j, k in enumerate(ks):
+                    (grad,) = torch.autograd.grad(logits[:, k].sum(), acti, retain_graph=j + 1 < len(ks))
+                    cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * acti).sum(1, keepdim=True)).detach()
+                    cam = _minmax(default_upsampler(INPUT_SIZE)(cam))
+                    maps[:, k] = np.nan_to_num(cam[:, 0].float().cpu().numpy()).clip(0, 1)
+        finally:
+            hook.remove()
+            self._cam_lock.release()
+        return maps
+
+    def diagnose(self, images: Any, texts: Sequence[str] | None = None, heatmaps: bool | None = None) -> list[Diagnosis]:
+        x = check_images(images, size=INPUT_SIZE)
+        check_texts(texts, len(x))  # accepted and checked; this model is image-only
+        probs = self.predict_proba(x)
+        want = self.heatmaps if heatmaps is None else bool(heatmaps)
+        maps = None
+        if want:
+            maps = np.concatenate([self.gradcam(x[i:i + self.batch_size])
+                                   for i in range(0, len(x), self.batch_size)])
+        out = []
+        for b in range(len(x)):
+            fs = []
+            for k, label in enumerate(FINDING_LABELS):
+                p, t = float(probs[b, k]), float(self.thresholds[k])
+                heat = None if maps is None else maps[b, k]
+                region = region_from_heatmap(heat) if heat is not None and p >= t else None
+                fs.append(Finding(label, finding(label).code, p, t, region, heat))
+            out.append(Diagnosis(fs, self.identity, INPUT_SIZE))
+        return out
+
+    def save(self, path: str | Path) -> str:
+        """Write the current weights, config and model card as a bundle; returns the weights' SHA-256."""
+        return save_bundle(path, self.net.state_dict(), self.config, self.card)
+
+
+SPEC = PluginSpec(
+    kind="diagnoser",
+    name=NAME,
+    version=VERSION,
+    description="Image-only multi-label chest finding classifier (MONAI ResNet, 64x64) with Grad-CAM regions",
+    factory=CnnDiagnoser,
+    **tensors.diagnoser(channels=1, size=INPUT_SIZE, findings=len(FINDING_LABELS)),
+    model_card=_shipped_card(),
+    train="hygeia_cnn.train:train",
+    default=True,
+)
