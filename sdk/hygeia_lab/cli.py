@@ -79,7 +79,38 @@ def demo(
     run_demo(out, seed=seed, server=server, local=local, console=console, plugin=plugin)
 
 
+phantoms_app = typer.Typer(help="Phantom datasets on disk, shaped like your labelled studies.", no_args_is_help=True)
+
+
+@phantoms_app.command("export")
+def phantoms_export(
+    layout: str = typer.Option(..., "--layout", help="Label file layout: chexpert, nih or datalist."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder to write (new or empty; see --overwrite)."),
+    n: int = typer.Option(100, "-n", help="Images (one per patient)."),
+    size: int = typer.Option(256, "--size", help="Image size in pixels."),
+    image_format: str = typer.Option("dicom", "--format", help="dicom (DX) or png (16-bit)."),
+    transfer_syntax: str = typer.Option(
+        "explicit", "--transfer-syntax",
+        help="DICOM transfer syntax: explicit, deflate, rle, jpegls, jpegls-near, jpeg2000, jpeg2000-lossy, "
+             "jpeg-lossless."),
+    seed: int = typer.Option(0, "--seed", help="Seed: the same seed and split write the same dataset."),
+    split: str = typer.Option("train", "--split", help="train, val or test (never the same phantoms)."),
+    text: bool = typer.Option(False, "--text", help="Add the clinical indication as the column 'Indication'."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it holds files."),
+) -> None:
+    """Write labelled phantoms as a CheXpert-style CSV, a ChestX-ray14-style CSV or a MONAI datalist."""
+    from hygeia.cli import console
+
+    from .export import export_phantoms
+
+    label_file = export_phantoms(out, layout=layout, n=n, size=size, image_format=image_format,
+                                 transfer_syntax=transfer_syntax, seed=seed, split=split, text=text,
+                                 overwrite=overwrite, progress=True)
+    console.print(f"wrote {n} phantoms ({layout}, {image_format}) to {out}; labels in {label_file}")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``hygeia evaluate ...`` and ``hygeia demo`` to ``app``."""
+    """Add ``hygeia evaluate ...``, ``hygeia demo`` and ``hygeia phantoms export`` to ``app``."""
     app.add_typer(evaluate_app, name="evaluate")
     app.command("demo")(demo)
+    app.add_typer(phantoms_app, name="phantoms")
