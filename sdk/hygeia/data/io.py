@@ -10,9 +10,15 @@ Pipeline): stored values -> Modality LUT (Rescale Slope/Intercept or a Modality 
 -> [0, 1] using the output range of that VOI transform; without any VOI in the file the image's
 own min..max is used. MONOCHROME1 images are inverted so that 1.0 is always white (high
 attenuation). Colour images are converted to luminance (ITU-R 601 weights).
+
+DICOM pixel data is decoded by :mod:`hygeia.data.decode`: every transfer syntax a PACS sends
+(uncompressed, deflated, RLE, JPEG baseline/extended/lossless, JPEG-LS, JPEG 2000), images of
+at most 16384 pixels a side (refused before decoding), each failure one InputError line
+(docs/reading-images.md).
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
+from .decode import decode_pixels, hand_on, one_line, quiet_pydicom
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
 NUMPY_SUFFIXES = {".npy", ".npz"}
@@ -52,8 +59,11 @@ def load_image(path: str | os.PathLike[str]) -> LoadedImage:
     """Read a 2D image as float32 ``[H, W]`` in [0, 1].
 
     Raises :class:`hygeia.errors.InputError` naming the file when it does not exist, is not a
-    readable image, is DICOM without pixel data, is 3D (several frames or a stack), or uses a
-    transfer syntax whose pixels cannot be decoded here.
+    readable image, is DICOM without pixel data, is 3D (several frames or a stack), has no or
+    more than :data:`hygeia.data.decode.MAX_SIDE` pixels a side, holds a truncated or
+    undecodable codestream or a transfer syntax with no decoder here, or holds NaN/infinite
+    float pixels. The message is one line; pydicom's own log and warnings are kept off the
+    console (handed on as one-line records of the ``hygeia.data.decode`` logger).
     """
     p = Path(path)
     name = f"image file {str(p)!r}"
@@ -66,16 +76,29 @@ def load_image(path: str | os.PathLike[str]) -> LoadedImage:
         return LoadedImage(_read_pillow(p, name), None, None, p)
     if suffix in NUMPY_SUFFIXES:
         return LoadedImage(_read_numpy(p, name), None, None, p)
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(p)
+        ds = _read_dicom(p)
     except InvalidDicomError:
         raise InputError(name, _EXPECTED, got="a file that is none of these (no DICM preamble)") from None
     except Exception as exc:  # truncated or corrupt files raise many kinds of errors
-        raise InputError(name, "a readable DICOM file", got=f"{type(exc).__name__}: {exc}"[:300]) from None
+        raise InputError(name, "a readable DICOM file", got=one_line(f"{type(exc).__name__}: {exc}")) from None
     return load_dataset(ds, path=p)
+
+
+def _read_dicom(p: Path) -> Any:
+    """``pydicom.dcmread`` with what pydicom logs and warns kept, and handed on as one-line records."""
+    import pydicom
+
+    with quiet_pydicom() as (records, caught):
+        try:
+            ds = pydicom.dcmread(p)
+        except Exception:
+            hand_on(records, caught, logging.DEBUG)
+            raise
+    hand_on(records, caught)
+    return ds
 
 
 def load_series(folder: str | os.PathLike[str]) -> list[LoadedImage]:
@@ -85,7 +108,6 @@ def load_series(folder: str | os.PathLike[str]) -> list[LoadedImage]:
     2D images (no pixel data, several frames, undecodable pixels) raise InputError naming the
     file. InputError too when the folder holds no DICOM image at all.
     """
-    import pydicom
     from pydicom.errors import InvalidDicomError
 
     root = Path(folder)
@@ -94,12 +116,12 @@ def load_series(folder: str | os.PathLike[str]) -> list[LoadedImage]:
     items = []
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
         try:
-            ds = pydicom.dcmread(p)
+            ds = _read_dicom(p)
         except InvalidDicomError:
             continue
         except Exception as exc:
             raise InputError(f"DICOM file {str(p)!r}", "a readable DICOM file",
-                             got=f"{type(exc).__name__}: {exc}"[:300]) from None
+                             got=one_line(f"{type(exc).__name__}: {exc}")) from None
         key = (str(getattr(ds, "StudyInstanceUID", "")), str(getattr(ds, "SeriesInstanceUID", "")),
                int(getattr(ds, "InstanceNumber", 0) or 0), str(p))
         items.append((key, load_dataset(ds, path=p)))
@@ -114,28 +136,24 @@ def load_dataset(ds: Any, path: Path | None = None, name: str | None = None) -> 
 
     name = name or (f"DICOM file {str(path)!r}" if path else "DICOM dataset")
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
-        sop = str(getattr(ds, "SOPClassUID", "?"))
-        raise InputError(name, "a DICOM image with pixel data", got=f"no Pixel Data (SOP Class {sop})")
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        sop = getattr(ds, "SOPClassUID", None)
+        sop_name = str(getattr(sop, "name", sop))
+        sop_text = "?" if sop is None else (f"{sop_name}, {sop}" if sop_name != str(sop) else str(sop))
+        raise InputError(name, "a DICOM image with pixel data", got=f"no Pixel Data (SOP Class {sop_text})")
+    try:
+        frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    except (TypeError, ValueError):
+        raise InputError(name, "a 2D image (one frame)", got=f"Number of Frames {ds.NumberOfFrames!r}") from None
     if frames > 1:
         raise InputError(name, "a 2D image (one frame)", got=f"a volume of {frames} frames")
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:
-        ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-        ts_name = getattr(ts, "name", str(ts))
-        raise InputError(name, "pixel data in a transfer syntax that can be decoded here "
-                         "(uncompressed, deflate, RLE or JPEG with a pixel handler installed)",
-                         got=f"{ts_name}: {type(exc).__name__}: {exc}"[:300]) from None
+    arr = decode_pixels(ds, name)
     samples = int(getattr(ds, "SamplesPerPixel", 1) or 1)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if samples == 3:
         if arr.ndim != 3 or arr.shape[-1] != 3:
             raise InputError(name, "a 2D colour image [H, W, 3]", got=f"shape {list(arr.shape)}")
-        if photometric.startswith("YBR"):
-            from pydicom.pixels import convert_color_space
-
-            arr = convert_color_space(arr, photometric, "RGB")
+        # pydicom (>= 3) already returns RGB for YBR_FULL/YBR_FULL_422, and the JPEG 2000 codec
+        # for YBR_ICT/YBR_RCT: converting again would shift every colour
         a = arr.astype(np.float64)
         a = 0.299 * a[..., 0] + 0.587 * a[..., 1] + 0.114 * a[..., 2]
         pixels = a / float(2 ** int(getattr(ds, "BitsStored", 8) or 8) - 1)
