@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip -q --disable-pip-version-check
 STAMP := $(VENV)/.hygeia-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb rabbitmq-server
+APT_PACKAGES := dcmtk dicom3tools orthanc orthanc-dicomweb rabbitmq-server pixelmed-apps default-jre-headless
 
 .PHONY: demo test venv system-deps clean
 
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml tests/example_plugin/pyproject.toml
 	@touch $@
 
 system-deps:
-	@missing=""; for c in dciodvfy dsrdump storescu Orthanc; do command -v $$c >/dev/null || missing=1; done; \
+	@missing=""; for c in dciodvfy dsrdump dsr2html storescu Orthanc java; do command -v $$c >/dev/null || missing=1; done; [ -f /usr/share/java/pixelmed.jar ] || missing=1; \
 	 [ -f /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing=1; \
 	 [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ] || missing=1; \
 	 if [ -n "$$missing" ]; then \

@@ -4,20 +4,22 @@ Structure of one report (one per study; several source images may share it)::
 
     Imaging Measurement Report (TID 1500)
       Language, Observation context: device observer (TID 1004) = the diagnoser model
-      Procedure reported: from the source study (Procedure Code Sequence), else from its modality
+      Procedure reported: CID 100 (the source's procedure code if in CID 100, else by Modality)
       Image library (TID 1600): every source image
-      Imaging measurements
-        Measurement group (TID 1410 with a region, TID 1501 without) per image and finding:
+      Imaging measurements: one measurement group per image and finding
+        TID 1410 (the finding has a region) or TID 1501 (it has none):
           Tracking identifier "<label> #<n>" + tracking UID (TID 4108)
-          Finding type: the finding's SNOMED CT code (hygeia.vocab)
-          Algorithm identification (TID 4019): model name, version, weights SHA-256, threshold
-          Image region: SCOORD POINT/POLYLINE in the source image's pixels (when the model gave one)
+          Finding (DCM 121071): the finding's code (SNOMED CT for the built-in five)
+          Algorithm identification (TID 4019): model name, version, family AI, parameters
+            (weights SHA-256, input size, threshold)
+          1410: Image Region, SCOORD POINT/POLYLINE in the source image's pixels
+          1501: Source of Measurement, IMAGE = the source image
           Probability: NUM (DCM 122157 "Probability"), UCUM "1" (no units), value in [0, 1]
           Qualitative evaluation: <finding> = Present / Absent (SNOMED CT), at the stated threshold
 
 The SR is written to a new series in the source study, marked not verified (VerificationFlag
-UNVERIFIED) and partial/complete as requested, with a Contributing Equipment Sequence naming
-Hygeia and the model as processing equipment.
+UNVERIFIED) and preliminary, with a Contributing Equipment Sequence naming Hygeia and the
+model as processing equipment. The content tree is built in :mod:`hygeia_dicom._sr_content`.
 """
 from __future__ import annotations
 
@@ -26,23 +28,11 @@ import os
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-
-from hygeia.api import Diagnosis, Finding
+from hygeia.api import Diagnosis
 from hygeia.errors import InputError
 
 MANUFACTURER = "Hygeia"
 SERIES_DESCRIPTION = "Hygeia AI findings - NOT VERIFIED"
-
-# Procedure reported when the source study carries no Procedure Code Sequence (SNOMED CT).
-_PROCEDURE_BY_MODALITY: dict[str, tuple[str, str]] = {
-    "CT": ("77477000", "Computerized axial tomography"),
-    "MR": ("113091000", "Magnetic resonance imaging"),
-    "CR": ("363680008", "Radiographic imaging procedure"),
-    "DX": ("363680008", "Radiographic imaging procedure"),
-    "MG": ("71651007", "Mammography"),
-    "US": ("16310003", "Ultrasonography"),
-}
 
 
 def read_source(source: Any, index: int = 0) -> Any:
@@ -58,7 +48,7 @@ def read_source(source: Any, index: int = 0) -> Any:
         except Exception as exc:
             raise InputError(f"sources[{index}] {str(p)!r}", "the source DICOM image of the diagnosis "
                              "(an SR needs a patient and study to belong to)",
-                             got=f"{type(exc).__name__}: {exc}"[:200]) from None
+                             got=" ".join(f"{type(exc).__name__}: {exc}".split())[:200]) from None
     else:
         raise InputError(f"sources[{index}]", "a pydicom Dataset or the path of a DICOM file",
                          got=type(source).__name__)
@@ -66,22 +56,6 @@ def read_source(source: Any, index: int = 0) -> Any:
         if kw not in ds:
             raise InputError(f"sources[{index}]", f"a DICOM image with {kw}", got=f"no {kw}")
     return ds
-
-
-def _procedure_codes(ds: Any) -> list[Any]:
-    from highdicom.sr import CodedConcept
-
-    for kw in ("ProcedureCodeSequence", "RequestedProcedureCodeSequence"):
-        seq = getattr(ds, kw, None)
-        if seq:
-            out = []
-            for item in seq:
-                if all(k in item for k in ("CodeValue", "CodingSchemeDesignator", "CodeMeaning")):
-                    out.append(CodedConcept(item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning))
-            if out:
-                return out
-    value, meaning = _PROCEDURE_BY_MODALITY.get(str(getattr(ds, "Modality", "")), ("363679005", "Imaging procedure"))
-    return [CodedConcept(value, "SCT", meaning)]
 
 
 def device_uid(diagnosis: Diagnosis) -> str:
@@ -92,35 +66,15 @@ def device_uid(diagnosis: Diagnosis) -> str:
     return str(generate_uid(entropy_srcs=["hygeia-device", m.name, m.version, m.weights_sha256 or ""]))
 
 
-def scale_region(finding: Finding, image_size: tuple[int, int], rows: int, columns: int) -> tuple[str, np.ndarray] | None:
-    """The finding's region as (graphic type, ``[N, 2]`` (column, row) data) in the source pixels.
-
-    ``image_size`` is (rows, columns) of the image the model saw; coordinates scale by
-    ``columns / image_columns`` and ``rows / image_rows`` (DICOM's convention: (0, 0) is the
-    top-left corner of the top-left pixel, so a pure scale maps corners onto corners).
-    A box becomes a closed POLYLINE of 5 points.
-    """
-    r = finding.region
-    if r is None:
-        return None
-    sy, sx = rows / float(image_size[0]), columns / float(image_size[1])
-    xy = np.asarray(r.coords, dtype=np.float64) * np.array([sx, sy])
-    xy[:, 0] = np.clip(xy[:, 0], 0.0, float(columns))
-    xy[:, 1] = np.clip(xy[:, 1], 0.0, float(rows))
-    if r.kind == "point":
-        return "POINT", xy.astype(np.float32)
-    if r.kind == "box":
-        (x0, y0), (x1, y1) = xy
-        xy = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
-    return "POLYLINE", xy.astype(np.float32)
-
-
 def build_measurement_report(diagnoses: Sequence[Diagnosis], sources: Sequence[Any]) -> Any:
-    """The TID 1500 content tree (a highdicom ``MeasurementReport``) for one study."""
+    """The TID 1500 content tree (a highdicom ``MeasurementReport``) for one study.
+
+    ``sources``: one pydicom Dataset per diagnosis (headers suffice: no pixel data is read).
+    """
     import highdicom as hd
-    from highdicom.sr import CodedConcept
     from pydicom.sr.codedict import codes
-    from pydicom.uid import generate_uid
+
+    from . import _sr_content
 
     first = diagnoses[0]
     observer = hd.sr.ObserverContext(
@@ -129,43 +83,19 @@ def build_measurement_report(diagnoses: Sequence[Diagnosis], sources: Sequence[A
             uid=device_uid(first), name=first.model.name, manufacturer_name=MANUFACTURER,
             model_name=f"{first.model.name} {first.model.version}"[:64]),
     )
-    context = hd.sr.ObservationContext(observer_device_context=observer)
-    groups: list[Any] = []
-    unit = CodedConcept("1", "UCUM", "no units")
-    for d, ds in zip(diagnoses, sources):
-        params = [f"weights_sha256={d.model.weights_sha256 or 'none'}",
-                  f"input_size={d.image_size[0]}x{d.image_size[1]}"]
-        for n, f in enumerate(d.findings, start=1):
-            algo = hd.sr.AlgorithmIdentification(
-                name=d.model.name, version=d.model.version, manufacturer=MANUFACTURER,
-                parameters=[*params, f"threshold={f.threshold:g}"],
-                family=codes.cid7162.ArtificialIntelligence)
-            concept = CodedConcept(f.code.value, f.code.scheme, f.code.meaning)
-            tracking = hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=f"{f.label} #{n}")
-            prob = hd.sr.Measurement(name=codes.DCM.Probability, value=round(float(np.clip(f.probability, 0.0, 1.0)), 6),
-                                     unit=unit)
-            evaluation = hd.sr.QualitativeEvaluation(
-                name=concept, value=codes.SCT.Present if f.present else codes.SCT.Absent)
-            common = dict(tracking_identifier=tracking, finding_type=concept, algorithm_id=algo,
-                          measurements=[prob], qualitative_evaluations=[evaluation])
-            scaled = scale_region(f, d.image_size, int(ds.Rows), int(ds.Columns))
-            if scaled is not None:
-                gtype, data = scaled
-                region = hd.sr.ImageRegion(
-                    graphic_type=gtype, graphic_data=data,
-                    source_image=hd.sr.SourceImageForRegion(ds.SOPClassUID, ds.SOPInstanceUID))
-                groups.append(hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-                    referenced_region=region, **common))
-            else:
-                groups.append(hd.sr.MeasurementsAndQualitativeEvaluations(
-                    source_images=[hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)],
-                    **common))
     return hd.sr.MeasurementReport(
-        observation_context=context,
-        procedure_reported=_procedure_codes(sources[0]),
-        imaging_measurements=groups,
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_sr_content.procedure_codes(sources[0]),
+        imaging_measurements=_sr_content.measurement_groups(diagnoses, sources),
         referenced_images=list(sources),
     )
+
+
+def scale_region(finding: Any, image_size: tuple[int, int], rows: int, columns: int) -> Any:
+    """The finding's region in the source image's pixels; see :func:`hygeia_dicom._sr_content.scale_region`."""
+    from ._sr_content import scale_region as scale
+
+    return scale(finding, image_size, rows, columns)
 
 
 def build_sr(
@@ -188,14 +118,13 @@ def build_sr(
 
     import hygeia
 
+    from ._sr_content import check_diagnosis
+
     diagnoses = list(diagnoses)
     if not diagnoses:
         raise InputError("diagnoses", "at least one Diagnosis", got="none")
     for i, d in enumerate(diagnoses):
-        if not isinstance(d, Diagnosis):
-            raise InputError(f"diagnoses[{i}]", "a hygeia.api.Diagnosis", got=type(d).__name__)
-        if not d.findings:
-            raise InputError(f"diagnoses[{i}]", "at least one finding", got="an empty findings list")
+        check_diagnosis(d, i)
     if sources is None or len(sources) != len(diagnoses):
         raise InputError("sources", f"one source DICOM image per diagnosis ({len(diagnoses)})",
                          got="none" if sources is None else f"{len(sources)}")
