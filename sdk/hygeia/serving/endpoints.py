@@ -27,7 +27,7 @@ class EndpointPool:
 
     def __init__(self, servers: str | Sequence[str], *, cooldown: float = 5.0, retries: int = 3,
                  backoff: float = 0.2, **opts: Any) -> None:
-        from .remote import Connection
+        from .connection import Connection
 
         names = [s.strip() for s in (servers.split(",") if isinstance(servers, str) else servers) if s.strip()]
         if not names:
@@ -57,7 +57,7 @@ class EndpointPool:
 
     def call(self, model: str, fn: Callable[[Any], Any]) -> Any:
         """Run ``fn(client)`` on the next endpoint; on ``UNAVAILABLE`` try the others."""
-        from .remote import ServerUnavailableError
+        from .connection import ServerUnavailableError
 
         last: Exception | None = None
         for attempt in range(self.retries + 1):
