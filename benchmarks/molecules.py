@@ -23,7 +23,7 @@ import torch
 
 TARGET_VALID_PER_S = 2000.0
 TARGETS = {"valid": (">=", 0.95), "unique@10000": (">=", 0.998), "Novelty": (">=", 0.80), "FCD/Test": ("<=", 1.0)}
-# Targets per property: spread over the MOSES training range (see hygeia_conditioners.property).
+# Targets per property: spread over the MOSES training range (see hygeia_conditioners.model).
 COND_TARGETS = {"logP": [0.5, 1.5, 2.5, 3.5, 4.5], "QED": [0.6, 0.7, 0.8, 0.9], "SA": [1.8, 2.2, 2.6, 3.0, 3.4],
                 "MW": [260.0, 285.0, 310.0, 335.0]}
 
