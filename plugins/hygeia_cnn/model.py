@@ -1,7 +1,9 @@
-"""The ``cnn`` network: intensity normalisation + a small MONAI ``ResNet`` (2-D, 1 channel in, 5 logits out).
+"""The ``cnn`` network: intensity normalisation + a small MONAI ``ResNet`` (2-D, 1 channel in, F logits out).
 
-:data:`DEFAULT_ARCH` is the network config a bundle's ``config["arch"]`` overrides; :class:`CnnNet`
-builds it (MONAI is imported when a network is built). :func:`_minmax` is the per-image min-max
+:data:`DEFAULT_ARCH` is the network config a bundle's ``config["arch"]`` overrides (the 64 px phantom
+model); :data:`ARCH_256` is the same ResNet with a stride-2 7x7 stem and max pooling, for images of
+256 px and more (the user-data trainer's default). :class:`CnnNet` builds either (MONAI is imported
+when a network is built). :func:`_minmax` is the per-image min-max
 scaling of the Grad-CAM maps (also used by the tests against ``monai.visualize.GradCAM``).
 """
 from __future__ import annotations
@@ -27,6 +29,10 @@ DEFAULT_ARCH: dict[str, Any] = {
     "pool": "avgmax",
 }
 
+ARCH_256: dict[str, Any] = {**DEFAULT_ARCH, "conv1_t_size": 7, "conv1_t_stride": 2, "no_max_pool": False}
+"""For 256-512 px: the stem downsamples 4x (stride-2 7x7 conv + max pool) as ResNets do on
+ImageNet-sized images; 109 training images/s at 256 px on 2 CPU cores (benchmarks/training.py)."""
+
 
 class AvgMaxPool(nn.Module):
     """Global pooling: the mean of average and max pooling (keeps a small, strong response)."""
@@ -36,15 +42,15 @@ class AvgMaxPool(nn.Module):
 
 
 class CnnNet(nn.Module):
-    """Intensity normalisation + a MONAI ResNet (2-D, 1 -> 5 logits)."""
+    """Intensity normalisation + a MONAI ResNet (2-D, 1 -> ``n_out`` logits, one per finding)."""
 
-    def __init__(self, arch: dict[str, Any]) -> None:
+    def __init__(self, arch: dict[str, Any], n_out: int = len(FINDING_LABELS)) -> None:
         super().__init__()
         from monai.networks.nets import ResNet
 
         self.mean, self.std = float(arch["mean"]), float(arch["std"])
         self.net = ResNet(block=arch["block"], layers=list(arch["layers"]), block_inplanes=list(arch["block_inplanes"]),
-                          spatial_dims=2, n_input_channels=1, num_classes=len(FINDING_LABELS),
+                          spatial_dims=2, n_input_channels=1, num_classes=int(n_out),
                           conv1_t_size=int(arch["conv1_t_size"]), conv1_t_stride=int(arch["conv1_t_stride"]),
                           no_max_pool=bool(arch["no_max_pool"]))
         if arch.get("pool", "avg") == "avgmax":  # small findings (nodules) survive global pooling

@@ -1,11 +1,13 @@
-"""The ``cnn`` diagnoser: 64x64 chest phantom -> 5 finding probabilities, Grad-CAM heat maps, regions.
+"""The ``cnn`` diagnoser: chest radiograph -> finding probabilities, Grad-CAM heat maps, regions.
 
 Image-only: clinical text is accepted (and checked) but not used. The network
-(:class:`~hygeia_cnn.model.CnnNet`) is a small MONAI ``ResNet``; per-finding thresholds were chosen
-on a validation split (Youden's J) and live in the bundle's config. Heat maps are
-``monai.visualize.GradCAM``'s maps on ``net.layer3``, computed in one forward pass
-(:meth:`CnnDiagnoser.gradcam`); a present finding gets a box around the hottest blob of its heat
-map. This module also holds the model card and the plugin's ``SPEC``; the trainer is
+(:class:`~hygeia_cnn.model.CnnNet`) is a small MONAI ``ResNet``. A bundle's config says what the
+model reads and reports: ``input_size``, ``findings`` (the phantom findings for the shipped
+bundle, the user's label columns for one trained with ``hygeia train cnn --data``) and their
+``codes`` (SNOMED CT, for the SR); per-finding thresholds were chosen on a validation split
+(Youden's J). Heat maps are ``monai.visualize.GradCAM``'s maps on ``cam_layer``, computed in one
+forward pass (:meth:`CnnDiagnoser.gradcam`); a present finding gets a box around the hottest blob
+of its heat map. This module also holds the model card and the plugin's ``SPEC``; the trainer is
 :mod:`hygeia_cnn.train`, named by the spec and imported only when training starts.
 """
 from __future__ import annotations
@@ -22,13 +24,12 @@ from hygeia import tensors
 from hygeia.api import Diagnosis, Finding, ModelCard, ModelIdentity, PluginSpec, Region
 from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.validation import check_images, check_texts
-from hygeia.vocab import FINDING_LABELS, finding
+from hygeia.vocab import FINDING_LABELS, Code, finding
 from torch import nn
 
 from .model import DEFAULT_ARCH, CnnNet, _minmax
 
 NAME, VERSION = "cnn", "1.0.0"
-INPUT_SIZE = (64, 64)
 WEIGHTS = Path(__file__).parent / "weights" / "cnn"
 
 CARD = ModelCard(
@@ -41,14 +42,33 @@ CARD = ModelCard(
 )
 
 
-def _shipped_card() -> ModelCard:
-    """The shipped bundle's model card (its measured metrics), or the static card if none is shipped."""
+def _shipped(name: str) -> dict[str, Any]:
+    """A JSON file of the shipped bundle ({} if none is shipped)."""
     import json
 
     try:
-        return ModelCard.from_dict(json.loads((WEIGHTS / "model_card.json").read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
+        return dict(json.loads((WEIGHTS / name).read_text()))
+    except (OSError, ValueError, TypeError):
+        return {}
+
+
+_SHIPPED = _shipped("config.json")
+INPUT_SIZE: tuple[int, int] = tuple(_SHIPPED.get("input_size", (64, 64)))  # type: ignore[assignment]
+"""The shipped bundle's input size (what the served model reads)."""
+
+
+def _shipped_card() -> ModelCard:
+    """The shipped bundle's model card (its measured metrics), or the static card if none is shipped."""
+    try:
+        return ModelCard.from_dict(_shipped("model_card.json"))
+    except (ValueError, KeyError, TypeError):
         return CARD
+
+
+def bundle_codes(config: dict[str, Any], findings: Sequence[str]) -> dict[str, Code]:
+    """The code of each finding: the bundle's ``codes`` (a user-trained bundle), else :mod:`hygeia.vocab`."""
+    given = config.get("codes") or {}
+    return {f: Code(**given[f]) if f in given else finding(f).code for f in findings}
 
 
 def region_from_heatmap(heat: np.ndarray, level: float = 0.5) -> Region | None:
@@ -64,10 +84,9 @@ def region_from_heatmap(heat: np.ndarray, level: float = 0.5) -> Region | None:
 
 
 class CnnDiagnoser:
-    """``diagnose(images [B,1,64,64] float in [0,1], texts=None) -> list[Diagnosis]``."""
+    """``diagnose(images [B,1,H,W] float in [0,1], texts=None) -> list[Diagnosis]`` with ``(H, W)``
+    the bundle's ``input_size`` and one finding per entry of its ``findings``."""
 
-    input_size = INPUT_SIZE
-    findings = FINDING_LABELS
     max_batch_size = 64  # the largest batch Triton forms (1 MiB of images; 64 was the best in-process batch)
 
     def __init__(self, bundle: str | Path | None = None, device: str | None = None, heatmaps: bool = True,
@@ -78,10 +97,14 @@ class CnnDiagnoser:
         self.config = dict(b.config)
         self.card = b.card
         self.arch = {**DEFAULT_ARCH, **self.config.get("arch", {})}
-        self.net = CnnNet(self.arch)
+        self.findings: tuple[str, ...] = tuple(self.config.get("findings", FINDING_LABELS))
+        h, w = (int(v) for v in self.config.get("input_size", INPUT_SIZE))
+        self.input_size: tuple[int, int] = (h, w)
+        self.codes = bundle_codes(self.config, self.findings)
+        self.net = CnnNet(self.arch, n_out=len(self.findings))
         self.net.load_state_dict(b.tensors)
         self.net.to(self.device).eval()
-        self.thresholds = np.asarray(self.config.get("thresholds", [0.5] * len(FINDING_LABELS)), np.float64)
+        self.thresholds = np.asarray(self.config.get("thresholds", [0.5] * len(self.findings)), np.float64)
         self.heatmaps = bool(heatmaps)
         self.batch_size = int(batch_size)
         self.identity = ModelIdentity(NAME, VERSION, "diagnoser", b.sha256)
@@ -89,8 +112,8 @@ class CnnDiagnoser:
     # -- inference ------------------------------------------------------------
     @torch.no_grad()
     def predict_proba(self, images: Any) -> np.ndarray:
-        """Probabilities float32 ``[B, 5]`` (FINDING_LABELS order); the same input checks as diagnose."""
-        x = check_images(images, size=INPUT_SIZE)
+        """Probabilities float32 ``[B, F]`` (``findings`` order); the same input checks as diagnose."""
+        x = check_images(images, size=self.input_size)
         out = []
         for i in range(0, len(x), self.batch_size):
             xb = torch.from_numpy(x[i:i + self.batch_size]).to(self.device)
@@ -98,7 +121,7 @@ class CnnDiagnoser:
         return np.concatenate(out).astype(np.float32)
 
     def gradcam(self, images: Any, classes: Sequence[int] | None = None) -> np.ndarray:
-        """Grad-CAM heat maps float32 ``[B, 5, H, W]`` in [0, 1] (zeros for classes not asked for).
+        """Grad-CAM heat maps float32 ``[B, F, H, W]`` in [0, 1] (zeros for classes not asked for).
 
         The maps of ``monai.visualize.GradCAM`` on ``cam_layer`` (activations weighted by their
         spatially averaged gradients, ReLU, bilinear upsampling, per-image min-max; tested equal),
@@ -108,9 +131,9 @@ class CnnDiagnoser:
         """
         from monai.visualize.visualizer import default_upsampler
 
-        x = torch.from_numpy(check_images(images, size=INPUT_SIZE)).to(self.device)
-        maps = np.zeros((x.shape[0], len(FINDING_LABELS), *INPUT_SIZE), np.float32)
-        ks = [int(k) for k in (classes if classes is not None else range(len(FINDING_LABELS)))]
+        x = torch.from_numpy(check_images(images, size=self.input_size)).to(self.device)
+        maps = np.zeros((x.shape[0], len(self.findings), *self.input_size), np.float32)
+        ks = [int(k) for k in (classes if classes is not None else range(len(self.findings)))]
         grabbed: list[torch.Tensor] = []
 
         def cut(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:  # the graph starts at cam_layer
@@ -126,7 +149,7 @@ class CnnDiagnoser:
                 for j, k in enumerate(ks):
                     (grad,) = torch.autograd.grad(logits[:, k].sum(), acti, retain_graph=j + 1 < len(ks))
                     cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * acti).sum(1, keepdim=True)).detach()
-                    cam = _minmax(default_upsampler(INPUT_SIZE)(cam))
+                    cam = _minmax(default_upsampler(self.input_size)(cam))
                     maps[:, k] = np.nan_to_num(cam[:, 0].float().cpu().numpy()).clip(0, 1)
         finally:
             hook.remove()
@@ -134,7 +157,7 @@ class CnnDiagnoser:
         return maps
 
     def diagnose(self, images: Any, texts: Sequence[str] | None = None, heatmaps: bool | None = None) -> list[Diagnosis]:
-        x = check_images(images, size=INPUT_SIZE)
+        x = check_images(images, size=self.input_size)
         check_texts(texts, len(x))  # accepted and checked; this model is image-only
         probs = self.predict_proba(x)
         want = self.heatmaps if heatmaps is None else bool(heatmaps)
@@ -145,12 +168,12 @@ class CnnDiagnoser:
         out = []
         for b in range(len(x)):
             fs = []
-            for k, label in enumerate(FINDING_LABELS):
+            for k, label in enumerate(self.findings):
                 p, t = float(probs[b, k]), float(self.thresholds[k])
                 heat = None if maps is None else maps[b, k]
                 region = region_from_heatmap(heat) if heat is not None and p >= t else None
-                fs.append(Finding(label, finding(label).code, p, t, region, heat))
-            out.append(Diagnosis(fs, self.identity, INPUT_SIZE))
+                fs.append(Finding(label, self.codes[label], p, t, region, heat))
+            out.append(Diagnosis(fs, self.identity, self.input_size))
         return out
 
     def save(self, path: str | Path) -> str:
@@ -162,9 +185,10 @@ SPEC = PluginSpec(
     kind="diagnoser",
     name=NAME,
     version=VERSION,
-    description="Image-only multi-label chest finding classifier (MONAI ResNet, 64x64) with Grad-CAM regions",
+    description=f"Image-only multi-label chest finding classifier (MONAI ResNet, {INPUT_SIZE[0]}x{INPUT_SIZE[1]}) "
+                "with Grad-CAM regions",
     factory=CnnDiagnoser,
-    **tensors.diagnoser(channels=1, size=INPUT_SIZE, findings=len(FINDING_LABELS)),
+    **tensors.diagnoser(channels=1, size=INPUT_SIZE, findings=len(_SHIPPED.get("findings", FINDING_LABELS))),
     model_card=_shipped_card(),
     train="hygeia_cnn.train:train",
     default=True,

@@ -105,10 +105,11 @@ def _served_by_instance(spec: PluginSpec, instance: Any) -> tuple[dict[str, Any]
         img = next((t for t in spec.inputs if t.name == tensors.IMAGES), None)
         c = int(img.dims[0]) if img is not None and img.dims and img.dims[0] > 0 else 1
         labels = list(instance.findings)
+        own = dict(getattr(instance, "codes", None) or {})  # e.g. a bundle trained on the user's findings
         codes: dict[str, dict[str, str]] = {}
         for lab in labels:
             try:
-                code = finding(lab).code
+                code = own[lab] if lab in own else finding(lab).code
             except InputError:  # a finding outside the built-in vocabulary: the plugin codes it
                 continue
             codes[lab] = {"value": code.value, "scheme": code.scheme, "meaning": code.meaning}
