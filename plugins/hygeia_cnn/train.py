@@ -1,13 +1,13 @@
-"""Reproducible training of the ``cnn`` diagnoser on phantoms (``hygeia train cnn``).
+"""Reproducible training of the ``cnn`` diagnoser (``hygeia train cnn``): on phantoms, or on the
+user's labelled studies with ``--data`` (:mod:`hygeia_cnn._user_data`).
 
-Train split: fit; val split: per-finding thresholds (Youden's J); test split: the AUROC recorded in
+Phantoms: train split: fit; val split: per-finding thresholds (Youden's J); test split: the AUROC recorded in
 the model card. The same seed, options and phantom code give the same weights (CPU). The plugin's
 spec names :func:`train` as ``"hygeia_cnn.train:train"``: this module (and the lab it uses) is
 imported only when training starts.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,9 @@ from hygeia_lab import DEFAULT_DIFFICULTY, PhantomSet, load_npz, make_phantom_se
 from hygeia_lab import phantoms as _phantoms
 
 from .model import DEFAULT_ARCH, CnnNet
-from .plugin import CARD, INPUT_SIZE, VERSION, WEIGHTS, CnnDiagnoser
+from .plugin import CARD, VERSION, WEIGHTS, CnnDiagnoser
+
+INPUT_SIZE = (64, 64)  # the phantom trainer's size; --data trains at 256 px by default
 
 DEFAULTS: dict[str, Any] = {
     "epochs": 5, "n_train": 40000, "n_val": 2000, "n_test": 2000, "batch_size": 64, "lr": 3e-3,
@@ -33,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
 
 
 def _phantom_code_hash() -> str:
-    return hashlib.sha256(Path(_phantoms.__file__).read_bytes()).hexdigest()[:12]
+    return _phantoms.code_hash()[:12]
 
 
 def phantom_data(split: str, n: int, difficulty: float, progress: bool, cache_dir: str | Path | None) -> PhantomSet:
@@ -169,12 +171,19 @@ def _card(o: dict[str, Any], seed: int, metrics: dict[str, Any]) -> ModelCard:
 
 
 def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, **options: Any) -> Path:
-    """Train the cnn on phantoms and write its bundle atomically to ``out``; returns ``out``.
+    """Train the cnn and write its bundle atomically to ``out``; returns ``out``.
 
-    Options (defaults in :data:`DEFAULTS`): epochs, n_train, n_val, n_test, batch_size, lr,
+    With ``data=LABELS`` (``--data``) it trains on the user's labelled studies: see
+    :func:`hygeia_cnn._user_data.train_on_files` for those options (image_root, codes, uncertain,
+    text_column, init, resume, size, ...). Otherwise on 64 px phantoms generated in memory, with
+    the options (defaults in :data:`DEFAULTS`): epochs, n_train, n_val, n_test, batch_size, lr,
     weight_decay, difficulty, threads, cache_dir (reuse generated phantoms), device, shift, arch
     (overrides of :data:`~hygeia_cnn.model.DEFAULT_ARCH`).
     """
+    if options.get("data") is not None:
+        from ._user_data import train_on_files
+
+        return train_on_files(out, seed, progress, **options)
     arch, o = _options(options)
     t0 = time.time()
     torch.set_num_threads(int(o["threads"]))

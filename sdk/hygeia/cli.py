@@ -44,6 +44,11 @@ def parse_options(options: list[str] | None) -> dict[str, Any]:
     return out
 
 
+def _opt(flag: str, help_text: str) -> Any:
+    """An optional ``--flag VALUE`` (None when not given)."""
+    return typer.Option(None, flag, help=help_text)
+
+
 def _progress() -> Any:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -128,6 +133,8 @@ def diagnose(
     sr: Optional[Path] = typer.Option(None, "--sr", help="Write a DICOM TID 1500 Structured Report (DICOM input)."),
     png: Optional[Path] = typer.Option(None, "--png", help="Write heat-map overlays as PNG (first image)."),
     server: Optional[str] = typer.Option(None, "--server", help="Diagnose on a Triton server HOST:PORT."),
+    bundle: Optional[Path] = _opt("--bundle", "A bundle folder to load instead of the plugin's shipped weights "
+                                  "(e.g. one `hygeia train --data` wrote)."),
 ) -> None:
     """Diagnose images: findings with probabilities, thresholds, regions."""
     import numpy as np
@@ -138,7 +145,7 @@ def diagnose(
         from .plugins import get_registry
 
         plugin = get_registry().default_name("diagnoser")
-    diag = _plugin("diagnoser", plugin, server)
+    diag = _plugin("diagnoser", plugin, server, bundle)
     loaded = [load_image(p) for p in inputs]
     batch = np.stack([prepare_image(li.pixels, size=diag.input_size) for li in loaded])
     texts = None
@@ -169,28 +176,44 @@ def diagnose(
         err.print(f"wrote DICOM SR {sr}")
 
 
-def _accepts_progress(fn: Any) -> bool:
+def _accepts(fn: Any, name: str) -> bool:
     import inspect
 
-    return "progress" in inspect.signature(fn).parameters
+    return name in inspect.signature(fn).parameters
 
 
-def _plugin(kind: Any, name: str, server: Optional[str]) -> Any:
+def _accepts_progress(fn: Any) -> bool:
+    return _accepts(fn, "progress")
+
+
+def _plugin(kind: Any, name: str, server: Optional[str], bundle: Optional[Path] = None) -> Any:
     if server:
+        if bundle is not None:
+            raise InputError("--bundle", "no --server (the server loads its own bundles)", got="both given")
         from .serving import connect
 
         return connect(kind, name, server)
     from .plugins import get_registry
 
-    return get_registry().create(kind, name)
+    if bundle is None:
+        return get_registry().create(kind, name)
+    return load_plugin_bundle(kind, name, bundle)
+
+
+def load_plugin_bundle(kind: Any, name: str, bundle: Path) -> Any:
+    """The plugin ``name`` built from the bundle folder ``bundle`` (its factory's ``bundle`` argument)."""
+    from .plugins import get_registry
+
+    spec = get_registry().get(kind, name)
+    if not _accepts(spec.factory, "bundle"):
+        raise InputError("--bundle", f"a plugin whose factory takes a bundle ({kind} {name!r} does not)")
+    if not Path(bundle).is_dir():
+        raise InputError(f"--bundle {str(bundle)!r}", "a bundle folder (config.json, model.safetensors)",
+                         got="no such folder")
+    return spec.factory(bundle=bundle)
 
 
 # --------------------------------------------------------------------------- train
-def _opt(flag: str, help_text: str) -> Any:
-    """An optional ``--flag VALUE`` (None when not given)."""
-    return typer.Option(None, flag, help=help_text)
-
-
 @app.command()
 def train(
     plugin: str = typer.Argument(..., help="Plugin to train (must declare a trainer)."),

@@ -1,4 +1,4 @@
-"""The lab's commands on the ``hygeia`` command line: ``evaluate`` and ``demo``.
+"""The lab's commands on the ``hygeia`` command line: ``evaluate``, ``demo`` and ``phantoms export``.
 
 Added through the ``hygeia_cli_commands`` hook (see :mod:`hygeia_lab.plugin`), so the core's CLI
 frame never imports the lab.
@@ -22,11 +22,25 @@ def evaluate_diagnoser(
     size: Optional[int] = typer.Option(None, "--size", help="Phantom size in pixels (default: the diagnoser's input size)."),
     baseline: Optional[str] = typer.Option(
         None, "--baseline", help="Image-only diagnoser a text-aware one is compared with (default: the default diagnoser)."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="Bundle folder to evaluate (e.g. from `hygeia train --data`)."),
+    data: Optional[Path] = typer.Option(
+        None, "--data", help="Your labelled studies (CheXpert/ChestX-ray14 CSV or MONAI datalist) instead of phantoms."),
+    image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder the image paths are relative to."),
+    codes: Optional[Path] = typer.Option(None, "--codes", help="CSV finding,code,scheme,meaning for your findings."),
+    uncertain: Optional[str] = typer.Option(None, "--uncertain", help="CheXpert -1 labels: ignore, u-ones or u-zeros."),
 ) -> None:
-    """Per-finding AUROC, sensitivity/specificity, ECE and localisation on held-out phantoms."""
+    """Per-finding and macro AUROC with bootstrap 95 % intervals, sensitivity/specificity (on phantoms:
+    also ECE and localisation), on held-out phantoms or on your labelled studies (--data)."""
+    if data is not None:
+        from .evaluation.user_data import main_files
+
+        main_files(name, data, bundle=bundle, image_root=image_root, codes=codes, uncertain=uncertain,
+                   json_out=json_out, roc=roc)
+        return
     from .evaluation.diagnosers import main as run
 
-    run(name, n=n, json_out=json_out, roc=roc, size=size, baseline="" if baseline is None else baseline)
+    run(name, n=n, json_out=json_out, roc=roc, size=size, baseline="" if baseline is None else baseline,
+        bundle=bundle)
 
 
 @evaluate_app.command("generator")

@@ -217,7 +217,7 @@ def _roc_png(path: Path, result: dict[str, Any]) -> Path:
 
 
 def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = None, size: int | None = None,
-         difficulty: float | None = None, baseline: str | None = "") -> dict[str, Any]:
+         difficulty: float | None = None, baseline: str | None = "", bundle: Path | None = None) -> dict[str, Any]:
     """``hygeia evaluate diagnoser NAME``: ``n`` test-split phantoms, print a table or JSON.
 
     The phantoms are rendered at ``size`` pixels (default: the diagnoser's own input size); a
@@ -231,7 +231,9 @@ def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = No
     from hygeia.validation import check_n
 
     n = check_n(n, name="n")
-    diag = get_registry().create("diagnoser", name)
+    from hygeia.cli import load_plugin_bundle
+
+    diag = get_registry().create("diagnoser", name) if bundle is None else load_plugin_bundle("diagnoser", name, bundle)
     if size is None:
         size = int(max(getattr(diag, "input_size", (64, 64))))
     console = Console(stderr=json_out)

@@ -75,23 +75,41 @@ def predict(diagnoser: Any, items: Sequence[Any], batch_size: int = 32, workers:
     return np.stack(probs), thresholds
 
 
-def evaluate_items(diagnoser: Any, items: Sequence[Any], findings: Sequence[str], batch_size: int = 32,
-                   progress: bool = True, seed: int = 0) -> dict[str, Any]:
-    """Metrics of ``diagnoser`` on ``items`` for the label file's ``findings`` it reports."""
+def match_findings(diagnoser: Any, findings: Sequence[str], codes: Sequence[Any] | None = None) -> dict[str, str]:
+    """The label file's findings the diagnoser reports: file name -> the diagnoser's name.
+
+    By name, or by SNOMED CT code where both sides have codes (so the file's ``Pleural Effusion``
+    is the phantom model's ``effusion``)."""
     own = list(diagnoser.findings)
-    missing = [f for f in findings if f not in own]
-    if len(missing) == len(findings):
+    own_codes = {(c.value, c.scheme): f for f, c in (getattr(diagnoser, "codes", None) or {}).items()}
+    out: dict[str, str] = {}
+    for j, f in enumerate(findings):
+        if f in own:
+            out[f] = f
+        elif codes is not None and (codes[j].value, codes[j].scheme) in own_codes:
+            out[f] = own_codes[(codes[j].value, codes[j].scheme)]
+    return out
+
+
+def evaluate_items(diagnoser: Any, items: Sequence[Any], findings: Sequence[str], batch_size: int = 32,
+                   progress: bool = True, seed: int = 0, codes: Sequence[Any] | None = None) -> dict[str, Any]:
+    """Metrics of ``diagnoser`` on ``items`` for the label file's ``findings`` it reports
+    (matched by name, or by code with ``codes``, one per finding: see :func:`match_findings`)."""
+    own = list(diagnoser.findings)
+    match = match_findings(diagnoser, findings, codes)
+    missing = [f for f in findings if f not in match]
+    if not match:
         raise InputError("--data findings", f"findings the diagnoser reports ({', '.join(own)})",
                          got=", ".join(findings))
     p, thr = predict(diagnoser, items, batch_size=batch_size, progress=progress)
-    cols = [f for f in findings if f in own]
+    cols = [f for f in findings if f in match]
     y = np.stack([it.labels for it in items])[:, [list(findings).index(f) for f in cols]]
-    pp = p[:, [own.index(f) for f in cols]]
+    pp = p[:, [own.index(match[f]) for f in cols]]
     res = bootstrap_auroc(y, pp, seed=seed)
     per = {}
     for j, f in enumerate(cols):
         m = ~np.isnan(y[:, j])
-        t = float(thr[own.index(f)])
+        t = float(thr[own.index(match[f])])
         call, truth = pp[m, j] >= t, y[m, j] > 0.5
         per[f] = {**res["per_finding"][j], "threshold": t,
                   "sensitivity": float(call[truth].mean()) if truth.any() else float("nan"),
@@ -100,6 +118,30 @@ def evaluate_items(diagnoser: Any, items: Sequence[Any], findings: Sequence[str]
             "n_images": len(items), "per_finding": per, "macro_auroc": res["macro_auroc"],
             "macro_ci95": res["macro_ci95"], "bootstrap": res["bootstrap"], "not_reported": missing,
             "_roc": {"y": y, "p": pp, "findings": cols}}
+
+
+def main_files(name: str, data: Path, bundle: Path | None = None, image_root: Path | None = None,
+               codes: Path | None = None, uncertain: str | None = None, json_out: bool = False,
+               roc: Path | None = None, batch_size: int = 32) -> dict[str, Any]:
+    """``hygeia evaluate diagnoser NAME --data LABELS [--bundle B]``: read, diagnose, print, ROC PNG."""
+    import contextlib
+    import sys
+
+    from hygeia.cli import load_plugin_bundle
+    from hygeia.data.labels import read_labels
+    from hygeia.plugins import get_registry
+
+    diag = load_plugin_bundle("diagnoser", name, bundle) if bundle is not None \
+        else get_registry().create("diagnoser", name)
+    with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
+        table = read_labels(data, image_root, uncertain=uncertain or "ignore", codes=codes, progress=True)
+        result = evaluate_items(diag, table.rows, table.findings, batch_size=batch_size, progress=True,
+                                codes=table.codes())
+    result["data"] = str(data)
+    if roc is not None:
+        roc_png(roc, result)
+    print_result(result, json_out)
+    return result
 
 
 def roc_png(path: Path, result: dict[str, Any]) -> Path:
