@@ -181,6 +181,8 @@ def fit(net: torch.nn.Module, train_items: Sequence[Item], val_items: Sequence[I
     if world > 1:
         from torch.nn.parallel import DistributedDataParallel
 
+        if device.type == "cuda":  # batch statistics over the global batch (SyncBatchNorm needs a GPU)
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state: dict[str, Any] = {"epoch": 0, "best_auroc": -1.0, "best_epoch": 0, "bad_epochs": 0, "history": []}
