@@ -110,6 +110,7 @@ def phantoms_export(
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed and split write the same dataset."),
     split: str = typer.Option("train", "--split", help="train, val or test (never the same phantoms)."),
     text: bool = typer.Option(False, "--text", help="Add the clinical indication as the column 'Indication'."),
+    difficulty: float = typer.Option(1.0, "--difficulty", help="Phantom difficulty, 0-3 (higher: fainter findings, more noise)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it holds files."),
 ) -> None:
     """Write labelled phantoms as a CheXpert-style CSV, a ChestX-ray14-style CSV or a MONAI datalist."""
@@ -119,7 +120,7 @@ def phantoms_export(
 
     label_file = export_phantoms(out, layout=layout, n=n, size=size, image_format=image_format,
                                  transfer_syntax=transfer_syntax, seed=seed, split=split, text=text,
-                                 overwrite=overwrite, progress=True)
+                                 difficulty=difficulty, overwrite=overwrite, progress=True)
     console.print(f"wrote {n} phantoms ({layout}, {image_format}) to {out}; labels in {label_file}")
 
 

@@ -70,7 +70,7 @@ _NAMES = {
     "nih": {"nodule": "Nodule", "consolidation": "Consolidation", "effusion": "Effusion",
             "cardiomegaly": "Cardiomegaly", "pneumothorax": "Pneumothorax"},
 }
-_NAMES["datalist"] = _NAMES["nih"]
+_NAMES["datalist"] = {k: k for k in FINDING_LABELS}  # the phantoms' own labels (a datalist has no canonical names)
 _CHEXPERT_ORDER = ("cardiomegaly", "nodule", "consolidation", "pneumothorax", "effusion")  # CheXpert's column order
 _NIH_HEADER = ["Image Index", "Finding Labels", "Follow-up #", "Patient ID", "Patient Age", "Patient Gender",
                "View Position", "OriginalImage[Width", "Height]", "OriginalImagePixelSpacing[x", "y]"]
@@ -82,7 +82,7 @@ def finding_names(layout: str) -> dict[str, str]:
     _check_choice("--layout", layout, LAYOUTS)
     order = _CHEXPERT_ORDER if layout == "chexpert" else FINDING_LABELS
     names = {k: _NAMES[layout][k] for k in order}
-    return names if layout == "chexpert" else dict(sorted(names.items(), key=lambda kv: kv[1]))
+    return names if layout != "nih" else dict(sorted(names.items(), key=lambda kv: kv[1]))
 
 
 def export_seed(split: str, seed: int, index: int) -> int:
