@@ -132,6 +132,13 @@ class _Progress:
         t = self.bar.add_task(description, total=total)
         return lambda: self.bar.advance(t)
 
+    def log(self, row: dict[str, Any]) -> None:
+        """One line per epoch (also when stderr is not a terminal and the bar is not drawn)."""
+        if self.bar is not None:
+            self.bar.console.print(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, validation macro "
+                                   f"AUROC {row['val_macro_auroc']:.4f}, {row['train_images_per_s']:.1f} images/s",
+                                   highlight=False)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()
@@ -207,6 +214,7 @@ def fit(net: torch.nn.Module, train_items: Sequence[Item], val_items: Sequence[I
             stop = False
             if rank == 0:
                 stop = _after_epoch(net, val_dl, device, state, best, epoch, loss, speed, cfg)
+                bars.log(state["history"][-1])
                 checkpoint.save(out, net, opt, state, best)
             if _broadcast(stop, world):
                 break
