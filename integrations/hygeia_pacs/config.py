@@ -16,7 +16,16 @@ DEFAULT_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.1.99",  # Deflated Explicit VR Little Endian
     "1.2.840.10008.1.2.2",  # Explicit VR Big Endian (retired, still sent by old modalities)
     "1.2.840.10008.1.2.5",  # RLE Lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG Baseline (8-bit lossy)
+    "1.2.840.10008.1.2.4.51",  # JPEG Extended (12-bit lossy)
+    "1.2.840.10008.1.2.4.57",  # JPEG Lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG Lossless, first-order prediction (SV1)
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS Lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 Lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
 )
+"""Accepted at association negotiation: every syntax :mod:`hygeia.data.decode` reads (pylibjpeg)."""
 
 
 @dataclass
