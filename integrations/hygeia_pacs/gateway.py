@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -59,6 +60,8 @@ class Gateway(Listener):
         self._claimed: set[str] = set()  # jobs a worker is processing now
         self._diagnose_lock = threading.Lock()  # plugins need not be thread-safe: one diagnose at a time
         self._sr_pool: Any = None  # concurrent.futures.ProcessPoolExecutor when config.sr_processes > 0
+        self._sr_threads: Any = None  # a ThreadPoolExecutor building SRs when there are no SR processes
+        self._pipeline: Any = None  # the local queue's stages (pipeline.Pipeline); None with a broker
         self.counters = {"accepted": 0, "rejected": 0, "sent": 0, "failed": 0, "retries": 0}
         self._counter_lock = threading.Lock()
 
@@ -72,13 +75,21 @@ class Gateway(Listener):
         self._stop.clear()
         if self.config.sr_processes:
             self._start_sr_pool()
-        target = self._work_loop
-        if self.config.broker:
-            from . import distributed
+        if not self.config.broker:
+            from concurrent.futures import ThreadPoolExecutor
 
-            distributed.clear_work(self)
-            target = functools.partial(distributed.work_loop, self)
-        self._workers = [threading.Thread(target=target, name=f"hygeia-gateway-worker-{i}", daemon=True)
+            from .pipeline import Pipeline
+
+            if not self.config.sr_processes:
+                self._sr_threads = ThreadPoolExecutor(self.config.workers, thread_name_prefix="hygeia-gateway-sr")
+            self._pipeline = Pipeline(self)
+            self._workers = self._pipeline.start()
+            return self
+        from . import distributed
+
+        distributed.clear_work(self)
+        self._workers = [threading.Thread(target=functools.partial(distributed.work_loop, self),
+                                          name=f"hygeia-gateway-worker-{i}", daemon=True)
                          for i in range(self.config.workers)]
         for w in self._workers:
             w.start()
@@ -92,12 +103,16 @@ class Gateway(Listener):
         self._stop.set()
         self._wake.set()
         end = time.monotonic() + timeout
+        if self._pipeline is not None:
+            self._pipeline.stop(timeout)
+            self._pipeline = None
         for w in self._workers:
             w.join(max(0.0, end - time.monotonic()))
         self._workers = []
-        if self._sr_pool is not None:
-            self._sr_pool.shutdown(wait=True, cancel_futures=True)
-            self._sr_pool = None
+        for attr in ("_sr_pool", "_sr_threads"):
+            if getattr(self, attr) is not None:
+                getattr(self, attr).shutdown(wait=True, cancel_futures=True)
+                setattr(self, attr, None)
 
     def _start_sr_pool(self) -> None:
         """Spawn the SR processes (spawn, not fork: this process has threads and maybe torch)."""
@@ -135,119 +150,84 @@ class Gateway(Listener):
             self.counters[key] += n
 
     # -- processing ----------------------------------------------------------------
-    def _work_loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_pending()
-            except Exception:  # never let the worker die: log and go on
-                log.exception("gateway worker step failed")
-            self._wake.wait(self.config.poll_s)
-            self._wake.clear()
-
-    def run_pending(self) -> int:
-        """Close idle studies and process every job that is due; returns how many jobs finished.
-
-        Several workers may call this at once: each job is claimed by one of them at a time.
-        """
-        now = self._clock()
-        for job in self.spool.close_idle(self.config.study_timeout_s, now=now):
-            log.info("%s closed: %d instance(s)", study_tag(job.name.rsplit(".", 1)[0]),
-                     len(list((job / "instances").glob("*.dcm"))))
-        finished = 0
-        for job in self.spool.jobs():
-            if self._stop.is_set():
-                break
-            with self._claim_lock:
-                if job.name in self._claimed:
-                    continue
-                self._claimed.add(job.name)
-            try:
-                if not job.is_dir():  # finished by another worker since the listing
-                    continue
-                state = self.spool.state(job)
-                if state.get("next_attempt", 0.0) > self._clock():
-                    continue
-                finished += self.process(job, state)
-                self._wake.set()  # a job left the queue: idle workers look again
-            finally:
-                with self._claim_lock:
-                    self._claimed.discard(job.name)
-        return finished
-
     def process(self, job: Path, state: dict[str, Any]) -> int:
-        """One attempt at a job: build the SR (once), send it to every destination not yet done."""
+        """One attempt at a job: build the SR here (once), send it to every destination not yet done.
+        The broker's workers call this; the local queue runs the same steps as a pipeline."""
+        return self.deliver(job, state)
+
+    def deliver(self, job: Path, state: dict[str, Any], sr: Any = None, timings: dict[str, float] | None = None,
+                link: Any = None) -> int:
+        """Write the job's SR (``sr``: a Future of :func:`encode_sr`'s result; None: build it now)
+        unless an earlier attempt did, send it to every destination not yet done (C-STORE over
+        ``link``, a :class:`CStoreLink`, when given) and write the record. Returns 1 when the job
+        ended (done or failed), 0 when it waits for a retry or had nothing to do."""
         tag = study_tag(state.get("study_uid", job.name))
         if self.spool.is_finished(job):  # a crash after the done record, before the clean-up
             self.spool.cleanup(job)
             return 0
-        if not (job / "instances").is_dir():
-            if (job / "sr.dcm").exists():
-                pass  # instances dropped after a previous attempt built the SR: keep sending
-            else:  # a crash between creating the job folder and moving the study into it
-                log.warning("%s: empty job folder left by a crash, removed", tag)
-                import shutil
-
-                shutil.rmtree(job, ignore_errors=True)
-                return 0
+        if not (job / "instances").is_dir() and not (job / "sr.dcm").exists():
+            log.warning("%s: empty job folder left by a crash, removed", tag)  # crash before the study moved in
+            shutil.rmtree(job, ignore_errors=True)
+            return 0
         started = self._clock()
-        timings: dict[str, float] = {}
+        timings = {} if timings is None else timings
         try:
-            import pydicom
-
-            sr_path = job / "sr.dcm"
-            sr_ds: Any = None
-            info: dict[str, Any] = {}
+            sr_path, info = job / "sr.dcm", {}
             if not sr_path.exists():
-                data, info = self.make_sr(job, timings)
+                data, info = self.make_sr(job, timings) if sr is None else self._sr_result(sr, timings)
                 t0 = time.perf_counter()
                 durable_write(sr_path, data)
-                timings["sr_s"] += time.perf_counter() - t0  # build + encode + durable write
+                timings["sr_write_s"] = time.perf_counter() - t0
                 log.info("%s: SR built (%d finding group(s))", tag, info["groups"])
             t0 = time.perf_counter()
-            for name, send in self._destinations():
-                if name in state["sent"]:
-                    continue
-                if name == "cstore":
-                    send(sr_path)  # the stored bytes as they are
-                else:
-                    if sr_ds is None:
-                        sr_ds = pydicom.dcmread(sr_path)
-                    send(sr_ds)
-                state["sent"].append(name)
-                self.spool.save_state(job, state)
-                log.info("%s: SR sent by %s", tag, name)
+            self._send_all(job, state, sr_path, link, tag)
             timings["send_s"] = time.perf_counter() - t0
         except (InputError, PermanentError) as exc:
-            self._count("failed")
-            record = {"study": tag, "study_uid": state.get("study_uid"), "status": "failed",
-                      "reason": f"{type(exc).__name__}: {exc}", "attempts": state["attempts"] + 1,
-                      "sent": state["sent"], "time": self._clock()}
-            out = self.spool.fail(job, record)
-            log.error("%s: FAILED (%s); record %s", tag, record["reason"], out)
-            return 1
+            return self._fail(job, state, tag, f"{type(exc).__name__}: {exc}", state["attempts"] + 1)
         except Exception as exc:  # PACS/Triton down, network: retry with back-off
-            state["attempts"] += 1
-            delay = min(self.config.retry_max_s, self.config.retry_initial_s * 2 ** (state["attempts"] - 1))
-            state["next_attempt"] = self._clock() + delay
-            state["last_error"] = f"{type(exc).__name__}: {exc}"[:500]
-            self._count("retries")
-            give_up = self.config.give_up_after_s
-            if give_up is not None and self._clock() - state.get("created", started) > give_up:
-                self._count("failed")
-                record = {"study": tag, "study_uid": state.get("study_uid"), "status": "failed",
-                          "reason": f"gave up after {state['attempts']} attempts over {give_up:g} s; last error: "
-                                    f"{state['last_error']}", "attempts": state["attempts"], "sent": state["sent"],
-                          "time": self._clock()}
-                out = self.spool.fail(job, record)
-                log.error("%s: FAILED (%s); record %s", tag, record["reason"], out)
-                return 1
-            self.spool.save_state(job, state)
-            log.warning("%s: attempt %d failed (%s); retrying in %.1f s", tag, state["attempts"],
-                        state["last_error"], delay)
-            return 0
+            return self.retry_later(job, state, exc, started)
+        self._finish(job, state, tag, sr_path, info, timings)
+        return 1
+
+    def _sr_result(self, future: Any, timings: dict[str, float]) -> tuple[bytes, dict[str, Any]]:
+        from concurrent.futures.process import BrokenProcessPool
+
+        t0, pool = time.perf_counter(), getattr(future, "sr_pool", None)
+        try:
+            data, info = future.result()
+        except BrokenProcessPool:
+            self._replace_sr_pool(pool)
+            raise
+        timings["sr_wait_s"] = time.perf_counter() - t0
+        timings["sr_s"] = info.pop("build_s", 0.0)
+        return data, info
+
+    def _send_all(self, job: Path, state: dict[str, Any], sr_path: Path, link: Any, tag: str) -> None:
+        import pydicom
+
+        for name in ("cstore", "stow"):
+            if name in state["sent"] or getattr(self.config, name) is None:
+                continue
+            if name == "cstore" and link is not None:
+                link.send(sr_path)  # the stored bytes as they are, on the kept association
+            elif name == "cstore":
+                send_cstore(sr_path, self.config.cstore, self.config.ae_title)
+            else:
+                send_stow(pydicom.dcmread(sr_path), self.config.stow)
+            state["sent"].append(name)
+            if len(state["sent"]) < len(self._destinations()):  # the done record covers the last one
+                self.spool.save_state(job, state)
+            log.info("%s: SR sent by %s", tag, name)
+
+    def _destinations(self) -> list[str]:
+        return [n for n in ("cstore", "stow") if getattr(self.config, n) is not None]
+
+    def _finish(self, job: Path, state: dict[str, Any], tag: str, sr_path: Path, info: dict[str, Any],
+                timings: dict[str, float]) -> None:
         if not info:  # built by an earlier attempt: read the UIDs back
-            ds = sr_ds if sr_ds is not None else pydicom.dcmread(sr_path, specific_tags=["SOPInstanceUID",
-                                                                                       "SeriesInstanceUID"])
+            import pydicom
+
+            ds = pydicom.dcmread(sr_path, specific_tags=["SOPInstanceUID", "SeriesInstanceUID"])
             info = {"sop_instance_uid": str(ds.SOPInstanceUID), "series_instance_uid": str(ds.SeriesInstanceUID)}
         record = {"study": tag, "study_uid": state.get("study_uid"), "status": "done",
                   "sr_sop_instance_uid": info["sop_instance_uid"],
@@ -257,25 +237,40 @@ class Gateway(Listener):
         self.spool.finish(job, record, keep_instances=self.config.keep_instances)
         self._count("sent")
         log.info("%s: done (SR stored in the PACS)", tag)
+
+    def _fail(self, job: Path, state: dict[str, Any], tag: str, reason: str, attempts: int) -> int:
+        self._count("failed")
+        record = {"study": tag, "study_uid": state.get("study_uid"), "status": "failed", "reason": reason,
+                  "attempts": attempts, "sent": state["sent"], "time": self._clock()}
+        out = self.spool.fail(job, record)
+        log.error("%s: FAILED (%s); record %s", tag, reason, out)
         return 1
 
-    def _destinations(self) -> list[tuple[str, Callable[[Any], None]]]:
-        out: list[tuple[str, Callable[[Any], None]]] = []
-        if self.config.cstore is not None:
-            dest = self.config.cstore
-            out.append(("cstore", lambda ds: send_cstore(ds, dest, self.config.ae_title)))
-        if self.config.stow is not None:
-            sdest = self.config.stow
-            out.append(("stow", lambda ds: send_stow(ds, sdest)))
-        return out
+    def retry_later(self, job: Path, state: dict[str, Any], exc: BaseException, started: float | None = None) -> int:
+        """A retryable failure: back off exponentially, or write the failure record after give_up_after_s."""
+        if isinstance(exc, (InputError, PermanentError)):
+            return self._fail(job, state, study_tag(state.get("study_uid", job.name)),
+                              f"{type(exc).__name__}: {exc}", state["attempts"] + 1)
+        tag = study_tag(state.get("study_uid", job.name))
+        state["attempts"] += 1
+        delay = min(self.config.retry_max_s, self.config.retry_initial_s * 2 ** (state["attempts"] - 1))
+        state["next_attempt"] = self._clock() + delay
+        state["last_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        self._count("retries")
+        give_up = self.config.give_up_after_s
+        started = self._clock() if started is None else started
+        if give_up is not None and self._clock() - state.get("created", started) > give_up:
+            return self._fail(job, state, tag, f"gave up after {state['attempts']} attempts over {give_up:g} s; "
+                              f"last error: {state['last_error']}", state["attempts"])
+        self.spool.save_state(job, state)
+        log.warning("%s: attempt %d failed (%s); retrying in %.1f s", tag, state["attempts"],
+                    state["last_error"], delay)
+        return 0
 
-    def make_sr(self, job: Path, timings: dict[str, float] | None = None) -> tuple[bytes, dict[str, Any]]:
-        """Read the study's instances, run the diagnoser, build and encode one TID 1500 SR
-        (:func:`encode_sr`, in an SR process when ``sr_processes`` > 0)."""
+    # -- reading, diagnosing, building -------------------------------------------
+    def read_study(self, job: Path) -> tuple[list[Any], np.ndarray, list[str]]:
+        """The job's instances (sorted by series and instance number), prepared images, clinical texts."""
         import pydicom
-
-        timings = {} if timings is None else timings
-        t0 = time.perf_counter()
 
         from hygeia.data.io import load_dataset, prepare_image
 
@@ -284,44 +279,67 @@ class Gateway(Listener):
             raise InputError("study", "at least one received image", got="none")
         datasets = [pydicom.dcmread(f) for f in files]
         datasets.sort(key=lambda d: (str(getattr(d, "SeriesInstanceUID", "")), int(getattr(d, "InstanceNumber", 0) or 0)))
-        diag = self.diagnoser()
-        size = tuple(getattr(diag, "input_size", (64, 64)))
+        size = tuple(getattr(self.diagnoser(), "input_size", (64, 64)))
         images = np.stack([prepare_image(load_dataset(d).pixels, size=size) for d in datasets])
-        texts = [clinical_text(d) for d in datasets]
-        texts_arg = texts if any(texts) else None
-        timings["read_s"] = time.perf_counter() - t0
-        diagnoses: list[Any] = []
-        bs = max(1, self.config.batch_size)
-        with self._diagnose_lock:
-            t0 = time.perf_counter()  # the diagnoser's own time, not the wait for the lock
-            for i in range(0, len(datasets), bs):
-                diagnoses.extend(diag.diagnose(images[i:i + bs],
-                                               texts=None if texts_arg is None else texts_arg[i:i + bs]))
-        timings["diagnose_s"] = time.perf_counter() - t0
-        if len(diagnoses) != len(datasets):
-            raise InputError("diagnoser output", f"one Diagnosis per image ({len(datasets)})", got=len(diagnoses))
-        for d in datasets:  # the SR needs headers only: no pixels to pickle or copy
+        for d in datasets:  # the SR needs headers only: no pixels to keep, pickle or copy
             if "PixelData" in d:
                 del d.PixelData
-        t0 = time.perf_counter()
-        uids = report_uids(datasets, diagnoses[0].model)
-        if self._sr_pool is None:
-            out = encode_sr(diagnoses, datasets, **uids)
-        else:
-            from concurrent.futures.process import BrokenProcessPool
+        return datasets, images, [clinical_text(d) for d in datasets]
 
-            pool = self._sr_pool
-            try:
-                out = pool.submit(encode_sr, diagnoses, datasets, **uids).result()
-            except BrokenProcessPool:  # an SR process died (killed, out of memory): new pool, retry later
-                with self._claim_lock:  # one worker replaces the broken pool, the others find it replaced
-                    if self._sr_pool is pool:
-                        log.error("an SR process died; restarting the SR processes")
-                        pool.shutdown(wait=False, cancel_futures=True)
-                        self._start_sr_pool()
-                raise
-        timings["sr_s"] = time.perf_counter() - t0
-        return out
+    def diagnose_studies(self, studies: list[tuple[np.ndarray, list[str]]]) -> list[list[Any]]:
+        """One Diagnosis list per study; the images of all of them go through ``diagnose()`` together,
+        ``batch_size`` at a time (calls never overlap: plugins need not be thread-safe)."""
+        images = np.concatenate([im for im, _ in studies])
+        texts = [t for _, ts in studies for t in ts]
+        texts_arg = texts if any(texts) else None
+        diag, bs, out = self.diagnoser(), max(1, self.config.batch_size), []
+        with self._diagnose_lock:
+            for i in range(0, len(images), bs):
+                out.extend(diag.diagnose(images[i:i + bs], texts=None if texts_arg is None else texts_arg[i:i + bs]))
+        if len(out) != len(images):
+            raise InputError("diagnoser output", f"one Diagnosis per image ({len(images)})", got=len(out))
+        ends = np.cumsum([len(im) for im, _ in studies])
+        return [out[e - len(im):e] for (im, _), e in zip(studies, ends)]
+
+    def submit_sr(self, diagnoses: list[Any], datasets: list[Any]) -> Any:
+        """Start building the study's SR (SR processes, or a thread); returns a Future of (bytes, info)."""
+        uids = report_uids(datasets, diagnoses[0].model)
+        pool = self._sr_pool if self._sr_pool is not None else self._sr_threads
+        future = pool.submit(encode_sr, diagnoses, datasets, **uids)
+        future.sr_pool = pool  # the pool to replace if this build finds its process dead
+        return future
+
+    def make_sr(self, job: Path, timings: dict[str, float] | None = None) -> tuple[bytes, dict[str, Any]]:
+        """Read the study's instances, run the diagnoser, build and encode one TID 1500 SR
+        (:func:`encode_sr`, in an SR process when ``sr_processes`` > 0)."""
+        timings = {} if timings is None else timings
+        t0 = time.perf_counter()
+        datasets, images, texts = self.read_study(job)
+        timings["read_s"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        (diagnoses,) = self.diagnose_studies([(images, texts)])
+        timings["diagnose_s"] = time.perf_counter() - t0
+        if self._sr_pool is None:
+            data, info = encode_sr(diagnoses, datasets, **report_uids(datasets, diagnoses[0].model))
+            timings["sr_s"] = info.pop("build_s", 0.0)
+            return data, info
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._sr_pool
+        try:
+            future = self.submit_sr(diagnoses, datasets)
+        except BrokenProcessPool:  # known dead already
+            self._replace_sr_pool(pool)
+            raise
+        return self._sr_result(future, timings)
+
+    def _replace_sr_pool(self, pool: Any) -> None:
+        """An SR process died (killed, out of memory): one caller replaces the pool, the others find it replaced."""
+        with self._claim_lock:
+            if self._sr_pool is pool and pool is not None:
+                log.error("an SR process died; restarting the SR processes")
+                pool.shutdown(wait=False, cancel_futures=True)
+                self._start_sr_pool()
 
     # -- status --------------------------------------------------------------------
     def status(self) -> dict[str, Any]:

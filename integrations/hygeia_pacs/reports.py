@@ -18,14 +18,17 @@ SR_FORMAT = "sr"
 def encode_sr(diagnoses: list[Any], datasets: list[Any], **uids: str) -> tuple[bytes, dict[str, Any]]:
     """Build one TID 1500 SR through the ``sr`` output format and encode it as a PS3.10 file.
 
-    Returns the bytes and the SR's SOP Instance UID, Series Instance UID and number of finding
-    groups. Runs in a worker thread or, with ``sr_processes``, in a separate process (the
-    arguments are pickled: diagnoses and pixel-free headers).
+    Returns the bytes and the SR's SOP Instance UID, Series Instance UID, number of finding
+    groups and the seconds it took (``build_s``). Runs in a thread or, with ``sr_processes``, in a
+    separate process (the arguments are pickled: diagnoses and pixel-free headers).
     """
+    import time
+
     import pydicom
 
     from hygeia.plugins import get_registry
 
+    t0 = time.perf_counter()
     fmt = get_registry().output_format(SR_FORMAT)
     if fmt.build is None:
         raise InputError(f"output format {SR_FORMAT!r} ({fmt.package})", "a format that builds reports in memory",
@@ -34,7 +37,8 @@ def encode_sr(diagnoses: list[Any], datasets: list[Any], **uids: str) -> tuple[b
     buf = io.BytesIO()
     pydicom.dcmwrite(buf, sr, enforce_file_format=True)
     return buf.getvalue(), {"sop_instance_uid": str(sr.SOPInstanceUID),
-                            "series_instance_uid": str(sr.SeriesInstanceUID), "groups": _count_groups(sr)}
+                            "series_instance_uid": str(sr.SeriesInstanceUID), "groups": _count_groups(sr),
+                            "build_s": time.perf_counter() - t0}
 
 
 def _warm_sr_process() -> None:

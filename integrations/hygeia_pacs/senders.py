@@ -54,6 +54,11 @@ def send_cstore(ds: Any, dest: CStoreDestination, calling_ae: str, timeout_s: fl
         status = assoc.send_c_store(ds)
     finally:
         assoc.release()
+    check_cstore_status(status, dest)
+
+
+def check_cstore_status(status: Any, dest: CStoreDestination) -> None:
+    """Return on Success or a warning; raise TransientError or PermanentError otherwise."""
     if not status or "Status" not in status:
         raise TransientError(f"C-STORE to {dest.ae_title}: no response (connection lost or time-out)")
     code = int(status.Status)
@@ -63,6 +68,68 @@ def send_cstore(ds: Any, dest: CStoreDestination, calling_ae: str, timeout_s: fl
     if code in (0xA700, 0xA701, 0xA702) or 0xA700 <= code <= 0xA7FF:  # out of resources: try later
         raise TransientError(f"C-STORE to {dest.ae_title}: status 0x{code:04X} (out of resources) {comment}")
     raise PermanentError(f"C-STORE to {dest.ae_title}: failure status 0x{code:04X} {comment}".strip())
+
+
+class CStoreLink:
+    """One sender's association to a C-STORE destination, kept open from one SR to the next.
+
+    An association per SR costs a negotiation (and a thread) each time; a kept one is re-opened
+    when the peer closed it (its idle time-out), when an SR needs another SOP class or transfer
+    syntax, or after a failed send. A send on a kept association that gets no answer is tried once
+    more on a fresh one; only then is the error returned (TransientError).
+    """
+
+    def __init__(self, dest: CStoreDestination, calling_ae: str, timeout_s: float = 30.0) -> None:
+        self.dest, self.calling_ae, self.timeout_s = dest, calling_ae, timeout_s
+        self._assoc: Any = None
+        self._context: tuple[str, str] | None = None
+
+    def _open(self, context: tuple[str, str]) -> None:
+        from pynetdicom import AE
+
+        self.close()
+        ae = AE(ae_title=self.calling_ae)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
+        ae.add_requested_context(*context)
+        dest = self.dest
+        tls = (dest.tls.client_context(), dest.tls.server_hostname or dest.host) if dest.tls is not None else None
+        assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title, tls_args=tls)
+        if not assoc.is_established:
+            reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"
+            raise TransientError(f"C-STORE association to {dest.ae_title}@{dest.host}:{dest.port} {reason}")
+        _no_nagle(assoc)
+        self._assoc, self._context = assoc, context
+
+    def send(self, path: str | os.PathLike[str]) -> None:
+        """C-STORE the PS3.10 file at ``path`` as it is on disk."""
+        from pydicom.filereader import read_file_meta_info
+
+        meta = read_file_meta_info(path)
+        context = (str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID))
+        status = None
+        for fresh in (False, True):
+            kept = self._assoc is not None and self._assoc.is_established and self._context == context
+            if fresh or not kept:
+                self._open(context)
+            try:
+                status = self._assoc.send_c_store(Path(path))
+            except (RuntimeError, OSError, ValueError):  # the association went away under us
+                status = None
+            if status and "Status" in status:
+                break
+            self.close()
+            if not kept:
+                break  # a fresh association got no answer either
+        check_cstore_status(status, self.dest)
+
+    def close(self) -> None:
+        """Release the association (abort it if the release fails)."""
+        assoc, self._assoc, self._context = self._assoc, None, None
+        if assoc is not None and assoc.is_established:
+            try:
+                assoc.release()
+            except Exception:  # the peer is gone: nothing to release
+                assoc.abort()
 
 
 def _no_nagle(assoc: Any) -> None:
