@@ -27,7 +27,7 @@ def test_shipped_bundle_loads(cnn):
     from hygeia_cnn.plugin import SPEC as spec
 
     assert spec.kind == "diagnoser" and spec.train is not None and spec.factory is type(cnn)
-    assert spec.default is True  # the diagnoser hygeia uses when none is named
+    assert spec.default is False  # the 64 px phantom model: the generators' judge; cxr is the default
     assert cnn.identity.name == "cnn" and len(cnn.identity.weights_sha256) == 64
     assert len(cnn.thresholds) == 5 and all(0 < t < 1 for t in cnn.thresholds)
     m = spec.model_card.metrics
@@ -186,3 +186,21 @@ def test_heatmaps_are_thread_safe(cnn):
         for _ in range(3):
             for got, want in zip(pool.map(cnn.gradcam, xs), serial):
                 np.testing.assert_array_equal(got, want)
+
+
+def test_cxr_is_the_default_diagnoser_at_256_px():
+    """The default diagnoser reads 256 px and reports the phantom findings with the vocabulary's codes."""
+    import hygeia
+    from hygeia.plugins import get_registry
+    from hygeia_cnn.plugin import CXR_SPEC, CxrDiagnoser
+
+    assert get_registry().default_name("diagnoser") == "cxr" and CXR_SPEC.default is True
+    cxr = hygeia.create("diagnoser", "cxr", device="cpu")
+    assert isinstance(cxr, CxrDiagnoser) and cxr.identity.name == "cxr" and cxr.input_size == (256, 256)
+    assert set(cxr.findings) == set(FINDING_LABELS)
+    assert [t.dims for t in CXR_SPEC.inputs if t.name == "IMAGES"] == [(1, 256, 256)]
+    ps = make_phantom_set(4, "test", size=256)
+    for d in cxr.diagnose(ps.images):
+        assert d.image_size == (256, 256)
+        assert all(f.code == finding(f.label).code and f.heatmap.shape == (256, 256) for f in d.findings)
+    assert CXR_SPEC.model_card.metrics["val_macro_auroc"] > 0.75

@@ -1,4 +1,5 @@
-"""Built-in diagnoser ``cnn``: an image-only multi-label classifier (MONAI ResNet) with Grad-CAM."""
+"""Built-in diagnosers ``cxr`` (256 px, the default) and ``cnn`` (64 px phantoms, the generators'
+judge): image-only multi-label classifiers (MONAI ResNet) with Grad-CAM."""
 from __future__ import annotations
 
 from hygeia import hookimpl
@@ -8,4 +9,5 @@ from hygeia import hookimpl
 def hygeia_diagnosers():  # type: ignore[no-untyped-def]
     from . import plugin
 
+    yield plugin.CXR_SPEC
     yield plugin.SPEC

@@ -71,20 +71,41 @@ def _config(table: LabelTable, arch: dict[str, Any], o: dict[str, Any], threshol
                          for k, v in o.items()}, **extra}
 
 
+def _phantom_export(table: LabelTable) -> dict[str, Any] | None:
+    """The settings of a phantom export (``phantoms.json`` beside the label file), or None."""
+    import json
+
+    p = table.source.parent / "phantoms.json" if table.source is not None else None
+    try:
+        doc = json.loads(p.read_text()) if p is not None and p.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("synthetic") else None
+
+
 def _card(table: LabelTable, n_train: int, n_val: int, res: Any, o: dict[str, Any], seed: int) -> ModelCard:
     hist = res.history[res.best_epoch - 1] if res.history else {}
     per = {f: round(float(hist.get(f"val_auroc_{j}", float("nan"))), 4) for j, f in enumerate(table.findings)}
     src = table.source.name if table.source is not None else "labels"
+    names = ", ".join(table.findings)
+    phantoms = _phantom_export(table)
+    if phantoms is not None:
+        settings = {k: phantoms.get(k) for k in ("layout", "n", "size", "format", "split", "seed", "difficulty")}
+        use = (f"Demonstration diagnoser for the Hygeia SDK: flags {names} on synthetic chest-radiograph phantoms. "
+               "Not for clinical use.")
+        origin = f"synthetic phantoms exported by `hygeia phantoms export` ({settings})"
+    else:
+        use = (f"A research model trained on the user's own labelled studies with `hygeia train --data`: flags {names}. "
+               "Its validity is the user's to establish; not for clinical use without local validation.")
+        origin = f"{src} ({table.layout} layout)"
     return ModelCard(
-        intended_use=("A research model trained on the user's own labelled studies with `hygeia train cnn --data`: "
-                      f"flags {', '.join(table.findings)}. Its validity is the user's to establish; not for clinical use "
-                      "without local validation."),
-        training_data=(f"{n_train} images from {src} ({table.layout} layout) for training and {n_val} for validation, "
-                       f"split by patient; {o['size']} px; seed {seed}; best of {len(res.history)} epochs: {res.best_epoch}."),
+        intended_use=use,
+        training_data=(f"{n_train} images of {origin} for training and {n_val} for validation, split by patient; "
+                       f"{o['size']} px; seed {seed}; best of {len(res.history)} epochs: {res.best_epoch}."),
         metrics={"val_macro_auroc": round(float(res.best_auroc), 4), "val_auroc": per, "best_epoch": res.best_epoch,
                  "n_train": n_train, "n_val": n_val},
-        limitations=("Validation AUROC is measured on the held-out patients of the same label file; "
-                     "evaluate on an independent set with `hygeia evaluate diagnoser cnn --bundle ... --data ...`. "
+        limitations=("Validation AUROC is measured on held-out patients of the same label file; evaluate on an "
+                     "independent set with `hygeia evaluate diagnoser NAME --bundle ... --data ...`. "
                      "Image-only (ignores clinical text)."),
         license=CARD.license)
 

@@ -31,6 +31,8 @@ from .model import DEFAULT_ARCH, CnnNet, _minmax
 
 NAME, VERSION = "cnn", "1.0.0"
 WEIGHTS = Path(__file__).parent / "weights" / "cnn"
+CXR_NAME = "cxr"
+CXR_WEIGHTS = Path(__file__).parent / "weights" / "cxr"
 
 CARD = ModelCard(
     intended_use=("Demonstration and test diagnoser for the Hygeia SDK: flags nodule, consolidation, effusion, "
@@ -42,25 +44,25 @@ CARD = ModelCard(
 )
 
 
-def _shipped(name: str) -> dict[str, Any]:
-    """A JSON file of the shipped bundle ({} if none is shipped)."""
+def _shipped(weights: Path, name: str) -> dict[str, Any]:
+    """A JSON file of a shipped bundle ({} if none is shipped)."""
     import json
 
     try:
-        return dict(json.loads((WEIGHTS / name).read_text()))
+        return dict(json.loads((weights / name).read_text()))
     except (OSError, ValueError, TypeError):
         return {}
 
 
-_SHIPPED = _shipped("config.json")
+_SHIPPED = _shipped(WEIGHTS, "config.json")
 INPUT_SIZE: tuple[int, int] = tuple(_SHIPPED.get("input_size", (64, 64)))  # type: ignore[assignment]
-"""The shipped bundle's input size (what the served model reads)."""
+"""The shipped ``cnn`` bundle's input size (what the served model reads)."""
 
 
-def _shipped_card() -> ModelCard:
-    """The shipped bundle's model card (its measured metrics), or the static card if none is shipped."""
+def _shipped_card(weights: Path = WEIGHTS) -> ModelCard:
+    """A shipped bundle's model card (its measured metrics), or the static card if none is shipped."""
     try:
-        return ModelCard.from_dict(_shipped("model_card.json"))
+        return ModelCard.from_dict(_shipped(weights, "model_card.json"))
     except (ValueError, KeyError, TypeError):
         return CARD
 
@@ -87,13 +89,14 @@ class CnnDiagnoser:
     """``diagnose(images [B,1,H,W] float in [0,1], texts=None) -> list[Diagnosis]`` with ``(H, W)``
     the bundle's ``input_size`` and one finding per entry of its ``findings``."""
 
+    name, default_weights = NAME, WEIGHTS
     max_batch_size = 64  # the largest batch Triton forms (1 MiB of images; 64 was the best in-process batch)
 
     def __init__(self, bundle: str | Path | None = None, device: str | None = None, heatmaps: bool = True,
                  batch_size: int = 256) -> None:
         self.device = pick_device(device)
         self._cam_lock = threading.Lock()  # the Grad-CAM hook is on the shared network: one at a time
-        b = load_bundle(bundle or WEIGHTS)
+        b = load_bundle(bundle or self.default_weights)
         self.config = dict(b.config)
         self.card = b.card
         self.arch = {**DEFAULT_ARCH, **self.config.get("arch", {})}
@@ -107,7 +110,7 @@ class CnnDiagnoser:
         self.thresholds = np.asarray(self.config.get("thresholds", [0.5] * len(self.findings)), np.float64)
         self.heatmaps = bool(heatmaps)
         self.batch_size = int(batch_size)
-        self.identity = ModelIdentity(NAME, VERSION, "diagnoser", b.sha256)
+        self.identity = ModelIdentity(self.name, VERSION, "diagnoser", b.sha256)
 
     # -- inference ------------------------------------------------------------
     @torch.no_grad()
@@ -181,15 +184,24 @@ class CnnDiagnoser:
         return save_bundle(path, self.net.state_dict(), self.config, self.card)
 
 
-SPEC = PluginSpec(
-    kind="diagnoser",
-    name=NAME,
-    version=VERSION,
-    description=f"Image-only multi-label chest finding classifier (MONAI ResNet, {INPUT_SIZE[0]}x{INPUT_SIZE[1]}) "
-                "with Grad-CAM regions",
-    factory=CnnDiagnoser,
-    **tensors.diagnoser(channels=1, size=INPUT_SIZE, findings=len(_SHIPPED.get("findings", FINDING_LABELS))),
-    model_card=_shipped_card(),
-    train="hygeia_cnn.train:train",
-    default=True,
-)
+class CxrDiagnoser(CnnDiagnoser):
+    """The ``cxr`` diagnoser: the same network at 256 px (``ARCH_256``), trained from labelled files."""
+
+    name, default_weights = CXR_NAME, CXR_WEIGHTS
+    max_batch_size = 32
+
+
+def _spec(name: str, weights: Path, factory: Any, train: str, default: bool, summary: str) -> PluginSpec:
+    """The spec of a shipped bundle: its served tensors come from the bundle's config."""
+    cfg = _shipped(weights, "config.json")
+    h, w = (int(v) for v in cfg.get("input_size", (64, 64)))
+    return PluginSpec(kind="diagnoser", name=name, version=VERSION,
+                      description=f"{summary} (MONAI ResNet, {h}x{w}) with Grad-CAM regions", factory=factory,
+                      **tensors.diagnoser(channels=1, size=(h, w), findings=len(cfg.get("findings", FINDING_LABELS))),
+                      model_card=_shipped_card(weights), train=train, default=default)
+
+
+SPEC = _spec(NAME, WEIGHTS, CnnDiagnoser, "hygeia_cnn.train:train", not CXR_WEIGHTS.is_dir(),
+             "Image-only multi-label chest finding classifier for 64 px phantoms, the generators' judge")
+CXR_SPEC = _spec(CXR_NAME, CXR_WEIGHTS, CxrDiagnoser, "hygeia_cnn.train:train_cxr", CXR_WEIGHTS.is_dir(),
+                 "Image-only multi-label chest radiograph finding classifier, the default diagnoser")

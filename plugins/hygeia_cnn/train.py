@@ -23,7 +23,7 @@ from hygeia_lab import DEFAULT_DIFFICULTY, PhantomSet, load_npz, make_phantom_se
 from hygeia_lab import phantoms as _phantoms
 
 from .model import DEFAULT_ARCH, CnnNet
-from .plugin import CARD, VERSION, WEIGHTS, CnnDiagnoser
+from .plugin import CARD, CXR_WEIGHTS, VERSION, WEIGHTS, CnnDiagnoser
 
 INPUT_SIZE = (64, 64)  # the phantom trainer's size; --data trains at 256 px by default
 
@@ -204,3 +204,17 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, **opt
     metrics = _test_metrics(out, device, o, thresholds, train_s, progress)  # held-out test split
     save_bundle(out, net.state_dict(), config, _card(o, seed, metrics))
     return out
+
+
+def train_cxr(out: str | Path = CXR_WEIGHTS, seed: int = 0, progress: bool = True, **options: Any) -> Path | None:
+    """Train the ``cxr`` diagnoser (256 px) on a label file, ``data=LABELS`` (``--data``).
+
+    The shipped bundle was trained on a phantom export (its model card gives the commands); the
+    options are those of :func:`hygeia_cnn._user_data.train_on_files`.
+    """
+    if options.get("data") is None:
+        raise InputError("--data", "a label file: cxr trains on labelled images (for phantoms: `hygeia phantoms "
+                         "export --layout datalist -n 6000 --format png --out DIR`, then --data DIR/dataset.json)")
+    from ._user_data import train_on_files
+
+    return train_on_files(out, seed, progress, **options)

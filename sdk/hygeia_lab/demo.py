@@ -26,7 +26,7 @@ def run_demo(out: Path, seed: int = 0, server: str | None = None, local: bool = 
     out.mkdir(parents=True, exist_ok=True)
     reg = get_registry()
     plugin = plugin or reg.default_name("diagnoser")
-    files = write_phantom_study(out / "study", n=n_images, seed=seed)
+    files = write_phantom_study(out / "study", n=n_images, seed=seed, size=256)  # clinical size; resized per diagnoser
     console.print(f"1. wrote a phantom study of {len(files)} DICOM images to {out / 'study'}")
 
     loaded = [load_image(f) for f in files]

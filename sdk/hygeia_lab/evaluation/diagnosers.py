@@ -270,12 +270,28 @@ def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = No
 
 
 # --------------------------------------------------------------------------- text-aware diagnosers
-def default_baseline() -> str:
-    """The image-only diagnoser a text-aware diagnoser is compared with: the installed default
-    diagnoser (``HYGEIA_DIAGNOSER`` or the spec marked ``default``; see ``--baseline``)."""
+def default_baseline(size: int | None = None, exclude: str = "") -> str:
+    """The image-only diagnoser that judges or baselines images of ``size`` pixels (``--baseline``,
+    ``--judge`` override it): the default diagnoser (``HYGEIA_DIAGNOSER`` or the spec marked
+    ``default``) when it reads that size (or no size is given); else the installed diagnoser other
+    than ``exclude`` whose spec reads the largest size not above it (downsampling, never
+    upsampling, the images); else the default."""
     from hygeia.plugins import get_registry
+    from hygeia.tensors import IMAGES
 
-    return get_registry().default_name("diagnoser")
+    reg = get_registry()
+    default = reg.default_name("diagnoser")
+    if size is None:
+        return default
+    sizes: dict[str, int] = {}
+    for spec in reg.all("diagnoser"):
+        img = next((t for t in spec.inputs if t.name == IMAGES), None)
+        if img is not None and len(img.dims) == 3 and img.dims[1] == img.dims[2] and spec.name != exclude:
+            sizes[spec.name] = int(img.dims[1])
+    if sizes.get(default) == size:
+        return default
+    fits = sorted((-v, k) for k, v in sizes.items() if 0 < v <= size)
+    return fits[0][1] if fits else default
 
 TARGETS = {"macro_auroc": 0.95, "gain_over_image_only": 0.05, "localisation_hit_rate": 0.8}
 """Targets of the fusion issue, printed next to the measured numbers (not enforced)."""
@@ -301,7 +317,7 @@ def compare(name: str, diagnoser: Any, phantom_set: Any, baseline: str | None = 
     out: dict[str, dict[str, Any]] = {name: evaluate(diagnoser, phantom_set, progress=progress)}
     out[f"{name}_no_text"] = evaluate(diagnoser, replace(phantom_set, texts=None), progress=progress)
     if baseline == "":
-        baseline = default_baseline()
+        baseline = default_baseline(int(phantom_set.images.shape[-1]), exclude=name)
     if baseline and baseline != name:
         try:
             base = get_registry().create("diagnoser", baseline)

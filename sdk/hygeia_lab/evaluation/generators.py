@@ -27,9 +27,12 @@ from typing import Any
 import numpy as np
 
 from hygeia.errors import InputError
+from hygeia_lab.evaluation.diagnosers import default_baseline
 from hygeia_lab.grids import write_grid
 from hygeia.vocab import CONDITION_LABELS, FINDING_LABELS, finding
 
+REAL_SIZE = 64
+"""The size of the held-out real phantoms (and of the built-in image generators' samples)."""
 MAX_N = 5000  # per condition: 6 conditions x (generated + real) images and features in memory
 MIN_N = 10
 SAMPLING_KEYS = ("sampler", "steps", "guidance_scale", "negative_condition", "temperature", "truncation")
@@ -190,8 +193,8 @@ def real_images(n: int, progress: bool = False) -> dict[str, np.ndarray]:
             chunks = []
             for s in range(0, n, 50):
                 m = min(50, n - s)
-                chunks.append(make_phantom_set(m, split="test", findings=[] if c == "normal" else [c],
-                                               start=k * n + s).images)
+                chunks.append(make_phantom_set(m, split="test", size=REAL_SIZE,
+                                               findings=[] if c == "normal" else [c], start=k * n + s).images)
                 if bar is not None:
                     bar.set(k * n + s + m)
             out[c] = np.concatenate(chunks)
@@ -319,8 +322,9 @@ def main(name: str, n: int = 200, json_out: bool = False, grid: Path | None = No
          judge_name: str | None = None) -> dict[str, Any]:
     """What ``hygeia evaluate generator NAME`` runs: print JSON or a table (and write a PNG grid).
 
-    ``judge_name``: the image-only diagnoser that judges the samples (None: the installed default
-    diagnoser, ``HYGEIA_DIAGNOSER`` or the spec marked ``default``).
+    ``judge_name``: the image-only diagnoser that judges the samples (None: the default diagnoser
+    if it reads the held-out phantoms' size, :data:`REAL_SIZE`, else the installed diagnoser that
+    does; see :func:`hygeia_lab.evaluation.diagnosers.default_baseline`).
     """
     from rich.console import Console
 
@@ -331,7 +335,7 @@ def main(name: str, n: int = 200, json_out: bool = False, grid: Path | None = No
     spec = reg.get("generator", name)  # PluginNotFoundError names the generators there are
     gen = spec.factory()
     _conditions_for(gen, condition_kind)  # bad condition kind: fail before any work
-    judge = reg.create("diagnoser", judge_name or reg.default_name("diagnoser"))
+    judge = reg.create("diagnoser", judge_name or default_baseline(REAL_SIZE))
     console = Console(stderr=json_out)
     result = evaluate_generator(gen, judge, n=n, condition_kind=condition_kind, seed=seed, progress=True,
                                 options=options)

@@ -120,10 +120,23 @@ def evaluate_items(diagnoser: Any, items: Sequence[Any], findings: Sequence[str]
             "_roc": {"y": y, "p": pp, "findings": cols}}
 
 
+def _evaluation_split(path: Path) -> str:
+    """A datalist's list to evaluate on: ``test``, else ``validation``, else ``training``."""
+    if path.suffix.lower() != ".json":
+        return "training"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "training"  # read_labels says what is wrong with the file
+    lists = {k for k, v in meta.items() if isinstance(v, list) and v} if isinstance(meta, dict) else set()
+    return next((k for k in ("test", "validation") if k in lists), "training")
+
+
 def main_files(name: str, data: Path, bundle: Path | None = None, image_root: Path | None = None,
                codes: Path | None = None, uncertain: str | None = None, json_out: bool = False,
                roc: Path | None = None, batch_size: int = 32) -> dict[str, Any]:
-    """``hygeia evaluate diagnoser NAME --data LABELS [--bundle B]``: read, diagnose, print, ROC PNG."""
+    """``hygeia evaluate diagnoser NAME --data LABELS [--bundle B]``: read, diagnose, print, ROC PNG
+    (a datalist is evaluated on its ``test`` list, else ``validation``, else ``training``)."""
     import contextlib
     import sys
 
@@ -134,7 +147,8 @@ def main_files(name: str, data: Path, bundle: Path | None = None, image_root: Pa
     diag = load_plugin_bundle("diagnoser", name, bundle) if bundle is not None \
         else get_registry().create("diagnoser", name)
     with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
-        table = read_labels(data, image_root, uncertain=uncertain or "ignore", codes=codes, progress=True)
+        table = read_labels(data, image_root, uncertain=uncertain or "ignore", codes=codes, progress=True,
+                            split=_evaluation_split(Path(data)))
         result = evaluate_items(diag, table.rows, table.findings, batch_size=batch_size, progress=True,
                                 codes=table.codes())
     result["data"] = str(data)
