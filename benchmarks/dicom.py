@@ -1,11 +1,12 @@
 """DICOM throughput, measured side by side in one run on this machine.
 
 1. SR writing: milliseconds per source image to build and encode (PS3.10, in memory) a TID 1500 SR
-   with Hygeia (``hygeia_dicom.sr.build_sr``, which passes pixel-free headers as evidence) vs a bare
-   highdicom ``Comprehensive3DSR`` build of the same content written directly against highdicom's
-   API, passing the full datasets (pixel data included) as evidence. Both run interleaved, pinned
-   to one core (sched_setaffinity, Linux); the ratio is Hygeia's time over highdicom's
-   (target <= 1.1), and Hygeia's time is checked against a budget of 25 ms per image.
+   with Hygeia (``hygeia_dicom.sr.build_sr``: pixel-free headers as evidence, highdicom for the
+   header and image library, the content tree encoded directly) vs a bare highdicom
+   ``Comprehensive3DSR`` build of the same content written directly against highdicom's API,
+   passing the full datasets (pixel data included) as evidence. Both run interleaved, pinned to
+   one core (sched_setaffinity, Linux); the ratio is Hygeia's time over highdicom's (target
+   <= 1.1), and Hygeia's time is checked against a budget of 25 ms per image.
 2. Gateway: studies per second end to end (storescu -> gateway -> cnn -> SR -> C-STORE into a
    real Orthanc, until the last SR is stored) vs the diagnoser alone on the same studies
    (``diagnose()`` on the prepared images, one call per study). Target ratio >= 0.8.

@@ -12,11 +12,20 @@ Two things pixelmed 20220618 reports are not faults of the SR, and only these ar
 * Warning "Content Item not in template" on the group's qualitative evaluation (CODE, concept =
   the finding, value = Present/Absent): TID 1501 row 11 (and its TID 1410 counterpart) in the
   current standard, missing from pixelmed's template tables.
-* In a report where exactly one group has an Image Region (tested below on its own), pixelmed
-  applies TID 1410's conditions to every group of the Imaging Measurements container, so each
-  TID 1501 group gets two "Missing conditional content item" errors (rows 5 and 7). Its test
-  for including TID 1410 counts Image Regions over the whole container (``... = 1``) instead
-  of per group; with zero or several regions it checks the groups correctly.
+* In a report where exactly one group has an Image Region (the cnn's usual output, tested
+  below on its own), two "Missing conditional content item" errors per group without a region
+  (TID 1410 rows 5 and 7). pixelmed decides which group templates apply once per Imaging
+  Measurements container, not per group: its TID 1500 includes TID 1410 for the whole container
+  when ``count(container[125007]/scoord[111030, CONTAINS]) = 1`` and then checks every
+  Measurement Group in it against TID 1410, which requires an Image Region (row 5) or a
+  Referenced Segmentation Frame (row 7). With 0 or >= 2 regions the count is not 1 and every
+  group is checked against TID 1501 only. No valid encoding of this report avoids it: TID 1500
+  allows one Imaging Measurements container (row 6, VM 1), TID 1501 groups are Measurement
+  Group containers by definition, and the alternatives change the content (an invented region
+  for a finding the model did not locate, an extra group, or moving findings to TID 1500's
+  Qualitative Evaluations container, which holds no probability, algorithm, tracking
+  identifier or source image). ``test_pixelmed_counts_image_regions_per_container`` shows the
+  rule: the same findings with a second region give no error.
 """
 from __future__ import annotations
 
@@ -104,7 +113,7 @@ def _unexplained_warnings(lines: list[str], diagnoses: list[Diagnosis]) -> list[
 
 @pytest.fixture(scope="module")
 def validated(tmp_path_factory):
-    from test_dicom_sr import IMAGE_SIZE, MODEL, POINT, _f, write_sr_variants
+    from test_dicom_sr import BOX, IMAGE_SIZE, MODEL, POINT, _f, write_sr_variants
 
     d = tmp_path_factory.mktemp("sr_conformance")
     variants = write_sr_variants(d / "variants")
@@ -116,6 +125,10 @@ def validated(tmp_path_factory):
     src = write_phantom_dicom(d / "one_src.dcm", seed=9)
     (one_path,) = get_registry().output_format("sr").write(one, d / "one_region.dcm", sources=[src])
     variants["one_region"] = (one_path, one, [src])
+    # the same findings and scores with a second located finding
+    two = [Diagnosis([*one[0].findings[:2], _f("effusion", 0.1, BOX), *one[0].findings[3:]], MODEL, IMAGE_SIZE)]
+    (two_path,) = get_registry().output_format("sr").write(two, d / "two_regions.dcm", sources=[src])
+    variants["two_regions"] = (two_path, two, [src])
     reports = pixelmed([v[0] for v in variants.values()], d)
     return {name: (reports[v[0]], v[1]) for name, v in variants.items()}
 
@@ -131,11 +144,21 @@ def test_pixelmed_finds_no_errors(validated, name):
 
 def test_pixelmed_with_one_image_region_only_misapplies_tid1410(validated):
     """With one Image Region in the report, pixelmed's errors are exactly its TID 1410 checks run on
-    the TID 1501 groups (rows 5 and 7, Image Region / Referenced Segmentation Frame), nothing else."""
+    the TID 1501 groups (rows 5 and 7, Image Region / Referenced Segmentation Frame), two per group
+    without a region, nothing else (see the module docstring for why no valid encoding avoids them)."""
     lines, diagnoses = validated["one_region"]
     errors = [ln for ln in lines if ln.startswith("Error")]
     matched = [_TID1410_ON_ALL_GROUPS.match(ln) for ln in errors]
     assert all(matched), [ln for ln, m in zip(errors, matched) if not m]
     regionless = {str(k) for k, f in enumerate(diagnoses[0].findings, start=1) if f.region is None}
     assert sorted((m.group(2), m.group(1)) for m in matched) == sorted((k, r) for k in regionless for r in "57")
+    assert len(errors) == 8 and _unexplained_warnings(lines, diagnoses) == []
+
+
+def test_pixelmed_counts_image_regions_per_container(validated):
+    """The same report with a second located finding: the container holds two Image Regions, so
+    pixelmed applies TID 1501 to each group and finds nothing, the three region-less groups
+    included, although they are encoded exactly as in the one-region report."""
+    lines, diagnoses = validated["two_regions"]
+    assert [ln for ln in lines if ln.startswith("Error")] == []
     assert _unexplained_warnings(lines, diagnoses) == []

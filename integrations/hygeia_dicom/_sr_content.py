@@ -1,5 +1,9 @@
-"""The TID 1500 content tree of Hygeia's SR: procedure reported, one measurement group per image
-and finding, input checks. Used by :mod:`hygeia_dicom.sr` (the public entry points live there).
+"""The TID 1500 content tree of Hygeia's SR with highdicom's templates: procedure reported,
+observation context, algorithm identification, one measurement group per image and finding,
+input checks. :func:`hygeia_dicom.sr.build_sr_highdicom` builds the whole tree from these;
+:mod:`hygeia_dicom._sr_fast` encodes the same tree directly and reuses the checks, procedure
+codes, region scaling, observation context and TID 4019 items. The public entry points live in
+:mod:`hygeia_dicom.sr`.
 
 Per image and finding, one measurement group:
 
@@ -122,14 +126,28 @@ def scale_region(finding: Finding, image_size: tuple[int, int], rows: int,
     return "POLYLINE", xy.astype(np.float32)
 
 
-def algorithm_identification(d: Diagnosis, threshold: float) -> Any:
-    """TID 4019 for the model of ``d``: name, version, family AI, parameters (weights SHA-256, input
-    size, threshold). No Algorithm Manufacturer: the device observer and the Contributing
-    Equipment Sequence already name Hygeia (and older TID 4019 editions have no such row)."""
-    m = d.model
-    params = [f"weights_sha256={m.weights_sha256 or 'none'}", f"input_size={d.image_size[0]}x{d.image_size[1]}",
+def algorithm_identification(model: Any, image_size: tuple[int, int], threshold: float) -> Any:
+    """TID 4019 for ``model``: name, version, family AI, parameters (weights SHA-256, input size,
+    threshold). No Algorithm Manufacturer: the device observer and the Contributing Equipment
+    Sequence already name Hygeia (and older TID 4019 editions have no such row)."""
+    params = [f"weights_sha256={model.weights_sha256 or 'none'}", f"input_size={image_size[0]}x{image_size[1]}",
               f"threshold={float(threshold):g}"]
-    return hd.sr.AlgorithmIdentification(name=m.name, version=m.version, parameters=params, family=_AI_FAMILY)
+    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version, parameters=params, family=_AI_FAMILY)
+
+
+def device_uid(model: Any) -> str:
+    """A stable Device Observer UID for a model (same name, version and weights -> same UID)."""
+    return str(generate_uid(entropy_srcs=["hygeia-device", model.name, model.version, model.weights_sha256 or ""]))
+
+
+def observation_context(model: Any, manufacturer: str) -> Any:
+    """TID 1001 with a TID 1004 device observer: the model (stable UID, name, model name)."""
+    observer = hd.sr.ObserverContext(
+        observer_type=codes.DCM.Device,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_uid(model), name=model.name, manufacturer_name=manufacturer,
+            model_name=f"{model.name} {model.version}"[:64]))
+    return hd.sr.ObservationContext(observer_device_context=observer)
 
 
 def measurement_group(f: Finding, ds: Any, scaled: tuple[str, np.ndarray] | None, identifier: str,
@@ -161,5 +179,5 @@ def measurement_groups(diagnoses: Sequence[Diagnosis], sources: Sequence[Any]) -
         for f in d.findings:
             identifier = f"{f.label} #{len(groups) + 1}"
             groups.append(measurement_group(f, ds, scale_region(f, d.image_size, rows, columns), identifier,
-                                            algorithm_identification(d, f.threshold)))
+                                            algorithm_identification(d.model, d.image_size, f.threshold)))
     return groups
