@@ -16,7 +16,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import highdicom as hd
 import numpy as np
@@ -46,6 +46,19 @@ from ._sr_encode import (
 )
 
 Code = tuple[str, str, str]  # value, scheme designator, meaning
+
+
+class _Model(NamedTuple):
+    """What the cached items need of a ``ModelIdentity`` (hashable, whatever the model object is)."""
+
+    name: str
+    version: str
+    weights_sha256: str | None
+
+
+def _model(d: Diagnosis) -> _Model:
+    m = d.model
+    return _Model(m.name, m.version, m.weights_sha256)
 
 _TRACKING_IDENTIFIER: Code = ("112039", "DCM", "Tracking Identifier")
 _TRACKING_UID: Code = ("112040", "DCM", "Tracking Unique Identifier")
@@ -121,14 +134,14 @@ def _template(template_id: str) -> bytes:
 
 
 @lru_cache(maxsize=256)
-def _algorithm(model: Any, image_size: tuple[int, int], threshold: float, encodings: Encodings) -> tuple[bytes, ...]:
+def _algorithm(model: _Model, image_size: tuple[int, int], threshold: float, encodings: Encodings) -> tuple[bytes, ...]:
     """TID 4019 items (highdicom's), encoded once per model, input size and threshold."""
     return tuple(enc.dataset_item(i, encodings)
                  for i in _sr_content.algorithm_identification(model, image_size, threshold))
 
 
 @lru_cache(maxsize=64)
-def _context(model: Any, manufacturer: str, encodings: Encodings) -> tuple[bytes, ...]:
+def _context(model: _Model, manufacturer: str, encodings: Encodings) -> tuple[bytes, ...]:
     """Language (TID 1204) and observation context (TID 1001/1004) items, encoded once per model."""
     items = [*hd.sr.LanguageOfContentItemAndDescendants(DEFAULT_LANGUAGE),
              *_sr_content.observation_context(model, manufacturer)]
@@ -145,7 +158,7 @@ def measurement_group(f: Finding, d: Diagnosis, ds: Any, identifier: str, encodi
         content_item("HAS OBS CONTEXT", "UIDREF", _TRACKING_UID, encodings,
                      (UID, enc.text(UID, "UI", str(generate_uid()), ()))),
         _code_item("CONTAINS", _FINDING, finding, encodings),
-        *_algorithm(d.model, tuple(d.image_size), float(f.threshold), encodings),
+        *_algorithm(_model(d), (int(d.image_size[0]), int(d.image_size[1])), float(f.threshold), encodings),
         _num_item(_PROBABILITY, round(float(f.probability), 6), _NO_UNITS, encodings),
         _code_item("CONTAINS", finding, _PRESENT if f.present else _ABSENT, encodings),
     ]
@@ -171,7 +184,7 @@ def content_sequence(diagnoses: Sequence[Diagnosis], sources: Sequence[Any], man
     """The root container's children, encoded: language, observation context, procedure
     reported, image library, and the Imaging Measurements container with one group per image
     and finding (identifiers ``"<label> #<n>"`` numbered across the report)."""
-    items = list(_context(diagnoses[0].model, manufacturer, encodings))
+    items = list(_context(_model(diagnoses[0]), manufacturer, encodings))
     items += [_code_item("HAS CONCEPT MOD", _PROCEDURE_REPORTED,
                          (c.value, c.scheme_designator, c.meaning), encodings)
               for c in _sr_content.procedure_codes(sources[0])]

@@ -162,9 +162,11 @@ def _document(diagnoses: list[Diagnosis], evidence: list[Any], content: Any, *, 
     m = diagnoses[0].model
     equipment = hd.ContributingEquipment(
         manufacturer=MANUFACTURER, purpose_of_reference=codes.DCM.ProcessingEquipment,
-        manufacturer_model_name=m.name[:64], software_versions=[f"hygeia {hygeia.__version__}", f"{m.name} {m.version}"],
+        manufacturer_model_name=m.name[:64],
+        software_versions=[f"hygeia {hygeia.__version__}", f"{m.name} {m.version}"],
         contribution_datetime=datetime.datetime.now(),
-        contribution_description=f"AI findings by {m.name} {m.version} (weights sha256 {m.weights_sha256 or 'none'})"[:1024])
+        contribution_description=(f"AI findings by {m.name} {m.version} "
+                                  f"(weights sha256 {m.weights_sha256 or 'none'})")[:1024])
     return hd.sr.Comprehensive3DSR(
         evidence=evidence,
         content=content,
