@@ -150,3 +150,28 @@ def test_init_fine_tunes_and_resume_continues(data, bundle, tmp_path):
     assert [int(r["epoch"]) for r in csv.DictReader(open(out / "metrics.csv"))] == [1, 2]
     with pytest.raises(InputError, match="size"):
         train(tmp_path / "x", progress=False, data=data["train"], size=8)
+
+
+def test_gateway_diagnoses_with_a_trained_bundle_and_writes_its_findings_to_the_sr(data, bundle, tmp_path):
+    """The PACS path for a site's own model: the gateway's in-process diagnoser from ``diagnoser_bundle``,
+    and the SR it builds carries the bundle's findings and codes."""
+    import pydicom
+    from hygeia_pacs import GatewayConfig
+    from hygeia_pacs.gateway import Gateway
+
+    from hygeia.plugins import get_registry
+
+    cfg = GatewayConfig.from_dict({"spool": str(tmp_path / "spool"), "diagnoser": "cnn", "allowed_callers": ["SCU"],
+                                   "cstore": {"ae_title": "PACS", "host": "127.0.0.1", "port": 11112},
+                                   "diagnoser_bundle": str(bundle)})
+    diag = Gateway(cfg).diagnoser()
+    assert diag.findings == tuple(json.loads((bundle / "config.json").read_text())["findings"])
+    dcm = sorted(data["valid"].parent.rglob("*.dcm"))[0]
+    from hygeia.data.io import load_image, prepare_image
+
+    li = load_image(dcm)
+    d = diag.diagnose(prepare_image(li.pixels, size=diag.input_size)[None])
+    (sr,) = get_registry().output_format("sr").build(d, sources=[li.dataset])
+    assert isinstance(sr, pydicom.Dataset)
+    text = str(sr)
+    assert "Pleural effusion" in text and "60046008" in text

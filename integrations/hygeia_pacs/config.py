@@ -104,6 +104,7 @@ class GatewayConfig:
     port: int = 11112
     allowed_callers: tuple[str, ...] = ()
     diagnoser: str | None = None  # None: the installed default diagnoser (HYGEIA_DIAGNOSER, or the spec marked default)
+    diagnoser_bundle: str | None = None  # in-process only: a bundle folder instead of the shipped weights
     server: str | None = None  # Triton gRPC HOST:PORT; None = run the diagnoser in-process
     study_timeout_s: float = 10.0
     modalities: tuple[str, ...] = DEFAULT_MODALITIES

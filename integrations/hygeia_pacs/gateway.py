@@ -140,6 +140,8 @@ class Gateway(Listener):
                 from hygeia.serving import connect
 
                 self._diagnoser = connect("diagnoser", name, self.config.server)
+            elif self.config.diagnoser_bundle:  # e.g. a model trained on the site's own studies
+                self._diagnoser = get_registry().create_from_bundle("diagnoser", name, self.config.diagnoser_bundle)
             else:
                 self._diagnoser = get_registry().create("diagnoser", name)
         return self._diagnoser

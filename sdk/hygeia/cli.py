@@ -197,20 +197,7 @@ def _plugin(kind: Any, name: str, server: Optional[str], bundle: Optional[Path] 
 
     if bundle is None:
         return get_registry().create(kind, name)
-    return load_plugin_bundle(kind, name, bundle)
-
-
-def load_plugin_bundle(kind: Any, name: str, bundle: Path) -> Any:
-    """The plugin ``name`` built from the bundle folder ``bundle`` (its factory's ``bundle`` argument)."""
-    from .plugins import get_registry
-
-    spec = get_registry().get(kind, name)
-    if not _accepts(spec.factory, "bundle"):
-        raise InputError("--bundle", f"a plugin whose factory takes a bundle ({kind} {name!r} does not)")
-    if not Path(bundle).is_dir():
-        raise InputError(f"--bundle {str(bundle)!r}", "a bundle folder (config.json, model.safetensors)",
-                         got="no such folder")
-    return spec.factory(bundle=bundle)
+    return get_registry().create_from_bundle(kind, name, bundle)
 
 
 # --------------------------------------------------------------------------- train

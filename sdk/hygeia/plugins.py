@@ -16,6 +16,7 @@ import os
 import threading
 from dataclasses import dataclass, replace
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -192,6 +193,19 @@ class PluginRegistry:
     def create(self, kind: Kind, name: str, **options: Any) -> Any:
         """Build the plugin object: ``get(kind, name).factory(**options)``."""
         return self.get(kind, name).factory(**options)
+
+    def create_from_bundle(self, kind: Kind, name: str, bundle: str | os.PathLike[str], **options: Any) -> Any:
+        """Build the plugin from the bundle folder ``bundle`` instead of its shipped weights (e.g. one
+        ``hygeia train --data`` wrote): its factory's ``bundle`` argument. One-line errors."""
+        import inspect
+
+        spec = self.get(kind, name)
+        if "bundle" not in inspect.signature(spec.factory).parameters:
+            raise InputError("--bundle", f"a plugin whose factory takes a bundle ({kind} {name!r} does not)")
+        if not Path(bundle).is_dir():
+            raise InputError(f"--bundle {str(bundle)!r}", "a bundle folder (config.json, model.safetensors)",
+                             got="no such folder")
+        return spec.factory(bundle=bundle, **options)
 
 
 def _as_list(result: Any) -> list[Any]:

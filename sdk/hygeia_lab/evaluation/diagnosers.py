@@ -231,9 +231,9 @@ def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = No
     from hygeia.validation import check_n
 
     n = check_n(n, name="n")
-    from hygeia.cli import load_plugin_bundle
 
-    diag = get_registry().create("diagnoser", name) if bundle is None else load_plugin_bundle("diagnoser", name, bundle)
+    reg = get_registry()
+    diag = reg.create("diagnoser", name) if bundle is None else reg.create_from_bundle("diagnoser", name, bundle)
     if size is None:
         size = int(max(getattr(diag, "input_size", (64, 64))))
     console = Console(stderr=json_out)

@@ -140,11 +140,10 @@ def main_files(name: str, data: Path, bundle: Path | None = None, image_root: Pa
     import contextlib
     import sys
 
-    from hygeia.cli import load_plugin_bundle
     from hygeia.data.labels import read_labels
     from hygeia.plugins import get_registry
 
-    diag = load_plugin_bundle("diagnoser", name, bundle) if bundle is not None \
+    diag = get_registry().create_from_bundle("diagnoser", name, bundle) if bundle is not None \
         else get_registry().create("diagnoser", name)
     with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
         table = read_labels(data, image_root, uncertain=uncertain or "ignore", codes=codes, progress=True,
