@@ -2,7 +2,8 @@
 
 ::
 
-    listener threads --fsync--> incoming/<study>/ --close (one rename)--> processing/<job>/
+    listener threads --fsync--> incoming/<study>/
+    closer (1 thread)   idle study --one rename--> processing/<job>/
     feeder (1 thread)   ready jobs -> read + prepare -> diagnose(), batch_size images per call,
                         several studies per call -> one SR build per study submitted
     SR builds           sr_processes spawned processes (0: `workers` threads)
@@ -66,7 +67,8 @@ class Pipeline:
         """Start the feeder and the senders; returns the senders (the gateway's ``workers``)."""
         senders = [threading.Thread(target=self._send_loop, name=f"hygeia-gateway-sender-{i}", daemon=True)
                    for i in range(self.gw.config.workers)]
-        self._threads = [threading.Thread(target=self._feed_loop, name="hygeia-gateway-feeder", daemon=True),
+        self._threads = [threading.Thread(target=self._close_loop, name="hygeia-gateway-closer", daemon=True),
+                         threading.Thread(target=self._feed_loop, name="hygeia-gateway-feeder", daemon=True),
                          *senders]
         for t in self._threads:
             t.start()
@@ -124,7 +126,19 @@ class Pipeline:
                 out.append(job)
         return out
 
-    # -- the feeder: close, claim, read, diagnose, submit the SR builds -------------
+    # -- the closer: studies idle for study_timeout_s become jobs --------------------
+    def _close_loop(self) -> None:
+        gw = self.gw
+        while not gw._stop.wait(gw.config.poll_s):
+            try:
+                for job in gw.spool.close_idle(gw.config.study_timeout_s, now=gw._clock()):
+                    log.info("%s closed: %d instance(s)", study_tag(job.name.rsplit(".", 1)[0]),
+                             len(list((job / "instances").glob("*.dcm"))))
+                    gw._wake.set()  # work for the feeder
+            except Exception as exc:  # never let the closer die (a full disk): one line, and go on
+                log.error("gateway closer step failed: %s: %s", type(exc).__name__, str(exc)[:200])
+
+    # -- the feeder: claim, read, diagnose, submit the SR builds ------------------------
     def _feed_loop(self) -> None:
         gw = self.gw
         while not gw._stop.is_set():
@@ -138,12 +152,9 @@ class Pipeline:
                 gw._wake.clear()
 
     def feed(self) -> bool:
-        """Close idle studies, claim ready jobs (about ``batch_size`` images) and start them; True if any."""
+        """Claim ready jobs (about ``batch_size`` images) and start them; True if it took any."""
         gw, cfg = self.gw, self.gw.config
         now = gw._clock()
-        for job in gw.spool.close_idle(cfg.study_timeout_s, now=now):
-            log.info("%s closed: %d instance(s)", study_tag(job.name.rsplit(".", 1)[0]),
-                     len(list((job / "instances").glob("*.dcm"))))
         with gw._claim_lock:
             free = self.limit - len(gw._claimed)
         ready = self._ready(now) if free > 0 else []

@@ -104,7 +104,11 @@ class Spool:
             return dict(self._last_activity)
 
     def close_idle(self, timeout_s: float, now: float | None = None) -> list[Path]:
-        """Move studies idle for ``timeout_s`` from incoming/ to processing/ (one rename each)."""
+        """Move studies idle for ``timeout_s`` from incoming/ to processing/ (one rename each).
+
+        The renames happen under the lock (a receiver never writes into a study being moved);
+        the folders are fsync'ed after it, so receiving does not wait for this disk work.
+        """
         now = time.time() if now is None else now
         closed = []
         with self.lock:
@@ -118,12 +122,16 @@ class Spool:
                     continue
                 job = self.processing / f"{study_uid}.{time.time_ns()}"
                 job.mkdir()
+                # the state first (advisory until a retry rewrites it durably; unreadable = a fresh state)
+                (job / "state.json").write_text(json.dumps({"study_uid": study_uid, "attempts": 0, "next_attempt": 0.0,
+                                                            "created": now, "sent": [], "last_error": None}))
                 os.replace(src, job / "instances")
-                fsync_dir(job)
-                fsync_dir(self.incoming)
-                write_json(job / "state.json", {"study_uid": study_uid, "attempts": 0, "next_attempt": 0.0,
-                                                "created": now, "sent": [], "last_error": None})
                 closed.append(job)
+        for job in closed:
+            fsync_dir(job)
+        if closed:
+            fsync_dir(self.processing)
+            fsync_dir(self.incoming)
         return closed
 
     # -- jobs --------------------------------------------------------------------

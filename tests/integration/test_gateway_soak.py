@@ -10,6 +10,7 @@ to the end of the run.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 import sys
@@ -43,7 +44,7 @@ def test_sustained_load_loses_nothing_and_memory_stays_flat(orthanc_bin, tmp_pat
     studies = bench.write_studies(tmp_path / "studies", n, per_study=1, seed0=7000)
     orthanc = Orthanc(tmp_path / "orthanc").start()
     try:
-        cfg = bench.gateway_config(tmp_path / "spool", orthanc, sr_processes=2)
+        cfg = bench.gateway_config(tmp_path / "spool", orthanc, sr_processes=1, workers=4)
         with Gateway(cfg, diagnoser=hygeia.create("diagnoser", "cnn")) as gw:
             res = bench.run_load(gw, orthanc, studies, chunk=25, warmup=warmup, timeout=600)
             status = gw.status()
@@ -53,3 +54,5 @@ def test_sustained_load_loses_nothing_and_memory_stays_flat(orthanc_bin, tmp_pat
     assert counts == {"sent": n, "acknowledged": n, "delivered": n, "failures": 0, "duplicates": 0, "lost": 0}, counts
     assert status["sent"] == n and status["failed"] == 0 and status["processing"] == 0
     assert res.rss_warm_mb > 0 and res.rss_growth < 0.10, (res.rss_warm_mb, res.rss_end_mb, res.rss_samples_mb)
+    batches = [json.loads(p.read_text())["timings_s"].get("batch_images", 0) for p in (cfg.spool / "done").glob("*.json")]
+    assert max(batches) > 1  # under load, one diagnose() call takes several studies' images
