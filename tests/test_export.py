@@ -14,7 +14,7 @@ from hygeia.data.io import load_image
 from hygeia.data.labels import read_labels
 from hygeia.errors import InputError
 from hygeia_lab import export as export_mod
-from hygeia_lab.export import export_phantoms, export_seed, finding_names
+from hygeia_lab.export import EXPORT_DIFFICULTY, export_phantoms, export_seed, finding_names
 from hygeia_lab.phantoms import make_phantom, phantom_labels_text, split_seeds
 
 N, SIZE = 12, 64
@@ -54,7 +54,7 @@ def test_export_reads_back_with_ground_truth(tmp_path: Path, layout: str):
 
 
 def test_dicom_and_png_pixels_are_the_phantoms(tmp_path: Path):
-    p = make_phantom(export_seed("val", 3, 0), size=SIZE)
+    p = make_phantom(export_seed("val", 3, 0), size=SIZE, difficulty=EXPORT_DIFFICULTY)
     dcm = read_labels(export_phantoms(tmp_path / "d", "datalist", n=1, size=SIZE, seed=3, split="val",
                                       progress=False), split="validation")
     png = read_labels(export_phantoms(tmp_path / "p", "nih", n=1, size=SIZE, seed=3, split="val",
@@ -74,7 +74,7 @@ def test_nih_boxes_are_the_phantom_regions(tmp_path: Path):
                     boxes=tmp_path / "nih" / "BBox_List.csv")
     names = finding_names("nih")
     for i, row in enumerate(t):
-        p = make_phantom(export_seed("train", 0, i), size=SIZE)
+        p = make_phantom(export_seed("train", 0, i), size=SIZE, difficulty=EXPORT_DIFFICULTY)
         assert sorted(b.finding for b in row.boxes) == sorted(names[k] for k in p.regions)
         for b in row.boxes:
             k = next(k for k, v in names.items() if v == b.finding)
@@ -100,7 +100,7 @@ def test_transfer_syntaxes(tmp_path: Path, syntax: str, uid: str, lossy: bool):
         im = load_image(row.image)
         assert im.dataset.file_meta.TransferSyntaxUID == uid
         assert im.dataset.LossyImageCompression == ("01" if lossy else "00")
-        p = make_phantom(export_seed("train", 0, i), size=SIZE)
+        p = make_phantom(export_seed("train", 0, i), size=SIZE, difficulty=EXPORT_DIFFICULTY)
         if lossy:  # close on average, not pixel for pixel
             assert np.abs(im.pixels - p.image).mean() < 0.03
         else:

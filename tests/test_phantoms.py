@@ -258,3 +258,14 @@ def test_package_exports_and_code_hash():
     assert all(getattr(hygeia_lab, n) is getattr(ph, n) for n in ph.__all__ if n in hygeia_lab.__all__)
     h = ph.code_hash()
     assert re.fullmatch(r"[0-9a-f]{64}", h) and h == ph.code_hash()
+
+
+def test_difficulty_above_one_makes_effusion_and_pneumothorax_smaller():
+    """Exported phantoms (difficulty 2) draw the same patient with a smaller, fainter pneumothorax
+    and effusion; difficulty 1 (the in-memory default) is untouched by that."""
+    for seed in range(3):
+        easy = make_phantom(seed, size=128, findings=["pneumothorax", "effusion"])
+        hard = make_phantom(seed, size=128, findings=["pneumothorax", "effusion"], difficulty=2.0)
+        assert hard.meta["pneumothorax_depth_mm"] == pytest.approx(easy.meta["pneumothorax_depth_mm"] / 2.5, abs=0.06)
+        assert hard.masks["pneumothorax"].sum() < easy.masks["pneumothorax"].sum()
+        assert hard.masks["effusion"].sum() < easy.masks["effusion"].sum()

@@ -110,7 +110,8 @@ def phantoms_export(
     seed: int = typer.Option(0, "--seed", help="Seed: the same seed and split write the same dataset."),
     split: str = typer.Option("train", "--split", help="train, val or test (never the same phantoms)."),
     text: bool = typer.Option(False, "--text", help="Add the clinical indication as the column 'Indication'."),
-    difficulty: float = typer.Option(1.0, "--difficulty", help="Phantom difficulty, 0-3 (higher: fainter findings, more noise)."),
+    difficulty: Optional[float] = typer.Option(
+        None, "--difficulty", help="Phantom difficulty, 0-3 (default 2.0: subtle at 256 px; higher: fainter findings, more noise)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it holds files."),
 ) -> None:
     """Write labelled phantoms as a CheXpert-style CSV, a ChestX-ray14-style CSV or a MONAI datalist."""

@@ -38,7 +38,7 @@ from hygeia.outputs import SYNTHETIC_NOTE, atomic_dir
 from hygeia.vocab import FINDING_LABELS
 
 from .phantom_generator import NAME, VERSION, as_generated_image
-from .phantoms import DEFAULT_DIFFICULTY, SPLITS, Phantom, code_hash, make_phantom
+from .phantoms import SPLITS, Phantom, code_hash, make_phantom
 
 __all__ = ["FORMATS", "LAYOUTS", "TRANSFER_SYNTAXES", "export_phantoms", "export_seed", "finding_names"]
 
@@ -63,6 +63,11 @@ TRANSFER_SYNTAXES: dict[str, tuple[str, dict[str, Any], list[str] | None]] = {
 """``--transfer-syntax`` names. Encoded with pydicom (``Dataset.compress``, through the pylibjpeg
 and pyjpegls plugins) where it can, else with dcmtk's tool on the PATH."""
 _LOSSY = {"jpegls-near": "ISO_14495_1", "jpeg2000-lossy": "ISO_15444_1"}
+
+EXPORT_DIFFICULTY = 2.0
+"""The difficulty of exported phantoms (``--difficulty`` overrides): smaller effusions and
+pneumothoraces and fainter findings than the in-memory default (1.0), so that at 256 px the best
+image-only model does not saturate (docs/phantoms.md, "Difficulty")."""
 
 _NAMES = {
     "chexpert": {"nodule": "Nodule", "consolidation": "Consolidation", "effusion": "Pleural Effusion",
@@ -248,7 +253,7 @@ def _write_datalist(folder: Path, recs: list[dict[str, Any]], split: str, text: 
 
 def export_phantoms(out: str | os.PathLike[str], layout: str = "chexpert", n: int = 100, size: int = 256,
                     image_format: str = "dicom", transfer_syntax: str = "explicit", seed: int = 0, split: str = "train",
-                    text: bool = False, difficulty: float = DEFAULT_DIFFICULTY, overwrite: bool = False,
+                    text: bool = False, difficulty: float | None = None, overwrite: bool = False,
                     progress: bool = True) -> Path:
     """Write a labelled phantom dataset into the folder ``out``; returns the label file's path.
 
@@ -257,6 +262,7 @@ def export_phantoms(out: str | os.PathLike[str], layout: str = "chexpert", n: in
     ``text`` adds the phantom's clinical indication as ``Indication``.
     """
     _check_choice("--layout", layout, LAYOUTS)
+    difficulty = EXPORT_DIFFICULTY if difficulty is None else difficulty
     _check_choice("--format", image_format, FORMATS)
     _check_choice("--transfer-syntax", transfer_syntax, TRANSFER_SYNTAXES)
     _check_choice("--split", split, tuple(SPLITS))

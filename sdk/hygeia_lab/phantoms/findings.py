@@ -34,6 +34,7 @@ class _Scene:
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     ptx: np.ndarray | None = None  # the pleural space of a pneumothorax
+    subtle: float = 0.0  # difficulty above 1: smaller effusions and pneumothoraces (0 at the default)
 
     def __post_init__(self) -> None:
         self.extra = np.zeros_like(self.L.D)  # added density (soft tissue replacing air)
@@ -65,7 +66,7 @@ def _effusion(s: _Scene) -> None:
         sd = s.L.sd[0 if sg < 0 else 1]
         v = vol * (r.uniform(0.5, 1.0) if len(sides) > 1 else 1.0)
         y_cp = a.dome_top(sg) + a.dome_h  # costophrenic angle level
-        h = 14 + 120 * v
+        h = (14 + 120 * v) / (1.0 + s.subtle)
         lam = 18 + 25 * v
         dl = a.d_lat(X, Y, sg)
         y_surf = y_cp - 0.55 * h + 12 - (0.45 * h) * np.exp(-np.clip(dl, 0, None) / lam)
@@ -126,14 +127,14 @@ def _pneumothorax(s: _Scene) -> None:
     visceral pleural line, with no lung markings peripheral to it."""
     a, r, Y, px = s.a, s.rng, s.g.Y, s.g.px
     sg = int(r.choice([-1, 1]))
-    depth_mm = float(np.exp(r.uniform(np.log(6), np.log(60))))
+    depth_mm = float(np.exp(r.uniform(np.log(6), np.log(60)))) / (1.0 + 1.5 * s.subtle)
     sd = s.L.sd[0 if sg < 0 else 1]
     y_cp = a.dome_top(sg) + a.dome_h
     taper = np.clip((y_cp - 25 - Y) / (y_cp - a.y_apex), 0, 1) ** 0.6
     wsd = a.wall_sd(s.g.X, Y, sg)
     local = depth_mm * taper
     gap = local - wsd  # > 0 inside the pleural space
-    s.ptx = _ramp(gap, max(1.0, px)) * _ramp(sd, max(1.0, px))
+    s.ptx = _ramp(gap, max(1.0, px)) * _ramp(sd, max(1.0, px)) / (1.0 + s.subtle)  # partial: fainter when subtle
     s.vessel_keep *= 1 - s.ptx  # no lung tissue peripheral to the line: full air, no markings
     pleura = _line(gap, 0.7, px) * (local > 2.0) * (sd > 1.0)
     s.extra += 0.13 * min(1.3, s.cm) * pleura

@@ -138,7 +138,7 @@ def make_phantom(
     g = _grid(a, size)
     layers = _normal_anatomy(a, g, ctr_drawn, r_vessel, r_tex, diff)
 
-    scene = _Scene(a, g, layers, r_find, cm, ctr_drawn, meta)
+    scene = _Scene(a, g, layers, r_find, cm, ctr_drawn, meta, subtle=max(0.0, diff - 1.0))
     _draw_findings(scene, labels)
     image = _display(a, _compose(scene), g.px, size, diff, r_noise)
     regions = _regions(scene.masks, scene.scores)
