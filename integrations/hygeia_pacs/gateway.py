@@ -29,7 +29,7 @@ from hygeia.errors import InputError
 
 from .config import GatewayConfig
 from .senders import PermanentError, send_cstore, send_stow
-from .listener import Listener, study_tag  # noqa: F401  (study_tag: public here too)
+from .listener import Listener, describe_error, study_tag  # noqa: F401  (study_tag: public here too)
 from .reports import _warm_sr_process, encode_sr, report_uids
 from .spool import Spool, durable_write
 
@@ -244,8 +244,8 @@ class Gateway(Listener):
         self._count("failed")
         record = {"study": tag, "study_uid": state.get("study_uid"), "status": "failed", "reason": reason,
                   "attempts": attempts, "sent": state["sent"], "time": self._clock()}
-        out = self.spool.fail(job, record)
-        log.error("%s: FAILED (%s); record %s", tag, reason, out)
+        self.spool.fail(job, record)
+        log.error("%s: FAILED (%s); failure record in %s", tag, reason, self.spool.failed)  # its name holds the UID
         return 1
 
     def retry_later(self, job: Path, state: dict[str, Any], exc: BaseException, started: float | None = None) -> int:
@@ -257,7 +257,7 @@ class Gateway(Listener):
         state["attempts"] += 1
         delay = min(self.config.retry_max_s, self.config.retry_initial_s * 2 ** (state["attempts"] - 1))
         state["next_attempt"] = self._clock() + delay
-        state["last_error"] = f"{type(exc).__name__}: {exc}"[:500]
+        state["last_error"] = describe_error(exc)  # no file names: spool paths hold UIDs
         self._count("retries")
         give_up = self.config.give_up_after_s
         started = self._clock() if started is None else started

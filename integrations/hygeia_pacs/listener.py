@@ -22,6 +22,13 @@ STATUS_OUT_OF_RESOURCES = 0xA700  # could not write to the spool
 
 
 
+def describe_error(exc: BaseException) -> str:
+    """One line about an error for the log, without file names (spool paths hold UIDs)."""
+    if isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc.strerror or 'I/O error'}"
+    return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
 def study_tag(study_uid: str) -> str:
     """A short, non-reversible name for a study in logs (no PHI, no UID)."""
     return "study#" + hashlib.sha256(study_uid.encode()).hexdigest()[:10]
@@ -106,7 +113,7 @@ class Listener:
         except ValueError as exc:
             return self._reject(event, STATUS_BAD_UID, str(exc))
         except OSError as exc:
-            log.error("cannot write to the spool: %s", exc)
+            log.error("cannot write to the spool: %s", describe_error(exc))
             return self._reject(event, STATUS_OUT_OF_RESOURCES, "gateway spool not writable")
         self._count("accepted")
         return 0x0000

@@ -33,7 +33,7 @@ import numpy as np
 
 from hygeia.errors import InputError
 
-from .listener import study_tag
+from .listener import describe_error, study_tag
 from .senders import CStoreLink
 
 log = logging.getLogger("hygeia_pacs.gateway")
@@ -136,7 +136,7 @@ class Pipeline:
                              len(list((job / "instances").glob("*.dcm"))))
                     gw._wake.set()  # work for the feeder
             except Exception as exc:  # never let the closer die (a full disk): one line, and go on
-                log.error("gateway closer step failed: %s: %s", type(exc).__name__, str(exc)[:200])
+                log.error("gateway closer step failed: %s", describe_error(exc))
 
     # -- the feeder: claim, read, diagnose, submit the SR builds ------------------------
     def _feed_loop(self) -> None:
@@ -145,7 +145,7 @@ class Pipeline:
             try:
                 busy = self.feed()
             except Exception as exc:  # never let the feeder die: one line, and go on
-                log.error("gateway feeder step failed: %s: %s", type(exc).__name__, str(exc)[:200])
+                log.error("gateway feeder step failed: %s", describe_error(exc))
                 busy = False
             if not busy:
                 gw._wake.wait(gw.config.poll_s)
@@ -234,7 +234,7 @@ class Pipeline:
                 try:
                     gw.deliver(job, state, future, timings, link)
                 except Exception as exc:  # never let a sender die: one line, and go on
-                    log.error("gateway sender step failed: %s: %s", type(exc).__name__, str(exc)[:200])
+                    log.error("gateway sender step failed: %s", describe_error(exc))
                 finally:
                     self._release(job, state)
         finally:
