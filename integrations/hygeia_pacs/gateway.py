@@ -188,7 +188,10 @@ class Gateway(Listener):
             return self._fail(job, state, tag, f"{type(exc).__name__}: {exc}", state["attempts"] + 1)
         except Exception as exc:  # PACS/Triton down, network: retry with back-off
             return self.retry_later(job, state, exc, started)
-        self._finish(job, state, tag, sr_path, info, timings)
+        try:
+            self._finish(job, state, tag, sr_path, info, timings)
+        except OSError as exc:  # the record cannot be written: later (is_finished covers a record written)
+            return self.retry_later(job, state, exc, started)
         return 1
 
     def _sr_result(self, future: Any, timings: dict[str, float]) -> tuple[bytes, dict[str, Any]]:

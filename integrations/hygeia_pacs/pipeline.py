@@ -105,8 +105,13 @@ class Pipeline:
 
     def _settle(self, job: Path, state: dict[str, Any], exc: BaseException) -> None:
         """A job that cannot go on now: a failure record (bad input) or a retry later."""
-        self.gw.retry_later(job, state, exc)
-        self._release(job, state)
+        try:
+            self.gw.retry_later(job, state, exc)
+        except Exception as exc2:  # the spool cannot be written (disk full): keep it in memory, try later
+            log.error("gateway: cannot record a retry: %s", describe_error(exc2))
+            state["next_attempt"] = self.gw._clock() + self.gw.config.retry_max_s
+        finally:
+            self._release(job, state)
 
     def _ready(self, now: float) -> list[Path]:
         """Unclaimed jobs whose next attempt is due, oldest first."""
@@ -207,8 +212,9 @@ class Pipeline:
             r.timings.update(diagnose_s=took * len(r.images) / n, batch_images=n)
             try:
                 future = gw.submit_sr(diagnoses, r.datasets)
-            except BrokenProcessPool as exc:  # an SR process died: new pool, this study later
-                gw._replace_sr_pool(gw._sr_pool)
+            except Exception as exc:  # an SR process died (new pool), or stopping: this study later
+                if isinstance(exc, BrokenProcessPool):
+                    gw._replace_sr_pool(gw._sr_pool)
                 self._settle(r.job, r.state, exc)
                 continue
             self.sends.put((r.job, r.state, future, r.timings))
@@ -233,8 +239,9 @@ class Pipeline:
                     continue
                 try:
                     gw.deliver(job, state, future, timings, link)
-                except Exception as exc:  # never let a sender die: one line, and go on
+                except Exception as exc:  # never let a sender die: one line, and try this job again later
                     log.error("gateway sender step failed: %s", describe_error(exc))
+                    state["next_attempt"] = gw._clock() + gw.config.retry_initial_s
                 finally:
                     self._release(job, state)
         finally:
