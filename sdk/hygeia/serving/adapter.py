@@ -87,6 +87,7 @@ class TritonPythonModel:
             device = f"cuda:{args.get('model_instance_device_id', '0')}"
         self.device = device
         self.plugin: Any = None
+        self.runtime = ""
         self._failure: BaseException | None = None
         self._warmed = threading.Event()
         self._execute = {"diagnoser": self._diagnose, "conditioner": self._condition,
@@ -108,7 +109,8 @@ class TritonPythonModel:
         try:
             self._build()
             self._log("info", f"{WARM_TAG} {self.model_name} ok after {time.monotonic() - t0:.1f} s: serving "
-                              f"{self.kind} {self.name!r} v{self.plugin.identity.version} on {self.device}")
+                              f"{self.kind} {self.name!r} v{self.plugin.identity.version} on {self.device}"
+                              f"{self.runtime}")
         except BaseException as exc:
             self._failure = exc
             self.plugin = None
@@ -138,9 +140,22 @@ class TritonPythonModel:
             self.channels = int(self.info.get("channels", 1))
             self.heatmap_kw = next((k for k in ("heatmaps", "heatmap", "gradcam")
                                     if _accepts(plugin.diagnose, k)), None)
+            self.runtime = self._compile(plugin)
         if self.kind == "generator":
             self.takes_progress = _accepts(plugin.generate, "progress")
         self.plugin = plugin
+
+    def _compile(self, plugin: Any) -> str:
+        """Run the diagnoser's network with the runtime its config records (``HYGEIA_RUNTIME`` overrides);
+        returns the tail of the warm log line: the runtime, and why eager where it could not compile."""
+        from ..compiled import compile_plugin
+
+        want = os.environ.get("HYGEIA_RUNTIME") or self.params.get("hygeia_runtime") or "eager"
+        if want == "eager" or self.device != "cpu":
+            why = self.params.get("hygeia_runtime_reason", "") if want == "eager" else "onnxruntime is CPU-only"
+            return f", runtime eager{': ' + why if why else ''}"
+        res = compile_plugin(plugin, want, size=self.size, channels=self.channels, name=self.model_name)
+        return f", runtime {res.runtime}{': ' + res.reason if res.reason else ''}"
 
     # ----------------------------------------------------------------- helpers
     def _log(self, level: str, msg: str) -> None:

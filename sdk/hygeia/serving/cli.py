@@ -17,12 +17,12 @@ DEFAULT_REPO = Path("triton_models")
 
 
 def _build(repo: Path, device: str, instances: int | None, queue_delay_us: int, plugins: list[str] | None,
-           quiet: bool = False) -> Any:
+           quiet: bool = False, runtime: str = "auto") -> Any:
     from .repository import build_repository
 
     with err.status(f"building Triton repository {repo} (instantiating each plugin once)...", spinner="dots"):
         res = build_repository(repo, device=device, instances=instances,  # type: ignore[arg-type]
-                               queue_delay_us=queue_delay_us, names=plugins or None)
+                               queue_delay_us=queue_delay_us, names=plugins or None, runtime=runtime)
     if not quiet:
         t = Table("model", "status", title=f"Triton repository {repo.resolve()}")
         for m in res.written:
@@ -68,13 +68,20 @@ def register(app: typer.Typer) -> None:
         queue_delay_us: int = typer.Option(0, "--queue-delay-us", min=0,
                                            help="Dynamic batching: max queue delay (microseconds)."),
         plugin: Optional[list[str]] = typer.Option(None, "--plugin", "-p", help="Only these plugins (repeatable)."),
+        runtime: str = typer.Option("auto", "--runtime",
+                                    help="Diagnoser networks: auto (measure eager, torchscript, onnx; keep the fastest), "
+                                         "onnx, torchscript or eager."),
     ) -> None:
         """Write one Triton model per installed plugin (third-party ones included)."""
         if device not in ("cpu", "gpu", "auto"):
             from ..errors import InputError
 
             raise InputError("--device", "cpu, gpu or auto", got=repr(device))
-        res = _build(repo, device, instances, queue_delay_us, plugin)
+        if runtime not in ("auto", "onnx", "torchscript", "eager"):
+            from ..errors import InputError
+
+            raise InputError("--runtime", "auto, onnx, torchscript or eager", got=repr(runtime))
+        res = _build(repo, device, instances, queue_delay_us, plugin, runtime=runtime)
         if res.failed:
             raise typer.Exit(1)
 

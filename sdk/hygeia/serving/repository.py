@@ -26,6 +26,7 @@ from ..outputs import atomic_dir
 from ..plugins import ENTRY_POINT_GROUP, PluginRegistry, _as_list, get_registry
 from ..vocab import finding
 from . import wire
+from .runtime import config_params, runtime_params
 
 log = logging.getLogger(__name__)
 Device = Literal["cpu", "gpu"]
@@ -223,12 +224,13 @@ def is_generated(model_dir: Path) -> bool:
 def build_repository(repo: str | os.PathLike[str] = "triton_models", *, device: Device | Literal["auto"] = "cpu",
                      kinds: Iterable[str] = ("generator", "conditioner", "diagnoser"),
                      names: Iterable[str] | None = None, instances: int | None = None, queue_delay_us: int = 0,
-                     registry: PluginRegistry | None = None, prune: bool = True) -> BuildResult:
+                     registry: PluginRegistry | None = None, prune: bool = True, runtime: str = "auto") -> BuildResult:
     """Write (or refresh) one model per registered plugin into ``repo``.
 
     Each plugin is instantiated once (on CPU) to read its identity and sizes. A plugin that
     fails is reported in ``BuildResult.failed`` and left out; the others are still written.
     ``instances``: stub processes per model (None: :func:`default_instances` per kind and device).
+    ``runtime``: how diagnosers' networks run (:mod:`hygeia.serving.runtime`: ``auto`` measures).
     """
     if device == "auto":
         import torch
@@ -246,6 +248,9 @@ def build_repository(repo: str | os.PathLike[str] = "triton_models", *, device: 
         try:
             instance = spec.factory()
             plan = plan_model(spec, instance, _entry_point_of(reg, spec), device=device)
+            if spec.kind == "diagnoser":
+                prev = config_params(repo_p / model / "config.pbtxt")
+                plan.params.update(runtime_params(instance, plan.params, runtime, device, prev))
             config = render_config(plan, device=device, instances=instances, queue_delay_us=queue_delay_us)
             (result.written if _write_model(repo_p, model, config) else result.unchanged).append(model)
         except Exception as exc:

@@ -1,0 +1,62 @@
+"""Which runtime serves each diagnoser's network (``hygeia triton build --runtime``), recorded in its config.
+
+``auto`` (the default) measures eager torch, TorchScript and ONNX Runtime on the build machine
+(:func:`hygeia.compiled.measure`, batch 1 and 32, one thread as in a CPU stub) and records the
+fastest in the config parameters ``hygeia_runtime`` (``onnx``, ``torchscript`` or ``eager``),
+``hygeia_runtime_ms`` (the timings, JSON) and ``hygeia_runtime_reason`` (why eager, if so). A
+rebuild keeps an earlier measured choice for the same plugin version and weights (no
+re-measuring, no config churn); ``--runtime onnx|torchscript|eager`` forces one. The Triton model compiles its
+plugin's network with the recorded runtime when it builds the plugin
+(:mod:`hygeia.serving.adapter`); ``HYGEIA_RUNTIME`` in the server's environment overrides it.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+PARAMS = ("hygeia_runtime", "hygeia_runtime_ms", "hygeia_runtime_reason")
+CHOICES = ("auto", "onnx", "torchscript", "eager")
+
+
+def config_params(config: Path) -> dict[str, str]:
+    """The string parameters of a generated ``config.pbtxt`` ({} if unreadable)."""
+    try:
+        text = config.read_text()
+    except OSError:
+        return {}
+    out = {}
+    for m in re.finditer(r'key: "([^"]+)"\n  value: \{ string_value: "((?:[^"\\]|\\.)*)" \}', text):
+        out[m.group(1)] = m.group(2).replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
+    return out
+
+
+def runtime_params(instance: Any, params: dict[str, str], runtime: str = "auto", device: str = "cpu",
+                   previous: dict[str, str] | None = None) -> dict[str, str]:
+    """The ``hygeia_runtime*`` parameters of one diagnoser model (``params``: its other parameters)."""
+    import torch
+
+    from ..compiled import compile_plugin
+
+    if runtime not in CHOICES:
+        raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(CHOICES)}")
+    prev = previous or {}
+    same = all(prev.get(k) == params.get(k) for k in ("hygeia_version", "hygeia_weights_sha256", "hygeia_info"))
+    forced = prev.get("hygeia_runtime_ms", "{}") == "{}" and prev.get("hygeia_runtime_reason", "") in ("", "eager asked for")
+    if runtime == "auto" and same and prev.get("hygeia_runtime") and not forced:
+        return {k: prev.get(k, "") for k in PARAMS}
+    if device == "gpu" and runtime in ("auto", "onnx"):
+        return {"hygeia_runtime": "eager", "hygeia_runtime_ms": "{}",
+                "hygeia_runtime_reason": "onnxruntime here is CPU-only; the network runs eager on the GPU"}
+    info = json.loads(params.get("hygeia_info", "{}"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what one CPU stub runs with
+    try:
+        res = compile_plugin(instance, runtime, size=info.get("input_size"), channels=int(info.get("channels", 1)),
+                             name=params.get("hygeia_name", ""))
+    finally:
+        torch.set_num_threads(threads)
+    ms = {k: [round(v, 2) for v in vs] for k, vs in res.timings.items()}
+    return {"hygeia_runtime": res.runtime, "hygeia_runtime_ms": json.dumps(ms, sort_keys=True, separators=(",", ":")),
+            "hygeia_runtime_reason": res.reason}
