@@ -168,9 +168,13 @@ class Gateway(Listener):
             self.spool.cleanup(job)
             return 0
         if not (job / "instances").is_dir() and not (job / "sr.dcm").exists():
-            log.warning("%s: empty job folder left by a crash, removed", tag)  # crash before the study moved in
-            shutil.rmtree(job, ignore_errors=True)
-            return 0
+            with self.spool.lock:  # a study being closed now has its folder a moment before its instances
+                empty = not (job / "instances").is_dir() and not (job / "sr.dcm").exists()
+                if empty:  # a crash before the study moved in
+                    shutil.rmtree(job, ignore_errors=True)
+            if empty:
+                log.warning("%s: empty job folder left by a crash, removed", tag)
+                return 0
         started = self._clock()
         timings = {} if timings is None else timings
         try:
