@@ -24,7 +24,7 @@ from ..api import PluginSpec, TensorSpec
 from ..errors import InputError
 from ..outputs import atomic_dir
 from ..plugins import ENTRY_POINT_GROUP, PluginRegistry, _as_list, get_registry
-from ..vocab import finding
+from ..vocab import Code, finding
 from . import wire
 from .runtime import config_params, runtime_params
 
@@ -111,6 +111,8 @@ def _served_by_instance(spec: PluginSpec, instance: Any) -> tuple[dict[str, Any]
         for lab in labels:
             try:
                 code = own[lab] if lab in own else finding(lab).code
+                if isinstance(code, dict):  # a remote diagnoser's codes, as its config holds them
+                    code = Code(**code)
             except InputError:  # a finding outside the built-in vocabulary: the plugin codes it
                 continue
             codes[lab] = {"value": code.value, "scheme": code.scheme, "meaning": code.meaning}
