@@ -118,7 +118,8 @@ class Pipeline:
         gw = self.gw
         with gw._claim_lock:
             claimed = set(gw._claimed)
-        jobs = gw.spool.jobs()
+        with gw.spool.lock:  # a closing pass is seen whole: the studies it closed share a batch
+            jobs = gw.spool.jobs()
         for gone in set(self._due) - {j.name for j in jobs}:
             self._due.pop(gone, None)
         out = []
