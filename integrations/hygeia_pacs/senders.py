@@ -150,11 +150,11 @@ def send_stow(ds: Any, dest: StowDestination, timeout_s: float = 30.0) -> None:
     from dicomweb_client.api import DICOMwebClient
     from dicomweb_client.session_utils import create_session_from_user_pass
 
-    session = None
+    http = None  # requests' connection state with basic auth, when credentials are set
     password = dest.resolved_password()
     if dest.username is not None:
-        session = create_session_from_user_pass(dest.username, password or "")
-    client = DICOMwebClient(url=dest.url, session=session)
+        http = create_session_from_user_pass(dest.username, password or "")
+    client = DICOMwebClient(url=dest.url, session=http)  # the library's keyword
     try:
         resp = client.store_instances(datasets=[ds])
     except requests.exceptions.HTTPError as exc:
