@@ -17,6 +17,8 @@ from hygeia.errors import InputError
 from hygeia.outputs import atomic_path
 from hygeia.vocab import FINDING_LABELS
 
+from .judges import default_baseline
+
 __all__ = ["evaluate", "expected_calibration_error", "main"]
 
 
@@ -270,33 +272,6 @@ def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = No
 
 
 # --------------------------------------------------------------------------- text-aware diagnosers
-def default_baseline(size: int | None = None, exclude: str = "") -> str:
-    """The image-only diagnoser that judges or baselines images of ``size`` pixels (``--baseline``,
-    ``--judge`` override it): the default diagnoser (``HYGEIA_DIAGNOSER`` or the spec marked
-    ``default``) when it reads that size (or no size is given); else the installed diagnoser other
-    than ``exclude`` whose spec reads the largest size not above it (downsampling, never
-    upsampling, the images); else the default."""
-    from hygeia.plugins import get_registry
-    from hygeia.tensors import IMAGES
-
-    reg = get_registry()
-    default = reg.default_name("diagnoser")
-    if size is None:
-        return default
-    sizes: dict[str, int] = {}
-    for spec in reg.all("diagnoser"):
-        img = next((t for t in spec.inputs if t.name == IMAGES), None)
-        if img is not None and len(img.dims) == 3 and img.dims[1] == img.dims[2] and spec.name != exclude:
-            sizes[spec.name] = int(img.dims[1])
-    if sizes.get(default) == size:
-        return default
-    fits = sorted((-v, k) for k, v in sizes.items() if 0 < v <= size)
-    return fits[0][1] if fits else default
-
-TARGETS = {"macro_auroc": 0.95, "gain_over_image_only": 0.05, "localisation_hit_rate": 0.8}
-"""Targets of the fusion issue, printed next to the measured numbers (not enforced)."""
-
-
 def _uses_text(diagnoser: Any) -> bool:
     """Whether a diagnoser reads clinical text (declares ``"text"`` in its ``condition_kinds``)."""
     return "text" in set(getattr(diagnoser, "condition_kinds", ()) or ())

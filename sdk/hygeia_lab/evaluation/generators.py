@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from hygeia.errors import InputError
-from hygeia_lab.evaluation.diagnosers import default_baseline
+from hygeia_lab.evaluation.judges import default_baseline
 from hygeia_lab.grids import write_grid
 from hygeia.vocab import CONDITION_LABELS, FINDING_LABELS, finding
 
