@@ -57,7 +57,7 @@ def test_diagnose_dicom_json(tmp_path):
 
     dcm = write_phantom_dicom(tmp_path / "p.dcm", seed=5, finding="cardiomegaly")
     res = json.loads(hygeia("diagnose", str(dcm), "--json", "--png", str(tmp_path / "o.png")).stdout)
-    assert len(res) == 1 and res[0]["model"]["name"] == "cnn"
+    assert len(res) == 1 and res[0]["model"]["name"] == "cxr"  # the default diagnoser
     labels = [f["label"] for f in res[0]["findings"]]
     assert labels == ["nodule", "consolidation", "effusion", "cardiomegaly", "pneumothorax"]
     assert all(0 <= f["probability"] <= 1 and f["code"]["scheme"] == "SCT" for f in res[0]["findings"])
@@ -70,7 +70,7 @@ def test_diagnose_png(tmp_path):
 
     png = write_png(tmp_path / "x.png", make_phantom(1, size=128).image)
     out = hygeia("diagnose", str(png))
-    assert "cnn" in out.stdout and "nodule" in out.stdout
+    assert "cxr" in out.stdout and "nodule" in out.stdout
 
 
 def test_help_for_every_command():
