@@ -201,7 +201,7 @@ def _spec(name: str, weights: Path, factory: Any, train: str, default: bool, sum
                       model_card=_shipped_card(weights), train=train, default=default)
 
 
-SPEC = _spec(NAME, WEIGHTS, CnnDiagnoser, "hygeia_cnn.train:train", not CXR_WEIGHTS.is_dir(),
+SPEC = _spec(NAME, WEIGHTS, CnnDiagnoser, "hygeia_cnn.train:train", False,
              "Image-only multi-label chest finding classifier for 64 px phantoms, the generators' judge")
-CXR_SPEC = _spec(CXR_NAME, CXR_WEIGHTS, CxrDiagnoser, "hygeia_cnn.train:train_cxr", CXR_WEIGHTS.is_dir(),
+CXR_SPEC = _spec(CXR_NAME, CXR_WEIGHTS, CxrDiagnoser, "hygeia_cnn.train:train_cxr", True,
                  "Image-only multi-label chest radiograph finding classifier, the default diagnoser")
