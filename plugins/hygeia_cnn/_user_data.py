@@ -83,7 +83,18 @@ def _phantom_export(table: LabelTable) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and doc.get("synthetic") else None
 
 
-def _card(table: LabelTable, n_train: int, n_val: int, res: Any, o: dict[str, Any], seed: int) -> ModelCard:
+def _command(plugin: str, phantoms: dict[str, Any], o: dict[str, Any], seed: int) -> str:
+    """The commands that rebuild this bundle from the repository alone (a phantom export, then training)."""
+    exp = (f"hygeia phantoms export --layout {phantoms.get('layout')} -n {phantoms.get('n')} --size {phantoms.get('size')} "
+           f"--format {phantoms.get('format')} --split {phantoms.get('split')} --seed {phantoms.get('seed')} "
+           f"--difficulty {phantoms.get('difficulty')} --out DIR")
+    extra = "".join(f" --option {k}={o[k]}" for k in ("size", "batch_size", "lr", "weight_decay", "patience", "val_fraction")
+                    if o[k] != USER_DEFAULTS[k])
+    return f"`{exp}` then `hygeia train {plugin} --data DIR/{phantoms.get('label_file')} --epochs {o['epochs']} --seed {seed}{extra}`"
+
+
+def _card(table: LabelTable, n_train: int, n_val: int, res: Any, o: dict[str, Any], seed: int,
+          plugin: str = "cnn") -> ModelCard:
     hist = res.history[res.best_epoch - 1] if res.history else {}
     per = {f: round(float(hist.get(f"val_auroc_{j}", float("nan"))), 4) for j, f in enumerate(table.findings)}
     src = table.source.name if table.source is not None else "labels"
@@ -93,7 +104,8 @@ def _card(table: LabelTable, n_train: int, n_val: int, res: Any, o: dict[str, An
         settings = {k: phantoms.get(k) for k in ("layout", "n", "size", "format", "split", "seed", "difficulty")}
         use = (f"Demonstration diagnoser for the Hygeia SDK: flags {names} on synthetic chest-radiograph phantoms. "
                "Not for clinical use.")
-        origin = f"synthetic phantoms exported by `hygeia phantoms export` ({settings})"
+        origin = (f"synthetic phantoms exported by `hygeia phantoms export` ({settings}; to reproduce: "
+                  f"{_command(plugin, phantoms, o, seed)})")
     else:
         use = (f"A research model trained on the user's own labelled studies with `hygeia train --data`: flags {names}. "
                "Its validity is the user's to establish; not for clinical use without local validation.")
@@ -112,7 +124,8 @@ def _card(table: LabelTable, n_train: int, n_val: int, res: Any, o: dict[str, An
 
 def train_on_files(out: str | Path, seed: int, progress: bool, data: str | Path, image_root: str | Path | None = None,
                    codes: str | Path | None = None, uncertain: str | None = None, text_column: str | None = None,
-                   init: str | Path | None = None, resume: bool = False, **options: Any) -> Path | None:
+                   init: str | Path | None = None, resume: bool = False, plugin: str = "cnn",
+                   **options: Any) -> Path | None:
     """Train on the label file ``data`` and write the bundle to ``out``; None on DDP ranks other than 0."""
     o = _user_options(options)
     if o["threads"]:
@@ -141,5 +154,5 @@ def train_on_files(out: str | Path, seed: int, progress: bool, data: str | Path,
     config = _config(table, arch, o, res.thresholds, seed, extra)
     files = {"metrics.csv": metrics_csv(res.history, table.findings),
              "training_curve.png": curve_png(res.history, f"cnn on {extra['data']['file']}")}
-    save_bundle(out, res.state_dict, config, _card(table, len(train_t), len(val_t), res, o, seed), extra=files)
+    save_bundle(out, res.state_dict, config, _card(table, len(train_t), len(val_t), res, o, seed, plugin), extra=files)
     return out

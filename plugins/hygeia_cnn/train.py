@@ -217,4 +217,4 @@ def train_cxr(out: str | Path = CXR_WEIGHTS, seed: int = 0, progress: bool = Tru
                          "export --layout datalist -n 6000 --format png --out DIR`, then --data DIR/dataset.json)")
     from ._user_data import train_on_files
 
-    return train_on_files(out, seed, progress, **options)
+    return train_on_files(out, seed, progress, plugin="cxr", **options)
