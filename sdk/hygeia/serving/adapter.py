@@ -78,6 +78,7 @@ class TritonPythonModel:
         self.pb = pb
         self.config = json.loads(args["model_config"])
         self.model_name = args.get("model_name", self.config.get("name", "?"))
+        self.model_dir = args.get("model_repository", "")  # this model's folder (a bundle of its own lives there)
         p = {k: v.get("string_value", "") for k, v in self.config.get("parameters", {}).items()}
         self.params = p
         self.kind, self.name = p["hygeia_kind"], p["hygeia_name"]
@@ -125,7 +126,9 @@ class TritonPythonModel:
     def _build(self) -> None:
         p = self.params
         spec = _lookup(self.kind, self.name, p.get("hygeia_entry_point", ""))
-        opts = {"device": self.device} if _accepts(spec.factory, "device") else {}
+        opts: dict[str, Any] = {"device": self.device} if _accepts(spec.factory, "device") else {}
+        if p.get("hygeia_bundle"):  # `hygeia triton build --bundle NAME=PATH`: the copy beside the config
+            opts["bundle"] = os.path.join(self.model_dir, p["hygeia_bundle"])
         plugin = spec.factory(**opts)
         ident = plugin.identity
         want = (p.get("hygeia_version"), p.get("hygeia_weights_sha256") or None)

@@ -16,13 +16,27 @@ err = Console(stderr=True)
 DEFAULT_REPO = Path("triton_models")
 
 
+def _bundles(pairs: list[str] | None) -> dict[str, str]:
+    """``--bundle NAME=PATH`` options -> {name: path}."""
+    from ..errors import InputError
+
+    out: dict[str, str] = {}
+    for pair in pairs or []:
+        name, sep, path = pair.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise InputError("--bundle", "NAME=PATH (a plugin name and a bundle folder)", got=repr(pair))
+        out[name.strip()] = path.strip()
+    return out
+
+
 def _build(repo: Path, device: str, instances: int | None, queue_delay_us: int, plugins: list[str] | None,
-           quiet: bool = False, runtime: str = "auto") -> Any:
+           quiet: bool = False, runtime: str = "auto", bundles: dict[str, str] | None = None) -> Any:
     from .repository import build_repository
 
     with err.status(f"building Triton repository {repo} (instantiating each plugin once)...", spinner="dots"):
         res = build_repository(repo, device=device, instances=instances,  # type: ignore[arg-type]
-                               queue_delay_us=queue_delay_us, names=plugins or None, runtime=runtime)
+                               queue_delay_us=queue_delay_us, names=plugins or None, runtime=runtime,
+                               bundles=bundles)
     if not quiet:
         t = Table("model", "status", title=f"Triton repository {repo.resolve()}")
         for m in res.written:
@@ -71,6 +85,9 @@ def register(app: typer.Typer) -> None:
         runtime: str = typer.Option("auto", "--runtime",
                                     help="Diagnoser networks: auto (measure eager, torchscript, onnx; keep the fastest), "
                                          "onnx, torchscript or eager."),
+        bundle: Optional[list[str]] = typer.Option(
+            None, "--bundle", help="NAME=PATH: serve this bundle (e.g. from `hygeia train NAME --data`) instead of "
+                                   "the plugin's shipped weights; copied into the repository (repeatable)."),
     ) -> None:
         """Write one Triton model per installed plugin (third-party ones included)."""
         if device not in ("cpu", "gpu", "auto"):
@@ -81,7 +98,7 @@ def register(app: typer.Typer) -> None:
             from ..errors import InputError
 
             raise InputError("--runtime", "auto, onnx, torchscript or eager", got=repr(runtime))
-        res = _build(repo, device, instances, queue_delay_us, plugin, runtime=runtime)
+        res = _build(repo, device, instances, queue_delay_us, plugin, runtime=runtime, bundles=_bundles(bundle))
         if res.failed:
             raise typer.Exit(1)
 
