@@ -175,3 +175,23 @@ def test_gateway_diagnoses_with_a_trained_bundle_and_writes_its_findings_to_the_
     assert isinstance(sr, pydicom.Dataset)
     text = str(sr)
     assert "Pleural effusion" in text and "60046008" in text
+
+
+def test_nih_boxes_give_region_hit_rates(data):
+    """``--boxes``: each box of a present finding counts as hit when the diagnoser calls the finding
+    with a region centred in the box (scaled from the image's pixels to the model's input)."""
+    from hygeia.data.labels import read_labels
+    from hygeia_lab.evaluation.user_data import evaluate_items
+
+    import hygeia
+
+    folder = data["nih"].parent
+    table = read_labels(data["nih"], boxes=folder / "BBox_List.csv")
+    n_boxes = sum(len(r.boxes) for r in table.rows)
+    assert n_boxes == len((folder / "BBox_List.csv").read_text().splitlines()) - 1 > 0
+    res = evaluate_items(hygeia.create("diagnoser", "cnn"), table.rows, table.findings, progress=False,
+                         codes=table.codes())
+    loc = res["localisation"]
+    assert sum(r["boxes"] for r in loc.values()) == n_boxes
+    assert all(0.0 <= r["hit_rate"] <= 1.0 for r in loc.values())
+    assert sum(r["hit_rate"] * r["boxes"] for r in loc.values()) >= 1  # the phantom model finds some

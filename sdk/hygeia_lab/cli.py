@@ -28,6 +28,8 @@ def evaluate_diagnoser(
     image_root: Optional[Path] = typer.Option(None, "--image-root", help="Folder the image paths are relative to."),
     codes: Optional[Path] = typer.Option(None, "--codes", help="CSV finding,code,scheme,meaning for your findings."),
     uncertain: Optional[str] = typer.Option(None, "--uncertain", help="CheXpert -1 labels: ignore, u-ones or u-zeros."),
+    boxes: Optional[Path] = typer.Option(
+        None, "--boxes", help="CSV of boxes (Image Index,Finding Label,x,y,w,h, or NIH's BBox_List): region hit rates."),
 ) -> None:
     """Per-finding and macro AUROC with bootstrap 95 % intervals, sensitivity/specificity (on phantoms:
     also ECE and localisation), on held-out phantoms or on your labelled studies (--data)."""
@@ -35,7 +37,7 @@ def evaluate_diagnoser(
         from .evaluation.user_data import main_files
 
         main_files(name, data, bundle=bundle, image_root=image_root, codes=codes, uncertain=uncertain,
-                   json_out=json_out, roc=roc)
+                   json_out=json_out, roc=roc, boxes=boxes)
         return
     from .evaluation.diagnosers import main as run
 

@@ -53,8 +53,12 @@ def bootstrap_auroc(y: np.ndarray, p: np.ndarray, n: int = BOOTSTRAP, seed: int 
 
 
 def predict(diagnoser: Any, items: Sequence[Any], batch_size: int = 32, workers: int = 0,
-            progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Probabilities ``[N, F]`` of the diagnoser's findings and its thresholds, images streamed from disk."""
+            progress: bool = True, regions: list[dict[str, Any]] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities ``[N, F]`` of the diagnoser's findings and its thresholds, images streamed from disk.
+
+    ``regions``: a list to fill with, per image, ``{"scale": (sx, sy), "centres": {finding: (x, y)}}``
+    (the centre of each region the diagnoser drew, in its input's pixels; ``scale`` maps the
+    image's own pixels to them)."""
     from hygeia_lab.training.data import ShardedPermutation, check_batch, dataset, loader
 
     size = int(max(diagnoser.input_size))
@@ -67,12 +71,34 @@ def predict(diagnoser: Any, items: Sequence[Any], batch_size: int = 32, workers:
         task = bar.add_task("diagnosing", total=len(items))
         for batch in dl:
             check_batch(batch)
-            for d in diagnoser.diagnose(batch["image"].numpy()):
+            out = diagnoser.diagnose(batch["image"].numpy())
+            for d, shape in zip(out, batch["shape"].numpy()):
                 by = {f.label: f for f in d.findings}
                 probs.append(np.array([by[f].probability if f in by else np.nan for f in diagnoser.findings]))
                 thresholds = np.array([by[f].threshold if f in by else t for f, t in zip(diagnoser.findings, thresholds)])
+                if regions is not None:
+                    h, w = d.image_size
+                    regions.append({"scale": (w / max(int(shape[1]), 1), h / max(int(shape[0]), 1)),
+                                    "centres": {f.label: f.region.center() for f in d.findings if f.region is not None}})
             bar.advance(task, len(batch["image"]))
     return np.stack(probs), thresholds
+
+
+def box_hit_rates(items: Sequence[Any], regions: Sequence[dict[str, Any]], match: dict[str, str],
+                  tolerance: float = 2.0) -> dict[str, dict[str, Any]]:
+    """Per finding with boxes: the share of boxes (true findings) whose finding the diagnoser called
+    with a region centred inside the box (scaled to its input, ``tolerance`` pixels of slack)."""
+    hits: dict[str, list[bool]] = {}
+    for it, reg in zip(items, regions):
+        sx, sy = reg["scale"]
+        for b in getattr(it, "boxes", ()):
+            if b.finding not in match:
+                continue
+            c = reg["centres"].get(match[b.finding])
+            ok = c is not None and (b.x * sx - tolerance <= c[0] <= (b.x + b.w) * sx + tolerance) \
+                and (b.y * sy - tolerance <= c[1] <= (b.y + b.h) * sy + tolerance)
+            hits.setdefault(b.finding, []).append(bool(ok))
+    return {f: {"boxes": len(v), "hit_rate": float(np.mean(v))} for f, v in hits.items()}
 
 
 def match_findings(diagnoser: Any, findings: Sequence[str], codes: Sequence[Any] | None = None) -> dict[str, str]:
@@ -101,7 +127,8 @@ def evaluate_items(diagnoser: Any, items: Sequence[Any], findings: Sequence[str]
     if not match:
         raise InputError("--data findings", f"findings the diagnoser reports ({', '.join(own)})",
                          got=", ".join(findings))
-    p, thr = predict(diagnoser, items, batch_size=batch_size, progress=progress)
+    regions: list[dict[str, Any]] | None = [] if any(getattr(it, "boxes", ()) for it in items) else None
+    p, thr = predict(diagnoser, items, batch_size=batch_size, progress=progress, regions=regions)
     cols = [f for f in findings if f in match]
     y = np.stack([it.labels for it in items])[:, [list(findings).index(f) for f in cols]]
     pp = p[:, [own.index(match[f]) for f in cols]]
@@ -117,6 +144,7 @@ def evaluate_items(diagnoser: Any, items: Sequence[Any], findings: Sequence[str]
     return {"diagnoser": diagnoser.identity.name, "weights_sha256": diagnoser.identity.weights_sha256,
             "n_images": len(items), "per_finding": per, "macro_auroc": res["macro_auroc"],
             "macro_ci95": res["macro_ci95"], "bootstrap": res["bootstrap"], "not_reported": missing,
+            "localisation": box_hit_rates(items, regions, match) if regions is not None else {},
             "_roc": {"y": y, "p": pp, "findings": cols}}
 
 
@@ -134,7 +162,7 @@ def _evaluation_split(path: Path) -> str:
 
 def main_files(name: str, data: Path, bundle: Path | None = None, image_root: Path | None = None,
                codes: Path | None = None, uncertain: str | None = None, json_out: bool = False,
-               roc: Path | None = None, batch_size: int = 32) -> dict[str, Any]:
+               roc: Path | None = None, batch_size: int = 32, boxes: Path | None = None) -> dict[str, Any]:
     """``hygeia evaluate diagnoser NAME --data LABELS [--bundle B]``: read, diagnose, print, ROC PNG
     (a datalist is evaluated on its ``test`` list, else ``validation``, else ``training``)."""
     import contextlib
@@ -147,7 +175,7 @@ def main_files(name: str, data: Path, bundle: Path | None = None, image_root: Pa
         else get_registry().create("diagnoser", name)
     with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
         table = read_labels(data, image_root, uncertain=uncertain or "ignore", codes=codes, progress=True,
-                            split=_evaluation_split(Path(data)))
+                            split=_evaluation_split(Path(data)), boxes=boxes)
         result = evaluate_items(diag, table.rows, table.findings, batch_size=batch_size, progress=True,
                                 codes=table.codes())
     result["data"] = str(data)
@@ -204,3 +232,8 @@ def print_result(result: dict[str, Any], json_out: bool) -> None:
     t.add_row("macro", "", f"{result['macro_auroc']:.3f}",
               f"{result['macro_ci95'][0]:.3f}-{result['macro_ci95'][1]:.3f}", "", "", "")
     Console().print(t)
+    if result.get("localisation"):
+        loc = Table("finding", "boxes", "hit rate", title="regions inside the boxes (called, centre within 2 px)")
+        for f, r in result["localisation"].items():
+            loc.add_row(f, str(r["boxes"]), f"{r['hit_rate']:.3f}")
+        Console().print(loc)

@@ -40,8 +40,11 @@ class LoadPrepared:
         labels = np.asarray(d["labels"], np.float32)
         out = {"labels": np.nan_to_num(labels, nan=0.0), "mask": (~np.isnan(labels)).astype(np.float32),
                "index": int(d["index"]), "error": ""}
+        out["shape"] = np.zeros(2, np.int64)  # the image's own rows and columns (box coordinates are in them)
         try:
-            out["image"] = prepare_image(load_image(d["image"]).pixels, size=(self.size, self.size))
+            pixels = load_image(d["image"]).pixels
+            out["shape"] = np.asarray(np.shape(pixels)[-2:], np.int64)
+            out["image"] = prepare_image(pixels, size=(self.size, self.size))
         except HygeiaError as exc:
             out["image"] = np.zeros((1, self.size, self.size), np.float32)
             out["error"] = f"row {d['row']} ({d['image']}): {exc}"
