@@ -1,10 +1,11 @@
 """Training throughput and memory of a diagnoser on labelled image files, side by side in one run.
 
-    python benchmarks/training.py [--size 256] [--n 2000] [--steps 20] [--batch 16] [--archs resnet18,densenet121,efficientnet-b0]
+    python benchmarks/training.py [--size 256] [--n 2000] [--steps 20] [--batch 16] [--archs cxr,resnet18,densenet121,efficientnet-b0]
 
-Prints, for MONAI networks at ``--size`` px (one input channel, five findings), trained through
-Hygeia's streaming pipeline (``hygeia_lab.training``: PNG files read by ``hygeia.data.io`` in
-DataLoader workers, masked class-weighted BCE, AdamW):
+Prints, for MONAI networks at ``--size`` px (one input channel, five findings; ``cxr`` is the
+default diagnoser's ResNet, ``ARCH_256``), trained through Hygeia's streaming pipeline
+(``hygeia_lab.training``: PNG files read by ``hygeia.data.io`` in DataLoader workers, masked
+class-weighted BCE, AdamW):
 
 - training images/s of each architecture in one process;
 - DDP with 2 processes (torchrun, gloo) against one process, same global batch, same network;
@@ -65,6 +66,10 @@ def hard_links(rows: list[tuple[str, list[float]]], cache: Path, n: int) -> list
 def network(arch: str) -> "object":
     from monai.networks import nets
 
+    if arch == "cxr":  # the default diagnoser's network (hygeia_cnn ARCH_256)
+        from hygeia_cnn.model import ARCH_256, CnnNet
+
+        return CnnNet(ARCH_256, n_out=5)
     if arch == "resnet18":
         return nets.resnet18(spatial_dims=2, n_input_channels=1, num_classes=5)
     if arch == "densenet121":
@@ -134,7 +139,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--archs", default="resnet18,densenet121,efficientnet-b0")
+    ap.add_argument("--archs", default="cxr,resnet18,densenet121,efficientnet-b0")
     ap.add_argument("--cache", type=Path, default=Path("out/bench-training"))
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--arch", default="resnet18", help=argparse.SUPPRESS)
