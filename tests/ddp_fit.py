@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from hygeia.data.labels import read_labels
-from hygeia_lab.training import FitConfig, Item, fit
+from hygeia_lab.training import FitConfig, fit
 
 
 def small_net(n_out: int) -> torch.nn.Module:
@@ -26,7 +26,7 @@ def main(labels: str, out: str) -> None:
 
     torch.set_num_threads(1)
     table = read_labels(labels)
-    items = [Item(r.image, r.labels, r.patient, r.text, r.row) for r in table.rows]
+    items = table.rows  # a LabelRow has the fields of an Item
     cfg = FitConfig(size=32, epochs=2, batch_size=8, lr=1e-2, patience=5, workers=0, seed=0, progress=False)
     res = fit(small_net(len(table.findings)), items[:32], items[32:], Path(out).with_suffix(""), cfg)
     if res is not None:

@@ -60,6 +60,7 @@ def _model(d: Diagnosis) -> _Model:
     m = d.model
     return _Model(m.name, m.version, m.weights_sha256)
 
+
 _TRACKING_IDENTIFIER: Code = ("112039", "DCM", "Tracking Identifier")
 _TRACKING_UID: Code = ("112040", "DCM", "Tracking Unique Identifier")
 _FINDING: Code = ("121071", "DCM", "Finding")

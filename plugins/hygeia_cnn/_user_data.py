@@ -21,7 +21,7 @@ from hygeia.api import ModelCard
 from hygeia.bundles import load_bundle, save_bundle
 from hygeia.data.labels import LabelTable, read_labels
 from hygeia.errors import InputError
-from hygeia_lab.training import FitConfig, Item, curve_png, fit, metrics_csv
+from hygeia_lab.training import FitConfig, curve_png, fit, metrics_csv
 
 from .model import ARCH_256, DEFAULT_ARCH, CnnNet
 from .plugin import CARD, VERSION
@@ -44,10 +44,6 @@ def _user_options(options: dict[str, Any]) -> dict[str, Any]:
     if not 32 <= o["size"] <= 1024:
         raise InputError("size", "an image size from 32 to 1024 pixels", got=o["size"])
     return o
-
-
-def _items(table: LabelTable) -> list[Item]:
-    return [Item(r.image, r.labels, r.patient, r.text, r.row) for r in table.rows]
 
 
 def _init_from(net: CnnNet, init: str | Path) -> str:
@@ -144,7 +140,7 @@ def train_on_files(out: str | Path, seed: int, progress: bool, data: str | Path,
                     seed=seed, resume=bool(resume), progress=progress, device=o["device"],
                     pos_weight=train_t.pos_weight().tolist())
     out = Path(out)
-    res = fit(net, _items(train_t), _items(val_t), out, cfg)
+    res = fit(net, train_t.rows, val_t.rows, out, cfg)  # a LabelRow has the fields of an Item
     if res is None:
         return None
     extra = {"data": {"file": str(table.source.name if table.source else data), "layout": table.layout,

@@ -195,8 +195,6 @@ def _plugin(kind: Any, name: str, server: Optional[str], bundle: Optional[Path] 
         return connect(kind, name, server)
     from .plugins import get_registry
 
-    if bundle is None:
-        return get_registry().create(kind, name)
     return get_registry().create_from_bundle(kind, name, bundle)
 
 

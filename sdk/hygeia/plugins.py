@@ -194,11 +194,15 @@ class PluginRegistry:
         """Build the plugin object: ``get(kind, name).factory(**options)``."""
         return self.get(kind, name).factory(**options)
 
-    def create_from_bundle(self, kind: Kind, name: str, bundle: str | os.PathLike[str], **options: Any) -> Any:
+    def create_from_bundle(self, kind: Kind, name: str, bundle: str | os.PathLike[str] | None,
+                           **options: Any) -> Any:
         """Build the plugin from the bundle folder ``bundle`` instead of its shipped weights (e.g. one
-        ``hygeia train --data`` wrote): its factory's ``bundle`` argument. One-line errors."""
+        ``hygeia train --data`` wrote): its factory's ``bundle`` argument. One-line errors. None:
+        the shipped weights (:meth:`create`)."""
         import inspect
 
+        if bundle is None:
+            return self.create(kind, name, **options)
         spec = self.get(kind, name)
         if "bundle" not in inspect.signature(spec.factory).parameters:
             raise InputError("--bundle", f"a plugin whose factory takes a bundle ({kind} {name!r} does not)")

@@ -234,8 +234,7 @@ def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = No
 
     n = check_n(n, name="n")
 
-    reg = get_registry()
-    diag = reg.create("diagnoser", name) if bundle is None else reg.create_from_bundle("diagnoser", name, bundle)
+    diag = get_registry().create_from_bundle("diagnoser", name, bundle)
     if size is None:
         size = int(max(getattr(diag, "input_size", (64, 64))))
     console = Console(stderr=json_out)

@@ -171,8 +171,7 @@ def main_files(name: str, data: Path, bundle: Path | None = None, image_root: Pa
     from hygeia.data.labels import read_labels
     from hygeia.plugins import get_registry
 
-    diag = get_registry().create_from_bundle("diagnoser", name, bundle) if bundle is not None \
-        else get_registry().create("diagnoser", name)
+    diag = get_registry().create_from_bundle("diagnoser", name, bundle)
     with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
         table = read_labels(data, image_root, uncertain=uncertain or "ignore", codes=codes, progress=True,
                             split=_evaluation_split(Path(data)), boxes=boxes)
