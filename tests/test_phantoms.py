@@ -135,18 +135,40 @@ def _records(n: int, split: str = "val") -> tuple[np.ndarray, list[str]]:
     return np.array([[r[0][k] for k in FINDING_LABELS] for r in recs]), [r[1].lower() for r in recs]
 
 
-@pytest.mark.parametrize("finding, words", [
-    ("consolidation", ("fever", "febrile", "sputum", "infection", "sepsis")),
-    ("nodule", ("smoker", "cancer", "melanoma", "haemoptysis")),
-    ("cardiomegaly", ("heart failure", "cardiomyopathy", "oedema", "orthopnoea", "mitral")),
-    ("pneumothorax", ("line", "trauma", "fall", "stab", "biopsy", "ventilation", "collision", "pacemaker")),
-])
-def test_text_is_informative_but_not_decisive(finding, words):
-    labels, texts = _records(3000)
-    clue = np.array([any(w in t for w in words) for t in texts])
-    y = labels[:, FINDING_LABELS.index(finding)]
-    assert clue[y].mean() > 2.5 * clue[~y].mean()  # informative
-    assert clue[y].mean() < 0.85 and clue[~y].mean() > 0.03  # noisy, not a label copy
+def test_text_is_informative_but_not_decisive():
+    """A bag-of-words model trained on 4000 texts reads every finding better than chance from 2000
+    others, none near certainty (AUROC 0.65-0.93 each), and even its most confident decile of
+    texts is wrong for every finding at least 1 time in 20."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+
+    y_tr, t_tr = _records(4000, "train")
+    y_te, t_te = _records(2000, "val")
+    vec = TfidfVectorizer(ngram_range=(1, 2), min_df=2, token_pattern=r"(?u)\b\w+\b")
+    x_tr, x_te = vec.fit_transform(t_tr), vec.transform(t_te)
+    for k, finding in enumerate(FINDING_LABELS):
+        p = LogisticRegression(C=2, max_iter=2000).fit(x_tr, y_tr[:, k]).predict_proba(x_te)[:, 1]
+        auc = roc_auc_score(y_te[:, k], p)
+        assert 0.65 < auc < 0.93, (finding, auc)
+        top = p >= np.quantile(p, 0.9)
+        assert (~y_te[top, k]).mean() >= 0.05, (finding, (~y_te[top, k]).mean())
+
+
+def test_text_wording_varies():
+    """Negated symptoms, numbers (vital signs, labs), abbreviations and typos all occur."""
+    _, texts = _records(3000)
+    joined = " | ".join(texts)
+    for pattern in (r"\bno (fever|cough|sob|haemoptysis)\b|denies|afebrile", r"\bcrp \d+", r"\b(t|temp) 3\d\.\d",
+                    r"\bsats \d+%|spo2 \d+%", r"\bh/o\b|\bchf\b|\bsob\b"):
+        assert re.search(pattern, joined), pattern
+    from collections import Counter
+
+    counts = Counter(re.findall(r"[a-z]{5,}", joined))
+    common = {w for w, c in counts.items() if c >= 20}
+    swaps = [w for w, c in counts.items() if c < 5 and any(
+        w[:i] + w[i + 1] + w[i] + w[i + 2:] in common for i in range(len(w) - 1))]
+    assert len(swaps) >= 5, swaps  # typos: a common word with two adjacent letters swapped
 
 
 def test_prevalence_is_imbalanced():

@@ -21,7 +21,7 @@ from hygeia.api import ModelCard
 from hygeia.bundles import load_bundle, save_bundle
 from hygeia.data.labels import LabelTable, read_labels
 from hygeia.errors import InputError
-from hygeia_lab.training import FitConfig, curve_png, fit, metrics_csv
+from hygeia_lab.training import FitConfig, codes_config, curve_png, export_command, fit, metrics_csv, phantom_export
 
 from .model import ARCH_256, DEFAULT_ARCH, CnnNet
 from .plugin import CARD, VERSION
@@ -59,31 +59,15 @@ def _init_from(net: CnnNet, init: str | Path) -> str:
 
 def _config(table: LabelTable, arch: dict[str, Any], o: dict[str, Any], thresholds: list[float], seed: int,
             extra: dict[str, Any]) -> dict[str, Any]:
-    codes = {f: {"value": c.value, "scheme": c.scheme, "meaning": c.meaning}
-             for f, c in zip(table.findings, table.codes())}
-    return {"arch": arch, "findings": list(table.findings), "codes": codes, "input_size": [o["size"], o["size"]],
+    return {"arch": arch, "findings": list(table.findings), "codes": codes_config(table), "input_size": [o["size"], o["size"]],
             "thresholds": [float(t) for t in thresholds], "version": VERSION, "seed": seed,
             "training": {k: (None if v is None else (v if isinstance(v, (int, float, dict)) else str(v)))
                          for k, v in o.items()}, **extra}
 
 
-def _phantom_export(table: LabelTable) -> dict[str, Any] | None:
-    """The settings of a phantom export (``phantoms.json`` beside the label file), or None."""
-    import json
-
-    p = table.source.parent / "phantoms.json" if table.source is not None else None
-    try:
-        doc = json.loads(p.read_text()) if p is not None and p.is_file() else None
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) and doc.get("synthetic") else None
-
-
 def _command(plugin: str, phantoms: dict[str, Any], o: dict[str, Any], seed: int) -> str:
     """The commands that rebuild this bundle from the repository alone (a phantom export, then training)."""
-    exp = (f"hygeia phantoms export --layout {phantoms.get('layout')} -n {phantoms.get('n')} --size {phantoms.get('size')} "
-           f"--format {phantoms.get('format')} --split {phantoms.get('split')} --seed {phantoms.get('seed')} "
-           f"--difficulty {phantoms.get('difficulty')} --out DIR")
+    exp = export_command(phantoms)
     extra = "".join(f" --option {k}={o[k]}" for k in ("size", "batch_size", "lr", "weight_decay", "patience", "val_fraction")
                     if o[k] != USER_DEFAULTS[k])
     return f"`{exp}` then `hygeia train {plugin} --data DIR/{phantoms.get('label_file')} --epochs {o['epochs']} --seed {seed}{extra}`"
@@ -95,7 +79,7 @@ def _card(table: LabelTable, n_train: int, n_val: int, res: Any, o: dict[str, An
     per = {f: round(float(hist.get(f"val_auroc_{j}", float("nan"))), 4) for j, f in enumerate(table.findings)}
     src = table.source.name if table.source is not None else "labels"
     names = ", ".join(table.findings)
-    phantoms = _phantom_export(table)
+    phantoms = phantom_export(table)
     if phantoms is not None:
         settings = {k: phantoms.get(k) for k in ("layout", "n", "size", "format", "split", "seed", "difficulty")}
         use = (f"Demonstration diagnoser for the Hygeia SDK: flags {names} on synthetic chest-radiograph phantoms. "

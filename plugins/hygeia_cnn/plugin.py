@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from hygeia import tensors
 from hygeia.api import Diagnosis, Finding, ModelCard, ModelIdentity, PluginSpec, Region
 from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.validation import check_images, check_texts
-from hygeia.vocab import FINDING_LABELS, Code, finding
+from hygeia.vocab import FINDING_LABELS, bundle_codes
 from torch import nn
 
 from .model import DEFAULT_ARCH, CnnNet, _minmax
@@ -65,12 +64,6 @@ def _shipped_card(weights: Path = WEIGHTS) -> ModelCard:
         return ModelCard.from_dict(_shipped(weights, "model_card.json"))
     except (ValueError, KeyError, TypeError):
         return CARD
-
-
-def bundle_codes(config: dict[str, Any], findings: Sequence[str]) -> dict[str, Code]:
-    """The code of each finding: the bundle's ``codes`` (a user-trained bundle), else :mod:`hygeia.vocab`."""
-    given = config.get("codes") or {}
-    return {f: Code(**given[f]) if f in given else finding(f).code for f in findings}
 
 
 def region_from_heatmap(heat: np.ndarray, level: float = 0.5) -> Region | None:

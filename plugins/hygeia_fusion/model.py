@@ -37,6 +37,14 @@ from torch import nn
 TEXT_DIM = 384  # all-MiniLM-L6-v2 hidden size
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
+ARCH_DEFAULTS: dict[str, Any] = {
+    "width": 64, "heads": 4, "layers": 1, "widths": [16, 32, 64, 128], "blocks": [2, 2, 2, 2], "stem": 7,
+    "mean": 0.5, "std": 0.25, "grid": 16, "pool": True, "fine": True, "finer": False,
+}
+"""The trainers' network: the ``cxr`` diagnoser's backbone (MONAI ResNet, 7x7 stem, 2-2-2-2 basic
+blocks of 16-128 channels, its input normalisation), 16x16 co-attention grid, evidence maps at a
+quarter of the input size."""
+
 
 class CoAttentionBlock(nn.Module):
     """One bidirectional co-attention layer (ViLBERT-style), pre-norm, with residual FFNs."""
@@ -72,15 +80,20 @@ class FusionNet(nn.Module):
         pool: bool = False,
         fine: bool = False,
         finer: bool = False,
+        blocks: tuple[int, ...] = (1, 1, 1, 1),
+        stem: int = 3,
+        mean: float = 0.0,
+        std: float = 1.0,
     ) -> None:
         super().__init__()
         from monai.networks.nets import ResNet
 
         self.n_findings, self.grid, self.pool = n_findings, grid, pool
-        # MONAI ResNet as the vision encoder: 3x3 stride-2 stem (+ max-pool if ``pool``), then four
-        # basic blocks: 32, 16, 8, 4 px maps (16, 8, 4, 2 with the pool)
-        self.backbone = ResNet("basic", [1, 1, 1, 1], list(widths), spatial_dims=2, n_input_channels=1,
-                               conv1_t_size=3, conv1_t_stride=2, no_max_pool=not pool, feed_forward=False)
+        self.mean, self.std = float(mean), float(std)  # input normalisation (the ``cxr`` backbone's: 0.5, 0.25)
+        # MONAI ResNet as the vision encoder: ``stem``x``stem`` stride-2 stem (+ max-pool if ``pool``), then
+        # four stages of ``blocks`` basic blocks: at 64 px 32, 16, 8, 4 px maps (16, 8, 4, 2 with the pool)
+        self.backbone = ResNet("basic", list(blocks), list(widths), spatial_dims=2, n_input_channels=1,
+                               conv1_t_size=stem, conv1_t_stride=2, no_max_pool=not pool, feed_forward=False)
         self.lat = nn.ModuleList([nn.Conv2d(c, width, 1) for c in (widths if pool else widths[1:])])
         self.smooth = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
         self.pos = nn.Parameter(torch.zeros(1, grid * grid, width))
@@ -112,6 +125,8 @@ class FusionNet(nn.Module):
 
     def _image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b = self.backbone
+        if self.mean != 0.0 or self.std != 1.0:
+            images = (images - self.mean) / self.std
         x0 = x = b.act(b.bn1(b.conv1(images)))
         if self.pool:
             x = b.maxpool(x)
@@ -212,3 +227,19 @@ def encode_texts(texts: Sequence[str], max_tokens: int = 128, batch: int = 64,
         if not t.strip():
             mask[i] = 0
     return hidden, mask
+
+
+def warm_start(net: FusionNet, init: str | Any, progress: bool = False) -> int:
+    """Copy every tensor of the bundle ``init`` whose name and shape fit ``net``; returns how many.
+    An image-only diagnoser's bundle (``net.*``: a MONAI ResNet, as ``cxr`` ships) warm-starts the backbone."""
+    from hygeia.bundles import load_bundle
+
+    have = net.state_dict()
+    init_t = load_bundle(init).tensors
+    if any(k.startswith("net.") for k in init_t) and not any(k.startswith("backbone.") for k in init_t):
+        init_t = {"backbone." + k[len("net."):]: v for k, v in init_t.items() if k.startswith("net.")}
+    tensors = {k: v for k, v in init_t.items() if k in have and have[k].shape == v.shape}
+    net.load_state_dict(tensors, strict=False)
+    if progress:
+        print(f"warm start from {init}: {len(tensors)}/{len(have)} tensors")
+    return len(tensors)

@@ -33,8 +33,9 @@ from hygeia.api import Diagnosis, Finding, ModelCard, ModelIdentity, PluginSpec,
 from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.errors import BundleError, InputError
 from hygeia.validation import check_images, check_texts
-from hygeia.vocab import FINDING_LABELS, finding
+from hygeia.vocab import FINDING_LABELS, bundle_codes
 
+from .baselines import PREFIX as BASELINES
 from .model import FusionNet, encode_texts, encoder_identity
 
 NAME, VERSION = "fusion", "1.0.0"
@@ -90,24 +91,27 @@ class FusionDiagnoser:
         b = load_bundle(path)
         self.config: dict[str, Any] = b.config
         self.card = b.card
+        self.findings = tuple(self.config.get("findings", FINDING_LABELS))  # a user-trained bundle: its own
         arch = dict(self.config["architecture"])
         arch["widths"] = tuple(arch["widths"])
         self.net = FusionNet(**arch)
+        self._baseline_tensors = {k: v for k, v in b.tensors.items() if k.startswith(BASELINES)}
         try:
-            self.net.load_state_dict(b.tensors, strict=True)
+            self.net.load_state_dict({k: v for k, v in b.tensors.items() if not k.startswith(BASELINES)}, strict=True)
         except RuntimeError as exc:
             raise BundleError(f"model bundle {path}: weights do not fit the fusion architecture: {exc}") from exc
         self.net.to(self.device).eval()
         self.thresholds = np.asarray(self.config["thresholds"], np.float32)
         self.thresholds_no_text = np.asarray(self.config.get("thresholds_no_text", self.thresholds), np.float32)
-        if self.thresholds.shape != (len(FINDING_LABELS),) or self.thresholds_no_text.shape != self.thresholds.shape:
-            raise BundleError(f"model bundle {path}: expected {len(FINDING_LABELS)} thresholds")
+        if self.thresholds.shape != (len(self.findings),) or self.thresholds_no_text.shape != self.thresholds.shape:
+            raise BundleError(f"model bundle {path}: expected {len(self.findings)} thresholds")
         self.max_tokens = int(self.config.get("max_tokens", 128))
         size = self.config.get("input_size", INPUT_SIZE)
         self.input_size = (int(size[0]), int(size[1]))
         self.identity = ModelIdentity(NAME, VERSION, "diagnoser", b.sha256)
         self.resize, self.regions, self.use_text, self.batch_size = bool(resize), regions, bool(use_text), int(batch_size)
-        self._codes = [finding(k).code for k in FINDING_LABELS]
+        self.codes = bundle_codes(self.config, self.findings)
+        self._codes = [self.codes[k] for k in self.findings]
         self._check_encoder()
 
     def _check_encoder(self) -> None:
@@ -166,7 +170,7 @@ class FusionDiagnoser:
         for b in range(len(probs)):
             fs: list[Finding] = []
             thresholds = self.thresholds if tx is not None and tx[b].strip() else self.thresholds_no_text
-            for j, label in enumerate(FINDING_LABELS):
+            for j, label in enumerate(self.findings):
                 p, thr = float(probs[b, j]), float(thresholds[j])
                 region = None
                 if self.regions != "none" and p >= thr:
@@ -177,9 +181,24 @@ class FusionDiagnoser:
             out.append(Diagnosis(fs, self.identity, self.input_size))
         return out
 
+    def baselines(self) -> dict[str, Any]:
+        """The bundle's baselines as diagnosers (``text_only``, ``late_fusion``; empty when it has
+        none): what the lab's ``evaluate diagnoser fusion`` table compares the fusion with."""
+        cfg = self.config.get("baselines")
+        if not cfg or not self._baseline_tensors:
+            return {}
+        from .baselines import BaselineDiagnoser, build
+
+        mods = build(cfg, len(self.findings))
+        for name, mod in mods.items():
+            pre = f"{BASELINES}{name}."
+            mod.load_state_dict({k[len(pre):]: v for k, v in self._baseline_tensors.items() if k.startswith(pre)})
+            mod.to(self.device).eval()
+        return {kind: BaselineDiagnoser(kind, mods, cfg["thresholds"][kind], self) for kind in ("text_only", "late_fusion")}
+
     def save(self, path: str | Path) -> str:
         """Write these weights as a bundle (trainable weights only; the text encoder is recorded)."""
-        return save_bundle(path, self.net.state_dict(), self.config, self.card)
+        return save_bundle(path, {**self.net.state_dict(), **self._baseline_tensors}, self.config, self.card)
 
 
 def card(metrics: dict[str, Any] | None = None, n_train: int = 12000, maps: int = 16, size: int = 64) -> ModelCard:

@@ -26,32 +26,41 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hygeia.bundles import load_bundle, pick_device, save_bundle
+from hygeia.bundles import pick_device, save_bundle
 from hygeia.errors import InputError
 from hygeia.vocab import FINDING_LABELS
 from hygeia_lab import PhantomSet, load_npz, make_phantom_set, save_npz
+from hygeia_lab.training import auroc_per_finding
+from hygeia_lab.training import youden_thresholds as lab_youden
 
-from .model import FusionNet, encode_texts, encoder_identity
+from .model import ARCH_DEFAULTS, FusionNet, encode_texts, encoder_identity, warm_start
 from .plugin import WEIGHTS, card
 
 DEFAULTS: dict[str, Any] = {
-    "epochs": 12, "n_train": 12000, "n_val": 1000, "batch_size": 64, "lr": 2e-3, "weight_decay": 1e-4,
-    "text_dropout": 0.3, "shift": 3, "threads": 1, "width": 64, "heads": 4, "layers": 1,
-    "widths": [24, 48, 96, 192], "grid": 8, "pool": True, "fine": True, "finer": False, "mask_weight": 1.0,
-    "mask_pool": "avg", "mask_pos_weight": 4.0, "max_tokens": 128, "init": None, "size": 64,
+    "epochs": 6, "n_train": 8000, "n_val": 1000, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4,
+    "text_dropout": 0.3, "shift": 8, "threads": 0, **ARCH_DEFAULTS, "mask_weight": 1.0,
+    "mask_pool": "avg", "mask_pos_weight": 4.0, "max_tokens": 128, "init": None, "size": 256, "difficulty": 2.0,
+    "baselines": True,
 }
+"""The shipped network: the ``cxr`` diagnoser's backbone (MONAI ResNet, 7x7 stem, blocks 2-2-2-2),
+warm-started from its bundle (``init``), at 256 px on phantoms of difficulty 2."""
+
+_FILE_OPTIONS = ("data", "image_root", "codes", "uncertain", "text_column")  # --data's companions
 
 Callback = Callable[[int, dict[str, float]], None]
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor]  # see _batch_loss
 
 
-def _dataset(split: str, n: int, data_dir: Path | None, progress: bool, size: int = 64) -> PhantomSet:
+def _dataset(split: str, n: int, data_dir: Path | None, progress: bool, size: int = 64,
+             difficulty: float = 1.0) -> PhantomSet:
     f = None
     if data_dir is not None:
-        f = Path(data_dir) / (f"{split}_{n}.npz" if size == 64 else f"{split}_{n}_{size}px.npz")
+        tag = ("" if size == 64 else f"_{size}px") + ("" if difficulty == 1.0 else f"_d{difficulty:g}")
+        f = Path(data_dir) / f"{split}_{n}{tag}.npz"
         if f.is_file():
             return load_npz(f)
-    ps = make_phantom_set(n, split, size=size, progress=progress)
+    ps = make_phantom_set(n, split, size=size, difficulty=difficulty, progress=progress,
+                          workers=max(1, min(4, os.cpu_count() or 1)))
     if f is not None:
         save_npz(f, ps)
     return ps
@@ -108,7 +117,7 @@ def _augment(x: torch.Tensor, g: torch.Generator, shift: int,
 
 
 def _predict(net: FusionNet, images: np.ndarray, states: torch.Tensor | None, mask: torch.Tensor | None,
-             idx: torch.Tensor | None, device: torch.device, bs: int = 256) -> np.ndarray:
+             idx: torch.Tensor | None, device: torch.device, bs: int = 64) -> np.ndarray:
     net.eval()
     out = []
     with torch.inference_mode():
@@ -123,22 +132,12 @@ def _predict(net: FusionNet, images: np.ndarray, states: torch.Tensor | None, ma
 
 
 def _aurocs(y: np.ndarray, p: np.ndarray) -> list[float]:
-    from sklearn.metrics import roc_auc_score
-
-    return [float(roc_auc_score(y[:, k], p[:, k])) if 0 < y[:, k].sum() < len(y) else float("nan")
-            for k in range(y.shape[1])]
+    return auroc_per_finding(y, p, np.ones_like(y))
 
 
 def youden_thresholds(y: np.ndarray, p: np.ndarray) -> list[float]:
-    """Per finding, the threshold maximising sensitivity + specificity - 1 on (y, p)."""
-    from sklearn.metrics import roc_curve
-
-    out = []
-    for k in range(y.shape[1]):
-        fpr, tpr, thr = roc_curve(y[:, k], p[:, k])
-        j = int(np.argmax(tpr - fpr))
-        out.append(float(np.clip(thr[j], 0.0, 1.0)))
-    return out
+    """Per finding, the threshold maximising sensitivity + specificity - 1 on (y, p) (the lab's rule)."""
+    return lab_youden(y, p, np.ones_like(y))
 
 
 def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epochs: int | None = None,
@@ -146,16 +145,28 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
           callback: Callback | None = None, **options: Any) -> Path:
     """Train the fusion diagnoser and write its bundle to ``out``; returns ``out``.
 
+    With ``data`` (``--data LABELS --text-column COLUMN``) it trains on the user's labelled studies
+    instead: :func:`hygeia_fusion._user_data.train_on_files`.
+
     Options (``hygeia train fusion --option KEY=VALUE``): ``n_train``, ``n_val``, ``batch_size``,
     ``lr``, ``text_dropout`` (share of training images with the text removed, so image-only mode is
     learnt too), ``shift`` (max translation in px), ``mask_weight`` (weight of the localisation loss:
     evidence maps against the phantoms' finding masks; 0 = labels only), ``mask_pool`` (``avg``:
     area share per map cell, or ``max``: any overlap), ``mask_pos_weight``, ``size`` (phantom size
-    in pixels, default 64), ``finer`` (evidence maps at half the input size, through a stem skip),
-    ``init`` (a bundle to warm-start from), ``fine`` (evidence maps at a quarter of the input
-    size), ``threads`` (CPU threads), ``width``, ``layers``, ``data_dir`` (cache phantom sets and
-    text states there).
+    in pixels, default 256), ``difficulty`` (phantom difficulty, default 2), ``finer`` (evidence maps
+    at half the input size, through a stem skip), ``init`` (a bundle to warm-start from: a fusion
+    bundle, or an image-only diagnoser's such as ``cxr``, whose ResNet becomes the backbone),
+    ``fine`` (evidence maps at a quarter of the input size), ``blocks``, ``widths``, ``stem``,
+    ``mean``, ``std`` (the backbone's layout and input normalisation; the defaults are ``cxr``'s),
+    ``baselines`` (also fit the text-only and late-fusion heads, :mod:`hygeia_fusion.baselines`),
+    ``threads`` (CPU threads; 0: every core), ``width``, ``layers``, ``data_dir`` (cache phantom
+    sets and text states there).
     """
+    if options.get("data") is not None:  # the user's labelled studies (hygeia_fusion._user_data)
+        from ._user_data import train_on_files
+
+        return train_on_files(out, seed, progress, epochs=epochs, device=device, **options)
+    options = {k: v for k, v in options.items() if k not in _FILE_OPTIONS or v is not None}
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise InputError("option", f"one of {', '.join(sorted(DEFAULTS))}", got=", ".join(sorted(unknown)))
@@ -164,8 +175,10 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
         raise InputError("mask_pool", "'avg' or 'max'", got=repr(o["mask_pool"]))
     if epochs is not None:
         o["epochs"] = int(epochs)
+    o["init"] = str(o["init"]) if o["init"] else None
     threads = torch.get_num_threads()
-    torch.set_num_threads(int(o["threads"]))
+    if int(o["threads"]) > 0:  # 0: torch's default (every core)
+        torch.set_num_threads(int(o["threads"]))
     try:
         return _train(out, seed, progress, o, data_dir, device, callback)
     finally:
@@ -183,16 +196,8 @@ def _arch(o: dict[str, Any]) -> dict[str, Any]:
     """The network config recorded in the bundle (``architecture``), from the options."""
     return {"n_findings": len(FINDING_LABELS), "width": int(o["width"]), "heads": int(o["heads"]),
             "layers": int(o["layers"]), "widths": [int(w) for w in o["widths"]], "grid": int(o["grid"]), "pool": bool(o["pool"]),
-            "fine": bool(o["fine"]), "finer": bool(o["finer"]), "dropout": 0.0}
-
-
-def _warm_start(net: FusionNet, init: str | Path, progress: bool) -> None:
-    """Copy every tensor of the bundle ``init`` whose name and shape fit ``net``."""
-    have = net.state_dict()
-    tensors = {k: v for k, v in load_bundle(init).tensors.items() if k in have and have[k].shape == v.shape}
-    net.load_state_dict(tensors, strict=False)
-    if progress:
-        print(f"warm start from {init}: {len(tensors)}/{len(have)} tensors")
+            "fine": bool(o["fine"]), "finer": bool(o["finer"]), "dropout": 0.0,
+            "blocks": [int(b) for b in o["blocks"]], "stem": int(o["stem"]), "mean": float(o["mean"]), "std": float(o["std"])}
 
 
 def _batch_loss(net: FusionNet, batch: Batch, o: dict[str, Any], g: torch.Generator, dev: torch.device) -> torch.Tensor:
@@ -266,7 +271,7 @@ def _fit(net: FusionNet, tr: PhantomSet, va: PhantomSet, text: dict[str, tuple[t
 
 def _save(out: str | Path, net: FusionNet, va: PhantomSet, text: tuple[torch.Tensor, ...], arch: dict[str, Any],
           o: dict[str, Any], seed: int, dev: torch.device, t0: float, history: list[dict[str, Any]],
-          best_epoch: int) -> Path:
+          best_epoch: int, baselines: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, float]]) -> Path:
     """Thresholds and metrics on the validation split (with and without text), then the bundle."""
     size = int(o["size"])
     p_text = _predict(net, va.images, *text, dev)
@@ -276,6 +281,7 @@ def _save(out: str | Path, net: FusionNet, va: PhantomSet, text: tuple[torch.Ten
         "val_macro_auroc_no_text": round(float(np.nanmean(_aurocs(va.labels, p_none))), 4),
         "val_per_finding_auroc": dict(zip(FINDING_LABELS, [round(a, 4) for a in _aurocs(va.labels, p_text)])),
         "best_epoch": best_epoch,
+        **baselines[2],
     }
     config = {
         "architecture": arch,
@@ -287,12 +293,14 @@ def _save(out: str | Path, net: FusionNet, va: PhantomSet, text: tuple[torch.Ten
         "max_tokens": int(o["max_tokens"]),
         "text_encoder": {k: v for k, v in encoder_identity().items() if k != "path"},
         "text_encoder_frozen": True,
+        "difficulty": float(o["difficulty"]),
+        **({"baselines": baselines[1]} if baselines[1] else {}),
         "training": {"seed": seed, **{k: o[k] for k in DEFAULTS}, "device": str(dev),
                      "seconds": round(time.time() - t0, 1), "history": history},
     }
     with torch.no_grad():
         maps = int(net(torch.zeros(1, 1, size, size, device=dev))["maps"].shape[-1])
-    save_bundle(out, net.state_dict(), config, card(metrics, int(o["n_train"]), maps, size))
+    save_bundle(out, {**net.state_dict(), **baselines[0]}, config, card(metrics, int(o["n_train"]), maps, size))
     return Path(out)
 
 
@@ -304,13 +312,20 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
     t0 = time.time()
     cache = _data_dir(data_dir)
     size = int(o["size"])
-    tr = _dataset("train", int(o["n_train"]), cache, progress, size)
-    va = _dataset("val", int(o["n_val"]), cache, progress, size)
+    diff = float(o["difficulty"])
+    tr = _dataset("train", int(o["n_train"]), cache, progress, size, diff)
+    va = _dataset("val", int(o["n_val"]), cache, progress, size, diff)
     text = {"train": _text_states(tr.texts, int(o["max_tokens"]), cache),
             "val": _text_states(va.texts, int(o["max_tokens"]), cache)}
     arch = _arch(o)
     net = FusionNet(**{**arch, "widths": tuple(arch["widths"])}).to(dev)
     if o["init"]:  # warm start: every tensor of that bundle whose name and shape fit
-        _warm_start(net, o["init"], progress)
+        warm_start(net, o["init"], progress)
     history, best_epoch = _fit(net, tr, va, text, o, g, dev, progress, t0, callback)
-    return _save(out, net, va, text["val"], arch, o, seed, dev, t0, history, best_epoch)
+    extra: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, float]] = ({}, {}, {})
+    if o["baselines"]:  # text-only and late fusion, for the comparison table (hygeia_fusion.baselines)
+        from .train_baselines import fit_baselines
+
+        extra = fit_baselines(arch, o["init"], net.state_dict(), (tr.images, va.images), (tr.labels, va.labels),
+                              text, seed, dev, progress)
+    return _save(out, net, va, text["val"], arch, o, seed, dev, t0, history, best_epoch, extra)

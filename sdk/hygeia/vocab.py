@@ -1,7 +1,9 @@
 """The finding vocabulary, coded in SNOMED CT. The one place where finding codes live."""
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import InputError
 
@@ -69,3 +71,10 @@ def finding_index(label: str) -> int:
 CHEST_FOV_MM = 350.0
 """Field of view (mm) of the chest radiographs the built-in image models read and write: an
 image of S pixels a side has a pixel spacing of ``CHEST_FOV_MM / S`` mm."""
+
+
+def bundle_codes(config: Mapping[str, Any], findings: Sequence[str]) -> dict[str, Code]:
+    """The code of each finding a model bundle reports: the bundle config's ``codes`` (a model
+    trained on the user's labels, ``{finding: {value, scheme, meaning}}``), else this table's."""
+    given = config.get("codes") or {}
+    return {f: Code(**given[f]) if f in given else finding(f).code for f in findings}

@@ -30,6 +30,8 @@ def evaluate_diagnoser(
     uncertain: Optional[str] = typer.Option(None, "--uncertain", help="CheXpert -1 labels: ignore, u-ones or u-zeros."),
     boxes: Optional[Path] = typer.Option(
         None, "--boxes", help="CSV of boxes (Image Index,Finding Label,x,y,w,h, or NIH's BBox_List): region hit rates."),
+    text_column: Optional[str] = typer.Option(
+        None, "--text-column", help="Column (datalist: key) with clinical text, for diagnosers that read text."),
 ) -> None:
     """Per-finding and macro AUROC with bootstrap 95 % intervals, sensitivity/specificity (on phantoms:
     also ECE and localisation), on held-out phantoms or on your labelled studies (--data)."""
@@ -37,9 +39,9 @@ def evaluate_diagnoser(
         from .evaluation.user_data import main_files
 
         main_files(name, data, bundle=bundle, image_root=image_root, codes=codes, uncertain=uncertain,
-                   json_out=json_out, roc=roc, boxes=boxes)
+                   json_out=json_out, roc=roc, boxes=boxes, text_column=text_column)
         return
-    from .evaluation.diagnosers import main as run
+    from .evaluation.run import main as run
 
     run(name, n=n, json_out=json_out, roc=roc, size=size, baseline="" if baseline is None else baseline,
         bundle=bundle)

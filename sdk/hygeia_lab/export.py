@@ -301,7 +301,7 @@ def export_phantoms(out: str | os.PathLike[str], layout: str = "chexpert", n: in
             label_file = _write_datalist(tmp, recs, split, text)
         _write_provenance(tmp, recs, layout=layout, split=split, seed=seed, n=n, size=size, format=image_format,
                           transfer_syntax=transfer_syntax if image_format == "dicom" else None,
-                          difficulty=float(difficulty), label_file=label_file)
+                          difficulty=float(difficulty), label_file=label_file, text=bool(text))
     return target / label_file
 
 

@@ -3,11 +3,10 @@
 ``evaluate(diagnoser, phantom_set)`` works for every :class:`hygeia.api.Diagnoser` (local or
 remote): images are resized to the diagnoser's ``input_size`` when they differ, the phantoms'
 clinical texts are passed along, and findings the diagnoser does not report are skipped.
-``hygeia evaluate diagnoser NAME`` runs :func:`main`.
+``hygeia evaluate diagnoser NAME`` runs :func:`hygeia_lab.evaluation.run.main`.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,8 @@ from hygeia.errors import InputError
 from hygeia.outputs import atomic_path
 from hygeia.vocab import FINDING_LABELS
 
-from .judges import default_baseline
 
-__all__ = ["evaluate", "expected_calibration_error", "main"]
+__all__ = ["evaluate", "expected_calibration_error"]
 
 
 def expected_calibration_error(y: np.ndarray, p: np.ndarray, bins: int = 10) -> float:
@@ -212,172 +210,6 @@ def _roc_png(path: Path, result: dict[str, Any]) -> Path:
     name = (result.get("model") or {}).get("name", "")
     ax.set_title(f"{name} on {result['n']} held-out phantoms (synthetic)")
     ax.legend(loc="lower right", fontsize=8)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = None, size: int | None = None,
-         difficulty: float | None = None, baseline: str | None = "", bundle: Path | None = None) -> dict[str, Any]:
-    """``hygeia evaluate diagnoser NAME``: ``n`` test-split phantoms, print a table or JSON.
-
-    The phantoms are rendered at ``size`` pixels (default: the diagnoser's own input size); a
-    compared baseline with another input size gets them area-resized (see :func:`evaluate`).
-    """
-    from rich.console import Console
-    from rich.table import Table
-
-    from hygeia_lab.phantoms import DEFAULT_DIFFICULTY, make_phantom_set
-    from hygeia.plugins import get_registry
-    from hygeia.validation import check_n
-
-    n = check_n(n, name="n")
-
-    diag = get_registry().create_from_bundle("diagnoser", name, bundle)
-    if size is None:
-        size = int(max(getattr(diag, "input_size", (64, 64))))
-    console = Console(stderr=json_out)
-    import contextlib
-    import sys
-
-    # with --json, stdout carries only the JSON: progress bars go to stderr
-    quiet = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
-    with quiet:
-        ps = make_phantom_set(n, "test", size=size, difficulty=DEFAULT_DIFFICULTY if difficulty is None else difficulty,
-                              progress=True)
-        if _uses_text(diag):
-            results = compare(name, diag, ps, baseline=baseline)
-        else:
-            res = evaluate(diag, ps, progress=True)
-    if _uses_text(diag):
-        return _main_compare(name, diag, ps, json_out=json_out, roc=roc, console=console, results=results)
-    public = {k: v for k, v in res.items() if k not in ("probabilities", "labels")}
-    if json_out:
-        print(json.dumps(public, indent=2))
-    else:
-        t = Table("finding", "n+", "AUROC", "sens", "spec", "threshold", "ECE", "localisation",
-                  title=f"{name} on {n} held-out phantoms (test split, difficulty {ps.difficulty})")
-        for label, r in res["per_finding"].items():
-            f = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
-            t.add_row(label, str(r["n_pos"]), f("auroc"), f("sensitivity"), f("specificity"), f("threshold"),
-                      f("ece"), f("localisation"))
-        t.add_row("macro", "", f"{res['macro_auroc']:.3f}", "", "", "", "", "")
-        console.print(t)
-    if roc is not None:
-        _roc_png(Path(roc), res)
-        console.print(f"wrote ROC curves to {roc}")
-    return public
-
-
-# --------------------------------------------------------------------------- text-aware diagnosers
-def _uses_text(diagnoser: Any) -> bool:
-    """Whether a diagnoser reads clinical text (declares ``"text"`` in its ``condition_kinds``)."""
-    return "text" in set(getattr(diagnoser, "condition_kinds", ()) or ())
-
-
-def compare(name: str, diagnoser: Any, phantom_set: Any, baseline: str | None = "",
-            progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Evaluate a text-aware diagnoser three ways on one phantom set.
-
-    Keys: ``NAME`` (with the phantoms' clinical texts), ``NAME_no_text`` (the same model, texts
-    None) and ``image_only`` (the ``baseline`` diagnoser from the registry, when installed; ``""``:
-    :func:`default_baseline`; None: no baseline). Each value is what :func:`evaluate` returns.
-    """
-    from dataclasses import replace
-
-    from hygeia.plugins import get_registry
-
-    out: dict[str, dict[str, Any]] = {name: evaluate(diagnoser, phantom_set, progress=progress)}
-    out[f"{name}_no_text"] = evaluate(diagnoser, replace(phantom_set, texts=None), progress=progress)
-    if baseline == "":
-        baseline = default_baseline(int(phantom_set.images.shape[-1]), exclude=name)
-    if baseline and baseline != name:
-        try:
-            base = get_registry().create("diagnoser", baseline)
-        except Exception as exc:  # noqa: BLE001 - the comparison is optional; say why it is missing
-            import warnings
-
-            warnings.warn(f"image-only baseline {baseline!r} unavailable: {exc}", stacklevel=2)
-        else:
-            out["image_only"] = evaluate(base, replace(phantom_set, texts=None), progress=progress)
-    return out
-
-
-def _public(res: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in res.items() if k not in ("probabilities", "labels")}
-
-
-def _main_compare(name: str, diag: Any, ps: Any, json_out: bool, roc: Path | None, console: Any,
-                  results: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    from rich.table import Table
-
-    if results is None:
-        results = compare(name, diag, ps)
-    public = {k: _public(v) for k, v in results.items()}
-    if json_out:
-        print(json.dumps(public, indent=2))
-    else:
-        cols = list(results)
-        t = Table("metric", *cols, title=f"{name}: {len(ps)} held-out phantoms (test split, difficulty {ps.difficulty})")
-
-        def num(v: Any) -> str:
-            return "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
-
-        t.add_row("macro AUROC", *[num(results[c]["macro_auroc"]) for c in cols])
-        for label in FINDING_LABELS:
-            t.add_row(f"  AUROC {label}", *[num(results[c]["per_finding_auroc"].get(label)) for c in cols])
-        for label in FINDING_LABELS:
-            t.add_row(f"  sens / spec {label}", *[
-                f"{num(results[c]['sensitivity'].get(label))} / {num(results[c]['specificity'].get(label))}" for c in cols])
-        t.add_row("ECE (mean over findings)", *[num(results[c]["ece"]) for c in cols])
-        t.add_row("localisation hit rate", *[num(results[c]["localisation_hit_rate"]) for c in cols])
-        t.add_row(f"  within {NEAR_PX} px of the finding", *[num(results[c].get(f"localisation_hit_rate_within_{NEAR_PX}px"))
-                                                          for c in cols])
-        console.print(t)
-        fused = results[name]["macro_auroc"]
-        console.print(f"target macro AUROC >= {TARGETS['macro_auroc']}: {num(fused)}")
-        if "image_only" in results:
-            gain = fused - results["image_only"]["macro_auroc"]
-            console.print(f"target gain over image-only >= {TARGETS['gain_over_image_only']}: {gain:+.3f}")
-        console.print(f"target localisation hit rate >= {TARGETS['localisation_hit_rate']}: "
-                      f"{num(results[name]['localisation_hit_rate'])}")
-    if roc is not None:
-        _roc_compare_png(Path(roc), results)
-        console.print(f"wrote ROC curves to {roc}")
-    return public
-
-
-def _roc_compare_png(path: Path, results: dict[str, dict[str, Any]]) -> Path:
-    """One ROC panel per finding (plus the macro legend), one curve per compared model."""
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    fig, axes = plt.subplots(2, 3, figsize=(13, 8.5))
-    styles = ["-", "--", ":"]
-    for k, label in enumerate(FINDING_LABELS):
-        ax = axes.flat[k]
-        for (model, res), ls in zip(results.items(), styles):
-            auc = res["per_finding_auroc"].get(label)
-            if auc is None:
-                continue
-            fpr, tpr, _ = roc_curve(res["labels"][:, k], res["probabilities"][:, k])
-            ax.plot(fpr, tpr, ls, label=f"{model} ({auc:.3f})")
-        ax.plot([0, 1], [0, 1], "k:", lw=0.6)
-        ax.set_title(label)
-        ax.set_xlabel("1 - specificity")
-        ax.set_ylabel("sensitivity")
-        ax.legend(loc="lower right", fontsize=8)
-    ax = axes.flat[5]
-    ax.axis("off")
-    n = next(iter(results.values()))["n"]
-    lines = [f"{m}: macro AUROC {r['macro_auroc']:.3f}, ECE {r['ece']:.3f}" for m, r in results.items()]
-    ax.text(0.0, 0.9, f"{n} held-out phantoms (synthetic, test split)\n\n" + "\n".join(lines), va="top", fontsize=10)
-    fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100)
     plt.close(fig)

@@ -62,6 +62,7 @@ def predict(diagnoser: Any, items: Sequence[Any], batch_size: int = 32, workers:
     from hygeia_lab.training.data import ShardedPermutation, check_batch, dataset, loader
 
     size = int(max(diagnoser.input_size))
+    reads_text = "text" in set(getattr(diagnoser, "condition_kinds", ()) or ())
     dl = loader(dataset(items, size), batch_size, ShardedPermutation(len(items), 0, shuffle=False), workers)
     probs: list[np.ndarray] = []
     thresholds = np.full(len(diagnoser.findings), np.nan)
@@ -71,7 +72,8 @@ def predict(diagnoser: Any, items: Sequence[Any], batch_size: int = 32, workers:
         task = bar.add_task("diagnosing", total=len(items))
         for batch in dl:
             check_batch(batch)
-            out = diagnoser.diagnose(batch["image"].numpy())
+            texts = list(batch["text"]) if reads_text and any(batch["text"]) else None
+            out = diagnoser.diagnose(batch["image"].numpy(), texts=texts) if texts else diagnoser.diagnose(batch["image"].numpy())
             for d, shape in zip(out, batch["shape"].numpy()):
                 by = {f.label: f for f in d.findings}
                 probs.append(np.array([by[f].probability if f in by else np.nan for f in diagnoser.findings]))
@@ -162,9 +164,11 @@ def _evaluation_split(path: Path) -> str:
 
 def main_files(name: str, data: Path, bundle: Path | None = None, image_root: Path | None = None,
                codes: Path | None = None, uncertain: str | None = None, json_out: bool = False,
-               roc: Path | None = None, batch_size: int = 32, boxes: Path | None = None) -> dict[str, Any]:
+               roc: Path | None = None, batch_size: int = 32, boxes: Path | None = None,
+               text_column: str | None = None) -> dict[str, Any]:
     """``hygeia evaluate diagnoser NAME --data LABELS [--bundle B]``: read, diagnose, print, ROC PNG
-    (a datalist is evaluated on its ``test`` list, else ``validation``, else ``training``)."""
+    (a datalist is evaluated on its ``test`` list, else ``validation``, else ``training``).
+    ``text_column``: each image's clinical text goes to a diagnoser that reads text."""
     import contextlib
     import sys
 
@@ -174,7 +178,7 @@ def main_files(name: str, data: Path, bundle: Path | None = None, image_root: Pa
     diag = get_registry().create_from_bundle("diagnoser", name, bundle)
     with contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext():
         table = read_labels(data, image_root, uncertain=uncertain or "ignore", codes=codes, progress=True,
-                            split=_evaluation_split(Path(data)), boxes=boxes)
+                            split=_evaluation_split(Path(data)), boxes=boxes, text_column=text_column)
         result = evaluate_items(diag, table.rows, table.findings, batch_size=batch_size, progress=True,
                                 codes=table.codes())
     result["data"] = str(data)

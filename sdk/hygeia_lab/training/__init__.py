@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from .data import Item, ShardedPermutation, patient_split, pos_weight
 from .loop import FitConfig, FitResult, auroc_per_finding, fit, init_distributed, youden_thresholds
-from .report import curve_png, metrics_csv
+from .report import codes_config, curve_png, export_command, metrics_csv, phantom_export
 
 __all__ = ["FitConfig", "FitResult", "Item", "ShardedPermutation", "auroc_per_finding", "curve_png", "fit",
-           "init_distributed", "metrics_csv", "patient_split", "pos_weight", "youden_thresholds"]
+           "init_distributed", "metrics_csv", "patient_split", "pos_weight", "youden_thresholds", "codes_config",
+           "phantom_export", "export_command"]

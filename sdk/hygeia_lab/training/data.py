@@ -29,7 +29,7 @@ class Item:
 
 
 class LoadPrepared:
-    """MONAI-style transform: an :class:`Item` dict -> image ``[1, S, S]`` in [0, 1], labels, mask."""
+    """MONAI-style transform: an :class:`Item` dict -> image ``[1, S, S]`` in [0, 1], labels, mask, text."""
 
     def __init__(self, size: int) -> None:
         self.size = int(size)
@@ -39,7 +39,7 @@ class LoadPrepared:
 
         labels = np.asarray(d["labels"], np.float32)
         out = {"labels": np.nan_to_num(labels, nan=0.0), "mask": (~np.isnan(labels)).astype(np.float32),
-               "index": int(d["index"]), "error": ""}
+               "index": int(d["index"]), "error": "", "text": str(d.get("text") or "")}
         out["shape"] = np.zeros(2, np.int64)  # the image's own rows and columns (box coordinates are in them)
         try:
             pixels = load_image(d["image"]).pixels
@@ -55,7 +55,8 @@ def dataset(items: Sequence[Item], size: int) -> Any:
     """A ``monai.data.Dataset`` that loads and resizes each image when it is asked for."""
     from monai.data import Dataset
 
-    data = [{"image": it.image, "labels": it.labels, "row": it.row, "index": i} for i, it in enumerate(items)]
+    data = [{"image": it.image, "labels": it.labels, "row": it.row, "index": i, "text": it.text}
+            for i, it in enumerate(items)]
     return Dataset(data=data, transform=LoadPrepared(size))
 
 

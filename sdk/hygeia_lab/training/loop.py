@@ -41,6 +41,7 @@ class FitConfig:
     progress: bool = True
     device: str | None = None
     pos_weight: Sequence[float] | None = None
+    text: bool = False  # the model takes (images, texts): each item's clinical text goes along
 
 
 @dataclass
@@ -101,13 +102,19 @@ def _masked_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, pos_w
     return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def _predict(model: torch.nn.Module, dl: Any, device: torch.device) -> tuple[np.ndarray, ...]:
+def _forward(model: torch.nn.Module, batch: dict[str, Any], device: torch.device, text: bool) -> torch.Tensor:
+    """Logits of a batch: ``model(images)``, or ``model(images, texts)`` for a text-aware model."""
+    x = batch["image"].to(device).float()
+    return model(x, list(batch["text"])) if text else model(x)
+
+
+def _predict(model: torch.nn.Module, dl: Any, device: torch.device, text: bool = False) -> tuple[np.ndarray, ...]:
     model.eval()
     ps, ys, ms = [], [], []
     with torch.no_grad():
         for batch in dl:
             check_batch(batch)
-            ps.append(torch.sigmoid(model(batch["image"].to(device).float())).cpu().numpy())
+            ps.append(torch.sigmoid(_forward(model, batch, device, text)).cpu().numpy())
             ys.append(batch["labels"].numpy())
             ms.append(batch["mask"].numpy())
     return np.concatenate(ps), np.concatenate(ys), np.concatenate(ms)
@@ -145,14 +152,14 @@ class _Progress:
 
 
 def _train_epoch(model: torch.nn.Module, opt: torch.optim.Optimizer, dl: Any, device: torch.device,
-                 pos_weight: torch.Tensor, tick: Callable[[], None]) -> tuple[float, int]:
+                 pos_weight: torch.Tensor, tick: Callable[[], None], text: bool = False) -> tuple[float, int]:
     model.train()
     total, n = 0.0, 0
     for batch in dl:
         check_batch(batch)
         x, y, m = (batch[k].to(device).float() for k in ("image", "labels", "mask"))
         opt.zero_grad(set_to_none=True)
-        loss = _masked_bce(model(x), y, m, pos_weight)
+        loss = _masked_bce(_forward(model, batch, device, text), y, m, pos_weight)
         loss.backward()
         opt.step()
         total += float(loss.detach()) * len(x)
@@ -209,7 +216,7 @@ def fit(net: torch.nn.Module, train_items: Sequence[Item], val_items: Sequence[I
             sampler.set_epoch(epoch)
             t0 = time.perf_counter()
             tick = bars.task(f"epoch {epoch + 1}/{cfg.epochs}", len(train_dl))
-            loss, n_seen = _train_epoch(model, opt, train_dl, device, pw, tick)
+            loss, n_seen = _train_epoch(model, opt, train_dl, device, pw, tick, cfg.text)
             speed = n_seen * world / max(time.perf_counter() - t0, 1e-9)
             stop = False
             if rank == 0:
@@ -223,7 +230,7 @@ def fit(net: torch.nn.Module, train_items: Sequence[Item], val_items: Sequence[I
     if rank != 0:
         return None
     net.load_state_dict(best)
-    p, y, m = _predict(net, val_dl, device)
+    p, y, m = _predict(net, val_dl, device, cfg.text)
     return FitResult(best, youden_thresholds(y, p, m), int(state["best_epoch"]), float(state["best_auroc"]),
                      list(state["history"]), p, np.where(m > 0, y, np.nan))
 
@@ -231,7 +238,7 @@ def fit(net: torch.nn.Module, train_items: Sequence[Item], val_items: Sequence[I
 def _after_epoch(net: torch.nn.Module, val_dl: Any, device: torch.device, state: dict[str, Any],
                  best: dict[str, torch.Tensor], epoch: int, loss: float, speed: float, cfg: FitConfig) -> bool:
     """Validate, record the history, keep the best weights; True when training should stop."""
-    p, y, m = _predict(net, val_dl, device)
+    p, y, m = _predict(net, val_dl, device, cfg.text)
     aucs = auroc_per_finding(y, p, m)
     macro = float(np.nanmean(aucs)) if not np.isnan(aucs).all() else float("nan")
     row = {"epoch": epoch + 1, "train_loss": round(loss, 6), "val_macro_auroc": round(macro, 6),

@@ -1,4 +1,5 @@
-"""What a training run leaves in its bundle besides the weights: ``metrics.csv`` and a curve PNG."""
+"""What a training run leaves in its bundle besides the weights: ``metrics.csv``, a curve PNG, the
+findings' codes and, for an exported phantom set, the settings that reproduce it."""
 from __future__ import annotations
 
 import csv
@@ -39,3 +40,28 @@ def curve_png(history: Sequence[dict[str, Any]], title: str = "training") -> byt
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def codes_config(table: Any) -> dict[str, dict[str, str]]:
+    """A label table's findings and codes as a bundle config's ``codes`` (:func:`hygeia.vocab.bundle_codes`)."""
+    return {f: {"value": c.value, "scheme": c.scheme, "meaning": c.meaning} for f, c in zip(table.findings, table.codes())}
+
+
+def phantom_export(table: Any) -> dict[str, Any] | None:
+    """The settings of a phantom export (``phantoms.json`` beside the label file), or None."""
+    import json
+
+    p = table.source.parent / "phantoms.json" if table.source is not None else None
+    try:
+        doc = json.loads(p.read_text()) if p is not None and p.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("synthetic") else None
+
+
+def export_command(phantoms: dict[str, Any]) -> str:
+    """The ``hygeia phantoms export`` command that rewrites an export (``phantoms.json`` settings) into DIR."""
+    text = " --text" if phantoms.get("text") else ""
+    return (f"hygeia phantoms export --layout {phantoms.get('layout')} -n {phantoms.get('n')} --size {phantoms.get('size')} "
+            f"--format {phantoms.get('format')} --split {phantoms.get('split')} --seed {phantoms.get('seed')} "
+            f"--difficulty {phantoms.get('difficulty')}{text} --out DIR")
