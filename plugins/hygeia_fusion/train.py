@@ -300,8 +300,16 @@ def _save(out: str | Path, net: FusionNet, va: PhantomSet, text: tuple[torch.Ten
     }
     with torch.no_grad():
         maps = int(net(torch.zeros(1, 1, size, size, device=dev))["maps"].shape[-1])
-    save_bundle(out, {**net.state_dict(), **baselines[0]}, config, card(metrics, int(o["n_train"]), maps, size))
+    save_bundle(out, {**net.state_dict(), **baselines[0]}, config,
+                card(metrics, int(o["n_train"]), maps, size, float(o["difficulty"]), _command(o, seed)))
     return Path(out)
+
+
+def _command(o: dict[str, Any], seed: int) -> str:
+    """The ``hygeia train fusion`` command that reproduces a run (options that differ from the defaults)."""
+    opts = "".join(f" --option {k}={o[k]}" for k in DEFAULTS if k not in ("epochs", "init") and o[k] != DEFAULTS[k])
+    init = f" --init {o['init']}" if o["init"] else ""
+    return f"hygeia train fusion --seed {seed} --epochs {o['epochs']}{init}{opts}"
 
 
 def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_dir: str | Path | None,

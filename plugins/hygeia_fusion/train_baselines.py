@@ -31,9 +31,13 @@ def image_config(arch: dict[str, Any]) -> dict[str, Any]:
 
 def _backbone_tensors(init: str | None, fused: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``net.*`` tensors for :class:`PooledImage`: the init bundle's (an image-only diagnoser's
-    ``net.*``), else the trained fusion network's backbone."""
+    ``net.*``, or a fusion bundle's own baseline backbone, so a chain of runs keeps the image-only
+    diagnoser's), else the trained fusion network's backbone."""
     if init:
         t = load_bundle(init).tensors
+        pre = f"{PREFIX}image."
+        if any(k.startswith(pre) for k in t):
+            return {k[len(pre):]: v for k, v in t.items() if k.startswith(pre)}
         if any(k.startswith("net.") for k in t):
             return {k: v for k, v in t.items() if k.startswith("net.") and not k.startswith("net.fc.")}
     return {"net." + k[len("backbone."):]: v for k, v in fused.items() if k.startswith("backbone.")}

@@ -167,7 +167,7 @@ def _roc_compare_png(path: Path, results: dict[str, dict[str, Any]]) -> Path:
             if auc is None:
                 continue
             fpr, tpr, _ = roc_curve(res["labels"][:, k], res["probabilities"][:, k])
-            ax.plot(fpr, tpr, ls, label=f"{model} ({auc:.3f})")
+            ax.plot(fpr, tpr, linestyle=ls, label=f"{model} ({auc:.3f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.6)
         ax.set_title(label)
         ax.set_xlabel("1 - specificity")
