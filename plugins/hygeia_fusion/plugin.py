@@ -35,7 +35,7 @@ from hygeia.errors import BundleError, InputError
 from hygeia.validation import check_images, check_texts
 from hygeia.vocab import FINDING_LABELS, bundle_codes
 
-from .baselines import PREFIX as BASELINES
+from ._baselines import PREFIX as BASELINES
 from .model import FusionNet, encode_texts, encoder_identity
 
 NAME, VERSION = "fusion", "1.0.0"
@@ -187,7 +187,7 @@ class FusionDiagnoser:
         cfg = self.config.get("baselines")
         if not cfg or not self._baseline_tensors:
             return {}
-        from .baselines import BaselineDiagnoser, build
+        from ._baselines import BaselineDiagnoser, build
 
         mods = build(cfg, len(self.findings))
         for name, mod in mods.items():

@@ -16,6 +16,7 @@ starts.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import time
 from collections.abc import Callable
@@ -158,7 +159,7 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     bundle, or an image-only diagnoser's such as ``cxr``, whose ResNet becomes the backbone),
     ``fine`` (evidence maps at a quarter of the input size), ``blocks``, ``widths``, ``stem``,
     ``mean``, ``std`` (the backbone's layout and input normalisation; the defaults are ``cxr``'s),
-    ``baselines`` (also fit the text-only and late-fusion heads, :mod:`hygeia_fusion.baselines`),
+    ``baselines`` (also fit the text-only and late-fusion heads, :mod:`hygeia_fusion._baselines`),
     ``threads`` (CPU threads; 0: every core), ``width``, ``layers``, ``data_dir`` (cache phantom
     sets and text states there).
     """
@@ -307,7 +308,8 @@ def _save(out: str | Path, net: FusionNet, va: PhantomSet, text: tuple[torch.Ten
 
 def _command(o: dict[str, Any], seed: int) -> str:
     """The ``hygeia train fusion`` command that reproduces a run (options that differ from the defaults)."""
-    opts = "".join(f" --option {k}={o[k]}" for k in DEFAULTS if k not in ("epochs", "init") and o[k] != DEFAULTS[k])
+    opts = "".join(f" --option {k}={json.dumps(o[k]).replace(' ', '')}" for k in DEFAULTS
+                   if k not in ("epochs", "init") and o[k] != DEFAULTS[k])
     init = f" --init {o['init']}" if o["init"] else ""
     return f"hygeia train fusion --seed {seed} --epochs {o['epochs']}{init}{opts}"
 
@@ -331,8 +333,8 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
         warm_start(net, o["init"], progress)
     history, best_epoch = _fit(net, tr, va, text, o, g, dev, progress, t0, callback)
     extra: tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, float]] = ({}, {}, {})
-    if o["baselines"]:  # text-only and late fusion, for the comparison table (hygeia_fusion.baselines)
-        from .train_baselines import fit_baselines
+    if o["baselines"]:  # text-only and late fusion, for the comparison table (hygeia_fusion._baselines)
+        from ._train_baselines import fit_baselines
 
         extra = fit_baselines(arch, o["init"], net.state_dict(), (tr.images, va.images), (tr.labels, va.labels),
                               text, seed, dev, progress)

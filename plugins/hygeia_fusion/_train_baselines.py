@@ -1,4 +1,4 @@
-"""Fitting the fusion's baselines (:mod:`hygeia_fusion.baselines`) after the fusion network.
+"""Fitting the fusion's baselines (:mod:`hygeia_fusion._baselines`) after the fusion network.
 
 Both heads train on the fusion's training split with the same frozen text token states; the late
 fusion's image features come from the image-only diagnoser's backbone (the ``init`` bundle the
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from hygeia.bundles import load_bundle
 from hygeia_lab.training import youden_thresholds
 
-from .baselines import PREFIX, build
+from ._baselines import PREFIX, build
 
 EPOCHS, LR, BATCH = 15, 2e-3, 128
 
