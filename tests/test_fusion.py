@@ -280,7 +280,7 @@ def test_trains_on_a_label_file_with_text(tmp_path):
 
     labels = export_phantoms(tmp_path / "x", layout="chexpert", n=40, size=64, image_format="png", text=True,
                              progress=False)
-    opts = dict(size=64, epochs=1, batch_size=8, workers=0, widths=[8, 8, 16, 16], width=16, heads=2,
+    opts = dict(size=64, epochs=1, batch_size=8, workers=0, augment=True, widths=[8, 8, 16, 16], width=16, heads=2,
                 blocks=[1, 1, 1, 1], stem=3, mean=0.0, std=1.0, grid=8)
     with pytest.raises(InputError, match="--text-column"):
         train(out=tmp_path / "b", progress=False, data=labels, **opts)

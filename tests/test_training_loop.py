@@ -61,3 +61,28 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert max(float((a[k] - init[k]).abs().max()) for k in a) > 1e-3  # training moved the weights
     diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     assert diff < 1e-4, f"DDP x2 differs from one process by {diff}"
+
+
+def test_augmentation_varies_images_and_repeats_with_the_seed(tmp_path):
+    """``augment``: each fetch of an image differs (shift, rotation, zoom, intensity), stays in [0, 1]
+    and keeps its shape; the same seed gives the same augmented batches (workers or not)."""
+    from hygeia_lab.training.data import dataset, loader
+
+    labels = export_phantoms(tmp_path / "x", layout="chexpert", n=6, size=64, image_format="png", progress=False)
+    from hygeia.data.labels import read_labels
+
+    items = read_labels(labels).rows
+    plain = dataset(items, 64)[0]["image"]
+    ds = dataset(items, 64, augment=True)
+    a, b = ds[0]["image"], ds[0]["image"]
+    assert a.shape == plain.shape == (1, 64, 64) and a.min() >= 0 and a.max() <= 1
+    assert not np.allclose(a, b) and not np.allclose(a, plain)
+
+    def batches(workers: int) -> list[np.ndarray]:
+        torch.manual_seed(5)
+        dl = loader(dataset(items, 64, augment=True), 3, ShardedPermutation(len(items), 0, shuffle=False), workers)
+        return [bt["image"].numpy() for bt in dl]
+
+    for workers in (0, 2):
+        one, two = batches(workers), batches(workers)
+        assert all(np.array_equal(x, y) for x, y in zip(one, two)), workers

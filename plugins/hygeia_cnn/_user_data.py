@@ -28,7 +28,7 @@ from .plugin import CARD, VERSION
 
 USER_DEFAULTS: dict[str, Any] = {
     "epochs": 10, "size": 256, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4, "patience": 3, "workers": 2,
-    "val_fraction": 0.2, "threads": None, "device": None, "arch": None,
+    "val_fraction": 0.2, "augment": False, "threads": None, "device": None, "arch": None,
 }
 
 
@@ -122,7 +122,7 @@ def train_on_files(out: str | Path, seed: int, progress: bool, data: str | Path,
     cfg = FitConfig(size=o["size"], epochs=o["epochs"], batch_size=o["batch_size"], lr=float(o["lr"]),
                     weight_decay=float(o["weight_decay"]), patience=int(o["patience"]), workers=int(o["workers"]),
                     seed=seed, resume=bool(resume), progress=progress, device=o["device"],
-                    pos_weight=train_t.pos_weight().tolist())
+                    pos_weight=train_t.pos_weight().tolist(), augment=bool(o["augment"]))
     out = Path(out)
     res = fit(net, train_t.rows, val_t.rows, out, cfg)  # a LabelRow has the fields of an Item
     if res is None:

@@ -29,7 +29,7 @@ from .model import ARCH_DEFAULTS, FusionNet, encode_texts, encoder_identity, war
 
 USER_DEFAULTS: dict[str, Any] = {
     "epochs": 10, "size": 256, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4, "patience": 3, "workers": 2,
-    "val_fraction": 0.2, "text_dropout": 0.3, "threads": None, "device": None, "max_tokens": 128,
+    "val_fraction": 0.2, "augment": False, "text_dropout": 0.3, "threads": None, "device": None, "max_tokens": 128,
 }
 
 
@@ -113,7 +113,7 @@ def train_on_files(out: str | Path, seed: int, progress: bool, data: str | Path,
     cfg = FitConfig(size=o["size"], epochs=o["epochs"], batch_size=o["batch_size"], lr=float(o["lr"]),
                     weight_decay=float(o["weight_decay"]), patience=int(o["patience"]), workers=int(o["workers"]),
                     seed=seed, resume=bool(resume), progress=progress, device=o["device"],
-                    pos_weight=train_t.pos_weight().tolist(), text=True)
+                    pos_weight=train_t.pos_weight().tolist(), augment=bool(o["augment"]), text=True)
     res = fit(model, train_t.rows, val_t.rows, Path(out), cfg)
     if res is None:
         return None

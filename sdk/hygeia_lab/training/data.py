@@ -28,6 +28,25 @@ class Item:
     row: int = 0  # the row of the label file (1-based, header excluded) for error messages
 
 
+def _clip01(x: Any) -> np.ndarray:
+    return np.clip(np.asarray(x, np.float32), 0.0, 1.0)
+
+
+def augmentation(size: int) -> list[Any]:
+    """The training augmentation (MONAI dictionary transforms on ``image``): small shift, rotation
+    and zoom (reflection padding), then intensity scale and gamma, as exposure and positioning
+    vary between radiographs; back to float32 in [0, 1]."""
+    from monai.transforms import Lambdad, RandAdjustContrastd, RandAffined, RandScaleIntensityd
+
+    return [
+        RandAffined("image", prob=0.9, rotate_range=0.05, scale_range=0.05,
+                    translate_range=(0.03 * size, 0.03 * size), padding_mode="reflection"),
+        RandScaleIntensityd("image", factors=0.1, prob=0.5),
+        RandAdjustContrastd("image", prob=0.5, gamma=(0.8, 1.25)),
+        Lambdad("image", _clip01),
+    ]
+
+
 class LoadPrepared:
     """MONAI-style transform: an :class:`Item` dict -> image ``[1, S, S]`` in [0, 1], labels, mask, text."""
 
@@ -51,13 +70,17 @@ class LoadPrepared:
         return out
 
 
-def dataset(items: Sequence[Item], size: int) -> Any:
-    """A ``monai.data.Dataset`` that loads and resizes each image when it is asked for."""
+def dataset(items: Sequence[Item], size: int, augment: bool = False) -> Any:
+    """A ``monai.data.Dataset`` that loads and resizes each image when it is asked for; with
+    ``augment``, :func:`augmentation` follows (its random state is set per DataLoader worker by
+    ``monai.data.DataLoader``, so a seeded run repeats itself)."""
     from monai.data import Dataset
 
     data = [{"image": it.image, "labels": it.labels, "row": it.row, "index": i, "text": it.text}
             for i, it in enumerate(items)]
-    return Dataset(data=data, transform=LoadPrepared(size))
+    from monai.transforms import Compose
+
+    return Dataset(data=data, transform=Compose([LoadPrepared(size), *(augmentation(int(size)) if augment else [])]))
 
 
 class ShardedPermutation(torch.utils.data.Sampler):
@@ -90,8 +113,9 @@ class ShardedPermutation(torch.utils.data.Sampler):
 
 
 def loader(ds: Any, batch_size: int, sampler: Any, workers: int) -> Any:
-    """A DataLoader over ``ds`` (workers > 0: images decode in parallel processes)."""
-    from torch.utils.data import DataLoader
+    """A ``monai.data.DataLoader`` over ``ds`` (workers > 0: images decode in parallel processes;
+    random transforms get their own seeded state per worker)."""
+    from monai.data import DataLoader
 
     kwargs: dict[str, Any] = {}
     if workers > 0:

@@ -42,6 +42,7 @@ class FitConfig:
     device: str | None = None
     pos_weight: Sequence[float] | None = None
     text: bool = False  # the model takes (images, texts): each item's clinical text goes along
+    augment: bool = False  # MONAI shift/rotation/zoom and intensity augmentation of training images
 
 
 @dataclass
@@ -205,7 +206,7 @@ def fit(net: torch.nn.Module, train_items: Sequence[Item], val_items: Sequence[I
         state, best = checkpoint.load(out, net, opt)
     per_rank = max(1, cfg.batch_size // world)
     sampler = ShardedPermutation(len(train_items), cfg.seed, rank, world)
-    train_dl = loader(dataset(train_items, cfg.size), per_rank, sampler, cfg.workers)
+    train_dl = loader(dataset(train_items, cfg.size, cfg.augment), per_rank, sampler, cfg.workers)
     val_dl = loader(dataset(val_items, cfg.size), per_rank, ShardedPermutation(len(val_items), 0, shuffle=False),
                     cfg.workers) if rank == 0 else None
     pw = torch.as_tensor(np.asarray(cfg.pos_weight if cfg.pos_weight is not None else
