@@ -1,7 +1,8 @@
 """The PACS gateway under load, measured against the diagnoser alone in one run on this machine.
 
 1. Throughput: ``--studies`` phantom studies (``hygeia_lab.write_phantom_study``) sent with dcmtk's
-   ``storescu`` to the gateway (its real DICOM listener, the local ``cnn`` diagnoser, SRs sent by
+   ``storescu`` to the gateway (its real DICOM listener, a local diagnoser: ``--diagnoser``, by default the
+   default diagnoser ``cxr``, SRs sent by
    C-STORE into a real Orthanc started like the integration tests start it). End to end = first
    instance sent -> last SR stored in Orthanc, in studies/s and images/s, beside the diagnoser's own
    in-process throughput on the same images at its best batch size (measured before and after the
@@ -203,7 +204,7 @@ def gateway_config(spool: Path, orthanc: Any, **over: Any) -> Any:
     from hygeia.serving.server import free_port
     from hygeia_pacs import GatewayConfig
 
-    d = {"spool": str(spool), "port": free_port(), "allowed_callers": [SCU], "diagnoser": "cnn",
+    d = {"spool": str(spool), "port": free_port(), "allowed_callers": [SCU], "diagnoser": over.pop("diagnoser", "cnn"),
          "study_timeout_s": 0.5, "poll_s": 0.02, "modalities": ["DX", "CR"],
          "cstore": {"ae_title": orthanc.aet, "host": "127.0.0.1", "port": orthanc.dicom_port}}
     d.update({k: v for k, v in over.items() if v is not None})
@@ -220,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sr-processes", type=int, help="gateway config (default: the gateway's)")
     ap.add_argument("--batch-size", type=int, help="gateway config (default: the gateway's)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (diagnoser and gateway alike)")
+    ap.add_argument("--diagnoser", help="diagnoser plugin (default: the default diagnoser, what the gateway runs)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     import torch
@@ -232,9 +234,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     tmp = Path(tempfile.mkdtemp(prefix="hygeia-bench-gateway-"))
-    cnn = hygeia.create("diagnoser", "cnn")
-    over = {"workers": args.workers, "sr_processes": args.sr_processes, "batch_size": args.batch_size}
-    out: dict[str, Any] = {"machine": f"{os.cpu_count()} CPU cores, torch threads {args.threads}", "config": {}}
+    from hygeia.plugins import get_registry
+
+    name = args.diagnoser or get_registry().default_name("diagnoser")
+    cnn = hygeia.create("diagnoser", name)
+    over = {"workers": args.workers, "sr_processes": args.sr_processes, "batch_size": args.batch_size, "diagnoser": name}
+    out: dict[str, Any] = {"machine": f"{os.cpu_count()} CPU cores, torch threads {args.threads}", "config": {},
+                           "diagnoser": name}
     orthanc = Orthanc(tmp / "orthanc").start()
     try:
         with Gateway(gateway_config(tmp / "spool", orthanc, **over), diagnoser=cnn) as gw:
