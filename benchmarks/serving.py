@@ -3,6 +3,7 @@
     .venv/bin/python benchmarks/serving.py                       # the default diagnoser, ~2 minutes
     .venv/bin/python benchmarks/serving.py --diagnosers cxr fusion --duration 2 --json out.json
     .venv/bin/python benchmarks/serving.py --cold-start          # also: every built-in model, launch -> ready
+    .venv/bin/python benchmarks/serving.py --perf-analyzer       # also: NVIDIA perf_analyzer against (c)
 
 For each diagnoser (probabilities only, no heat maps: the harshest case for a server's fixed
 per-request cost), with the same torch/ONNX Runtime threads everywhere (``--threads``, default 1,
@@ -23,12 +24,20 @@ again alternating with (c) at c=8 for the throughput targets; the batch-1 rows c
 four ways are measured in alternating slices (a b c d a b c d ...) so load drift on a shared
 machine biases none. Targets (issue 22): (c) p50 <= 1.0 x (a) and <= (b); (c) at c=8 >= 1.0 x (a)'s best
 batch and >= 0.9 x (d)'s best batch.
+
+``--perf-analyzer`` also runs NVIDIA's perf_analyzer (its C++ gRPC client, no Python on the client
+side) against (c)'s server at each concurrency, batch-1 requests of phantom pixels, no heat maps,
+right after (a)-(d): infer/s with p50/p99 and Triton's own queue/compute split, next to (a)'s best
+batch and (c)'s figure from ``RemoteDiagnoser``. `make venv` installs the binary (see
+:func:`install_perf_analyzer`).
 """
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -178,6 +187,101 @@ def _raw_client(url: str) -> Callable[[np.ndarray], Any]:
     return call
 
 
+# ---------------------------------------------------------------- NVIDIA perf_analyzer against (c)
+# The perf-analyzer wheel (2.60) needs glibc 2.38 and GLIBCXX_3.4.32; Debian 12 has glibc 2.36.
+# tritonclient 2.51.0 (the release of the embedded tritonserver) ships a perf_analyzer that runs
+# here; it links libb64.so.0d (Debian: libb64-0d) and libcudart.so.12 (PyPI: nvidia-cuda-runtime-cu12,
+# the `bench` extra; no GPU needed unless --shared-memory cuda).
+PERF_ANALYZER_WHEEL = "tritonclient==2.51.0"
+
+
+def install_perf_analyzer(dest: Path | None = None) -> Path:
+    """Copy perf_analyzer out of the tritonclient 2.51.0 wheel into the venv's bin (not installing that
+    older tritonclient itself)."""
+    import zipfile
+
+    dest = dest or Path(sys.prefix) / "bin" / "perf_analyzer"
+    with tempfile.TemporaryDirectory() as d:
+        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
+                        "--only-binary=:all:", "-d", d, PERF_ANALYZER_WHEEL], check=True)
+        whl = next(Path(d).glob("tritonclient-*.whl"))
+        with zipfile.ZipFile(whl) as z:
+            member = next(n for n in z.namelist() if n.endswith(".data/data/bin/perf_analyzer"))
+            tmp = dest.with_suffix(".part")
+            tmp.write_bytes(z.read(member))
+    tmp.chmod(0o755)
+    tmp.replace(dest)
+    return dest
+
+
+def _perf_analyzer() -> tuple[str, dict[str, str]]:
+    """The perf_analyzer binary and an environment that finds libcudart.so.12; raises if it cannot run."""
+    exe = Path(sys.prefix) / "bin" / "perf_analyzer"
+    path = str(exe) if exe.exists() else shutil.which("perf_analyzer")
+    if path is None:
+        raise RuntimeError("perf_analyzer not found: `make venv`, or .venv/bin/python benchmarks/serving.py "
+                           "--install-perf-analyzer")
+    libs = [str(p / "nvidia" / "cuda_runtime" / "lib") for p in map(Path, sys.path)
+            if (p / "nvidia" / "cuda_runtime" / "lib").is_dir()]
+    env = {**os.environ, "LD_LIBRARY_PATH": os.pathsep.join(libs + [os.environ.get("LD_LIBRARY_PATH", "")]).strip(os.pathsep)}
+    v = subprocess.run([path, "--version"], capture_output=True, text=True, env=env, check=False)
+    if "Perf Analyzer Version" not in v.stdout + v.stderr:
+        raise RuntimeError(f"{path} does not run ({(v.stdout + v.stderr).strip()}); it needs libb64.so.0d "
+                           "(apt-get install libb64-0d) and libcudart.so.12 (pip install nvidia-cuda-runtime-cu12)")
+    return path, env
+
+
+def _perf_input(path: Path, shape: tuple[int, ...], n: int = 4) -> str:
+    """perf_analyzer's --input-data JSON: ``n`` phantom radiographs (random pixels without hygeia_lab)."""
+    try:
+        from hygeia_lab import make_phantom
+
+        images = [make_phantom(seed=s, size=shape[-1]).image for s in range(n)]
+        kind = "phantoms"
+    except ImportError:
+        images = list(np.random.default_rng(3).random((n, *shape[-2:]), dtype=np.float32))
+        kind = "random pixels"
+    data = [{"IMAGES": {"content": np.round(np.asarray(im, np.float32), 6).ravel().tolist(), "shape": list(shape)}}
+            for im in images]
+    path.write_text(json.dumps({"data": data}))
+    return f"{n} {kind}"
+
+
+def perf_analyzer_run(url: str, model: str, shape: tuple[int, ...], args: argparse.Namespace,
+                      tmp: Path) -> dict[str, Any]:
+    """perf_analyzer at each of ``args.concurrency`` (one invocation each): infer/s, latency percentiles
+    (client side, ms) and Triton's own per-request split (server side, ms) from its CSV."""
+    exe, env = _perf_analyzer()
+    data = tmp / f"{model}-perf-input.json"
+    source = _perf_input(data, shape)
+    # Heat maps off, as for (a)-(d): perf_analyzer asks for every output, so say it with a parameter.
+    base = [exe, "-m", model, "-u", url, "-i", "grpc", "-b", "1", "--input-data", str(data),
+            "--measurement-interval", str(int(args.pa_interval * 1000)), "--max-trials", str(args.pa_trials),
+            "--stability-percentage", str(args.pa_stability), "--request-parameter", "heatmaps:false:bool"]
+    out: dict[str, Any] = {"command": " ".join(map(str, base)), "input": source, "levels": {}}
+    for c in args.concurrency:
+        report_csv = tmp / f"{model}-perf-c{c}.csv"
+        cmd = base + ["--concurrency-range", f"{c}:{c}", "-f", str(report_csv)]
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False,
+                           timeout=120 + 2 * args.pa_interval * args.pa_trials)
+        if p.returncode != 0 or not report_csv.exists():
+            tail = (p.stdout + p.stderr).strip().splitlines()[-3:]
+            out["levels"][c] = {"error": f"exit {p.returncode}: " + " | ".join(tail)}
+            continue
+        with report_csv.open() as f:
+            row = next(csv.DictReader(f))
+
+        def us(k: str, row: dict[str, str] = row) -> float:  # the CSV's latencies are microseconds
+            return float(row.get(k) or 0) / 1e3
+        out["levels"][c] = {"per_s": float(row["Inferences/Second"]), "p50_ms": us("p50 latency"),
+                            "p99_ms": us("p99 latency"),
+                            "server_queue_ms": us("Server Queue"),
+                            "server_compute_ms": us("Server Compute Input") + us("Server Compute Infer")
+                            + us("Server Compute Output"),
+                            "unstable": "Failed to obtain stable measurement" in p.stdout + p.stderr}
+    return out
+
+
 # ---------------------------------------------------------------- one diagnoser, four ways
 def bench_diagnoser(name: str, args: argparse.Namespace, tmp: Path, console: Any) -> dict[str, Any]:
     import hygeia
@@ -227,6 +331,8 @@ def bench_diagnoser(name: str, args: argparse.Namespace, tmp: Path, console: Any
             out["by_concurrency"] = {c: _paired({k: (f, c) for k, f in calls.items()}, args.duration, args.rounds)
                                      for c in args.concurrency}
             out["best"] = _baselines(out, {"eager": eager, "compiled": fast}, calls["hygeia"], shape, text, args)
+            if args.perf_analyzer:
+                out["perf_analyzer"] = perf_analyzer_run(srv.grpc_url, model, shape, args, tmp)
     finally:
         proc.stdin.close()  # type: ignore[union-attr]
         try:
@@ -292,7 +398,27 @@ def report(name: str, r: dict[str, Any], console: Any) -> dict[str, Any]:
     console.print(f"  (c) at c={max(conc)}, alternating with (a)'s and (d)'s best batch: {c8:.0f} img/s; "
                   f"(a) best {base:.0f}, (d) best {d['items_per_s']:.0f}")
     console.print(f"  served vs eager probabilities: max abs diff {r['served_vs_eager_max_abs']:.1e}")
+    if "perf_analyzer" in r:
+        _report_perf(r, c1["eager"]["p50_ms"], base, console)
     return checks
+
+
+def _report_perf(r: dict[str, Any], eager_p50: float, base: float, console: Any) -> None:
+    from rich.table import Table
+
+    pa = r["perf_analyzer"]
+    t = Table("c", "infer/s", "/ (a) best", "/ (c) client", "p50 ms", "p99 ms", "p50 / (a) p50", "server queue ms",
+              "server compute ms", title=f"perf_analyzer (gRPC, batch 1, {pa['input']}, heat maps off) against (c); "
+                                        f"(a) best batch {base:.0f} img/s, (a) p50 {eager_p50:.2f} ms")
+    for c, s in pa["levels"].items():
+        if "error" in s:
+            t.add_row(str(c), f"[red]{s['error']}[/]")
+            continue
+        own = r["by_concurrency"].get(c, {}).get("hygeia", {}).get("per_s")
+        t.add_row(str(c) + (" (unstable)" if s["unstable"] else ""), f"{s['per_s']:.0f}", f"{s['per_s'] / base:.2f}",
+                  f"{s['per_s'] / own:.2f}" if own else "-", f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}",
+                  f"{s['p50_ms'] / eager_p50:.2f}", f"{s['server_queue_ms']:.2f}", f"{s['server_compute_ms']:.2f}")
+    console.print(t)
 
 
 def cold_start(tmp: Path, threads: int, console: Any) -> dict[str, Any]:
@@ -324,8 +450,18 @@ def main() -> int:
     ap.add_argument("--queue-delay-us", type=int, default=0, help="Triton dynamic batching delay (as `triton build`)")
     ap.add_argument("--text", action="store_true", help="send a clinical text line with every image (fusion)")
     ap.add_argument("--cold-start", action="store_true")
+    ap.add_argument("--perf-analyzer", action="store_true", help="also run NVIDIA perf_analyzer against (c)")
+    ap.add_argument("--pa-interval", type=float, default=2.0, help="perf_analyzer measurement window, seconds")
+    ap.add_argument("--pa-trials", type=int, default=5, help="perf_analyzer windows at most per concurrency")
+    ap.add_argument("--pa-stability", type=float, default=25.0,
+                    help="perf_analyzer: percent spread of the last 3 windows that counts as stable")
+    ap.add_argument("--install-perf-analyzer", action="store_true",
+                    help=f"copy perf_analyzer from the {PERF_ANALYZER_WHEEL} wheel into this venv's bin, and exit")
     ap.add_argument("--json", type=Path, default=None, help="also write the figures here")
     args = ap.parse_args()
+    if args.install_perf_analyzer:
+        print(install_perf_analyzer())
+        return 0
 
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
     import torch
