@@ -19,9 +19,10 @@ import torch
 
 from hygeia.api import ModelCard
 from hygeia.bundles import load_bundle, save_bundle
-from hygeia.data.labels import LabelTable, read_labels
+from hygeia.data.labels import LabelTable
 from hygeia.errors import InputError
-from hygeia_lab.training import FitConfig, codes_config, curve_png, export_command, fit, metrics_csv, phantom_export
+from hygeia_lab.training import (FitConfig, codes_config, curve_png, export_command, fit, metrics_csv, phantom_export,
+                                 split_label_file)
 
 from .model import ARCH_256, DEFAULT_ARCH, CnnNet
 from .plugin import CARD, VERSION
@@ -111,18 +112,14 @@ def train_on_files(out: str | Path, seed: int, progress: bool, data: str | Path,
     if o["threads"]:
         torch.set_num_threads(int(o["threads"]))
     t0 = time.time()
-    table = read_labels(data, image_root, uncertain=uncertain or "ignore", text_column=text_column, codes=codes,
-                        progress=progress)
-    table.codes()  # an unmapped finding fails here, before any training
-    train_t, val_t = table.patient_split(float(o["val_fraction"]), seed)
+    table, train_t, val_t = split_label_file(data, image_root, uncertain, text_column, codes, o["val_fraction"], seed,
+                                             progress)
     arch = {**(ARCH_256 if o["size"] >= 128 else DEFAULT_ARCH), **(o["arch"] or {})}
     torch.manual_seed(seed)
     net = CnnNet(arch, n_out=len(table.findings))
     note = _init_from(net, init) if init is not None else "trained from scratch"
-    cfg = FitConfig(size=o["size"], epochs=o["epochs"], batch_size=o["batch_size"], lr=float(o["lr"]),
-                    weight_decay=float(o["weight_decay"]), patience=int(o["patience"]), workers=int(o["workers"]),
-                    seed=seed, resume=bool(resume), progress=progress, device=o["device"],
-                    pos_weight=train_t.pos_weight().tolist(), augment=bool(o["augment"]))
+    cfg = FitConfig.from_options(o, seed=seed, resume=bool(resume), progress=progress,
+                                 pos_weight=train_t.pos_weight().tolist())
     out = Path(out)
     res = fit(net, train_t.rows, val_t.rows, out, cfg)  # a LabelRow has the fields of an Item
     if res is None:

@@ -21,9 +21,9 @@ from torch import nn
 
 from hygeia.api import ModelCard
 from hygeia.bundles import save_bundle
-from hygeia.data.labels import read_labels
 from hygeia.errors import InputError
-from hygeia_lab.training import FitConfig, codes_config, curve_png, export_command, fit, metrics_csv, phantom_export
+from hygeia_lab.training import (FitConfig, codes_config, curve_png, export_command, fit, metrics_csv, phantom_export,
+                                 split_label_file)
 
 from .model import ARCH_DEFAULTS, FusionNet, encode_texts, encoder_identity, warm_start
 
@@ -100,20 +100,16 @@ def train_on_files(out: str | Path, seed: int, progress: bool, data: str | Path,
     if o["threads"]:
         torch.set_num_threads(int(o["threads"]))
     t0 = time.time()
-    table = read_labels(data, image_root, uncertain=uncertain or "ignore", text_column=text_column, codes=codes,
-                        progress=progress)
-    table.codes()  # an unmapped finding fails here, before any training
-    train_t, val_t = table.patient_split(float(o["val_fraction"]), seed)
+    table, train_t, val_t = split_label_file(data, image_root, uncertain, text_column, codes, o["val_fraction"], seed,
+                                             progress)
     arch = _arch(o, len(table.findings))
     torch.manual_seed(seed)
     net = FusionNet(**{**arch, "widths": tuple(arch["widths"]), "blocks": tuple(arch["blocks"])})
     if init is not None:
         warm_start(net, init, progress)
     model = TextFusion(net, o["max_tokens"], o["text_dropout"], seed)
-    cfg = FitConfig(size=o["size"], epochs=o["epochs"], batch_size=o["batch_size"], lr=float(o["lr"]),
-                    weight_decay=float(o["weight_decay"]), patience=int(o["patience"]), workers=int(o["workers"]),
-                    seed=seed, resume=bool(resume), progress=progress, device=o["device"],
-                    pos_weight=train_t.pos_weight().tolist(), augment=bool(o["augment"]), text=True)
+    cfg = FitConfig.from_options(o, seed=seed, resume=bool(resume), progress=progress,
+                                 pos_weight=train_t.pos_weight().tolist(), text=True)
     res = fit(model, train_t.rows, val_t.rows, Path(out), cfg)
     if res is None:
         return None

@@ -153,3 +153,16 @@ def patient_split(items: Sequence[Item], val_fraction: float, seed: int) -> tupl
     train = [it for it in items if (it.patient or it.image) not in val_p]
     val = [it for it in items if (it.patient or it.image) in val_p]
     return train, val
+
+
+def split_label_file(data: Any, image_root: Any, uncertain: str | None, text_column: str | None, codes: Any,
+                     val_fraction: float, seed: int, progress: bool) -> tuple[Any, Any, Any]:
+    """Read a label file (:func:`hygeia.data.labels.read_labels`), check every finding has a code
+    (an unmapped one fails here, before any training) and split it by patient: ``(table, train, val)``."""
+    from hygeia.data.labels import read_labels
+
+    table = read_labels(data, image_root, uncertain=uncertain or "ignore", text_column=text_column, codes=codes,
+                        progress=progress)
+    table.codes()
+    train_t, val_t = table.patient_split(float(val_fraction), seed)
+    return table, train_t, val_t

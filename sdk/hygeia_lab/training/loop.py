@@ -44,6 +44,14 @@ class FitConfig:
     text: bool = False  # the model takes (images, texts): each item's clinical text goes along
     augment: bool = False  # MONAI shift/rotation/zoom and intensity augmentation of training images
 
+    @classmethod
+    def from_options(cls, o: dict[str, Any], **fields: Any) -> FitConfig:
+        """The config a trainer's options give (``size``, ``epochs``, ``batch_size``, ``lr``,
+        ``weight_decay``, ``patience``, ``workers``, ``device``, ``augment``), plus ``fields``."""
+        return cls(size=int(o["size"]), epochs=int(o["epochs"]), batch_size=int(o["batch_size"]), lr=float(o["lr"]),
+                   weight_decay=float(o["weight_decay"]), patience=int(o["patience"]), workers=int(o["workers"]),
+                   device=o["device"], augment=bool(o["augment"]), **fields)
+
 
 @dataclass
 class FitResult:
