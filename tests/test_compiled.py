@@ -48,9 +48,11 @@ def test_compiled_matches_eager(name: str, runtime: str) -> None:
 def test_compiled_path_is_used_and_eager_kept_where_needed() -> None:
     p = _diagnoser("cnn")
     x = torch.from_numpy(_images(p, 3))
-    fn = compiled.export(p.net, x[:1], "onnx")  # type: ignore[attr-defined]
+    g = compiled.export(p.net, x[:1], "onnx")  # type: ignore[attr-defined]
     used: list[int] = []
-    compiled.install(p.net, lambda a: used.append(len(a)) or fn(a), x.shape[1:], "onnx")  # type: ignore[attr-defined]
+    run = g.run
+    g.run = lambda a: used.append(len(a[0])) or run(a)  # type: ignore[method-assign]
+    compiled.install(p.net, g, "onnx")  # type: ignore[attr-defined]
     with torch.no_grad():
         p.net(x)  # type: ignore[attr-defined]
     assert used == [3]
@@ -68,17 +70,82 @@ def test_compiled_path_is_used_and_eager_kept_where_needed() -> None:
     assert "forward" not in vars(p.net)  # type: ignore[attr-defined]
 
 
-def test_fusion_falls_back_to_eager_with_one_logged_line(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("runtime", ["onnx"])
+def test_fusion_and_its_text_encoder_compile_with_parity(runtime: str) -> None:
+    from hygeia.text import load_encoder
+
     p = _diagnoser("fusion")
-    x = _images(p, 2)
-    before = p.diagnose(x, ["fever and cough", ""])  # type: ignore[attr-defined]
+    x = _images(p, 3)
+    texts = ["fever and productive cough, CRP 140", "", "ex-smoker, weight loss and haemoptysis; h/o Ca breast"]
+    eager = [p.diagnose(x, texts), p.diagnose(x)]  # type: ignore[attr-defined]
+    res = compile_plugin(p, runtime)
+    assert res.runtime == runtime and res.reason == ""
+    assert p.net.hygeia_runtime == runtime and load_encoder()[1].hygeia_runtime == runtime  # type: ignore[attr-defined]
+    try:
+        fast = [p.diagnose(x, texts), p.diagnose(x)]  # type: ignore[attr-defined]
+    finally:
+        uninstall(load_encoder()[1])  # the encoder is shared in this process
+    for before, after in zip(eager, fast):
+        for de, dc in zip(before, after):
+            pe = np.array([f.probability for f in de.findings])
+            pc = np.array([f.probability for f in dc.findings])
+            assert np.abs(pe - pc).max() <= 1e-4
+            assert [f.present for f in de.findings] == [f.present for f in dc.findings]
+            assert [f.region for f in de.findings] == [f.region for f in dc.findings]
+
+
+class _TwoWays(torch.nn.Module):
+    """Image plus optional variable-length tokens, returning a dict (the shape of a fusion network)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.img = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+        self.tok = torch.nn.Embedding(10, 3)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor | None = None, scale: float = 1.0) -> dict[str, torch.Tensor]:
+        y = self.img(x) * scale
+        if ids is not None:
+            y = y + self.tok(ids).mean(1)
+        return {"logits": y, "double": 2 * y}
+
+
+def test_several_ways_dynamic_axes_and_eager_fallbacks(caplog: pytest.LogCaptureFixture) -> None:
+    m = _TwoWays().eval()
+    x, ids = torch.rand(1, 1, 4, 4), torch.tensor([[1, 2, 3, 4, 5, 6]])
+    graphs = [compiled.export(m, (x, compiled.Dynamic(ids, (1,))), "onnx"), compiled.export(m, (x, None), "onnx")]
+    calls: list[int] = []
+    for k, g in enumerate(graphs):
+        run = g.run
+        g.run = lambda a, k=k, run=run: calls.append(k) or run(a)  # type: ignore[method-assign]
+    xs, ids3 = torch.rand(5, 1, 4, 4), torch.randint(0, 10, (5, 3))
+    with torch.no_grad():
+        want = [m(xs, ids3), m(xs), m(xs, ids3, scale=2.0)]
+        compiled.install(m, graphs, "onnx")
+        got = [m(xs, ids3), m(xs), m(xs, ids3, scale=2.0)]
+    assert calls == [0, 1]  # scale away from its default: eager
+    for w, g in zip(want, got):
+        assert set(g) == {"logits", "double"} and torch.allclose(w["logits"], g["logits"], atol=1e-5)
+    graphs[1].run = lambda a: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
+    with caplog.at_level(logging.WARNING, logger="hygeia.compiled"), torch.no_grad():
+        again = m(xs)
+    assert torch.allclose(again["logits"], want[1]["logits"], atol=1e-5)
+    assert any("eager from now on" in r.getMessage() and "boom" in r.getMessage() for r in caplog.records)
+
+
+def test_unexportable_network_falls_back_with_one_logged_line(caplog: pytest.LogCaptureFixture) -> None:
+    class Odd(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> str:
+            return "not a tensor"
+
+    class P:
+        def export_module(self) -> tuple[torch.nn.Module, torch.Tensor]:
+            return Odd(), torch.zeros(1, 1, 4, 4)
+
     with caplog.at_level(logging.INFO, logger="hygeia.compiled"):
-        res = compile_plugin(p, "onnx")
-    assert res.runtime == "eager" and "not one tensor" in res.reason
+        res = compile_plugin(P(), "onnx")
+    assert res.runtime == "eager" and "not a tensor" in res.reason
     lines = [r.getMessage() for r in caplog.records if r.name == "hygeia.compiled"]
     assert len(lines) == 1 and "eager" in lines[0] and "\n" not in lines[0]
-    after = p.diagnose(x, ["fever and cough", ""])  # type: ignore[attr-defined]
-    assert [f.probability for d in before for f in d.findings] == [f.probability for d in after for f in d.findings]
 
 
 class _Tiny:
@@ -125,7 +192,7 @@ def test_auto_measures_and_chooses() -> None:
 
 def test_threads_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(compiled.THREADS_ENV, "3")
-    assert compiled._threads() == 3
+    assert compiled.threads() == 3
 
 
 def test_build_records_the_choice_and_keeps_it(tmp_path) -> None:  # noqa: ANN001
@@ -142,3 +209,27 @@ def test_build_records_the_choice_and_keeps_it(tmp_path) -> None:  # noqa: ANN00
     cfg = tmp_path / "config.pbtxt"
     cfg.write_text('parameters {\n  key: "hygeia_runtime_ms"\n  value: { string_value: "{\\"eager\\":[1.0]}" }\n}\n')
     assert config_params(cfg) == {"hygeia_runtime_ms": '{"eager":[1.0]}'}
+
+
+def _generator(name: str) -> object:
+    if name not in {s.name for s in hygeia.get_registry().all("generator")}:
+        pytest.skip(f"generator {name!r} is not installed")
+    return hygeia.create("generator", name)
+
+
+@pytest.mark.parametrize(("name", "kw"), [("diffusion", {"steps": 4}), ("vae", {})])
+def test_generator_networks_compile_with_parity(name: str, kw: dict) -> None:
+    g = _generator(name)
+    eager = g.generate(4, condition="effusion", seed=3, **kw)  # type: ignore[attr-defined]
+    res = compile_plugin(g, "onnx")
+    assert res.runtime == "onnx" and res.reason == ""
+    fast = g.generate(4, condition="effusion", seed=3, **kw)  # type: ignore[attr-defined]
+    assert max(float(np.abs(a.pixels - b.pixels).max()) for a, b in zip(eager, fast)) <= 1e-4
+    module = g.export_module()[0]  # type: ignore[attr-defined]
+    assert module.hygeia_runtime == "onnx"
+
+
+@pytest.mark.parametrize("name", ["gan", "molecule-vae", "phantom"])
+def test_generators_without_an_exportable_network_stay_eager_and_say_why(name: str) -> None:
+    res = compile_plugin(_generator(name), "auto")
+    assert res.runtime == "eager" and res.reason

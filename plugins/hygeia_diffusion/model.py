@@ -117,7 +117,7 @@ def denoise(
     for i, t in enumerate(scheduler.timesteps):
         inp = scheduler.scale_model_input(torch.cat([x, x]) if guided else x, t).contiguous(memory_format=fmt)
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
-            eps = unet(inp, t, class_labels=labels).sample.float()
+            eps = unet(inp, t.expand(len(inp)), class_labels=labels).sample.float()  # one timestep per row
         if guided:
             cond, uncond = eps.chunk(2)
             eps = uncond + guidance_scale * (cond - uncond)

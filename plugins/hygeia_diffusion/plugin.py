@@ -196,6 +196,16 @@ class DiffusionGenerator:
                          "sampler": str(defaults.get("sampler", "ddim")),
                          "negative_condition": str(defaults.get("negative_condition", NO_NEGATIVE))}
 
+    def export_module(self) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]] | None:
+        """The UNet and how the sampler calls it (a noisy batch, int64 timesteps and class labels,
+        one per row), for compiled execution (:mod:`hygeia.compiled`); None after ``compile=True``
+        (``torch.compile`` already owns it)."""
+        from diffusers import UNet2DModel
+
+        if not isinstance(self.unet, UNet2DModel):
+            return None
+        return self.unet, (torch.zeros(1, *self.sample_shape), torch.full((1,), 500), torch.zeros(1, dtype=torch.long))
+
     def generate(
         self,
         n: int,

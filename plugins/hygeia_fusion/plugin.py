@@ -152,6 +152,8 @@ class FusionDiagnoser:
                 states = mask = None
                 if tx is not None:
                     states, mask = encode_texts(tx[i:i + self.batch_size], self.max_tokens)
+                    pad = self.max_tokens - states.shape[1]  # one shape for every batch (compiled graphs)
+                    states, mask = F.pad(states, (0, 0, 0, pad)), F.pad(mask, (0, pad))
                     states, mask = states.to(self.device), mask.to(self.device)
                 out = self.net(x, states, mask)
                 probs.append(torch.sigmoid(out["logits"]).float().cpu().numpy())
@@ -179,6 +181,24 @@ class FusionDiagnoser:
                 fs.append(Finding(label, self._codes[j], p, thr, region,
                                   heat[b, j] if heatmaps and heat is not None else None))
             out.append(Diagnosis(fs, self.identity, self.input_size))
+        return out
+
+    def export_module(self) -> list[tuple[torch.nn.Module, Any]]:
+        """The networks :meth:`predict` runs, for compiled execution (:mod:`hygeia.compiled`): the
+        fusion network, called with text states and mask (padded to ``max_tokens``, so one graph
+        serves every text) and with images alone; and the frozen text encoder (token length dynamic)."""
+        x = torch.zeros(1, 1, *self.input_size)
+        states = torch.zeros(1, self.max_tokens, self.net.text_proj[0].in_features)
+        mask = torch.zeros(1, self.max_tokens, dtype=torch.long)
+        mask[:, :12] = 1
+        out: list[tuple[torch.nn.Module, Any]] = [(self.net, [(x, states, mask), (x, None, None)])]
+        if self.use_text:
+            from hygeia.compiled import Dynamic
+            from hygeia.text import load_encoder, tokenize
+
+            _, encoder = load_encoder()
+            tok = tokenize(["fever and productive cough for three days, CRP 120"], max_tokens=self.max_tokens)
+            out.append((encoder, [(Dynamic(tok.input_ids, (1,)), Dynamic(tok.attention_mask, (1,)))]))
         return out
 
     def baselines(self) -> dict[str, Any]:

@@ -67,6 +67,12 @@ class MoleculeVAEGenerator:
             out.append("".join(chars))
         return out
 
+    def export_module(self) -> None:
+        """No compiled execution (:mod:`hygeia.compiled`): sampling is an autoregressive loop of
+        single GRU steps whose rows leave the batch as they finish, so there is no one graph to
+        export; the model stays eager."""
+        return None
+
     def generate(self, n: int, condition: Any = None, seed: int = 0,
                  progress: Callable[[int, int], None] | None = None, batch_size: int = 2048,
                  temperature: float | None = None, properties: bool = False,

@@ -38,14 +38,15 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
           val_size: int = 2000, device: str | None = None, workers: int = 1,
           checkpoints: str | Path | None = None, embed: int = 64, enc_hidden: int = 128,
           dec_hidden: int = 256, dec_layers: int = 1, latent: int = 64, max_len: int = 100,
-          threads: int | None = None) -> Path:
+          threads: int | None = None, init: str | Path | None = None) -> Path:
     """Train the molecule VAE and write a bundle to ``out`` (the best checkpoint by validation loss).
 
     Checkpoints (model, Adam state, data position, RNG state; safetensors + JSON) go to
     ``checkpoints`` (default ``OUT.ckpt/``) every ``checkpoint_every`` steps and at the end;
     ``resume=True`` continues from the last one. ``max_minutes`` stops cleanly after that much
     wall time. ``data``: 'moses' (default) or a .smi/.csv file; invalid SMILES are skipped and
-    counted (``config.json`` -> ``training.skipped``).
+    counted (``config.json`` -> ``training.skipped``). ``init``: a molecule-vae bundle to continue
+    training from (its network and vocabulary; tokens outside that vocabulary become ``<unk>``).
     """
     seed = check_seed(seed)
     if threads:
@@ -63,6 +64,8 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     if resuming:
         state = json.loads((ckdir / "state.json").read_text())
         cfg = VAEConfig(**state["model"])
+    elif init is not None:
+        cfg = VAEConfig(**_init_bundle(init)[0]["model"])
     else:
         vocab = list(SPECIALS) + sorted({t for ts in prep.tokens for t in ts})
         cfg = VAEConfig(vocab=vocab, embed=embed, enc_hidden=enc_hidden, dec_hidden=dec_hidden,
@@ -71,6 +74,10 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     model = MoleculeVAE(cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed + 2)
+    if init is not None and not resuming:
+        model.load_state_dict(_init_bundle(init)[1])
+        if progress:
+            print(f"initialised from {init}", flush=True)
     if resuming:
         model.load_state_dict(load_file(str(ckdir / "model.safetensors")))
         _load_optim_state(opt, model, load_file(str(ckdir / "optimizer.safetensors")))
@@ -84,7 +91,7 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     run = _Run(model, opt, g, cfg, state, prep, Batches(prep, cfg.vocab, val_idx, min(500, len(val_idx))),
                out=out, ckdir=ckdir, dev=dev, progress=progress, data=data, data_desc=data_desc,
                hp={"seed": seed, "lr": lr, "batch_size": batch_size, "free_bits": free_bits, "beta": beta,
-                   "cond_drop": cond_drop})
+                   "cond_drop": cond_drop, **({"init": str(init)} if init is not None else {})})
     deadline = time.time() + 60 * max_minutes if max_minutes else None
     model.train()
     start_epoch = state["epoch"]
@@ -97,6 +104,21 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
         state["epoch"], state["batch"] = epoch + 1, 0
     run.checkpoint(final=True)
     return out
+
+
+def _init_bundle(init: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """``(config, weights)`` of a molecule-vae bundle to start from; one-line error if it is not one."""
+    path = Path(init)
+    cfg_path, weights = path / "config.json", path / "model.safetensors"
+    try:
+        config = json.loads(cfg_path.read_text())
+        VAEConfig(**config["model"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError("--init", "a molecule-vae bundle folder (config.json with 'model', model.safetensors)",
+                         got=str(init)) from None
+    if not weights.is_file():
+        raise InputError("--init", "a molecule-vae bundle folder with model.safetensors", got=str(init))
+    return config, load_file(str(weights))
 
 
 def _training_molecules(data: str | Path | None, max_molecules: int | None, max_len: int, batch_size: int,
@@ -224,7 +246,7 @@ class _Run:
                       "batch_size": hp["batch_size"], "lr": hp["lr"], "free_bits": hp["free_bits"],
                       "beta": hp["beta"], "cond_drop": hp["cond_drop"], "molecules": len(prep.smiles),
                       "skipped": prep.skipped, "skipped_total": sum(prep.skipped.values()),
-                      "data": str(self.data or "moses")}}
+                      "data": str(self.data or "moses"), **({"init": hp["init"]} if "init" in hp else {})}}
         save_bundle(self.out, self.model.state_dict(), config, make_card(metrics, self.data_desc))
 
 

@@ -33,6 +33,7 @@ import torch
 from hygeia import tensors
 from hygeia.api import GeneratedImage, ModelIdentity, PluginSpec
 from hygeia.bundles import load_bundle, pick_device, save_bundle
+from hygeia.compiled import method_module
 from hygeia.errors import InputError
 from hygeia.text import label_condition
 from hygeia.validation import check_guidance_scale, check_n, check_seed
@@ -65,6 +66,7 @@ class ImageVAE:
         ae = build_autoencoder(self.config["autoencoder"])
         ae.load_state_dict({k[len("autoencoder."):]: v for k, v in b.tensors.items() if k.startswith("autoencoder.")})
         self.autoencoder = ae.eval().requires_grad_(False).to(self.device)
+        self._decoder = method_module(self.autoencoder, "decode")  # what compiled execution replaces
         self.latent_shape: tuple[int, int, int] = tuple(self.config["latent_shape"])  # type: ignore[assignment]
         self.prior = {k[len("prior."):]: v.float().to(self.device) for k, v in b.tensors.items()
                       if k.startswith("prior.") and not k.startswith("prior.flow.")}
@@ -96,7 +98,13 @@ class ImageVAE:
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents ``[B, 4, 16, 16]`` (unscaled) -> images ``[B, 1, 64, 64]`` in [0, 1]."""
-        return ((self.autoencoder.decode(latents.to(self.device)).sample + 1) / 2).clamp(0, 1)
+        return ((self._decoder(latents.to(self.device)).sample + 1) / 2).clamp(0, 1)
+
+    def export_module(self) -> tuple[torch.nn.Module, torch.Tensor]:
+        """The autoencoder's decoder and an example latent batch, for compiled execution (:mod:`hygeia.compiled`)."""
+        c = int(self.autoencoder.config.latent_channels)
+        size = int(self.autoencoder.config.sample_size) // 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
+        return self._decoder, torch.zeros(1, c, size, size)
 
     # -- generation -------------------------------------------------------------------
     def generate(

@@ -1,23 +1,32 @@
-"""Compiled execution of a diagnoser's network: ONNX Runtime or TorchScript instead of eager torch.
+"""Compiled execution of a plugin's network: ONNX Runtime or TorchScript instead of eager torch.
 
-A diagnoser whose network is a ``torch.nn.Module`` mapping images ``[B, C, H, W]`` (float32) to
-one tensor (logits or probabilities, ``[B, F]``) gets compiled execution for free. The network is
+A plugin whose network is a ``torch.nn.Module`` gets compiled execution for free. The network is
 found through this protocol, on the plugin instance:
 
 - ``compiled = False`` (class or instance attribute): opt out, always eager;
-- ``export_module()``: returns ``(module, example)`` (the network its ``diagnose`` calls and an
-  example batch ``[B, C, H, W]``), or ``None`` to opt out;
-- otherwise the attribute ``net``, if it is a ``torch.nn.Module`` (example: zeros of the plugin's
-  ``input_size``).
+- ``export_module()``: returns ``(module, example)`` (the network the plugin calls and an example
+  of its arguments), a list of such pairs (several networks, e.g. a text encoder and the fusion
+  network; the first is the one timed), or ``None`` to opt out. ``example`` is one tensor, a tuple
+  of positional arguments (tensors, or ``None`` for an optional argument left out), or a list of
+  such tuples when the plugin calls the network in several ways (e.g. with and without text);
+  each way is compiled;
+- otherwise the attribute ``net``, if it is a ``torch.nn.Module`` (a diagnoser: example zeros of
+  the plugin's ``input_size``).
 
-:func:`compile_plugin` exports the network (ONNX through ``torch.onnx.export`` with a dynamic
-batch axis, or a frozen TorchScript trace), checks the compiled output against eager on a random
-batch of two (max abs difference <= :data:`TOLERANCE`) and then routes the module's own forward
+The network's output may be a tensor, a tuple of tensors or a mapping of tensors (a dict, or a
+diffusers or transformers output class); it comes back in the same form. The batch axis is
+dynamic; other axes are fixed to the example's unless the argument is wrapped in
+:class:`Dynamic` (e.g. token length). A call whose arguments have other fixed sizes runs eager.
+
+:func:`compile_plugin` exports the network (ONNX through ``torch.onnx.export``, or a frozen
+TorchScript trace), checks the compiled output against eager on the example and on random inputs
+of its shape (max abs difference <= :data:`TOLERANCE`) and then routes the module's own forward
 calls to the compiled graph, in place: the plugin's code is unchanged (thresholds, findings,
-regions). Calls that need the eager network still get it: with gradients enabled (Grad-CAM),
-with hooks on a submodule, in training mode, with other arguments than one image tensor of the
-exported shape, or on another device. A network that cannot be exported stays eager and the
-reason is logged in one line.
+regions, samplers). Calls that need the eager network still get it: with gradients enabled
+(Grad-CAM), with hooks on a submodule, in training mode, with arguments that match no compiled
+way (other dtypes, ranks or image shape, a tensor where ``None`` was exported, keyword options
+away from their defaults), or on another device. A network that cannot be exported stays eager
+and the reason is logged in one line.
 
 :func:`measure` times eager, TorchScript and ONNX at batch 1 and 32 and :func:`choose` picks the
 fastest (``hygeia triton build`` records it in the model's config). ONNX Runtime's intra-op
@@ -26,16 +35,30 @@ stub); ``HYGEIA_COMPILED_THREADS`` overrides.
 """
 from __future__ import annotations
 
-import io
+import inspect
 import logging
-import os
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from ._graphs import (  # noqa: F401
+    THREADS_ENV,
+    Dynamic,
+    batched,
+    flat_module,
+    flatten,
+    halved,
+    one_line,
+    onnx_graph,
+    randomised,
+    rebuild,
+    threads,
+    torchscript_graph,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +67,6 @@ TOLERANCE = 1e-4
 """Largest accepted |compiled - eager| on the network's output at export."""
 MARGIN = 0.9
 """A compiled runtime is chosen only if it takes at most this fraction of eager's time."""
-THREADS_ENV = "HYGEIA_COMPILED_THREADS"
 
 
 @dataclass
@@ -56,8 +78,23 @@ class Compiled:
     timings: dict[str, list[float]] = field(default_factory=dict)
 
 
-def find_network(plugin: Any, size: Sequence[int] | None = None, channels: int = 1) -> tuple[Any, Any] | str:
-    """``(module, example)`` of the plugin's network, or the reason it has none to compile."""
+@dataclass
+class Graph:
+    """One compiled way of calling the network: ``run`` maps the present arguments (numpy) to the
+    flat outputs (numpy); ``present`` marks which positional arguments are tensors (not None),
+    ``specs`` their dtype and shape (None: the batch axis or another dynamic axis),
+    ``out`` how to rebuild the output (``("tensor",)``, ``("tuple", type)`` or ``("map", type, keys)``)."""
+
+    run: Callable[[list[np.ndarray]], list[np.ndarray]]
+    present: tuple[bool, ...]
+    specs: tuple[tuple[Any, tuple[int | None, ...]], ...]
+    out: tuple[Any, ...]
+
+
+def find_network(plugin: Any, size: Sequence[int] | None = None,
+                 channels: int = 1) -> list[tuple[Any, list[tuple[Any, ...]]]] | str:
+    """``[(module, ways), ...]``: the plugin's networks (each way a tuple of example arguments), or
+    the reason it has none to compile."""
     import torch
 
     if getattr(plugin, "compiled", True) is False:
@@ -67,76 +104,70 @@ def find_network(plugin: Any, size: Sequence[int] | None = None, channels: int =
         got = export()
         if got is None:
             return "the plugin opts out (export_module() returned None)"
-        module, example = got
+        pairs = got if isinstance(got, list) else [got]
     else:
         module = getattr(plugin, "net", None)
         if not isinstance(module, torch.nn.Module):
             return "no network found (no export_module() and no torch.nn.Module attribute 'net')"
-        h, w = (int(v) for v in (size or plugin.input_size))
-        example = torch.zeros(1, channels, h, w)
-    if not isinstance(module, torch.nn.Module):
-        return f"export_module() returned a {type(module).__name__}, not a torch.nn.Module"
-    return module, example
+        hw = size or getattr(plugin, "input_size", None)
+        if hw is None:
+            return "no export_module() and no input_size to build an example for its network 'net'"
+        h, w = (int(v) for v in hw)
+        pairs = [(module, torch.zeros(1, channels, h, w))]
+    out = []
+    for module, example in pairs:
+        if not isinstance(module, torch.nn.Module):
+            return f"export_module() returned a {type(module).__name__}, not a torch.nn.Module"
+        ways = example if isinstance(example, list) else [example]
+        out.append((module, [w if isinstance(w, tuple) else (w,) for w in ways]))
+    return out
 
 
-def _threads() -> int:
+def method_module(module: Any, method: str) -> Any:
+    """A ``torch.nn.Module`` whose forward calls ``module.<method>`` (e.g. an autoencoder's
+    ``decode``): call it in the plugin and name it in ``export_module()`` to compile that method."""
     import torch
 
-    return max(1, int(os.environ.get(THREADS_ENV) or torch.get_num_threads()))
+    class Method(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *args: Any, **kw: Any) -> Any:
+            return getattr(self.inner, method)(*args, **kw)
+
+    Method.__name__ = Method.__qualname__ = f"{type(module).__name__}.{method}"
+    return Method().eval()
 
 
-def _onnx(module: Any, example: Any) -> Callable[[np.ndarray], np.ndarray]:
-    import onnxruntime as ort
-    import torch
-
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (example,), buf, dynamo=False, input_names=["images"], output_names=["out"],
-                          dynamic_axes={"images": {0: "batch"}, "out": {0: "batch"}}, opset_version=17)
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = _threads(), 1
-    opts.log_severity_level = 3
-    sess = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-    return lambda x: sess.run(None, {"images": x})[0]
-
-
-def _torchscript(module: Any, example: Any) -> Callable[[np.ndarray], np.ndarray]:
-    import torch
-
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        ts = torch.jit.freeze(torch.jit.trace(module, example, check_trace=False))
-
-    def run(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            return ts(torch.from_numpy(x)).numpy()
-    return run
-
-
-def check_network(module: Any, example: Any) -> Any:
-    """The example as float32 on CPU; ``ValueError`` (one line) if the network cannot be compiled here."""
+def check_network(module: Any, ways: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    """The example arguments on CPU; ``ValueError`` (one line) if the network cannot be compiled here."""
     import torch
 
     p = next(module.parameters(), None)
     if p is not None and p.device.type != "cpu":
         raise ValueError(f"the network is on {p.device}; compiled execution runs on CPU here")
-    if not isinstance(example, torch.Tensor) or example.dim() != 4:
-        raise ValueError("the example input is not one tensor [B, C, H, W]")
     module.eval()
-    example = example.float().cpu()
-    try:
-        with torch.no_grad():
-            out = module(example)
-    except Exception as exc:  # noqa: BLE001 - e.g. a forward that needs more inputs
-        raise ValueError(f"its forward fails on one image tensor: {' '.join(f'{type(exc).__name__}: {exc}'.split())[:200]}") from None
-    if not isinstance(out, torch.Tensor):
-        raise ValueError(f"its forward returns {type(out).__name__}, not one tensor (e.g. it needs text too)")
-    return example
+    out = []
+    for args in ways:
+        plain = unwrap(args)[0]
+        if not plain or not isinstance(plain[0], torch.Tensor) or plain[0].dim() < 1 or any(
+                a is not None and not isinstance(a, torch.Tensor) for a in plain):
+            raise ValueError("the example is not a tensor or a tuple of tensors (None for one left out)")
+        args = tuple(None if a is None else Dynamic(a.tensor.detach().cpu(), a.axes) if isinstance(a, Dynamic)
+                     else a.detach().cpu() for a in args)
+        try:
+            with torch.no_grad():
+                res = module(*unwrap(args)[0])
+        except Exception as exc:  # noqa: BLE001 - e.g. a forward that needs more inputs
+            raise ValueError(f"its forward fails on the example: {one_line(exc)}") from None
+        flatten(res)
+        out.append(args)
+    return out
 
 
-def export(module: Any, example: Any, runtime: str) -> Callable[[np.ndarray], np.ndarray]:
-    """A function ``images (numpy [B, C, H, W] float32) -> output (numpy)`` running ``module`` compiled.
+def export(module: Any, example: Any, runtime: str) -> Graph:
+    """One way of calling ``module`` (``example``: a tensor or a tuple of arguments), compiled.
 
     Raises ``ValueError`` (one line) when the network cannot be compiled or disagrees with eager.
     """
@@ -144,38 +175,87 @@ def export(module: Any, example: Any, runtime: str) -> Callable[[np.ndarray], np
 
     if runtime not in ("onnx", "torchscript"):
         raise ValueError(f"unknown runtime {runtime!r}: expected onnx or torchscript")
-    example = check_network(module, example)
+    wrapped = check_network(module, [example if isinstance(example, tuple) else (example,)])[0]
     try:
-        fn = (_onnx if runtime == "onnx" else _torchscript)(module, example)
+        fn = (onnx_graph if runtime == "onnx" else torchscript_graph)(module, wrapped)
     except Exception as exc:  # noqa: BLE001 - any exporter failure means: stay eager
-        raise ValueError(f"{runtime} export failed: {' '.join(f'{type(exc).__name__}: {exc}'.split())[:300]}") from None
-    x = torch.rand(2, *example.shape[1:], generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        want = module(x).numpy()
-    got = fn(x.numpy())
-    diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
-    if not diff <= TOLERANCE:
-        raise ValueError(f"{runtime} output differs from eager by {diff:.2e} (> {TOLERANCE:g})")
-    return fn
+        raise ValueError(f"{runtime} export failed: {one_line(exc, 300)}") from None
+    args, axes = unwrap(wrapped)
+    how: tuple[Any, ...] = ()
+    trials = [args, randomised(args, 0), batched(args, 3, 1)] + ([halved(args, axes)] if any(axes) else [])
+    for trial in trials:
+        with torch.no_grad():
+            want, how = flatten(module(*trial))
+        try:
+            got = fn([a.numpy() for a in trial if a is not None])
+        except Exception as exc:  # noqa: BLE001 - e.g. an input the graph cannot take
+            raise ValueError(f"{runtime} graph fails on the example: {one_line(exc)}") from None
+        diff = max((float(np.abs(g - w.numpy()).max()) if g.shape == tuple(w.shape) else float("inf"))
+                   for g, w in zip(got, want)) if len(got) == len(want) else float("inf")
+        if not diff <= TOLERANCE:
+            raise ValueError(f"{runtime} output differs from eager by {diff:.2e} (> {TOLERANCE:g})")
+    present = tuple(a is not None for a in args)
+    specs = tuple((a.dtype, tuple(None if i == 0 or i in ax else n for i, n in enumerate(a.shape)))
+                  for a, ax in zip(args, axes) if a is not None)
+    return Graph(fn, present, specs, how)
 
 
-def install(module: Any, fn: Callable[[np.ndarray], np.ndarray], shape: Sequence[int], runtime: str) -> None:
-    """Route ``module``'s eligible forward calls to ``fn`` (see the module docstring); :func:`uninstall` undoes it."""
+def _match(graph: Graph, values: list[Any]) -> bool:
     import torch
 
+    if len(values) < len(graph.present):
+        return False
+    xs = [v for v, p in zip(values, graph.present) if p]
+    if any((v is None) == p for v, p in zip(values, graph.present)) or len(xs) != len(graph.specs):
+        return False
+    for x, (dtype, shape) in zip(xs, graph.specs):
+        if (not isinstance(x, torch.Tensor) or x.dtype != dtype or x.dim() != len(shape)
+                or any(n is not None and n != m for n, m in zip(shape, x.shape)) or x.device.type != "cpu"):
+            return False
+    return True
+
+
+def _is_default(param: inspect.Parameter, value: Any) -> bool:
+    """Whether a call left ``param`` (beyond the compiled arguments) as the graph was exported with it."""
+    if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+        return not value
+    return value is param.default or (isinstance(value, (bool, int, float, str)) and value == param.default)
+
+
+def install(module: Any, graphs: Graph | Sequence[Graph], runtime: str) -> None:
+    """Route ``module``'s eligible forward calls to the compiled ``graphs`` (see the module
+    docstring); :func:`uninstall` undoes it."""
+    import torch
+
+    graphs = [graphs] if isinstance(graphs, Graph) else list(graphs)
     subs = [m for m in module.modules() if m is not module]
     eager = type(module).forward
-    want = tuple(int(s) for s in shape)
+    sig = inspect.signature(eager)
+    params = list(sig.parameters.values())[1:]
     hooks = torch.nn.modules.module
 
     def forward(*args: Any, **kw: Any) -> Any:
-        x = args[0] if len(args) == 1 and not kw else None
-        if (x is None or not isinstance(x, torch.Tensor) or torch.is_grad_enabled() or module.training
-                or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 or tuple(x.shape[1:]) != want
-                or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
-                or any(m._forward_hooks or m._forward_pre_hooks for m in subs)):
-            return eager(module, *args, **kw)
-        return torch.from_numpy(fn(np.ascontiguousarray(x.numpy())))
+        if not (torch.is_grad_enabled() or module.training or hooks._global_forward_hooks
+                or hooks._global_forward_pre_hooks or any(m._forward_hooks or m._forward_pre_hooks for m in subs)):
+            try:
+                bound = sig.bind(module, *args, **kw)
+                bound.apply_defaults()
+            except TypeError:
+                bound = None
+            if bound is not None:
+                values = [bound.arguments[p.name] for p in params]
+                for g in graphs:
+                    n = len(g.present)
+                    if _match(g, values) and all(_is_default(p, v) for p, v in zip(params[n:], values[n:])):
+                        xs = [np.ascontiguousarray(v.numpy()) for v, p in zip(values, g.present) if p]
+                        try:
+                            return rebuild([torch.from_numpy(o) for o in g.run(xs)], g.out)
+                        except Exception as exc:  # noqa: BLE001 - never fail a call eager would answer
+                            graphs.remove(g)  # once: later calls of this way run eager
+                            log.warning("compiled %s: eager from now on for these inputs, %s",
+                                        type(module).__name__, one_line(exc))
+                            break
+        return eager(module, *args, **kw)
 
     module.forward = forward
     module.hygeia_runtime = runtime
@@ -197,24 +277,25 @@ def _time(fn: Callable[[], Any], seconds: float, reps: int) -> float:
 
 
 def measure(module: Any, example: Any, batches: Sequence[int] = (1, 32), seconds: float = 0.3) -> dict[str, list[float]]:
-    """Milliseconds per call of each runtime at each batch size (``{'eager': [...], 'onnx': [...], ...}``).
-
-    A runtime that cannot be compiled is left out (its reason is logged)."""
+    """Milliseconds per call of each runtime at each batch size (``{'eager': [...], 'onnx': [...], ...}``),
+    on the first way of calling the network. A runtime that cannot be compiled is left out (its
+    reason is logged)."""
     import torch
 
-    shape = tuple(example.shape[1:])
-    xs = [torch.rand(b, *shape, generator=torch.Generator().manual_seed(b)) for b in batches]
+    way = example[0] if isinstance(example, list) else example if isinstance(example, tuple) else (example,)
+    args = unwrap(way)[0]
+    trials = [batched(args, b, b) for b in batches]
     out: dict[str, list[float]] = {}
     with torch.no_grad():
-        out["eager"] = [_time(lambda x=x: module(x), seconds, 3 if len(x) == 1 else 1) for x in xs]
+        out["eager"] = [_time(lambda t=t: module(*t), seconds, 3 if b == 1 else 1) for t, b in zip(trials, batches)]
     for rt in ("torchscript", "onnx"):
         try:
-            fn = export(module, example, rt)
+            g = export(module, way, rt)
         except ValueError as exc:
             log.debug("%s: %s", rt, exc)
             continue
-        arrays = [x.numpy() for x in xs]
-        out[rt] = [_time(lambda a=a, f=fn: f(a), seconds, 3 if len(a) == 1 else 1) for a in arrays]
+        arrays = [[a.numpy() for a in t if a is not None] for t in trials]
+        out[rt] = [_time(lambda a=a, f=g.run: f(a), seconds, 3 if b == 1 else 1) for a, b in zip(arrays, batches)]
     return out
 
 
@@ -246,22 +327,30 @@ def compile_plugin(plugin: Any, runtime: str = "auto", size: Sequence[int] | Non
     if isinstance(found, str):
         log.info("compiled %s: eager, %s", label, found)
         return Compiled("eager", found)
-    module, example = found
-    uninstall(module)  # compile the eager network, never an earlier compiled one
-    timings: dict[str, list[float]] = {}
+    for module, _ in found:
+        uninstall(module)  # compile the eager networks, never earlier compiled ones
+    (module, ways), timings = found[0], {}
     try:
-        example = check_network(module, example)
+        ways = check_network(module, ways)
         if runtime == "auto":
-            timings = measure(module, example)
+            timings = measure(module, ways[0])
             runtime = choose(timings)
             if runtime == "eager":
                 reason = ("no runtime could compile it" if len(timings) == 1 else
                           "eager measured fastest: " + ", ".join(f"{k} {v[0]:.2f} ms" for k, v in timings.items()))
                 log.info("compiled %s: eager, %s", label, reason)
                 return Compiled("eager", reason, timings)
-        fn = export(module, example, runtime)
+        done = [(module, [export(module, w, runtime) for w in ways])]
     except ValueError as exc:
         log.warning("compiled %s: eager, %s", label, exc)
         return Compiled("eager", str(exc), timings)
-    install(module, fn, tuple(example.shape[1:]), runtime)
-    return Compiled(runtime, "", timings)
+    notes = []
+    for extra, extra_ways in found[1:]:  # further networks follow the first one's runtime
+        try:
+            done.append((extra, [export(extra, w, runtime) for w in check_network(extra, extra_ways)]))
+        except ValueError as exc:
+            log.warning("compiled %s: %s stays eager, %s", label, type(extra).__name__, exc)
+            notes.append(f"{type(extra).__name__} eager: {exc}")
+    for m, graphs in done:
+        install(m, graphs, runtime)
+    return Compiled(runtime, "; ".join(notes), timings)

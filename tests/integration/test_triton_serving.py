@@ -218,17 +218,6 @@ def test_served_diagnoser_runs_compiled_as_its_config_records(triton_server, tri
     assert warm and all(f"runtime {params['hygeia_runtime']}" in ln for ln in warm), warm
 
 
-def test_fusion_builds_eager_with_the_reason_recorded(tmp_path: Path) -> None:
-    from hygeia.serving.runtime import config_params
-
-    res = build_repository(tmp_path, names=["fusion"])
-    if "diagnoser_fusion" not in res.models:
-        pytest.skip(f"fusion cannot be built here: {res.failed}")
-    params = config_params(tmp_path / "diagnoser_fusion" / "config.pbtxt")
-    assert params["hygeia_runtime"] == "eager"
-    assert "not one tensor" in params["hygeia_runtime_reason"]
-
-
 # --------------------------------------------------------------------------- bad input
 def test_bad_conditions_named_and_server_keeps_serving(triton_server) -> None:
     url = triton_server.grpc_url

@@ -146,10 +146,11 @@ class TritonPythonModel:
             self.runtime = self._compile(plugin)
         if self.kind == "generator":
             self.takes_progress = _accepts(plugin.generate, "progress")
+            self.runtime = self._compile(plugin)
         self.plugin = plugin
 
     def _compile(self, plugin: Any) -> str:
-        """Run the diagnoser's network with the runtime its config records (``HYGEIA_RUNTIME`` overrides);
+        """Run the plugin's networks with the runtime its config records (``HYGEIA_RUNTIME`` overrides);
         returns the tail of the warm log line: the runtime, and why eager where it could not compile."""
         from ..compiled import compile_plugin
 
@@ -157,7 +158,8 @@ class TritonPythonModel:
         if want == "eager" or self.device != "cpu":
             why = self.params.get("hygeia_runtime_reason", "") if want == "eager" else "onnxruntime is CPU-only"
             return f", runtime eager{': ' + why if why else ''}"
-        res = compile_plugin(plugin, want, size=self.size, channels=self.channels, name=self.model_name)
+        res = compile_plugin(plugin, want, size=getattr(self, "size", None), channels=getattr(self, "channels", 1),
+                             name=self.model_name)
         return f", runtime {res.runtime}{': ' + res.reason if res.reason else ''}"
 
     # ----------------------------------------------------------------- helpers

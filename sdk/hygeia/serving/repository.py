@@ -270,7 +270,7 @@ def build_repository(repo: str | os.PathLike[str] = "triton_models", *, device: 
             instance = spec.factory() if own is None else reg.create_from_bundle(spec.kind, spec.name, own)
             plan = plan_model(spec, instance, _entry_point_of(reg, spec), device=device,
                               bundle=None if own is None else BUNDLE_DIR)
-            if spec.kind == "diagnoser":
+            if spec.kind in ("diagnoser", "generator"):
                 prev = config_params(repo_p / model / "config.pbtxt")
                 plan.params.update(runtime_params(instance, plan.params, runtime, device, prev))
             config = render_config(plan, device=device, instances=instances, queue_delay_us=queue_delay_us)

@@ -43,7 +43,7 @@ def runtime_params(instance: Any, params: dict[str, str], runtime: str = "auto",
         raise ValueError(f"unknown runtime {runtime!r}: expected one of {', '.join(CHOICES)}")
     prev = previous or {}
     same = all(prev.get(k) == params.get(k) for k in ("hygeia_version", "hygeia_weights_sha256", "hygeia_info"))
-    forced = prev.get("hygeia_runtime_ms", "{}") == "{}" and prev.get("hygeia_runtime_reason", "") in ("", "eager asked for")
+    forced = prev.get("hygeia_runtime_ms", "{}") == "{}"  # forced, or could not compile then: measure again
     if runtime == "auto" and same and prev.get("hygeia_runtime") and not forced:
         return {k: prev.get(k, "") for k in PARAMS}
     if device == "gpu" and runtime in ("auto", "onnx"):

@@ -1,0 +1,77 @@
+"""Compiled networks served by the real tritonserver: the fusion diagnoser (its network and its
+text encoder) and the generators' networks (the image VAE's decoder) run as their configs record
+and answer as the eager plugin does in this process; generators without an exportable network
+record why they stay eager."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import pytest
+
+import hygeia
+from hygeia_lab import make_phantom_set
+
+pytest.importorskip("tritonclient.grpc")
+pytest.importorskip("onnxruntime")
+from hygeia.serving import connect  # noqa: E402
+from hygeia.serving.repository import build_repository  # noqa: E402
+from hygeia.serving.runtime import config_params  # noqa: E402
+from hygeia.serving.server import TritonServer  # noqa: E402
+
+SERVED = ("fusion", "vae", "gan")
+
+
+@pytest.fixture(scope="module")
+def compiled_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    repo = tmp_path_factory.mktemp("compiled_models")
+    res = build_repository(repo, names=SERVED)
+    if "diagnoser_fusion" not in res.models:
+        pytest.skip(f"fusion cannot be built here: {res.failed}")
+    return repo
+
+
+@pytest.fixture(scope="module")
+def server(compiled_repo: Path) -> Iterator[TritonServer]:
+    with TritonServer(compiled_repo, threads=int(os.environ.get("OMP_NUM_THREADS", "1")),
+                      startup_timeout=240) as srv:
+        yield srv
+
+
+def test_build_records_measured_runtimes_and_reasons(compiled_repo: Path) -> None:
+    fusion = config_params(compiled_repo / "diagnoser_fusion" / "config.pbtxt")
+    assert fusion["hygeia_runtime"] in ("onnx", "torchscript")  # measured faster than eager
+    assert set(json.loads(fusion["hygeia_runtime_ms"])) == {"eager", "onnx", "torchscript"}
+    gan = config_params(compiled_repo / "generator_gan" / "config.pbtxt")
+    assert gan["hygeia_runtime"] == "eager" and gan["hygeia_runtime_reason"]  # says why
+
+
+def test_served_fusion_matches_eager_with_and_without_text(server: TritonServer) -> None:
+    remote = connect("diagnoser", "fusion", server.grpc_url)
+    local = hygeia.create("diagnoser", "fusion")  # eager
+    ps = make_phantom_set(3, "test", size=local.input_size[0])
+    imgs = np.asarray(ps.images, np.float32)
+    texts = [ps.texts[0], "", "breathless, h/o CHF, BNP 900, bilateral oedema"]
+    for kw in ({"texts": texts}, {}):
+        got, want = remote.diagnose(imgs, **kw), local.diagnose(imgs, **kw)
+        for dr, dl in zip(got, want):
+            for fr, fl in zip(dr.findings, dl.findings):
+                assert fr.probability == pytest.approx(fl.probability, abs=1e-4)
+                assert fr.present == fl.present and fr.region == fl.region
+    warm = [ln for ln in server.log_path.read_text(errors="replace").splitlines()
+            if "hygeia-warm diagnoser_fusion ok" in ln]
+    assert warm and all("runtime onnx" in ln or "runtime torchscript" in ln for ln in warm), warm
+
+
+def test_served_generator_decoder_matches_eager(server: TritonServer, compiled_repo: Path) -> None:
+    rt = config_params(compiled_repo / "generator_vae" / "config.pbtxt")["hygeia_runtime"]
+    got = connect("generator", "vae", server.grpc_url).generate(4, condition="nodule", seed=7)
+    want = hygeia.create("generator", "vae").generate(4, condition="nodule", seed=7)
+    diff = max(float(np.abs(g.pixels - w.pixels).max()) for g, w in zip(got, want))
+    assert diff <= 1e-4, (rt, diff)
+    warm = [ln for ln in server.log_path.read_text(errors="replace").splitlines()
+            if "hygeia-warm generator_vae ok" in ln]
+    assert warm and all(f"runtime {rt}" in ln for ln in warm), warm
