@@ -6,10 +6,12 @@ Measured side by side in one run, on held-out phantoms with their clinical text,
 - ``diagnose`` image-only (texts=None),
 - ``predict`` with text, no heat maps (probabilities only),
 
-and the image-only ``cnn`` at the same batch sizes when it is installed. Prints a table and the
-ratios best-batch / batch-1. Usage::
+and the image-only ``cnn`` at the same batch sizes when it is installed. ``--compiled`` adds the
+two ``diagnose`` cases with the network and the text encoder compiled (ONNX Runtime, what the
+Triton model serves), measured in the same round-robin. Prints a table and the ratios
+best-batch / batch-1. Usage::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fusion.py [--threads 1] [--seconds 3] [--repeats 3] [--json]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/fusion.py [--threads 1] [--seconds 3] [--repeats 3] [--compiled] [--json]
 """
 from __future__ import annotations
 
@@ -31,12 +33,35 @@ def _rate(fn: Callable[[], Any], batch: int, seconds: float) -> float:
             return n / dt
 
 
+def _compiled_cases(reg: Any, cases: dict[str, Any], ps: Any) -> Callable[[bool], None]:
+    """Add the compiled ``diagnose`` rows; returns a switch for the shared text encoder's compiled forward."""
+    from hygeia.compiled import compile_plugin
+    from hygeia.text import load_encoder
+
+    fast = reg.create("diagnoser", "fusion", device="cpu")
+    res = compile_plugin(fast, "onnx")
+    if res.runtime != "onnx":
+        raise SystemExit(f"fusion did not compile: {res.reason}")
+    cases["fusion diagnose, text, compiled"] = lambda b: lambda: fast.diagnose(ps.images[:b], ps.texts[:b])
+    cases["fusion diagnose, image-only, compiled"] = lambda b: lambda: fast.diagnose(ps.images[:b])
+    enc = load_encoder()[1]
+    fwd = enc.__dict__["forward"]
+
+    def switch(on: bool) -> None:
+        if on:
+            enc.forward = fwd
+        else:
+            enc.__dict__.pop("forward", None)
+    return switch
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     ap.add_argument("--seconds", type=float, default=3.0, help="time per measurement")
     ap.add_argument("--batches", default="1,8,32,128", help="comma-separated batch sizes")
     ap.add_argument("--repeats", type=int, default=3, help="round-robin repeats (median is reported)")
+    ap.add_argument("--compiled", action="store_true", help="also the compiled network and text encoder")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
 
@@ -65,10 +90,13 @@ def main() -> None:
     }
     if cnn is not None:
         cases["cnn diagnose (image-only baseline)"] = lambda b: lambda: cnn.diagnose(cnn_images[:b])
+    encoder_on = _compiled_cases(reg, cases, ps) if args.compiled else None
     # round-robin repeats, median per cell: a shared machine's load shifts during a run
     runs: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in cases}
     for _ in range(args.repeats):
         for name, make in cases.items():
+            if encoder_on is not None:  # the text encoder is shared: compiled only for the compiled rows
+                encoder_on(name.endswith("compiled"))
             for b in batches:
                 runs[name][b].append(_rate(make(b), b, args.seconds))
     results = {name: {b: float(np.median(v)) for b, v in r.items()} for name, r in runs.items()}

@@ -204,3 +204,15 @@ def test_cxr_is_the_default_diagnoser_at_256_px():
         assert d.image_size == (256, 256)
         assert all(f.code == finding(f.label).code and f.heatmap.shape == (256, 256) for f in d.findings)
     assert CXR_SPEC.model_card.metrics["val_macro_auroc"] > 0.75
+
+
+def test_lenient_localisation_tolerance_is_2px_at_128px_scale() -> None:
+    from hygeia_lab.evaluation.diagnosers import NEAR_PX, NEAR_SCALE, _near
+
+    for side in (128, 256):
+        mask = np.zeros((side, side), bool)
+        mask[50, 50] = True
+        tol = NEAR_PX * side / NEAR_SCALE
+        assert _near(mask, 50, 50 + int(tol), tol)  # at the tolerance: near
+        assert not _near(mask, 50, 50 + int(tol) + 1, tol)  # one pixel further: not
+    assert NEAR_PX * 256 / NEAR_SCALE == 4  # the "2 px at 128 px, or the equivalent at 256 px"

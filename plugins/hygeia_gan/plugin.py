@@ -142,6 +142,13 @@ class GanGenerator:
             self._cond_objs[name] = get_registry().create("conditioner", name)
         return self._cond_objs[name]
 
+    def export_module(self) -> tuple[torch.nn.Module, tuple[Any, ...]]:
+        """The generator network and how :meth:`generate` calls it (noise ``[B, z_dim]`` and one
+        ``[B, D]`` row per conditioner, zeros where unconditioned), for compiled execution
+        (:mod:`hygeia.compiled`)."""
+        conds = {k: torch.zeros(1, int(v["dim"])) for k, v in self.conditioners.items()}
+        return self.net, (torch.zeros(1, self.net.z_dim), conds)
+
     def condition_vectors(self, condition: Any) -> tuple[dict[str, torch.Tensor], str, str | None]:
         """``({conditioner: [1, D]}, kind, conditioner name)`` for one condition; the null
         condition is all zeros (and no conditioner)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,10 +23,28 @@ class Dynamic:
     axes: tuple[int, ...]
 
 
-def unwrap(args: tuple[Any, ...]) -> tuple[tuple[Any, ...], tuple[tuple[int, ...], ...]]:
-    """The tensors (or None) of a way of calling, and each one's dynamic axes besides the batch."""
-    return (tuple(a.tensor if isinstance(a, Dynamic) else a for a in args),
-            tuple(tuple(a.axes) if isinstance(a, Dynamic) else () for a in args))
+def layout_of(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    """How a way of calling is laid out: per argument ``None``, ``"t"`` (a tensor) or the sorted
+    keys of a mapping of tensors."""
+    return tuple(None if a is None else tuple(sorted(a)) if isinstance(a, Mapping) else "t" for a in args)
+
+
+def leaves(args: tuple[Any, ...]) -> tuple[list[Any], list[tuple[int, ...]]]:
+    """The tensors of a way of calling in layout order (mappings by sorted key), and each one's
+    dynamic axes besides the batch."""
+    xs: list[Any] = []
+    axes: list[tuple[int, ...]] = []
+    for a in args:
+        for t in [] if a is None else [a[k] for k in sorted(a)] if isinstance(a, Mapping) else [a]:
+            xs.append(t.tensor if isinstance(t, Dynamic) else t)
+            axes.append(tuple(t.axes) if isinstance(t, Dynamic) else ())
+    return xs, axes
+
+
+def assemble(layout: tuple[Any, ...], xs: Sequence[Any]) -> tuple[Any, ...]:
+    """The positional arguments again from their tensors (the inverse of :func:`leaves`)."""
+    it = iter(xs)
+    return tuple(None if lay is None else next(it) if lay == "t" else {k: next(it) for k in lay} for lay in layout)
 
 
 def threads() -> int:
@@ -56,8 +74,8 @@ def rebuild(flat: list[Any], how: tuple[Any, ...]) -> Any:
     return how[1](**dict(zip(how[2], flat)))
 
 
-def flat_module(module: Any, present: tuple[bool, ...]) -> Any:
-    """``module`` as a function of the present arguments only, returning a flat tuple (what the exporters see)."""
+def flat_module(module: Any, layout: tuple[Any, ...]) -> Any:
+    """``module`` as a function of its argument tensors only, returning a flat tuple (what the exporters see)."""
     import torch
 
     class Flat(torch.nn.Module):
@@ -66,8 +84,7 @@ def flat_module(module: Any, present: tuple[bool, ...]) -> Any:
             self.inner = module
 
         def forward(self, *xs: Any) -> tuple[Any, ...]:
-            it = iter(xs)
-            return tuple(flatten(self.inner(*[next(it) if p else None for p in present]))[0])
+            return tuple(flatten(self.inner(*assemble(layout, xs)))[0])
 
     return Flat().eval()
 
@@ -76,21 +93,19 @@ def onnx_graph(module: Any, args: tuple[Any, ...]) -> Callable[[list[np.ndarray]
     import onnxruntime as ort
     import torch
 
-    args, axes = unwrap(args)
-    present = tuple(a is not None for a in args)
-    xs = tuple(a for a in args if a is not None)
+    layout = layout_of(args)
+    xs, axes = leaves(args)
     names = [f"in{i}" for i in range(len(xs))]
     dyn: dict[str, dict[int, str]] = {
-        n: {0: "batch", **{ax: f"{n}_{ax}" for ax in ax_}} for n, x, ax_ in
-        zip(names, xs, [ax for a, ax in zip(args, axes) if a is not None]) if x.dim()}
+        n: {0: "batch", **{ax: f"{n}_{ax}" for ax in ax_}} for n, x, ax_ in zip(names, xs, axes) if x.dim()}
     with torch.no_grad():
-        flat = flat_module(module, present)(*xs)
+        flat = flat_module(module, layout)(*xs)
     outs = [f"out{i}" for i in range(len(flat))]
     dyn.update({o: {ax: f"{o}_{ax}" for ax in range(t.dim())} for o, t in zip(outs, flat)})
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(flat_module(module, present), xs, buf, dynamo=False, input_names=names, output_names=outs,
+        torch.onnx.export(flat_module(module, layout), tuple(xs), buf, dynamo=False, input_names=names, output_names=outs,
                           dynamic_axes=dyn, opset_version=17)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads(), 1
@@ -103,12 +118,10 @@ def onnx_graph(module: Any, args: tuple[Any, ...]) -> Callable[[list[np.ndarray]
 def torchscript_graph(module: Any, args: tuple[Any, ...]) -> Callable[[list[np.ndarray]], list[np.ndarray]]:
     import torch
 
-    args = unwrap(args)[0]
-    present = tuple(a is not None for a in args)
-    xs = tuple(a for a in args if a is not None)
+    xs = tuple(leaves(args)[0])
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        ts = torch.jit.freeze(torch.jit.trace(flat_module(module, present), xs, check_trace=False))
+        ts = torch.jit.freeze(torch.jit.trace(flat_module(module, layout_of(args)), xs, check_trace=False))
 
     def run(a: list[np.ndarray]) -> list[np.ndarray]:
         with torch.no_grad():
@@ -120,29 +133,27 @@ def one_line(exc: BaseException, n: int = 200) -> str:
     return " ".join(f"{type(exc).__name__}: {exc}".split())[:n]
 
 
-def halved(args: tuple[Any, ...], axes: tuple[tuple[int, ...], ...]) -> tuple[Any, ...]:
-    """The example cut to half its length on every dynamic axis (a second size to check)."""
+def halved(xs: Sequence[Any], axes: Sequence[tuple[int, ...]]) -> list[Any]:
+    """The example tensors cut to half their length on every dynamic axis (a second size to check)."""
     out = []
-    for a, ax_ in zip(args, axes):
+    for a, ax_ in zip(xs, axes):
         for ax in ax_:
             a = a.narrow(ax, 0, max(1, a.shape[ax] // 2))
         out.append(a)
-    return tuple(out)
+    return out
 
 
-def randomised(args: tuple[Any, ...], seed: int) -> tuple[Any, ...]:
-    """The example with each floating-point tensor replaced by uniform noise of its shape."""
+def randomised(xs: Sequence[Any], seed: int) -> list[Any]:
+    """The example tensors with each floating-point one replaced by uniform noise of its shape."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.rand(a.shape, generator=g, dtype=a.dtype) if a is not None and a.is_floating_point() else a
-                 for a in args)
+    return [torch.rand(a.shape, generator=g, dtype=a.dtype) if a.is_floating_point() else a for a in xs]
 
 
-def batched(args: tuple[Any, ...], b: int, seed: int) -> tuple[Any, ...]:
-    """The example at batch ``b``: arguments that share the first one's batch axis are repeated, floats randomised."""
-
-    b0 = args[0].shape[0]
-    grown = tuple(a[:1].repeat(b, *([1] * (a.dim() - 1))) if a is not None and a.dim() and a.shape[0] == b0 else a
-                  for a in args)
-    return randomised(grown, seed)
+def batched(xs: Sequence[Any], b: int, seed: int) -> list[Any]:
+    """The example tensors at batch ``b``: those that share the first one's batch axis are
+    repeated, floats randomised."""
+    b0 = xs[0].shape[0]
+    return randomised([a[:1].repeat(b, *([1] * (a.dim() - 1))) if a.dim() and a.shape[0] == b0 else a
+                       for a in xs], seed)

@@ -38,26 +38,27 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from ._graphs import (  # noqa: F401
+from ._graphs import (  # noqa: F401  (THREADS_ENV, Dynamic and threads are part of this module's API)
     THREADS_ENV,
     Dynamic,
+    assemble,
     batched,
-    flat_module,
     flatten,
     halved,
+    layout_of,
+    leaves,
     one_line,
     onnx_graph,
     randomised,
     rebuild,
     threads,
     torchscript_graph,
-    unwrap,
 )
 
 log = logging.getLogger(__name__)
@@ -80,13 +81,14 @@ class Compiled:
 
 @dataclass
 class Graph:
-    """One compiled way of calling the network: ``run`` maps the present arguments (numpy) to the
-    flat outputs (numpy); ``present`` marks which positional arguments are tensors (not None),
-    ``specs`` their dtype and shape (None: the batch axis or another dynamic axis),
+    """One compiled way of calling the network: ``run`` maps the argument tensors (numpy, in
+    ``layout`` order) to the flat outputs (numpy); ``layout`` gives each positional argument as
+    ``None``, ``"t"`` (a tensor) or a mapping's sorted keys; ``specs`` each tensor's dtype and
+    shape (None: the batch axis or another dynamic axis),
     ``out`` how to rebuild the output (``("tensor",)``, ``("tuple", type)`` or ``("map", type, keys)``)."""
 
     run: Callable[[list[np.ndarray]], list[np.ndarray]]
-    present: tuple[bool, ...]
+    layout: tuple[Any, ...]
     specs: tuple[tuple[Any, tuple[int | None, ...]], ...]
     out: tuple[Any, ...]
 
@@ -140,6 +142,12 @@ def method_module(module: Any, method: str) -> Any:
     return Method().eval()
 
 
+def _on_cpu(a: Any) -> Any:
+    if isinstance(a, Dynamic):
+        return Dynamic(_on_cpu(a.tensor), a.axes)
+    return a.detach().cpu() if hasattr(a, "detach") else a
+
+
 def check_network(module: Any, ways: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     """The example arguments on CPU; ``ValueError`` (one line) if the network cannot be compiled here."""
     import torch
@@ -150,15 +158,15 @@ def check_network(module: Any, ways: Sequence[tuple[Any, ...]]) -> list[tuple[An
     module.eval()
     out = []
     for args in ways:
-        plain = unwrap(args)[0]
-        if not plain or not isinstance(plain[0], torch.Tensor) or plain[0].dim() < 1 or any(
-                a is not None and not isinstance(a, torch.Tensor) for a in plain):
-            raise ValueError("the example is not a tensor or a tuple of tensors (None for one left out)")
-        args = tuple(None if a is None else Dynamic(a.tensor.detach().cpu(), a.axes) if isinstance(a, Dynamic)
-                     else a.detach().cpu() for a in args)
+        args = tuple({k: _on_cpu(v) for k, v in a.items()} if isinstance(a, Mapping) else _on_cpu(a) for a in args)
+        xs = leaves(args)[0]
+        if not args or not isinstance(args[0], (torch.Tensor, Dynamic)) or xs[0].dim() < 1 or any(
+                not isinstance(x, torch.Tensor) for x in xs) or any(isinstance(a, Mapping) and not a for a in args):
+            raise ValueError("the example is not a tensor or a tuple of tensors (None for one left out, "
+                             "or a mapping of tensors)")
         try:
             with torch.no_grad():
-                res = module(*unwrap(args)[0])
+                res = module(*assemble(layout_of(args), xs))
         except Exception as exc:  # noqa: BLE001 - e.g. a forward that needs more inputs
             raise ValueError(f"its forward fails on the example: {one_line(exc)}") from None
         flatten(res)
@@ -180,39 +188,50 @@ def export(module: Any, example: Any, runtime: str) -> Graph:
         fn = (onnx_graph if runtime == "onnx" else torchscript_graph)(module, wrapped)
     except Exception as exc:  # noqa: BLE001 - any exporter failure means: stay eager
         raise ValueError(f"{runtime} export failed: {one_line(exc, 300)}") from None
-    args, axes = unwrap(wrapped)
+    layout = layout_of(wrapped)
+    xs, axes = leaves(wrapped)
     how: tuple[Any, ...] = ()
-    trials = [args, randomised(args, 0), batched(args, 3, 1)] + ([halved(args, axes)] if any(axes) else [])
+    trials = [xs, randomised(xs, 0), batched(xs, 3, 1)] + ([halved(xs, axes)] if any(axes) else [])
     for trial in trials:
         with torch.no_grad():
-            want, how = flatten(module(*trial))
+            want, how = flatten(module(*assemble(layout, trial)))
         try:
-            got = fn([a.numpy() for a in trial if a is not None])
+            got = fn([a.numpy() for a in trial])
         except Exception as exc:  # noqa: BLE001 - e.g. an input the graph cannot take
             raise ValueError(f"{runtime} graph fails on the example: {one_line(exc)}") from None
         diff = max((float(np.abs(g - w.numpy()).max()) if g.shape == tuple(w.shape) else float("inf"))
                    for g, w in zip(got, want)) if len(got) == len(want) else float("inf")
         if not diff <= TOLERANCE:
             raise ValueError(f"{runtime} output differs from eager by {diff:.2e} (> {TOLERANCE:g})")
-    present = tuple(a is not None for a in args)
     specs = tuple((a.dtype, tuple(None if i == 0 or i in ax else n for i, n in enumerate(a.shape)))
-                  for a, ax in zip(args, axes) if a is not None)
-    return Graph(fn, present, specs, how)
+                  for a, ax in zip(xs, axes))
+    return Graph(fn, layout, specs, how)
 
 
-def _match(graph: Graph, values: list[Any]) -> bool:
+def _match(graph: Graph, values: list[Any]) -> list[Any] | None:
+    """The call's argument tensors in the graph's layout order, or None if the graph does not fit the call."""
     import torch
 
-    if len(values) < len(graph.present):
-        return False
-    xs = [v for v, p in zip(values, graph.present) if p]
-    if any((v is None) == p for v, p in zip(values, graph.present)) or len(xs) != len(graph.specs):
-        return False
+    if len(values) < len(graph.layout):
+        return None
+    xs: list[Any] = []
+    for v, lay in zip(values, graph.layout):
+        if lay is None:
+            if v is not None:
+                return None
+        elif lay == "t":
+            xs.append(v)
+        elif isinstance(v, Mapping) and tuple(sorted(v)) == lay:
+            xs.extend(v[k] for k in lay)
+        else:
+            return None
+    if len(xs) != len(graph.specs):
+        return None
     for x, (dtype, shape) in zip(xs, graph.specs):
         if (not isinstance(x, torch.Tensor) or x.dtype != dtype or x.dim() != len(shape)
                 or any(n is not None and n != m for n, m in zip(shape, x.shape)) or x.device.type != "cpu"):
-            return False
-    return True
+            return None
+    return xs
 
 
 def _is_default(param: inspect.Parameter, value: Any) -> bool:
@@ -245,11 +264,12 @@ def install(module: Any, graphs: Graph | Sequence[Graph], runtime: str) -> None:
             if bound is not None:
                 values = [bound.arguments[p.name] for p in params]
                 for g in graphs:
-                    n = len(g.present)
-                    if _match(g, values) and all(_is_default(p, v) for p, v in zip(params[n:], values[n:])):
-                        xs = [np.ascontiguousarray(v.numpy()) for v, p in zip(values, g.present) if p]
+                    n = len(g.layout)
+                    xs = _match(g, values)
+                    if xs is not None and all(_is_default(p, v) for p, v in zip(params[n:], values[n:])):
                         try:
-                            return rebuild([torch.from_numpy(o) for o in g.run(xs)], g.out)
+                            return rebuild([torch.from_numpy(o) for o in g.run([np.ascontiguousarray(x.numpy())
+                                                                                for x in xs])], g.out)
                         except Exception as exc:  # noqa: BLE001 - never fail a call eager would answer
                             graphs.remove(g)  # once: later calls of this way run eager
                             log.warning("compiled %s: eager from now on for these inputs, %s",
@@ -283,18 +303,19 @@ def measure(module: Any, example: Any, batches: Sequence[int] = (1, 32), seconds
     import torch
 
     way = example[0] if isinstance(example, list) else example if isinstance(example, tuple) else (example,)
-    args = unwrap(way)[0]
-    trials = [batched(args, b, b) for b in batches]
+    layout = layout_of(way)
+    trials = [batched(leaves(way)[0], b, b) for b in batches]
     out: dict[str, list[float]] = {}
     with torch.no_grad():
-        out["eager"] = [_time(lambda t=t: module(*t), seconds, 3 if b == 1 else 1) for t, b in zip(trials, batches)]
+        out["eager"] = [_time(lambda t=t: module(*assemble(layout, t)), seconds, 3 if b == 1 else 1)
+                        for t, b in zip(trials, batches)]
     for rt in ("torchscript", "onnx"):
         try:
             g = export(module, way, rt)
         except ValueError as exc:
             log.debug("%s: %s", rt, exc)
             continue
-        arrays = [[a.numpy() for a in t if a is not None] for t in trials]
+        arrays = [[a.numpy() for a in t] for t in trials]
         out[rt] = [_time(lambda a=a, f=g.run: f(a), seconds, 3 if b == 1 else 1) for a, b in zip(arrays, batches)]
     return out
 

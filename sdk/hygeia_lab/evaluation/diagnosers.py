@@ -87,7 +87,7 @@ def evaluate(diagnoser: Any, phantom_set: Any, batch_size: int = 256, progress: 
                         tps[k] += 1
                         r, c = pt
                         hits[k] += bool(masks[b, k, r, c])
-                        near[k] += _near(masks[b, k], r, c, NEAR_PX)
+                        near[k] += _near(masks[b, k], r, c, NEAR_PX * masks.shape[-1] / NEAR_SCALE)
 
     starts = list(range(0, n, batch_size))
     if progress:
@@ -138,13 +138,16 @@ def evaluate(diagnoser: Any, phantom_set: Any, batch_size: int = 256, progress: 
 
 
 NEAR_PX = 2
-"""Tolerance of the lenient localisation figure: the anchor point within this many pixels of the mask."""
+"""Tolerance of the lenient localisation figure: the anchor point within this many pixels of the
+mask at :data:`NEAR_SCALE` px, scaled with the mask (4 px on 256 px masks)."""
+NEAR_SCALE = 128
 
 
-def _near(mask: np.ndarray, r: int, c: int, px: int) -> bool:
+def _near(mask: np.ndarray, r: int, c: int, px: float) -> bool:
     """Whether a mask pixel lies within ``px`` pixels (Euclidean) of (r, c)."""
-    r0, c0 = max(0, r - px), max(0, c - px)
-    win = mask[r0:r + px + 1, c0:c + px + 1]
+    w = int(np.ceil(px))
+    r0, c0 = max(0, r - w), max(0, c - w)
+    win = mask[r0:r + w + 1, c0:c + w + 1]
     rr, cc = np.nonzero(win)
     return bool(len(rr)) and bool((np.hypot(rr + r0 - r, cc + c0 - c) <= px).any())
 

@@ -131,7 +131,7 @@ def _table(name: str, ps: Any, results: dict[str, dict[str, Any]], comp: dict[st
         t.add_row(f"  AUROC {label}", *[_num(results[c]["per_finding_auroc"].get(label)) for c in cols])
     t.add_row("ECE (mean over findings)", *[_num(results[c]["ece"]) for c in cols])
     t.add_row("localisation hit rate", *[_num(results[c]["localisation_hit_rate"]) for c in cols])
-    t.add_row(f"  within {NEAR_PX} px of the finding",
+    t.add_row(f"  within {NEAR_PX} px of the finding (at 128 px)",
               *[_num(results[c].get(f"localisation_hit_rate_within_{NEAR_PX}px")) for c in cols])
     console.print(t)
     for key, d in comp.items():
