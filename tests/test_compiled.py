@@ -25,6 +25,17 @@ def _diagnoser(name: str) -> object:
     return hygeia.create("diagnoser", name)
 
 
+def _same_diagnoses(eager: list, fast: list) -> None:
+    """Probabilities within 1e-4, the same findings present and the same regions."""
+    assert len(eager) == len(fast)
+    for de, dc in zip(eager, fast):
+        pe = np.array([f.probability for f in de.findings])
+        pc = np.array([f.probability for f in dc.findings])
+        assert np.abs(pe - pc).max() <= 1e-4
+        assert [f.present for f in de.findings] == [f.present for f in dc.findings]
+        assert [f.region for f in de.findings] == [f.region for f in dc.findings]
+
+
 @pytest.mark.parametrize("runtime", ["onnx", "torchscript"])
 @pytest.mark.parametrize("name", ["cnn", "cxr"])
 def test_compiled_matches_eager(name: str, runtime: str) -> None:
@@ -35,12 +46,8 @@ def test_compiled_matches_eager(name: str, runtime: str) -> None:
     assert res == Compiled(runtime, "", {})
     assert p.net.hygeia_runtime == runtime  # type: ignore[attr-defined]
     fast = p.diagnose(x)  # type: ignore[attr-defined]
+    _same_diagnoses(eager, fast)
     for de, dc in zip(eager, fast):
-        pe = np.array([f.probability for f in de.findings])
-        pc = np.array([f.probability for f in dc.findings])
-        assert np.abs(pe - pc).max() <= 1e-4
-        assert [f.present for f in de.findings] == [f.present for f in dc.findings]
-        assert [f.region for f in de.findings] == [f.region for f in dc.findings]
         for fe, fc in zip(de.findings, dc.findings):  # Grad-CAM still runs on the eager network
             assert fe.heatmap is not None and np.array_equal(fe.heatmap, fc.heatmap)
 
@@ -86,12 +93,7 @@ def test_fusion_and_its_text_encoder_compile_with_parity(runtime: str) -> None:
     finally:
         uninstall(load_encoder()[1])  # the encoder is shared in this process
     for before, after in zip(eager, fast):
-        for de, dc in zip(before, after):
-            pe = np.array([f.probability for f in de.findings])
-            pc = np.array([f.probability for f in dc.findings])
-            assert np.abs(pe - pc).max() <= 1e-4
-            assert [f.present for f in de.findings] == [f.present for f in dc.findings]
-            assert [f.region for f in de.findings] == [f.region for f in dc.findings]
+        _same_diagnoses(before, after)
 
 
 class _TwoWays(torch.nn.Module):
