@@ -399,23 +399,25 @@ def report(name: str, r: dict[str, Any], console: Any) -> dict[str, Any]:
                   f"(a) best {base:.0f}, (d) best {d['items_per_s']:.0f}")
     console.print(f"  served vs eager probabilities: max abs diff {r['served_vs_eager_max_abs']:.1e}")
     if "perf_analyzer" in r:
-        _report_perf(r, c1["eager"]["p50_ms"], base, console)
+        _report_perf(r, c1["eager"]["p50_ms"], base, d["items_per_s"], console)
     return checks
 
 
-def _report_perf(r: dict[str, Any], eager_p50: float, base: float, console: Any) -> None:
+def _report_perf(r: dict[str, Any], eager_p50: float, base: float, best_d: float, console: Any) -> None:
     from rich.table import Table
 
     pa = r["perf_analyzer"]
-    t = Table("c", "infer/s", "/ (a) best", "/ (c) client", "p50 ms", "p99 ms", "p50 / (a) p50", "server queue ms",
+    t = Table("c", "infer/s", "/ (a) best", "/ (d) best", "/ (c) client", "p50 ms", "p99 ms", "p50 / (a) p50", "server queue ms",
               "server compute ms", title=f"perf_analyzer (gRPC, batch 1, {pa['input']}, heat maps off) against (c); "
-                                        f"(a) best batch {base:.0f} img/s, (a) p50 {eager_p50:.2f} ms")
+                                        f"(a) best batch {base:.0f} img/s, (d) best batch {best_d:.0f} img/s, "
+                                        f"(a) p50 {eager_p50:.2f} ms")
     for c, s in pa["levels"].items():
         if "error" in s:
             t.add_row(str(c), f"[red]{s['error']}[/]")
             continue
         own = r["by_concurrency"].get(c, {}).get("hygeia", {}).get("per_s")
         t.add_row(str(c) + (" (unstable)" if s["unstable"] else ""), f"{s['per_s']:.0f}", f"{s['per_s'] / base:.2f}",
+                  f"{s['per_s'] / best_d:.2f}",
                   f"{s['per_s'] / own:.2f}" if own else "-", f"{s['p50_ms']:.2f}", f"{s['p99_ms']:.2f}",
                   f"{s['p50_ms'] / eager_p50:.2f}", f"{s['server_queue_ms']:.2f}", f"{s['server_compute_ms']:.2f}")
     console.print(t)
