@@ -301,6 +301,10 @@ def test_trains_on_a_label_file_with_text(tmp_path):
     assert [f.code.value for f in a.findings] == [cfg["codes"][k]["value"] for k in cfg["findings"]]
     assert any(abs(f.probability - g.probability) > 1e-5 for f, g in zip(a.findings, b.findings)), "text is read"
     assert "hygeia train fusion --data" in json.loads((out / "model_card.json").read_text())["training_data"]
+    # the image-only mode has its own thresholds, chosen on the same validation patients without text
+    assert len(cfg["thresholds_no_text"]) == len(cfg["findings"]) and cfg["thresholds_no_text"] != cfg["thresholds"]
+    alone = diag.diagnose(img)[0]
+    assert [f.threshold for f in alone.findings] == pytest.approx(cfg["thresholds_no_text"])
     from hygeia_lab.evaluation.user_data import main_files
 
     res = main_files("fusion", labels, bundle=out, text_column="Indication", json_out=True)

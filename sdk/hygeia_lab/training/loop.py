@@ -64,6 +64,8 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     val_probabilities: np.ndarray | None = None
     val_labels: np.ndarray | None = None
+    thresholds_no_text: list[float] | None = None
+    """For a text-aware model: the thresholds of its image-only mode (every text empty), on the same patients."""
 
 
 def init_distributed() -> tuple[int, int]:
@@ -111,19 +113,24 @@ def _masked_bce(logits: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, pos_w
     return (loss * mask).sum() / mask.sum().clamp_min(1.0)
 
 
-def _forward(model: torch.nn.Module, batch: dict[str, Any], device: torch.device, text: bool) -> torch.Tensor:
-    """Logits of a batch: ``model(images)``, or ``model(images, texts)`` for a text-aware model."""
+def _forward(model: torch.nn.Module, batch: dict[str, Any], device: torch.device, text: bool,
+             blank: bool = False) -> torch.Tensor:
+    """Logits of a batch: ``model(images)``, or ``model(images, texts)`` for a text-aware model
+    (``blank``: every text empty, the model's image-only mode)."""
     x = batch["image"].to(device).float()
-    return model(x, list(batch["text"])) if text else model(x)
+    if not text:
+        return model(x)
+    return model(x, [""] * len(x) if blank else list(batch["text"]))
 
 
-def _predict(model: torch.nn.Module, dl: Any, device: torch.device, text: bool = False) -> tuple[np.ndarray, ...]:
+def _predict(model: torch.nn.Module, dl: Any, device: torch.device, text: bool = False,
+             blank: bool = False) -> tuple[np.ndarray, ...]:
     model.eval()
     ps, ys, ms = [], [], []
     with torch.no_grad():
         for batch in dl:
             check_batch(batch)
-            ps.append(torch.sigmoid(_forward(model, batch, device, text)).cpu().numpy())
+            ps.append(torch.sigmoid(_forward(model, batch, device, text, blank)).cpu().numpy())
             ys.append(batch["labels"].numpy())
             ms.append(batch["mask"].numpy())
     return np.concatenate(ps), np.concatenate(ys), np.concatenate(ms)
@@ -240,8 +247,9 @@ def fit(net: torch.nn.Module, train_items: Sequence[Item], val_items: Sequence[I
         return None
     net.load_state_dict(best)
     p, y, m = _predict(net, val_dl, device, cfg.text)
+    no_text = youden_thresholds(y, _predict(net, val_dl, device, True, blank=True)[0], m) if cfg.text else None
     return FitResult(best, youden_thresholds(y, p, m), int(state["best_epoch"]), float(state["best_auroc"]),
-                     list(state["history"]), p, np.where(m > 0, y, np.nan))
+                     list(state["history"]), p, np.where(m > 0, y, np.nan), no_text)
 
 
 def _after_epoch(net: torch.nn.Module, val_dl: Any, device: torch.device, state: dict[str, Any],
