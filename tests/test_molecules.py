@@ -144,6 +144,27 @@ def test_tiny_training_skips_and_counts_invalid_smiles_and_resumes(tmp_path: Pat
         train(out=tmp_path / "b2", data=tmp_path / "few.smi", progress=False, workers=0)
 
 
+def test_training_continues_from_a_bundle(tmp_path: Path):
+    """``--init BUNDLE``: the network and vocabulary come from the bundle and training moves on from them."""
+    import torch
+    from safetensors.torch import load_file
+
+    from hygeia_lab.evaluation._moses_compat import import_moses
+    from hygeia_molvae.train import train
+
+    (tmp_path / "train.smi").write_text("\n".join(import_moses().get_dataset("test")[:200]) + "\n")
+    kw = dict(data=tmp_path / "train.smi", batch_size=32, progress=False, workers=0, embed=16, enc_hidden=16,
+              dec_hidden=32, latent=8, checkpoint_every=2, val_size=40)
+    first = train(out=tmp_path / "a", epochs=1, checkpoints=tmp_path / "ca", **kw)
+    cont = train(out=tmp_path / "b", epochs=1, checkpoints=tmp_path / "cb", init=first, lr=1e-2, **kw)
+    a_cfg, b_cfg = (json.loads((p / "config.json").read_text()) for p in (first, cont))
+    assert b_cfg["model"] == a_cfg["model"] and b_cfg["training"]["init"] == str(first)
+    wa, wb = load_file(str(first / "model.safetensors")), load_file(str(cont / "model.safetensors"))
+    assert set(wa) == set(wb) and any(not torch.equal(wa[k], wb[k]) for k in wa)  # trained on from there
+    with pytest.raises(InputError, match="--init"):
+        train(out=tmp_path / "c", epochs=1, checkpoints=tmp_path / "cc", init=tmp_path / "nowhere", **kw)
+
+
 def test_baselines_and_table():
     b = baselines()
     assert set(b) >= {"CharRNN", "VAE", "AAE", "JTN-VAE", "LatentGAN"}
