@@ -231,18 +231,23 @@ def _perf_analyzer() -> tuple[str, dict[str, str]]:
     return path, env
 
 
-def _perf_input(path: Path, shape: tuple[int, ...], n: int = 4) -> str:
-    """perf_analyzer's --input-data JSON: ``n`` phantom radiographs (random pixels without hygeia_lab)."""
+def _perf_input(path: Path, shape: tuple[int, ...], n: int = 4, text: bool = False) -> str:
+    """perf_analyzer's --input-data JSON: ``n`` phantom radiographs (random pixels without hygeia_lab),
+    with ``text``: each with its clinical text line (TEXTS)."""
+    texts = [f"cough and fever for {k + 2} days, CRP {40 * (k + 1)}" for k in range(n)]
     try:
         from hygeia_lab import make_phantom
 
-        images = [make_phantom(seed=s, size=shape[-1]).image for s in range(n)]
+        ps = [make_phantom(seed=s, size=shape[-1]) for s in range(n)]
+        images, texts = [p.image for p in ps], [p.text for p in ps]
         kind = "phantoms"
     except ImportError:
         images = list(np.random.default_rng(3).random((n, *shape[-2:]), dtype=np.float32))
         kind = "random pixels"
-    data = [{"IMAGES": {"content": np.round(np.asarray(im, np.float32), 6).ravel().tolist(), "shape": list(shape)}}
-            for im in images]
+    data = [{"IMAGES": {"content": np.round(np.asarray(im, np.float32), 6).ravel().tolist(), "shape": list(shape)},
+             **({"TEXTS": {"content": [t], "shape": [1]}} if text else {})}
+            for im, t in zip(images, texts)]
+    kind += " with their text" if text else ""
     path.write_text(json.dumps({"data": data}))
     return f"{n} {kind}"
 
@@ -253,7 +258,7 @@ def perf_analyzer_run(url: str, model: str, shape: tuple[int, ...], args: argpar
     (client side, ms) and Triton's own per-request split (server side, ms) from its CSV."""
     exe, env = _perf_analyzer()
     data = tmp / f"{model}-perf-input.json"
-    source = _perf_input(data, shape)
+    source = _perf_input(data, shape, text=bool(getattr(args, "text", False)))
     # Heat maps off, as for (a)-(d): perf_analyzer asks for every output, so say it with a parameter.
     base = [exe, "-m", model, "-u", url, "-i", "grpc", "-b", "1", "--input-data", str(data),
             "--measurement-interval", str(int(args.pa_interval * 1000)), "--max-trials", str(args.pa_trials),
