@@ -114,8 +114,9 @@ def _best_batch(diagnose: Callable[[np.ndarray], Any], shape: tuple[int, ...], d
 
 
 # ---------------------------------------------------------------- (b): PyTriton, in a child process
-def pytriton_child(name: str, instances: int, max_batch: int) -> None:
-    """Serve ``name``'s eager plugin with PyTriton; print the gRPC port; serve until stdin closes."""
+def pytriton_child(name: str, instances: int, max_batch: int, text: bool = False) -> None:
+    """Serve ``name``'s eager plugin with PyTriton (``text``: with a TEXTS input, one line per image);
+    print the gRPC port; serve until stdin closes."""
     import hygeia
     from hygeia.serving.binary import free_port
     from pytriton.decorators import batch
@@ -130,11 +131,21 @@ def pytriton_child(name: str, instances: int, max_batch: int) -> None:
         ds = plugin.diagnose(IMAGES, heatmaps=False)
         return {"PROBS": np.array([[f.probability for f in d.findings] for d in ds], np.float32)}
 
+    @batch
+    def infer_text(IMAGES: np.ndarray, TEXTS: np.ndarray) -> dict[str, np.ndarray]:
+        texts = [t[0].decode() if isinstance(t[0], bytes) else str(t[0]) for t in TEXTS]
+        ds = plugin.diagnose(IMAGES, texts, heatmaps=False)
+        return {"PROBS": np.array([[f.probability for f in d.findings] for d in ds], np.float32)}
+
+    inputs = [Tensor(name="IMAGES", dtype=np.float32, shape=(-1, -1, -1))]
+    if text:
+        inputs.append(Tensor(name="TEXTS", dtype=bytes, shape=(1,)))
+
     grpc = free_port()
     cfg = TritonConfig(grpc_port=grpc, http_port=free_port(), metrics_port=free_port(), exit_timeout_secs=3,
                        log_verbose=0)
     with Triton(config=cfg) as triton:
-        triton.bind("diagnoser", [infer] * instances, inputs=[Tensor(name="IMAGES", dtype=np.float32, shape=(-1, -1, -1))],
+        triton.bind("diagnoser", [infer_text if text else infer] * instances, inputs=inputs,
                     outputs=[Tensor(name="PROBS", dtype=np.float32, shape=(-1,))],
                     config=ModelConfig(max_batch_size=max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=0)))
         triton.run()
@@ -163,9 +174,11 @@ def _patch_pytriton_proxy() -> None:
     Model.get_proxy_model_files = patched  # type: ignore[method-assign]
 
 
-def _start_pytriton(name: str, instances: int, max_batch: int, threads: int) -> tuple[subprocess.Popen[str], str]:
+def _start_pytriton(name: str, instances: int, max_batch: int, threads: int,
+                    text: bool = False) -> tuple[subprocess.Popen[str], str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, __file__, "--pytriton-child", name, str(instances), str(max_batch)],
+    proc = subprocess.Popen([sys.executable, __file__, "--pytriton-child", name, str(instances), str(max_batch),
+                             "1" if text else "0"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -174,7 +187,7 @@ def _start_pytriton(name: str, instances: int, max_batch: int, threads: int) -> 
     raise RuntimeError(f"the PyTriton server exited with code {proc.wait()} before it was ready")
 
 
-def _raw_client(url: str) -> Callable[[np.ndarray], Any]:
+def _raw_client(url: str, text: str | None = None) -> Callable[[np.ndarray], Any]:
     import tritonclient.grpc as grpcclient
 
     client = grpcclient.InferenceServerClient(url)
@@ -183,8 +196,23 @@ def _raw_client(url: str) -> Callable[[np.ndarray], Any]:
     def call(x: np.ndarray) -> np.ndarray:
         inp = grpcclient.InferInput("IMAGES", list(x.shape), "FP32")
         inp.set_data_from_numpy(x)
-        return client.infer("diagnoser", [inp], outputs=out).as_numpy("PROBS")
+        inputs = [inp]
+        if text is not None:
+            t = grpcclient.InferInput("TEXTS", [len(x), 1], "BYTES")
+            t.set_data_from_numpy(np.array([[text.encode()]] * len(x), dtype=object))
+            inputs.append(t)
+        return client.infer("diagnoser", inputs, outputs=out).as_numpy("PROBS")
     return call
+
+
+def _clinical_text(size: int) -> str:
+    """A phantom's clinical text line (what perf_analyzer sends too), or a fixed one without the lab."""
+    try:
+        from hygeia_lab import make_phantom
+
+        return str(make_phantom(seed=0, size=size).text)
+    except ImportError:
+        return "72 y/o male. productive cough and fever for 3 days; T 38.4; CRP 140; SOB on exertion."
 
 
 # ---------------------------------------------------------------- NVIDIA perf_analyzer against (c)
@@ -312,24 +340,23 @@ def bench_diagnoser(name: str, args: argparse.Namespace, tmp: Path, console: Any
     h, w = eager.input_size
     shape = (1, h, w)
     img = np.random.default_rng(1).random((1, *shape), dtype=np.float32)
-    text = (lambda n: None) if not args.text else (lambda n: ["fever and productive cough"] * n)
+    line = _clinical_text(h) if args.text else None
+    text = (lambda n: None) if line is None else (lambda n: [line] * n)
     cfg = (tmp / name / model / "config.pbtxt").read_text()
     instances = int(cfg.split("count: ")[1].split()[0])
     max_batch = int(cfg.split("max_batch_size: ")[1].split()[0])
-    proc, url_b = _start_pytriton(name, instances, max_batch, args.threads)
+    proc, url_b = _start_pytriton(name, instances, max_batch, args.threads, text=line is not None)
     out: dict[str, Any] = {"runtime": runtime, "runtime_ms": json.loads(params["hygeia_runtime_ms"] or "{}"),
                            "runtime_reason": params.get("hygeia_runtime_reason", ""), "instances": instances}
     try:
         with TritonServer(tmp / name, threads=args.threads, startup_timeout=300) as srv:
             n = max(args.concurrency)
             remote = [connect("diagnoser", name, srv.grpc_url) for _ in range(n)]
-            raw = [_raw_client(url_b) for _ in range(n)]
+            raw = [_raw_client(url_b, line) for _ in range(n)]
             calls = {"eager": lambda _w: eager.diagnose(img, text(1), heatmaps=False),
                      "pytriton": lambda wk: raw[wk](img),
                      "hygeia": lambda wk: remote[wk].diagnose(img, text(1), heatmaps=False),
                      "compiled": lambda _w: fast.diagnose(img, text(1), heatmaps=False)}
-            if args.text:  # PyTriton's raw request carries no text: leave it out rather than compare unlike work
-                calls.pop("pytriton")
             a = np.asarray([f.probability for f in eager.diagnose(img, heatmaps=False)[0].findings])
             c = np.asarray([f.probability for f in remote[0].diagnose(img, heatmaps=False)[0].findings])
             out["served_vs_eager_max_abs"] = float(np.abs(a - c).max())
@@ -444,7 +471,7 @@ def cold_start(tmp: Path, threads: int, console: Any) -> dict[str, Any]:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--pytriton-child":
-        pytriton_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]))
+        pytriton_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), len(sys.argv) > 5 and sys.argv[5] == "1")
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--diagnosers", nargs="+", default=None, help="default: the default diagnoser")
