@@ -60,12 +60,13 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     n_val = min(val_size, len(prep.smiles) // 10)
     val_idx, train_idx = perm[:n_val], perm[n_val:]
     resuming = resume and (ckdir / "state.json").is_file()
+    start = _init_bundle(init) if init is not None and not resuming else None  # (config, weights), read once
     state: dict[str, Any] = {"epoch": 0, "batch": 0, "step": 0, "best_val": None, "history": []}
     if resuming:
         state = json.loads((ckdir / "state.json").read_text())
         cfg = VAEConfig(**state["model"])
-    elif init is not None:
-        cfg = VAEConfig(**_init_bundle(init)[0]["model"])
+    elif start is not None:
+        cfg = VAEConfig(**start[0]["model"])
     else:
         vocab = list(SPECIALS) + sorted({t for ts in prep.tokens for t in ts})
         cfg = VAEConfig(vocab=vocab, embed=embed, enc_hidden=enc_hidden, dec_hidden=dec_hidden,
@@ -74,8 +75,8 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     model = MoleculeVAE(cfg).to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     g = torch.Generator().manual_seed(seed + 2)
-    if init is not None and not resuming:
-        model.load_state_dict(_init_bundle(init)[1])
+    if start is not None:
+        model.load_state_dict(start[1])
         if progress:
             print(f"initialised from {init}", flush=True)
     if resuming:

@@ -89,6 +89,8 @@ class TritonPythonModel:
         self.device = device
         self.plugin: Any = None
         self.runtime = ""
+        self.size: tuple[int, ...] | None = None  # a diagnoser's input size and channels, once built
+        self.channels = 1
         self._failure: BaseException | None = None
         self._warmed = threading.Event()
         self._execute = {"diagnoser": self._diagnose, "conditioner": self._condition,
@@ -158,8 +160,7 @@ class TritonPythonModel:
         if want == "eager" or self.device != "cpu":
             why = self.params.get("hygeia_runtime_reason", "") if want == "eager" else "onnxruntime is CPU-only"
             return f", runtime eager{': ' + why if why else ''}"
-        res = compile_plugin(plugin, want, size=getattr(self, "size", None), channels=getattr(self, "channels", 1),
-                             name=self.model_name)
+        res = compile_plugin(plugin, want, size=self.size, channels=self.channels, name=self.model_name)
         return f", runtime {res.runtime}{': ' + res.reason if res.reason else ''}"
 
     # ----------------------------------------------------------------- helpers
