@@ -27,6 +27,20 @@ _TOKEN_RE = re.compile(
 )
 
 
+PRECISIONS = ("float32", "bfloat16")
+
+
+def default_precision(device: torch.device | str) -> str:
+    """``"bfloat16"`` on a CPU with native bfloat16 matrix products (oneDNN; AVX-512 BF16 or AMX),
+    where it samples about twice as fast; ``"float32"`` elsewhere (GPUs are not bound by it)."""
+    if torch.device(device).type == "cpu" and torch.backends.mkldnn.is_available():
+        try:
+            return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+        except (AttributeError, RuntimeError):
+            return "float32"
+    return "float32"
+
+
 def tokenize(smiles: str) -> list[str] | None:
     """SMILES -> tokens, or None when the regex does not cover the whole string."""
     tokens = _TOKEN_RE.findall(smiles)
@@ -85,34 +99,85 @@ class MoleculeVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
-               temperature: float = 1.0) -> torch.Tensor:
+               temperature: float = 1.0, precision: str = "float32") -> torch.Tensor:
         """Autoregressive sampling -> token ids ``[B, <= max_len + 1]`` (EOS, then PAD).
 
-        Finished rows leave the batch, so the cost follows the mean length, not the longest.
-        Random draws come from ``generator`` (CPU) in a fixed order: reproducible from its seed.
+        The decoder runs as :class:`DecoderSteps` (the GRU's equations with the input projection
+        folded into a per-token table). ``precision="bfloat16"`` runs the hidden-state matrix
+        product in bfloat16 (twice as fast on CPUs with native bfloat16; the state and gates stay
+        float32). Finished rows leave the batch, so the cost follows the mean length, not the
+        longest. Random draws come from ``generator`` (CPU), one uniform number per row and step,
+        in a fixed order: reproducible from its seed at a given precision.
         """
         b = z.shape[0]
-        zc = torch.cat([z, cond], 1)
-        step = self.to_step(zc)[:, None]
-        h = self._h0(zc)
-        never = [self.cfg.vocab.index(t) for t in (PAD, BOS, UNK)]
+        steps = DecoderSteps(self, torch.cat([z, cond], 1), temperature, getattr(torch, precision))
         eos = self.cfg.vocab.index(EOS)
         out = torch.zeros(b, self.cfg.max_len + 1, dtype=torch.long)
         active = torch.arange(b)
-        tok = torch.full((b, 1), self.cfg.vocab.index(BOS), dtype=torch.long, device=z.device)
+        done = torch.zeros(b, dtype=torch.bool)  # finished rows stay (writing PAD) until an eighth are
+        tok = torch.full((b,), self.cfg.vocab.index(BOS), dtype=torch.long, device=z.device)
         t = 0
         for t in range(self.cfg.max_len + 1):
-            y, h = self.decoder(self.embed(tok) + step, h)
-            logits = self.out(y[:, 0]).float().cpu() / temperature
-            logits[:, never] = -1e9
-            nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)[:, 0]
+            cdf = torch.softmax(steps(tok), -1).cumsum_(1).float().cpu()
+            u = torch.rand(len(cdf), 1, generator=generator)
+            nxt = (cdf[:, :-1] < u * cdf[:, -1:]).sum(1).masked_fill_(done, 0)  # inverse-CDF draw
             out[active, t] = nxt
-            keep = nxt != eos
-            if not bool(keep.any()):
+            done |= nxt == eos
+            finished = int(done.sum())
+            if finished == len(done):
                 break
-            if not bool(keep.all()):
-                idx = keep.nonzero()[:, 0]
-                active, nxt, step = active[idx], nxt[idx], step[idx.to(z.device)]
-                h = h[:, idx.to(z.device)].contiguous()
-            tok = nxt[:, None].to(z.device)
+            if finished * 8 >= len(done):
+                idx = (~done).nonzero()[:, 0]
+                active, nxt, done = active[idx], nxt[idx], done[idx]
+                steps.keep(idx.to(z.device))
+            tok = nxt.to(z.device)
         return out[:, :t + 1]
+
+
+class DecoderSteps:
+    """One GRU decoder step per call, from token ids to next-token logits (PyTorch's GRU equations).
+
+    The first layer's input is ``embed(token) + to_step([z, c])``, so its input projection is a
+    per-token table plus a per-row term computed once. ``tanh(x)`` is ``2 sigmoid(2x) - 1`` with the
+    factor 2 folded into the weights (CPU ``sigmoid`` is several times faster than ``tanh``). The
+    rows of the state follow the batch as rows leave it (:meth:`keep`).
+    """
+
+    def __init__(self, model: MoleculeVAE, zc: torch.Tensor, temperature: float, dtype: torch.dtype) -> None:
+        d, hid = model.decoder, model.cfg.dec_hidden
+        two = torch.ones(3 * hid, device=zc.device)
+        two[2 * hid:] = 2.0  # the n gate's pre-activation is doubled: tanh(x) = 2 sigmoid(2x) - 1
+        self.h = list(model._h0(zc).unbind(0))
+        self.w_in, self.w_hh, self.b_hn = [], [], []
+        for layer in range(model.cfg.dec_layers):
+            w_ih, w_hh = getattr(d, f"weight_ih_l{layer}"), getattr(d, f"weight_hh_l{layer}")
+            b_ih, b_hh = getattr(d, f"bias_ih_l{layer}"), getattr(d, f"bias_hh_l{layer}")
+            bias = (b_ih + torch.cat([b_hh[:2 * hid], torch.zeros_like(b_hh[2 * hid:])])) * two
+            self.w_in.append(((w_ih.T * two).contiguous(), bias))
+            self.w_hh.append((w_hh.T * two).to(dtype).contiguous())
+            self.b_hn.append(b_hh[2 * hid:] * 2)
+        w0, bias0 = self.w_in[0]
+        self.table = model.embed.weight @ w0  # [V, 3H]
+        self.row = model.to_step(zc) @ w0 + bias0  # [B, 3H]
+        self.w_out = (model.out.weight.T / temperature).contiguous()
+        self.b_out = model.out.bias / temperature
+        self.b_out[[model.cfg.vocab.index(t) for t in (PAD, BOS, UNK)]] = -float("inf")
+        self.hid, self.dtype = hid, dtype
+
+    def __call__(self, tok: torch.Tensor) -> torch.Tensor:
+        hid, x = self.hid, None
+        for layer, h in enumerate(self.h):
+            if layer == 0:
+                gi = self.table.index_select(0, tok).add_(self.row)
+            else:
+                gi = torch.addmm(self.w_in[layer][1], x, self.w_in[layer][0])
+            gh = torch.mm(h.to(self.dtype), self.w_hh[layer])  # float32 + bfloat16 below: no cast pass
+            rz = torch.sigmoid_(gi[:, :2 * hid].add_(gh[:, :2 * hid]))
+            n = torch.sigmoid_(gi[:, 2 * hid:].addcmul_(rz[:, :hid], self.b_hn[layer] + gh[:, 2 * hid:]))
+            x = self.h[layer] = torch.lerp(n.mul_(2).sub_(1), h, rz[:, hid:])
+        return torch.addmm(self.b_out, x, self.w_out)
+
+    def keep(self, idx: torch.Tensor) -> None:
+        """Keep only the rows ``idx`` (rows whose molecules are finished leave)."""
+        self.row = self.row.index_select(0, idx)
+        self.h = [h.index_select(0, idx) for h in self.h]

@@ -20,7 +20,7 @@ from hygeia.errors import BundleError, InputError
 from hygeia.validation import check_condition, check_n, check_seed
 
 from ._bundle import NAME, VERSION, WEIGHTS, make_card
-from .model import COND_DIM, EOS, MoleculeVAE, VAEConfig
+from .model import COND_DIM, EOS, PRECISIONS, MoleculeVAE, VAEConfig, default_precision
 
 
 class MoleculeVAEGenerator:
@@ -75,18 +75,23 @@ class MoleculeVAEGenerator:
 
     def generate(self, n: int, condition: Any = None, seed: int = 0,
                  progress: Callable[[int, int], None] | None = None, batch_size: int = 2048,
-                 temperature: float | None = None, properties: bool = False,
+                 temperature: float | None = None, properties: bool = False, precision: str | None = None,
                  **options: Any) -> list[GeneratedMolecule]:
-        """Sample ``n`` molecules from the prior; the same ``seed`` gives the same molecules.
+        """Sample ``n`` molecules from the prior; the same ``seed`` gives the same molecules (at the
+        same ``precision``).
 
         ``temperature``: softmax temperature (default: the bundle's ``sampling.temperature``,
         chosen on held-out training molecules); ``properties=True`` also fills each valid
-        molecule's logP/QED/SA/MW (slower).
+        molecule's logP/QED/SA/MW (slower); ``precision``: of the decoder's hidden-state product,
+        ``"float32"`` or ``"bfloat16"`` (default: :func:`default_precision` for the device).
         """
         if temperature is None:
             temperature = float(self.config.get("sampling", {}).get("temperature", 1.0))
         if options:
-            raise InputError("options", "batch_size, temperature or properties", got=", ".join(options))
+            raise InputError("options", "batch_size, temperature, properties or precision", got=", ".join(options))
+        precision = default_precision(self.device) if precision is None else precision
+        if precision not in PRECISIONS:
+            raise InputError("precision", " or ".join(PRECISIONS), got=repr(precision))
         n, seed = check_n(n, self.max_n), check_seed(seed)
         if not (isinstance(temperature, (int, float)) and 0.05 <= temperature <= 5):
             raise InputError("temperature", "a number in [0.05, 5]", got=repr(temperature))
@@ -95,20 +100,20 @@ class MoleculeVAEGenerator:
         z = torch.randn(n, self.cfg.latent, generator=g).to(self.device)
         smiles: list[str] = []
         for start in range(0, n, batch_size):
-            ids = self.model.sample(z[start:start + batch_size], cond[start:start + batch_size], g, temperature)
+            ids = self.model.sample(z[start:start + batch_size], cond[start:start + batch_size], g, temperature,
+                                    precision)
             smiles.extend(self.decode(ids))
             if progress is not None:
                 progress(len(smiles), n)
         from rdkit import Chem
 
-        from hygeia.chem import molecular_properties, quiet_rdkit
+        from hygeia.chem import molecular_properties, valid_smiles
 
-        quiet_rdkit()
         out = []
-        for s in smiles:
-            mol = Chem.MolFromSmiles(s) if s else None
-            props = molecular_properties(mol) if (properties and mol is not None) else {}
-            out.append(GeneratedMolecule(s, mol is not None, seed, condition, self.identity, props))
+        for s, ok in zip(smiles, valid_smiles(smiles)):
+            mol = Chem.MolFromSmiles(s) if (ok and properties) else None
+            props = molecular_properties(mol) if mol is not None else {}
+            out.append(GeneratedMolecule(s, ok, seed, condition, self.identity, props))
         return out
 
 
