@@ -207,6 +207,25 @@ def test_training_writes_bundle_and_grids(tmp_path) -> None:
             train(out=tmp_path / "c", **bad)
 
 
+def test_training_on_the_latent_of_a_diffusion_bundle(tmp_path) -> None:
+    """``--option vae=DIFFUSION_BUNDLE``: the trainer encodes with that bundle's own autoencoder and
+    scaling (what reproduces the shipped UNet from the repository alone) and records its vae SHA-256."""
+    from hygeia_diffusion.plugin import WEIGHTS
+    from hygeia_diffusion.train import train
+
+    shipped = hygeia.create("generator", "diffusion", device="cpu")
+    small = {"block_out_channels": [16, 16, 16], "attention_head_dim": 8, "norm_num_groups": 8}
+    train(out=tmp_path / "d", seed=1, progress=False, epochs=1, n_per_class=8, batch_size=16, unet=small,
+          vae=WEIGHTS, cache=tmp_path / "cache")
+    g = hygeia.create("generator", "diffusion", bundle=tmp_path / "d", device="cpu")
+    want = shipped.config["training"]["vae_weights_sha256"]
+    assert g.config["training"]["vae_weights_sha256"] == want and len(want) == 64
+    assert g.config["latent_scaling"] == shipped.config["latent_scaling"]
+    theirs = g.space.vae.state_dict()
+    for k, v in shipped.space.vae.state_dict().items():  # the same autoencoder, tensor for tensor
+        assert torch.equal(v, theirs[k]), k
+
+
 def test_factory_rejects_bad_dtype() -> None:
     with pytest.raises(InputError, match="dtype"):
         hygeia.create("generator", "diffusion", device="cpu", dtype="float16")

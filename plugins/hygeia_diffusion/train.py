@@ -112,9 +112,13 @@ def _space(mode: str, patch: int, vae: str | Path | None, unet: dict[str, Any] |
            device: torch.device) -> tuple[Space, str | None, dict[str, Any], dict[str, Any]]:
     """The diffusion space, the vae bundle's SHA-256 (latent mode), and the UNet and scheduler configs.
 
-    Latent mode loads the ``vae`` plugin (``vae``: its bundle, default the shipped one); the UNet's
-    channels and sample size follow its latent, and samples are not clipped.
+    Latent mode loads the ``vae`` plugin (``vae``: its bundle, default the shipped one), or, when
+    ``vae`` is a latent-mode diffusion bundle, that bundle's own autoencoder (``vae/``) and scaling
+    factor, and records the vae bundle SHA-256 that bundle was trained on; the UNet's channels and
+    sample size follow the latent, and samples are not clipped.
     """
+    if mode == "latent" and vae and (Path(vae) / "vae" / "config.json").is_file():
+        return _space_of_diffusion_bundle(Path(vae), patch, unet, device)
     if mode == "latent":
         from hygeia.plugins import get_registry
 
@@ -127,6 +131,22 @@ def _space(mode: str, patch: int, vae: str | Path | None, unet: dict[str, Any] |
     unet_cfg = {**UNET, "in_channels": patch * patch, "out_channels": patch * patch, "sample_size": SIZE // patch,
                 **(unet or {})}
     return Space(mode, patch, None, 1.0), None, unet_cfg, dict(SCHEDULER)
+
+
+def _space_of_diffusion_bundle(bundle: Path, patch: int, unet: dict[str, Any] | None,
+                               device: torch.device) -> tuple[Space, str | None, dict[str, Any], dict[str, Any]]:
+    """:func:`_space` on the autoencoder a latent-mode diffusion bundle carries (its ``vae/`` folder)."""
+    from diffusers import AutoencoderKL
+
+    b = load_bundle(bundle)
+    verify_bundle(bundle, b.tensors)
+    if b.config.get("mode") != "latent" or "latent_scaling" not in b.config:
+        raise InputError("vae", "a vae bundle, or a latent-mode diffusion bundle", got=str(bundle))
+    ae = AutoencoderKL.from_pretrained(bundle / "vae", low_cpu_mem_usage=False).to(device).eval()
+    unet_cfg = {**UNET, "in_channels": ae.config.latent_channels, "out_channels": ae.config.latent_channels,
+                "sample_size": SIZE // 2 ** (len(ae.config.block_out_channels) - 1), **(unet or {})}
+    return (Space("latent", patch, ae, float(b.config["latent_scaling"])),
+            b.config.get("training", {}).get("vae_weights_sha256"), unet_cfg, {**SCHEDULER, "clip_sample": False})
 
 
 def _unet(init: str | Path | None, mode: str, unet_cfg: dict[str, Any],
