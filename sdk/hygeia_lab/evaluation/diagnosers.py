@@ -49,8 +49,6 @@ def evaluate(diagnoser: Any, phantom_set: Any, batch_size: int = 256, progress: 
     true-positive calls whose heat-map maximum (or, without a heat map, region centre) lies in the
     true mask.
     """
-    from sklearn.metrics import roc_auc_score
-
     images = np.asarray(phantom_set.images, np.float32)
     if images.ndim != 4 or len(images) == 0:
         raise InputError("phantom_set.images", "a non-empty float32 array [N, 1, H, W]", got=images.shape)
@@ -102,6 +100,31 @@ def evaluate(diagnoser: Any, phantom_set: Any, batch_size: int = 256, progress: 
         for i in starts:
             run(i)
 
+    per, aurocs = _per_finding(labels, probs, thresholds, reported, (tps, hits, near))
+    ident = getattr(diagnoser, "identity", None)
+    return {
+        "model": None if ident is None else {"name": ident.name, "version": ident.version,
+                                             "weights_sha256": ident.weights_sha256},
+        "n": n,
+        "split": getattr(phantom_set, "split", ""),
+        "difficulty": getattr(phantom_set, "difficulty", None),
+        "per_finding": per,
+        "macro_auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
+        **_summary(per),
+        "probabilities": probs,
+        "labels": labels,
+    }
+
+
+def _per_finding(labels: np.ndarray, probs: np.ndarray, thresholds: np.ndarray, reported: tuple[str, ...],
+                 counts: tuple[np.ndarray, np.ndarray, np.ndarray]) -> tuple[dict[str, dict[str, Any]], list[float]]:
+    """:func:`evaluate`'s rows per finding (AUROC, sensitivity and specificity at the threshold, ECE,
+    localisation from ``counts`` = (true-positive calls with a point, hits, hits within NEAR_PX)),
+    and the AUROCs that make the macro average."""
+    from sklearn.metrics import roc_auc_score
+
+    tps, hits, near = counts
+    n = len(labels)
     per: dict[str, dict[str, Any]] = {}
     aurocs = []
     for k, label in enumerate(FINDING_LABELS):
@@ -122,19 +145,7 @@ def evaluate(diagnoser: Any, phantom_set: Any, batch_size: int = 256, progress: 
             row["localisation_n"] = int(tps[k])
             row[f"localisation_within_{NEAR_PX}px"] = float(near[k] / tps[k])
         per[label] = row
-    ident = getattr(diagnoser, "identity", None)
-    return {
-        "model": None if ident is None else {"name": ident.name, "version": ident.version,
-                                             "weights_sha256": ident.weights_sha256},
-        "n": n,
-        "split": getattr(phantom_set, "split", ""),
-        "difficulty": getattr(phantom_set, "difficulty", None),
-        "per_finding": per,
-        "macro_auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
-        **_summary(per),
-        "probabilities": probs,
-        "labels": labels,
-    }
+    return per, aurocs
 
 
 NEAR_PX = 2

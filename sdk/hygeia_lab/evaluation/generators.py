@@ -204,26 +204,10 @@ def real_images(n: int, progress: bool = False) -> dict[str, np.ndarray]:
     return out
 
 
-def evaluate_generator(gen: Any, judge: Any, n: int = 200, condition_kind: str | None = None, seed: int = 0,
-                       progress: bool = False, real: dict[str, np.ndarray] | None = None,
-                       options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """All generator metrics as a JSON-able dict (see the module docstring).
-
-    ``options``: keyword options for every ``gen.generate`` call (e.g. ``{"guidance_scale": 1}``);
-    checked with one single-image call before any other work.
-    """
-    n = _check_n(n)
-    if getattr(gen, "output", None) != "image":
-        raise InputError("generator", "an image generator (output='image')", got=getattr(gen, "output", None))
-    kind, conds = _conditions_for(gen, condition_kind)
-    options = dict(options or {})
-    if "progress" in options:
-        raise InputError("options", "generate options other than 'progress' (the evaluation reports progress)",
-                         got="'progress'")
-    if options:
-        gen.generate(1, condition=conds[0], seed=seed, **options)  # a bad option fails here, before any work
-    real = real if real is not None else real_images(n, progress=progress)
-    labels = list(CONDITION_LABELS) if kind != "none" else ["(unconditional)"]
+def _sample_all(gen: Any, labels: list[str], conds: list[Any], n: int, seed: int, options: dict[str, Any],
+                progress: bool) -> tuple[dict[str, np.ndarray], dict[str, dict[str, Any]], float]:
+    """``n`` images per condition label (seed ``seed + 1000 (k + 1)`` for the k-th), the sampling
+    settings each label's images recorded in their provenance, and the seconds it all took."""
     gen_imgs: dict[str, np.ndarray] = {}
     used: dict[str, dict[str, Any]] = {}
     t0 = time.perf_counter()
@@ -244,6 +228,30 @@ def evaluate_generator(gen: Any, judge: Any, n: int = 200, condition_kind: str |
         if bar is not None:
             bar.close()
     sampling_s = time.perf_counter() - t0
+    return gen_imgs, used, sampling_s
+
+
+def evaluate_generator(gen: Any, judge: Any, n: int = 200, condition_kind: str | None = None, seed: int = 0,
+                       progress: bool = False, real: dict[str, np.ndarray] | None = None,
+                       options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """All generator metrics as a JSON-able dict (see the module docstring).
+
+    ``options``: keyword options for every ``gen.generate`` call (e.g. ``{"guidance_scale": 1}``);
+    checked with one single-image call before any other work.
+    """
+    n = _check_n(n)
+    if getattr(gen, "output", None) != "image":
+        raise InputError("generator", "an image generator (output='image')", got=getattr(gen, "output", None))
+    kind, conds = _conditions_for(gen, condition_kind)
+    options = dict(options or {})
+    if "progress" in options:
+        raise InputError("options", "generate options other than 'progress' (the evaluation reports progress)",
+                         got="'progress'")
+    if options:
+        gen.generate(1, condition=conds[0], seed=seed, **options)  # a bad option fails here, before any work
+    real = real if real is not None else real_images(n, progress=progress)
+    labels = list(CONDITION_LABELS) if kind != "none" else ["(unconditional)"]
+    gen_imgs, used, sampling_s = _sample_all(gen, labels, conds, n, seed, options, progress)
     real_all = np.concatenate([real[c][:n] for c in CONDITION_LABELS])
     gen_all = np.concatenate(list(gen_imgs.values()))
 
