@@ -114,6 +114,26 @@ def test_each_precision_is_reproducible_and_valid(gen, precision):
     assert sum(m.valid for m in gen.generate(200, seed=1, precision=precision)) >= 170
 
 
+def test_syntax_constrained_sampling_leaves_no_parse_errors(gen):
+    """``syntax=True``: every sample that ended before the length limit parses (valence and
+    aromaticity aside), where unconstrained sampling leaves unclosed rings and branches."""
+    from rdkit import Chem
+
+    from hygeia.chem import quiet_rdkit
+
+    quiet_rdkit()
+
+    def unparseable(syntax: bool) -> list[str]:
+        mols = gen.generate(400, seed=6, syntax=syntax)
+        return [m.smiles for m in mols if Chem.MolFromSmiles(m.smiles, sanitize=False) is None
+                and len(m.smiles) < 80]  # well short of the 100-token limit
+
+    assert unparseable(True) == []
+    assert len(unparseable(False)) >= 3
+    with pytest.raises(InputError, match="syntax"):
+        gen.generate(4, syntax="yes")
+
+
 def test_bulk_validity_is_rdkits_verdict(gen):
     from rdkit import Chem
 

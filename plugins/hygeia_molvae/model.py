@@ -99,7 +99,7 @@ class MoleculeVAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, z: torch.Tensor, cond: torch.Tensor, generator: torch.Generator,
-               temperature: float = 1.0, precision: str = "float32") -> torch.Tensor:
+               temperature: float = 1.0, precision: str = "float32", syntax: bool = False) -> torch.Tensor:
         """Autoregressive sampling -> token ids ``[B, <= max_len + 1]`` (EOS, then PAD).
 
         The decoder runs as :class:`DecoderSteps` (the GRU's equations with the input projection
@@ -107,9 +107,13 @@ class MoleculeVAE(nn.Module):
         product in bfloat16 (twice as fast on CPUs with native bfloat16; the state and gates stay
         float32). Finished rows leave the batch, so the cost follows the mean length, not the
         longest. Random draws come from ``generator`` (CPU), one uniform number per row and step,
-        in a fixed order: reproducible from its seed at a given precision.
+        in a fixed order: reproducible from its seed at a given precision. ``syntax=True`` draws
+        only tokens that keep the SMILES parseable (:class:`~hygeia_molvae.syntax.SmilesSyntax`).
         """
+        from .syntax import SmilesSyntax
+
         b = z.shape[0]
+        grammar = SmilesSyntax(self.cfg.vocab, EOS, b) if syntax else None
         steps = DecoderSteps(self, torch.cat([z, cond], 1), temperature, getattr(torch, precision))
         eos = self.cfg.vocab.index(EOS)
         out = torch.zeros(b, self.cfg.max_len + 1, dtype=torch.long)
@@ -118,10 +122,15 @@ class MoleculeVAE(nn.Module):
         tok = torch.full((b,), self.cfg.vocab.index(BOS), dtype=torch.long, device=z.device)
         t = 0
         for t in range(self.cfg.max_len + 1):
-            cdf = torch.softmax(steps(tok), -1).cumsum_(1).float().cpu()
+            logits = steps(tok).float().cpu()
+            if grammar is not None:
+                logits.masked_fill_(grammar.forbidden(), -float("inf"))
+            cdf = torch.softmax(logits, -1).cumsum_(1)
             u = torch.rand(len(cdf), 1, generator=generator)
             nxt = (cdf[:, :-1] < u * cdf[:, -1:]).sum(1).masked_fill_(done, 0)  # inverse-CDF draw
             out[active, t] = nxt
+            if grammar is not None:
+                grammar.update(nxt)
             done |= nxt == eos
             finished = int(done.sum())
             if finished == len(done):
@@ -130,6 +139,8 @@ class MoleculeVAE(nn.Module):
                 idx = (~done).nonzero()[:, 0]
                 active, nxt, done = active[idx], nxt[idx], done[idx]
                 steps.keep(idx.to(z.device))
+                if grammar is not None:
+                    grammar.keep(idx)
             tok = nxt.to(z.device)
         return out[:, :t + 1]
 

@@ -76,22 +76,26 @@ class MoleculeVAEGenerator:
     def generate(self, n: int, condition: Any = None, seed: int = 0,
                  progress: Callable[[int, int], None] | None = None, batch_size: int = 2048,
                  temperature: float | None = None, properties: bool = False, precision: str | None = None,
-                 **options: Any) -> list[GeneratedMolecule]:
+                 syntax: bool = False, **options: Any) -> list[GeneratedMolecule]:
         """Sample ``n`` molecules from the prior; the same ``seed`` gives the same molecules (at the
         same ``precision``).
 
         ``temperature``: softmax temperature (default: the bundle's ``sampling.temperature``,
         chosen on held-out training molecules); ``properties=True`` also fills each valid
         molecule's logP/QED/SA/MW (slower); ``precision``: of the decoder's hidden-state product,
-        ``"float32"`` or ``"bfloat16"`` (default: :func:`default_precision` for the device).
+        ``"float32"`` or ``"bfloat16"`` (default: :func:`default_precision` for the device);
+        ``syntax``: draw only tokens that keep the SMILES parseable (default False: see the plugin page).
         """
         if temperature is None:
             temperature = float(self.config.get("sampling", {}).get("temperature", 1.0))
         if options:
-            raise InputError("options", "batch_size, temperature, properties or precision", got=", ".join(options))
+            raise InputError("options", "batch_size, temperature, properties, precision or syntax",
+                             got=", ".join(options))
         precision = default_precision(self.device) if precision is None else precision
         if precision not in PRECISIONS:
             raise InputError("precision", " or ".join(PRECISIONS), got=repr(precision))
+        if not isinstance(syntax, bool):
+            raise InputError("syntax", "true or false", got=repr(syntax))
         n, seed = check_n(n, self.max_n), check_seed(seed)
         if not (isinstance(temperature, (int, float)) and 0.05 <= temperature <= 5):
             raise InputError("temperature", "a number in [0.05, 5]", got=repr(temperature))
@@ -101,7 +105,7 @@ class MoleculeVAEGenerator:
         smiles: list[str] = []
         for start in range(0, n, batch_size):
             ids = self.model.sample(z[start:start + batch_size], cond[start:start + batch_size], g, temperature,
-                                    precision)
+                                    precision, syntax)
             smiles.extend(self.decode(ids))
             if progress is not None:
                 progress(len(smiles), n)
