@@ -11,6 +11,7 @@ Every figure is measured in this run and printed next to its target as a ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -89,6 +90,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--precision", choices=PRECISIONS, default=None,
                     help="decoder precision (default: the generator's for this CPU); speed is also shown for float32")
+    ap.add_argument("--syntax", choices=("on", "off"), default=None,
+                    help="syntax-constrained decoding (default: the generator's default)")
     ap.add_argument("--moses", type=int, default=0, help="also run MOSES metrics on this many samples")
     ap.add_argument("--conditioning", type=int, default=0, help="samples per property target (0: skip)")
     ap.add_argument("--samples-out", type=Path, default=None, help="write the MOSES samples (.smi)")
@@ -101,6 +104,8 @@ def main() -> None:
 
     opts = {"bundle": str(args.bundle)} if args.bundle else {}
     gen = hygeia.create("generator", "molecule-vae", device="cpu", **opts)
+    if args.syntax is not None:  # every generate() call below uses it
+        gen.generate = functools.partial(gen.generate, syntax=args.syntax == "on")
     report: dict[str, Any] = {}
     precision = args.precision or default_precision("cpu")
     s = speed(gen, args.n, args.seed, precision)
@@ -150,7 +155,8 @@ def main() -> None:
         from hygeia_molvae.plugin import WEIGHTS, update_card_metrics
 
         m: dict[str, Any] = {"cpu_valid_molecules_per_s": round(s["valid_per_s"], 1),
-                             "cpu_threads_for_speed": s["threads"], "precision": precision}
+                             "cpu_threads_for_speed": s["threads"], "precision": precision,
+                             "syntax": args.syntax or "default"}
         if "moses" in report:
             m.update({f"moses_{k}": (None if math.isnan(v) else round(v, 4)) for k, v in report["moses"].items()})
         if "conditioning" in report:

@@ -105,8 +105,8 @@ class MoleculeVAE(nn.Module):
         The decoder runs as :class:`DecoderSteps` (the GRU's equations with the input projection
         folded into a per-token table). ``precision="bfloat16"`` runs the hidden-state matrix
         product in bfloat16 (twice as fast on CPUs with native bfloat16; the state and gates stay
-        float32). Finished rows leave the batch, so the cost follows the mean length, not the
-        longest. Random draws come from ``generator`` (CPU), one uniform number per row and step,
+        float32). Finished rows write padding until an eighth of the batch has finished, then leave
+        it, so the cost follows the mean length, not the longest. Random draws come from ``generator`` (CPU), one uniform number per row and step,
         in a fixed order: reproducible from its seed at a given precision. ``syntax=True`` draws
         only tokens that keep the SMILES parseable (:class:`~hygeia_molvae.syntax.SmilesSyntax`).
         """
