@@ -165,6 +165,22 @@ def test_property_conditioner_encodes_and_checks_ranges():
         cond.encode([])
 
 
+def test_a_valid_molecule_without_computable_properties_is_named_and_skipped():
+    """RDKit parses this SMILES but cannot sanitise it again (QED removes hydrogens): a clear
+    InputError, left out of property statistics, and hidden from training's conditioning."""
+    import torch
+
+    from hygeia_lab.evaluation.molecules import property_rows
+    from hygeia_molvae.train import _cond_from_props
+
+    odd = "O=C(c1cc(N2CCCC2=O)c2ccoc2c2O)s1C1CC1O2"
+    with pytest.raises(InputError, match="molecule"):
+        molecular_properties(odd)
+    assert len(property_rows([odd, "CCO"])) == 1
+    cond = _cond_from_props(torch.tensor([[float("nan")] * 4]), 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(cond, torch.zeros(1, 8))
+
+
 def test_write_smi_and_sdf(tmp_path: Path):
     from rdkit import Chem
 

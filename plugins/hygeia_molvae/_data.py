@@ -2,6 +2,7 @@
 SMILES to train on, their checks and tokens, and the batches of token ids and measured properties."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -105,7 +106,10 @@ class Batches(torch.utils.data.Dataset):
         for j in idx:
             j = int(j)
             if j not in self.props:
-                p = molecular_properties(Chem.MolFromSmiles(self.prep.smiles[j]))
-                self.props[j] = [p[k] for k in PROPS]
+                try:
+                    p = molecular_properties(Chem.MolFromSmiles(self.prep.smiles[j]))
+                    self.props[j] = [p[k] for k in PROPS]
+                except InputError:  # RDKit cannot compute them: the molecule trains unconditioned
+                    self.props[j] = [math.nan] * len(PROPS)
             props.append(self.props[j])
         return ids, lengths, torch.tensor(props, dtype=torch.float32)

@@ -116,7 +116,10 @@ class MoleculeVAEGenerator:
         out = []
         for s, ok in zip(smiles, valid_smiles(smiles)):
             mol = Chem.MolFromSmiles(s) if (ok and properties) else None
-            props = molecular_properties(mol) if mol is not None else {}
+            try:
+                props = molecular_properties(mol) if mol is not None else {}
+            except InputError:  # valid, but RDKit cannot compute its properties (hygeia.chem)
+                props = {}
             out.append(GeneratedMolecule(s, ok, seed, condition, self.identity, props))
         return out
 

@@ -255,14 +255,15 @@ def _cond_from_props(props: torch.Tensor, drop: float, g: torch.Generator) -> to
     """Measured properties ``[B, 4]`` -> conditioner vectors with random properties hidden.
 
     A quarter of the rows hide every property (so unconditional sampling is trained as
-    such); in the others each property is hidden with probability ``drop``.
+    such); in the others each property is hidden with probability ``drop``; NaN ones always.
     """
     from hygeia.plugins import get_registry
 
     z = get_registry().get("conditioner", "property").factory.normalise(props)
     mask = (torch.rand(z.shape, generator=g) >= drop).float()
     mask *= (torch.rand(z.shape[0], 1, generator=g) >= 0.25).float()
-    return torch.cat([z * mask, mask], 1)
+    mask *= torch.isfinite(z).float()  # properties RDKit could not compute (NaN) are always hidden
+    return torch.cat([torch.nan_to_num(z) * mask, mask], 1)
 
 
 def _loss(model: MoleculeVAE, ids: torch.Tensor, lengths: torch.Tensor, cond: torch.Tensor,

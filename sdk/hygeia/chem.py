@@ -58,7 +58,9 @@ def valid_smiles(smiles: Sequence[str]) -> list[bool]:
 def molecular_properties(mol: Any) -> dict[str, float]:
     """RDKit logP (Crippen), QED, SA score (Ertl) and molecular weight of a SMILES or Mol.
 
-    Raises InputError for a SMILES that RDKit cannot parse.
+    Raises InputError for a SMILES that RDKit cannot parse, and for the rare molecule that RDKit
+    parses but cannot sanitise again (QED removes hydrogens, which re-kekulises: e.g.
+    ``O=C(c1cc(N2CCCC2=O)c2ccoc2c2O)s1C1CC1O2``).
     """
     from rdkit import Chem
     from rdkit.Chem import QED, Crippen, Descriptors
@@ -68,8 +70,12 @@ def molecular_properties(mol: Any) -> dict[str, float]:
         if m is None:
             raise InputError("smiles", "a SMILES string RDKit can parse", got=repr(mol)[:100])
         mol = m
-    return {"logP": float(Crippen.MolLogP(mol)), "QED": float(QED.qed(mol)),
-            "SA": float(_sascorer().calculateScore(mol)), "MW": float(Descriptors.MolWt(mol))}
+    try:
+        return {"logP": float(Crippen.MolLogP(mol)), "QED": float(QED.qed(mol)),
+                "SA": float(_sascorer().calculateScore(mol)), "MW": float(Descriptors.MolWt(mol))}
+    except (Chem.rdchem.MolSanitizeException, RuntimeError, ValueError) as exc:
+        raise InputError("molecule", "one whose properties RDKit can compute",
+                         got=f"{Chem.MolToSmiles(mol)[:100]} ({type(exc).__name__})") from None
 
 
 def read_smiles(path: str | os.PathLike[str]) -> list[str]:

@@ -110,7 +110,8 @@ def main(path: Path, json_out: bool = False, n_jobs: int = 1, device: str | None
 
 
 def property_rows(smiles: Iterable[str]) -> list[dict[str, float]]:
-    """``molecular_properties`` for every SMILES RDKit parses (invalid ones are left out)."""
+    """``molecular_properties`` for every SMILES RDKit parses (invalid ones, and the rare valid one
+    whose properties RDKit cannot compute, are left out)."""
     from rdkit import Chem
 
     quiet_rdkit()
@@ -118,5 +119,8 @@ def property_rows(smiles: Iterable[str]) -> list[dict[str, float]]:
     for s in smiles:
         m = Chem.MolFromSmiles(s)
         if m is not None:
-            rows.append(molecular_properties(m))
+            try:
+                rows.append(molecular_properties(m))
+            except InputError:  # parsed, but RDKit cannot compute its properties: left out too
+                continue
     return rows
