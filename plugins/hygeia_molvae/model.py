@@ -108,9 +108,9 @@ class MoleculeVAE(nn.Module):
         float32). Finished rows write padding until an eighth of the batch has finished, then leave
         it, so the cost follows the mean length, not the longest. Random draws come from ``generator`` (CPU), one uniform number per row and step,
         in a fixed order: reproducible from its seed at a given precision. ``syntax=True`` draws
-        only tokens that keep the SMILES parseable (:class:`~hygeia_molvae.syntax.SmilesSyntax`).
+        only tokens that keep the SMILES parseable (:class:`~hygeia_molvae._syntax.SmilesSyntax`).
         """
-        from .syntax import SmilesSyntax
+        from ._syntax import SmilesSyntax
 
         b = z.shape[0]
         grammar = SmilesSyntax(self.cfg.vocab, EOS, b) if syntax else None
