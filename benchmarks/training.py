@@ -83,7 +83,7 @@ def run_steps(rows: list, arch: str, size: int, steps: int, batch: int, workers:
     """Train ``steps`` steps (after 2 warm-up steps); images/s over the timed steps, per the whole job."""
     import torch
 
-    from hygeia_lab.training import Item, ShardedPermutation, init_distributed
+    from hygeia_lab.training import Item, ShardedPermutation, init_distributed, leave_distributed
     from hygeia_lab.training.data import dataset, loader
     from hygeia_lab.training.loop import _masked_bce
 
@@ -110,6 +110,8 @@ def run_steps(rows: list, arch: str, size: int, steps: int, batch: int, workers:
         opt.step()
         if step >= 2:
             times.append(time.perf_counter() - t0)
+    if world > 1:
+        leave_distributed()
     import resource
 
     return {"arch": arch, "world": world, "rank": rank, "images_per_s": batch * len(times) / sum(times),

@@ -8,9 +8,9 @@ best weights, thresholds chosen on validation and the per-epoch history, which
 from __future__ import annotations
 
 from .data import Item, ShardedPermutation, patient_split, pos_weight, split_label_file
-from .loop import FitConfig, FitResult, auroc_per_finding, fit, init_distributed, youden_thresholds
+from .loop import FitConfig, FitResult, auroc_per_finding, fit, init_distributed, leave_distributed, youden_thresholds
 from .report import codes_config, curve_png, export_command, metrics_csv, phantom_export
 
 __all__ = ["FitConfig", "FitResult", "Item", "ShardedPermutation", "auroc_per_finding", "curve_png", "fit",
-           "init_distributed", "metrics_csv", "patient_split", "pos_weight", "youden_thresholds", "codes_config",
+           "init_distributed", "leave_distributed", "metrics_csv", "patient_split", "pos_weight", "youden_thresholds", "codes_config",
            "phantom_export", "export_command", "split_label_file"]

@@ -80,6 +80,16 @@ def init_distributed() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def leave_distributed() -> None:
+    """Wait for every rank, then leave the process group. A gloo group left open at exit can abort
+    a rank ("terminate called without an active exception") after its work is done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def auroc_per_finding(y: np.ndarray, p: np.ndarray, mask: np.ndarray) -> list[float]:
     """AUROC per finding over the labelled rows (NaN where a finding lacks one of the classes)."""
     from sklearn.metrics import roc_auc_score
@@ -201,7 +211,9 @@ def _broadcast(value: Any, world: int) -> Any:
 
 def fit(net: torch.nn.Module, train_items: Sequence[Item], val_items: Sequence[Item], out: Path,
         cfg: FitConfig) -> FitResult | None:
-    """Train ``net`` on ``train_items``, early-stopped on the macro AUROC of ``val_items``."""
+    """Train ``net`` on ``train_items``, early-stopped on the macro AUROC of ``val_items``. Under
+    torchrun it joins the process group, and leaves it at the end when it joined it."""
+    joined_here = torch.distributed.is_available() and not torch.distributed.is_initialized()
     rank, world = init_distributed()
     torch.manual_seed(cfg.seed)
     device = pick_device(cfg.device) if world == 1 or not torch.cuda.is_available() \
@@ -243,6 +255,8 @@ def fit(net: torch.nn.Module, train_items: Sequence[Item], val_items: Sequence[I
                 break
     finally:
         bars.close()
+        if world > 1 and joined_here:
+            leave_distributed()
     if rank != 0:
         return None
     net.load_state_dict(best)
