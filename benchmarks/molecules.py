@@ -11,7 +11,6 @@ Every figure is measured in this run and printed next to its target as a ratio.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -33,35 +32,36 @@ COND_TARGETS = {"logP": [0.5, 1.5, 2.5, 3.5, 4.5], "QED": [0.6, 0.7, 0.8, 0.9], 
                 "MW": [260.0, 285.0, 310.0, 335.0]}
 
 
-def speed(gen: Any, n: int, seed: int, precision: str, repeats: int = 3) -> dict[str, float]:
-    """Valid molecules per second for ``n`` samples: the median of ``repeats`` timed runs (and the best)."""
-    gen.generate(min(n, 500), seed=seed + 1, precision=precision)  # warm-up
+def speed(gen: Any, n: int, seed: int, sampling: dict[str, Any], repeats: int = 3) -> dict[str, float]:
+    """Valid molecules per second for ``n`` samples: the median of ``repeats`` timed runs (and the best);
+    ``sampling``: generate() options (precision, syntax)."""
+    gen.generate(min(n, 500), seed=seed + 1, **sampling)  # warm-up
     rates, seconds, valid = [], [], 0
     for r in range(repeats):
         t = time.perf_counter()
-        mols = gen.generate(n, seed=seed + r, precision=precision)
+        mols = gen.generate(n, seed=seed + r, **sampling)
         seconds.append(time.perf_counter() - t)
         valid = sum(m.valid for m in mols)
         rates.append(valid / seconds[-1])
-    return {"n": n, "precision": precision, "repeats": repeats, "seconds_median": float(np.median(seconds)),
+    return {"n": n, "precision": sampling["precision"], "repeats": repeats, "seconds_median": float(np.median(seconds)),
             "valid": valid, "valid_per_s": float(np.median(rates)), "valid_per_s_best": max(rates),
             "threads": torch.get_num_threads()}
 
 
-def conditioning(gen: Any, per_target: int, seed: int, precision: str) -> dict[str, dict[str, Any]]:
+def conditioning(gen: Any, per_target: int, seed: int, sampling: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """For each property: sample at several targets; Pearson r(target, measured) and the means; for
     logP and QED also the share of valid samples within :data:`TOLERANCE` of the target, conditioned
     against unconditioned sampling (the same unconditioned samples scored against each target)."""
     from hygeia_lab.evaluation.molecules import property_rows
 
-    base = property_rows([m.smiles for m in gen.generate(per_target * 2, seed=seed, precision=precision)])
+    base = property_rows([m.smiles for m in gen.generate(per_target * 2, seed=seed, **sampling)])
     out: dict[str, dict[str, Any]] = {}
     for prop, targets in COND_TARGETS.items():
         xs, ys, means, near, near_base = [], [], [], [], []
         tol = TOLERANCE.get(prop)
         for i, t in enumerate(targets):
             rows = property_rows([m.smiles for m in gen.generate(per_target, condition={prop: t}, seed=seed + 1 + i,
-                                                                precision=precision)])
+                                                                **sampling)])
             vals = [r[prop] for r in rows]
             xs += [t] * len(vals)
             ys += vals
@@ -104,11 +104,10 @@ def main() -> None:
 
     opts = {"bundle": str(args.bundle)} if args.bundle else {}
     gen = hygeia.create("generator", "molecule-vae", device="cpu", **opts)
-    if args.syntax is not None:  # every generate() call below uses it
-        gen.generate = functools.partial(gen.generate, syntax=args.syntax == "on")
     report: dict[str, Any] = {}
     precision = args.precision or default_precision("cpu")
-    s = speed(gen, args.n, args.seed, precision)
+    sampling: dict[str, Any] = {"precision": precision, **({} if args.syntax is None else {"syntax": args.syntax == "on"})}
+    s = speed(gen, args.n, args.seed, sampling)
     report["speed"] = s
     s["loadavg_1min"] = os.getloadavg()[0]
     print(f"sampling on CPU ({s['threads']} thread(s), {os.cpu_count()} cores, load average "
@@ -116,7 +115,7 @@ def main() -> None:
     print(f"  valid molecules/s   {precision:<8} {s['valid_per_s']:8.0f} (best {s['valid_per_s_best']:.0f})   "
           f"target {TARGET_VALID_PER_S:6.0f}   ratio {s['valid_per_s'] / TARGET_VALID_PER_S:.2f}x")
     if precision != "float32":  # the exact float32 path, side by side
-        f = report["speed_float32"] = speed(gen, args.n, args.seed, "float32")
+        f = report["speed_float32"] = speed(gen, args.n, args.seed, {**sampling, "precision": "float32"})
         print(f"  valid molecules/s   float32  {f['valid_per_s']:8.0f} (best {f['valid_per_s_best']:.0f})   "
               f"{precision} / float32 {s['valid_per_s'] / f['valid_per_s']:.2f}x")
     if args.moses:
@@ -126,7 +125,7 @@ def main() -> None:
         from hygeia_lab.evaluation.molecules import evaluate_smiles, render_table
 
         t = time.perf_counter()
-        smiles = [m.smiles for m in gen.generate(args.moses, seed=args.seed, precision=precision)]
+        smiles = [m.smiles for m in gen.generate(args.moses, seed=args.seed, **sampling)]
         if args.samples_out:
             write_molecules(smiles, args.samples_out)
         metrics = evaluate_smiles(smiles, n_jobs=1, device="cpu")
@@ -138,7 +137,7 @@ def main() -> None:
             print(f"  {k:<13} ours {v:7.4f}   target {op} {target:<6}  {'met' if ok else 'NOT met'}")
         print(f"  (MOSES metrics took {time.perf_counter() - t:.0f} s)")
     if args.conditioning:
-        c = conditioning(gen, args.conditioning, args.seed, precision)
+        c = conditioning(gen, args.conditioning, args.seed, sampling)
         report["conditioning"] = c
         print("property conditioning (mean of valid samples per target):")
         for prop, d in c.items():

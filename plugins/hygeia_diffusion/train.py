@@ -117,36 +117,33 @@ def _space(mode: str, patch: int, vae: str | Path | None, unet: dict[str, Any] |
     factor, and records the vae bundle SHA-256 that bundle was trained on; the UNet's channels and
     sample size follow the latent, and samples are not clipped.
     """
-    if mode == "latent" and vae and (Path(vae) / "vae" / "config.json").is_file():
-        return _space_of_diffusion_bundle(Path(vae), patch, unet, device)
     if mode == "latent":
-        from hygeia.plugins import get_registry
-
-        vgen = get_registry().create("generator", "vae", **({"bundle": vae} if vae else {}))
-        ae = vgen.autoencoder.to(device)
+        ae, scaling, vae_id = _autoencoder(vae, device)
         unet_cfg = {**UNET, "in_channels": ae.config.latent_channels, "out_channels": ae.config.latent_channels,
                     "sample_size": SIZE // 2 ** (len(ae.config.block_out_channels) - 1), **(unet or {})}
-        return (Space(mode, patch, ae, float(vgen.scaling_factor)), vgen.identity.weights_sha256, unet_cfg,
-                {**SCHEDULER, "clip_sample": False})
+        return Space(mode, patch, ae, scaling), vae_id, unet_cfg, {**SCHEDULER, "clip_sample": False}
     unet_cfg = {**UNET, "in_channels": patch * patch, "out_channels": patch * patch, "sample_size": SIZE // patch,
                 **(unet or {})}
     return Space(mode, patch, None, 1.0), None, unet_cfg, dict(SCHEDULER)
 
 
-def _space_of_diffusion_bundle(bundle: Path, patch: int, unet: dict[str, Any] | None,
-                               device: torch.device) -> tuple[Space, str | None, dict[str, Any], dict[str, Any]]:
-    """:func:`_space` on the autoencoder a latent-mode diffusion bundle carries (its ``vae/`` folder)."""
-    from diffusers import AutoencoderKL
+def _autoencoder(vae: str | Path | None, device: torch.device) -> tuple[Any, float, str | None]:
+    """Latent mode's autoencoder, scaling factor and vae bundle SHA-256: from a latent-mode diffusion
+    bundle's ``vae/`` folder when ``vae`` is one, else from the ``vae`` plugin (``vae``: its bundle)."""
+    if vae and (Path(vae) / "vae" / "config.json").is_file():
+        from diffusers import AutoencoderKL
 
-    b = load_bundle(bundle)
-    verify_bundle(bundle, b.tensors)
-    if b.config.get("mode") != "latent" or "latent_scaling" not in b.config:
-        raise InputError("vae", "a vae bundle, or a latent-mode diffusion bundle", got=str(bundle))
-    ae = AutoencoderKL.from_pretrained(bundle / "vae", low_cpu_mem_usage=False).to(device).eval()
-    unet_cfg = {**UNET, "in_channels": ae.config.latent_channels, "out_channels": ae.config.latent_channels,
-                "sample_size": SIZE // 2 ** (len(ae.config.block_out_channels) - 1), **(unet or {})}
-    return (Space("latent", patch, ae, float(b.config["latent_scaling"])),
-            b.config.get("training", {}).get("vae_weights_sha256"), unet_cfg, {**SCHEDULER, "clip_sample": False})
+        bundle = Path(vae)
+        b = load_bundle(bundle)
+        verify_bundle(bundle, b.tensors)
+        if b.config.get("mode") != "latent" or "latent_scaling" not in b.config:
+            raise InputError("vae", "a vae bundle, or a latent-mode diffusion bundle", got=str(bundle))
+        ae = AutoencoderKL.from_pretrained(bundle / "vae", low_cpu_mem_usage=False).to(device).eval()
+        return ae, float(b.config["latent_scaling"]), b.config.get("training", {}).get("vae_weights_sha256")
+    from hygeia.plugins import get_registry
+
+    vgen = get_registry().create("generator", "vae", **({"bundle": vae} if vae else {}))
+    return vgen.autoencoder.to(device), float(vgen.scaling_factor), vgen.identity.weights_sha256
 
 
 def _unet(init: str | Path | None, mode: str, unet_cfg: dict[str, Any],
