@@ -194,6 +194,11 @@ def test_warm_start_and_finer_maps(tmp_path):
     net = FusionNet(**arch)
     net.load_state_dict(b.tensors)
     assert net(torch.zeros(1, 1, 64, 64))["maps"].shape == (1, 5, 32, 32)
+    from hygeia_fusion.model import warm_start
+
+    wider = FusionNet(**dict(arch, widths=(16, 16, 32, 32)))  # a backbone of other widths: refused, not skipped
+    with pytest.raises(InputError, match="backbone.*shape"):
+        warm_start(wider, tmp_path / "b")
 
 
 def test_input_size_option(tmp_path):

@@ -86,3 +86,25 @@ def test_augmentation_varies_images_and_repeats_with_the_seed(tmp_path):
     for workers in (0, 2):
         one, two = batches(workers), batches(workers)
         assert all(np.array_equal(x, y) for x, y in zip(one, two)), workers
+
+
+def test_bfloat16_steps_train_a_plain_float32_bundle(tmp_path):
+    """``precision=bfloat16`` runs the steps under autocast on channels-last tensors; the bundle it
+    writes holds float32 tensors in the plain layout (safetensors needs them contiguous), loads
+    into the network, and the card's command repeats the option. Other precisions are refused."""
+    import json
+
+    from hygeia.bundles import load_bundle
+    from hygeia_cnn._user_data import train_on_files
+    from hygeia_cnn.model import DEFAULT_ARCH, CnnNet
+
+    labels = export_phantoms(tmp_path / "d", layout="datalist", n=40, size=32, image_format="png", progress=False)
+    out = train_on_files(tmp_path / "b", 0, False, data=labels, epochs=2, size=32, batch_size=8, workers=0, threads=1,
+                         precision="bfloat16")
+    b = load_bundle(out)
+    assert all(t.is_contiguous() and (t.dtype == torch.float32 or not t.is_floating_point()) for t in b.tensors.values())
+    CnnNet(DEFAULT_ARCH, n_out=len(b.config["findings"])).load_state_dict(b.tensors)
+    assert b.config["training"]["precision"] == "bfloat16"
+    assert "--option precision=bfloat16" in json.loads((out / "model_card.json").read_text())["training_data"]
+    with pytest.raises(InputError, match="precision.*float32, bfloat16"):
+        train_on_files(tmp_path / "x", 0, False, data=labels, epochs=1, size=32, precision="float16")

@@ -29,7 +29,7 @@ from .plugin import CARD, VERSION
 
 USER_DEFAULTS: dict[str, Any] = {
     "epochs": 10, "size": 256, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4, "patience": 3, "workers": 2,
-    "val_fraction": 0.2, "augment": False, "threads": None, "device": None, "arch": None,
+    "val_fraction": 0.2, "augment": False, "threads": None, "device": None, "arch": None, "precision": "float32",
 }
 
 
@@ -69,7 +69,8 @@ def _config(table: LabelTable, arch: dict[str, Any], o: dict[str, Any], threshol
 def _command(plugin: str, phantoms: dict[str, Any], o: dict[str, Any], seed: int) -> str:
     """The commands that rebuild this bundle from the repository alone (a phantom export, then training)."""
     exp = export_command(phantoms)
-    extra = "".join(f" --option {k}={o[k]}" for k in ("size", "batch_size", "lr", "weight_decay", "patience", "val_fraction")
+    extra = "".join(f" --option {k}={o[k]}" for k in ("size", "batch_size", "lr", "weight_decay", "patience", "val_fraction",
+                                                     "precision")
                     if o[k] != USER_DEFAULTS[k])
     return f"`{exp}` then `hygeia train {plugin} --data DIR/{phantoms.get('label_file')} --epochs {o['epochs']} --seed {seed}{extra}`"
 

@@ -1,10 +1,11 @@
-"""The ``cnn`` network: intensity normalisation + a small MONAI ``ResNet`` (2-D, 1 channel in, F logits out).
+"""The ``cnn`` network: intensity normalisation + a MONAI ``ResNet`` (2-D, 1 channel in, F logits out).
 
 :data:`DEFAULT_ARCH` is the network config a bundle's ``config["arch"]`` overrides (the 64 px phantom
-model); :data:`ARCH_256` is the same ResNet with a stride-2 7x7 stem and max pooling, for images of
-256 px and more (the user-data trainer's default). :class:`CnnNet` builds either (MONAI is imported
-when a network is built). :func:`_minmax` is the per-image min-max
-scaling of the Grad-CAM maps (also used by the tests against ``monai.visualize.GradCAM``).
+model, widths 16-128); :data:`ARCH_256` is ResNet-18 (widths 64-512) with a stride-2 7x7 stem and
+max pooling, for images of 128 px and more (the user-data trainer's default there, and ``cxr``).
+:class:`CnnNet` builds either (MONAI is imported when a network is built). :func:`_minmax` is the
+per-image min-max scaling of the Grad-CAM maps (also used by the tests against
+``monai.visualize.GradCAM``).
 """
 from __future__ import annotations
 
@@ -29,9 +30,10 @@ DEFAULT_ARCH: dict[str, Any] = {
     "pool": "avgmax",
 }
 
-ARCH_256: dict[str, Any] = {**DEFAULT_ARCH, "conv1_t_size": 7, "conv1_t_stride": 2, "no_max_pool": False}
-"""For 256-512 px: the stem downsamples 4x (stride-2 7x7 conv + max pool) as ResNets do on
-ImageNet-sized images; 109 training images/s at 256 px on 2 CPU cores (benchmarks/training.py)."""
+ARCH_256: dict[str, Any] = {**DEFAULT_ARCH, "block_inplanes": [64, 128, 256, 512], "conv1_t_size": 7,
+                             "conv1_t_stride": 2, "no_max_pool": False}
+"""For 256-512 px: ResNet-18 (11 M parameters, the standard widths 64-512); the stem downsamples 4x
+(stride-2 7x7 conv + max pool) as ResNets do on ImageNet-sized images."""
 
 
 class AvgMaxPool(nn.Module):

@@ -178,7 +178,7 @@ class CnnDiagnoser:
 
 
 class CxrDiagnoser(CnnDiagnoser):
-    """The ``cxr`` diagnoser: the same network at 256 px (``ARCH_256``), trained from labelled files."""
+    """The ``cxr`` diagnoser: ResNet-18 at 256 px (``ARCH_256``), trained from labelled files."""
 
     name, default_weights = CXR_NAME, CXR_WEIGHTS
     max_batch_size = 32

@@ -8,7 +8,7 @@ file's findings with their SNOMED CT codes. Rows are split by patient; images st
 ignored), early stopping on validation macro AUROC and checkpoints (``--resume``). The text
 encoder stays frozen; a share of training images (``text_dropout``) loses its text so the image-only
 mode is learnt too. ``--init`` warm-starts from a fusion bundle or an image-only diagnoser's
-(``cxr``): every tensor whose name and shape fit.
+(``cxr``): every tensor whose name and shape fit; a backbone of other widths is refused.
 """
 from __future__ import annotations
 

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hygeia.errors import InputError
+
 TEXT_DIM = 384  # all-MiniLM-L6-v2 hidden size
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -41,9 +43,9 @@ ARCH_DEFAULTS: dict[str, Any] = {
     "width": 64, "heads": 4, "layers": 1, "widths": [16, 32, 64, 128], "blocks": [2, 2, 2, 2], "stem": 7,
     "mean": 0.5, "std": 0.25, "grid": 16, "pool": True, "fine": True, "finer": False,
 }
-"""The trainers' network: the ``cxr`` diagnoser's backbone (MONAI ResNet, 7x7 stem, 2-2-2-2 basic
-blocks of 16-128 channels, its input normalisation), 16x16 co-attention grid, evidence maps at a
-quarter of the input size."""
+"""The trainers' network: the ``cxr`` diagnoser's backbone layout at a quarter of its width (MONAI
+ResNet, 7x7 stem, 2-2-2-2 basic blocks of 16-128 channels, its input normalisation), 16x16
+co-attention grid, evidence maps at a quarter of the input size."""
 
 
 class CoAttentionBlock(nn.Module):
@@ -89,7 +91,7 @@ class FusionNet(nn.Module):
         from monai.networks.nets import ResNet
 
         self.n_findings, self.grid, self.pool = n_findings, grid, pool
-        self.mean, self.std = float(mean), float(std)  # input normalisation (the ``cxr`` backbone's: 0.5, 0.25)
+        self.mean, self.std = float(mean), float(std)  # input normalisation (the ``cxr``'s: 0.5, 0.25)
         # MONAI ResNet as the vision encoder: ``stem``x``stem`` stride-2 stem (+ max-pool if ``pool``), then
         # four stages of ``blocks`` basic blocks: at 64 px 32, 16, 8, 4 px maps (16, 8, 4, 2 with the pool)
         self.backbone = ResNet("basic", list(blocks), list(widths), spatial_dims=2, n_input_channels=1,
@@ -239,6 +241,11 @@ def warm_start(net: FusionNet, init: str | Any, progress: bool = False) -> int:
     if any(k.startswith("net.") for k in init_t) and not any(k.startswith("backbone.") for k in init_t):
         init_t = {"backbone." + k[len("net."):]: v for k, v in init_t.items() if k.startswith("net.")}
     tensors = {k: v for k, v in init_t.items() if k in have and have[k].shape == v.shape}
+    other = [k for k, v in init_t.items() if k.startswith("backbone.") and k in have and have[k].shape != v.shape]
+    if other:  # a backbone of other widths would silently train from scratch
+        k = other[0]
+        raise InputError(f"--init bundle {str(init)!r}", "an image backbone with this network's layout (--option widths=...)",
+                         got=f"{k} of shape {tuple(init_t[k].shape)}, the network's {tuple(have[k].shape)}")
     net.load_state_dict(tensors, strict=False)
     if progress:
         print(f"warm start from {init}: {len(tensors)}/{len(have)} tensors")

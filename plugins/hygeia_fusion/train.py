@@ -43,8 +43,9 @@ DEFAULTS: dict[str, Any] = {
     "mask_pool": "avg", "mask_pos_weight": 4.0, "max_tokens": 128, "init": None, "size": 256, "difficulty": 2.0,
     "baselines": True,
 }
-"""The shipped network: the ``cxr`` diagnoser's backbone (MONAI ResNet, 7x7 stem, blocks 2-2-2-2),
-warm-started from its bundle (``init``), at 256 px on phantoms of difficulty 2."""
+"""The shipped network: the ``cxr`` diagnoser's backbone layout (MONAI ResNet, 7x7 stem, blocks
+2-2-2-2) at widths 16-128, warm-started from an image-only bundle of that layout (``init``), at
+256 px on phantoms of difficulty 2."""
 
 _FILE_OPTIONS = ("data", "image_root", "codes", "uncertain", "text_column")  # --data's companions
 
@@ -158,7 +159,7 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     at half the input size, through a stem skip), ``init`` (a bundle to warm-start from: a fusion
     bundle, or an image-only diagnoser's such as ``cxr``, whose ResNet becomes the backbone),
     ``fine`` (evidence maps at a quarter of the input size), ``blocks``, ``widths``, ``stem``,
-    ``mean``, ``std`` (the backbone's layout and input normalisation; the defaults are ``cxr``'s),
+    ``mean``, ``std`` (the backbone's layout and input normalisation; ``cxr``'s at widths 16-128),
     ``baselines`` (also fit the text-only and late-fusion heads, :mod:`hygeia_fusion._baselines`),
     ``threads`` (CPU threads; 0: every core), ``width``, ``layers``, ``data_dir`` (cache phantom
     sets and text states there).
