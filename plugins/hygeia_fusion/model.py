@@ -241,9 +241,8 @@ def warm_start(net: FusionNet, init: str | Any, progress: bool = False) -> int:
     if any(k.startswith("net.") for k in init_t) and not any(k.startswith("backbone.") for k in init_t):
         init_t = {"backbone." + k[len("net."):]: v for k, v in init_t.items() if k.startswith("net.")}
     tensors = {k: v for k, v in init_t.items() if k in have and have[k].shape == v.shape}
-    other = [k for k, v in init_t.items() if k.startswith("backbone.") and k in have and have[k].shape != v.shape]
-    if other:  # a backbone of other widths would silently train from scratch
-        k = other[0]
+    k = next((k for k, v in init_t.items() if k.startswith("backbone.") and k in have and have[k].shape != v.shape), None)
+    if k is not None:  # a backbone of other widths would silently train from scratch
         raise InputError(f"--init bundle {str(init)!r}", "an image backbone with this network's layout (--option widths=...)",
                          got=f"{k} of shape {tuple(init_t[k].shape)}, the network's {tuple(have[k].shape)}")
     net.load_state_dict(tensors, strict=False)
