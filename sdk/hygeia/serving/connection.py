@@ -4,10 +4,13 @@ from __future__ import annotations
 import re
 import threading
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
 
 from .. import errors
 from ..errors import HygeiaError, InputError, PluginNotFoundError
+from . import shm
 
 class RemoteError(HygeiaError):
     """The server failed a request for a reason other than bad input."""
@@ -76,12 +79,14 @@ class Connection:
         ssl, root_certificates, private_key, certificate_chain: TLS (PEM file paths).
         headers: extra gRPC metadata on every call, e.g. ``{"authorization": "Bearer ..."}``;
         token: shortcut for a bearer token.
+        shared_memory: send large inputs (images) through system shared memory: ``"auto"`` (a
+            loopback address without TLS), True or False (:mod:`hygeia.serving.shm`).
     """
 
     def __init__(self, server: str, *, timeout: float = 60.0, retries: int = 3, backoff: float = 0.2,
                  ssl: bool = False, root_certificates: str | None = None, private_key: str | None = None,
                  certificate_chain: str | None = None, headers: Mapping[str, str] | None = None,
-                 token: str | None = None) -> None:
+                 token: str | None = None, shared_memory: bool | str = "auto") -> None:
         self.url, tls = _split_server(server)
         if ":" not in self.url:
             raise InputError("server", "HOST:PORT of Triton's gRPC endpoint", got=repr(server))
@@ -93,6 +98,7 @@ class Connection:
         if token:
             self.headers["authorization"] = f"Bearer {token}"
         self._local = threading.local()
+        self.shared_memory = shm.wanted(shared_memory, self.url.rsplit(":", 1)[0], self.ssl)
 
     def client(self) -> Any:
         c = getattr(self._local, "client", None)
@@ -103,7 +109,47 @@ class Connection:
                 self.url, ssl=self.ssl, root_certificates=self.root_certificates, private_key=self.private_key,
                 certificate_chain=self.certificate_chain)
             self._local.client = c
+            self._local.shared = shm.SharedInput(c, self.headers, self.timeout, self.server) if self.shared_memory else None
         return c
+
+    def _inputs(self, inputs: Mapping[str, np.ndarray]) -> list[Any]:
+        """tritonclient inputs: the first large numeric one through this thread's shared memory
+        region (when on), the others as binary protobuf."""
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import np_to_triton_dtype
+
+        shared = getattr(self._local, "shared", None)
+        out = []
+        for k, v in inputs.items():
+            t = shared.place(k, v) if shared is not None else None
+            if t is not None:
+                shared = None  # one region per client: further inputs go on the wire
+            else:
+                t = grpcclient.InferInput(k, list(v.shape), "BYTES" if v.dtype == np.object_ else np_to_triton_dtype(v.dtype))
+                t.set_data_from_numpy(v)
+            out.append(t)
+        return out
+
+    def infer(self, model: str, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
+              parameters: Mapping[str, Any] | None = None) -> Any:
+        """One inference request (retried like :meth:`call`); the tritonclient result."""
+        import tritonclient.grpc as grpcclient
+
+        outs = [grpcclient.InferRequestedOutput(o) for o in outputs]
+        params = dict(parameters) if parameters else None
+
+        def run(c: Any) -> Any:
+            try:
+                return c.infer(model, self._inputs(inputs), outputs=outs, headers=self.headers,
+                               client_timeout=self.timeout, parameters=params)
+            except Exception as exc:
+                shared = getattr(self._local, "shared", None)
+                if shared is None or not shared.registered or not shm.is_lost_region(exc):
+                    raise
+                shared.forget()  # the server restarted and lost the registration: register again, once
+                return c.infer(model, self._inputs(inputs), outputs=outs, headers=self.headers,
+                               client_timeout=self.timeout, parameters=params)
+        return self.call(model, run)
 
     def call(self, model: str, fn: Callable[[Any], Any]) -> Any:
         """Run ``fn(client)``, retrying transient failures, mapping errors to Hygeia's."""

@@ -57,13 +57,23 @@ class EndpointPool:
 
     def call(self, model: str, fn: Callable[[Any], Any]) -> Any:
         """Run ``fn(client)`` on the next endpoint; on ``UNAVAILABLE`` try the others."""
+        return self._spread(lambda e: e.call(model, fn))
+
+    def infer(self, model: str, inputs: Mapping[str, Any], outputs: Sequence[str],
+              parameters: Mapping[str, Any] | None = None) -> Any:
+        """One inference request on the next endpoint (each endpoint with its own shared memory
+        setting); on ``UNAVAILABLE`` on the others."""
+        return self._spread(lambda e: e.infer(model, inputs, outputs, parameters))
+
+    def _spread(self, fn: Callable[[Any], Any]) -> Any:
+        """``fn(connection)`` on the next endpoint; on ``UNAVAILABLE`` on the others, in rounds."""
         from .connection import ServerUnavailableError
 
         last: Exception | None = None
         for attempt in range(self.retries + 1):
             for i in self._order():
                 try:
-                    return self.endpoints[i].call(model, fn)
+                    return fn(self.endpoints[i])
                 except ServerUnavailableError as exc:
                     self.mark_down(i)
                     last = exc

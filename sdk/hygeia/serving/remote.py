@@ -65,18 +65,7 @@ class _Remote:
 
     def _infer(self, inputs: Mapping[str, np.ndarray], outputs: Sequence[str],
                parameters: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-        import tritonclient.grpc as grpcclient
-        from tritonclient.utils import np_to_triton_dtype
-
-        ins = []
-        for k, v in inputs.items():
-            t = grpcclient.InferInput(k, list(v.shape), "BYTES" if v.dtype == np.object_ else np_to_triton_dtype(v.dtype))
-            t.set_data_from_numpy(v)
-            ins.append(t)
-        outs = [grpcclient.InferRequestedOutput(o) for o in outputs]
-        res = self.conn.call(self.model, lambda c: c.infer(self.model, ins, outputs=outs, headers=self.conn.headers,
-                                                           client_timeout=self.conn.timeout,
-                                                           parameters=dict(parameters) if parameters else None))
+        res = self.conn.infer(self.model, inputs, outputs, parameters)
         return {o: res.as_numpy(o) for o in outputs}
 
 
@@ -225,7 +214,8 @@ def connect(kind: str, name: str, server: str, **opts: Any) -> Any:
     comma-separated endpoints spread requests and fail over, see :mod:`hygeia.serving.endpoints`).
 
     ``opts`` go to :class:`Connection`: ``timeout``, ``retries``, ``backoff``, ``ssl``,
-    ``root_certificates``, ``private_key``, ``certificate_chain``, ``headers``, ``token``
+    ``root_certificates``, ``private_key``, ``certificate_chain``, ``headers``, ``token``,
+    ``shared_memory`` (images through system shared memory to a server on this host)
     (and ``cooldown`` for several endpoints).
     """
     if kind not in REMOTE_KINDS:
