@@ -175,6 +175,48 @@ def test_gradcam_equals_monai(cnn):
     assert not only[:, [0, 1, 3, 4]].any()
 
 
+def test_hirescam_equals_its_definition_on_the_full_graph(cnn):
+    """``cam: "hirescam"``: each activation of ``cam_layer`` times its own gradient, summed over
+    channels, ReLU, upsampled, min-max; the one-pass maps equal that computed on the whole graph."""
+    import torch
+    from hygeia_cnn.model import _minmax
+    from monai.visualize.visualizer import default_upsampler
+
+    from hygeia_cnn.plugin import CnnDiagnoser
+
+    hires = CnnDiagnoser()
+    hires.arch = {**hires.arch, "cam": "hirescam", "cam_layer": "net.layer2"}
+    x = make_phantom_set(3, split="test", findings=["consolidation"]).images
+    acts: list[torch.Tensor] = []
+    hook = dict(hires.net.named_modules())["net.layer2"].register_forward_hook(lambda _m, _i, out: acts.append(out))
+    try:
+        logits = hires.net(torch.from_numpy(x).requires_grad_(True))
+    finally:
+        hook.remove()
+    want = []
+    for k in range(len(FINDING_LABELS)):
+        (g,) = torch.autograd.grad(logits[:, k].sum(), acts[0], retain_graph=True)
+        cam = _minmax(default_upsampler(hires.input_size)(torch.relu((g * acts[0]).sum(1, keepdim=True)).detach()))
+        want.append(np.nan_to_num(cam[:, 0].numpy()).clip(0, 1))
+    got = hires.gradcam(x)
+    np.testing.assert_allclose(got, np.stack(want, 1), atol=1e-5)
+    assert not np.allclose(got, cnn.gradcam(x), atol=1e-3)  # not Grad-CAM's maps
+
+
+def test_unknown_cam_method_is_refused(tmp_path):
+    import json
+    import shutil
+
+    from hygeia_cnn.plugin import WEIGHTS, CnnDiagnoser
+
+    shutil.copytree(WEIGHTS, tmp_path / "b")
+    cfg = json.loads((tmp_path / "b" / "config.json").read_text())
+    cfg["arch"]["cam"] = "scorecam"
+    (tmp_path / "b" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(InputError, match=r"arch\.cam: expected one of gradcam, hirescam, got 'scorecam'"):
+        CnnDiagnoser(bundle=tmp_path / "b")
+
+
 def test_heatmaps_are_thread_safe(cnn):
     """Threads sharing one diagnoser (the gateway's workers, an in-process server) get the maps of
     their own images: the Grad-CAM hook on the shared network is taken one call at a time."""
@@ -204,6 +246,21 @@ def test_cxr_is_the_default_diagnoser_at_256_px():
         assert d.image_size == (256, 256)
         assert all(f.code == finding(f.label).code and f.heatmap.shape == (256, 256) for f in d.findings)
     assert CXR_SPEC.model_card.metrics["val_macro_auroc"] > 0.75
+
+
+def test_cxr_heatmaps_point_at_the_finding():
+    """The default diagnoser's maps (HiResCAM on layer2, from its bundle's config) point inside the
+    enlarged heart; Grad-CAM on layer3 of the same network mostly did not (0.15 on 1,000 phantoms)."""
+    import hygeia
+
+    cxr = hygeia.create("diagnoser", "cxr", device="cpu")
+    assert (cxr.arch["cam"], cxr.arch["cam_layer"]) == ("hirescam", "net.layer2")
+    ps = make_phantom_set(16, "test", size=256, difficulty=2.0, findings=["cardiomegaly"])
+    shipped = evaluate(cxr, ps)["per_finding"]["cardiomegaly"]
+    cxr.arch = {**cxr.arch, "cam": "gradcam", "cam_layer": "net.layer3"}
+    before = evaluate(cxr, ps)["per_finding"]["cardiomegaly"]
+    assert shipped["localisation_n"] >= 10
+    assert shipped["localisation"] >= 0.7 and shipped["localisation"] > before["localisation"] + 0.3
 
 
 def test_lenient_localisation_tolerance_is_2px_at_128px_scale() -> None:

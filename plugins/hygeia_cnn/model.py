@@ -31,9 +31,14 @@ DEFAULT_ARCH: dict[str, Any] = {
 }
 
 ARCH_256: dict[str, Any] = {**DEFAULT_ARCH, "block_inplanes": [64, 128, 256, 512], "conv1_t_size": 7,
-                             "conv1_t_stride": 2, "no_max_pool": False}
+                             "conv1_t_stride": 2, "no_max_pool": False, "cam_layer": "net.layer2", "cam": "hirescam"}
 """For 256-512 px: ResNet-18 (11 M parameters, the standard widths 64-512); the stem downsamples 4x
-(stride-2 7x7 conv + max pool) as ResNets do on ImageNet-sized images."""
+(stride-2 7x7 conv + max pool) as ResNets do on ImageNet-sized images. Heat maps: HiResCAM on
+``layer2`` (stride 8: 32x32 at 256 px), which located findings best on validation phantoms (see
+docs/plugins/cnn.md)."""
+
+CAM_METHODS = ("gradcam", "hirescam")
+"""``arch["cam"]``: how heat maps weight the ``cam_layer`` activations (see ``CnnDiagnoser.gradcam``)."""
 
 
 class AvgMaxPool(nn.Module):

@@ -5,9 +5,11 @@ Image-only: clinical text is accepted (and checked) but not used. The network
 model reads and reports: ``input_size``, ``findings`` (the phantom findings for the shipped
 bundle, the user's label columns for one trained with ``hygeia train cnn --data``) and their
 ``codes`` (SNOMED CT, for the SR); per-finding thresholds were chosen on a validation split
-(Youden's J). Heat maps are ``monai.visualize.GradCAM``'s maps on ``cam_layer``, computed in one
-forward pass (:meth:`CnnDiagnoser.gradcam`); a present finding gets a box around the hottest blob
-of its heat map. This module also holds the model card and the plugin's ``SPEC``; the trainer is
+(Youden's J). Heat maps are class activation maps on the config's ``cam_layer``, computed in one
+forward pass (:meth:`CnnDiagnoser.gradcam`): ``cam: "gradcam"`` (the default) gives
+``monai.visualize.GradCAM``'s maps, ``cam: "hirescam"`` weights each activation by its own gradient
+(HiResCAM, Draelos & Carin 2020) instead of the map's mean gradient; a present finding gets a box
+around the hottest blob of its heat map. This module also holds the model card and the plugin's ``SPEC``; the trainer is
 :mod:`hygeia_cnn.train`, named by the spec and imported only when training starts.
 """
 from __future__ import annotations
@@ -22,11 +24,12 @@ import torch
 from hygeia import tensors
 from hygeia.api import Diagnosis, Finding, ModelCard, ModelIdentity, PluginSpec, Region
 from hygeia.bundles import load_bundle, pick_device, save_bundle
+from hygeia.errors import InputError
 from hygeia.validation import check_images, check_texts
 from hygeia.vocab import FINDING_LABELS, bundle_codes
 from torch import nn
 
-from .model import DEFAULT_ARCH, CnnNet, _minmax
+from .model import CAM_METHODS, DEFAULT_ARCH, CnnNet, _minmax
 
 NAME, VERSION = "cnn", "1.0.0"
 WEIGHTS = Path(__file__).parent / "weights" / "cnn"
@@ -93,6 +96,8 @@ class CnnDiagnoser:
         self.config = dict(b.config)
         self.card = b.card
         self.arch = {**DEFAULT_ARCH, **self.config.get("arch", {})}
+        if self.arch.get("cam", "gradcam") not in CAM_METHODS:
+            raise InputError("arch.cam", f"one of {', '.join(CAM_METHODS)}", got=repr(self.arch.get("cam")))
         self.findings: tuple[str, ...] = tuple(self.config.get("findings", FINDING_LABELS))
         h, w = (int(v) for v in self.config.get("input_size", INPUT_SIZE))
         self.input_size: tuple[int, int] = (h, w)
@@ -117,19 +122,23 @@ class CnnDiagnoser:
         return np.concatenate(out).astype(np.float32)
 
     def gradcam(self, images: Any, classes: Sequence[int] | None = None) -> np.ndarray:
-        """Grad-CAM heat maps float32 ``[B, F, H, W]`` in [0, 1] (zeros for classes not asked for).
+        """Class activation maps float32 ``[B, F, H, W]`` in [0, 1] (zeros for classes not asked for).
 
-        The maps of ``monai.visualize.GradCAM`` on ``cam_layer`` (activations weighted by their
-        spatially averaged gradients, ReLU, bilinear upsampling, per-image min-max; tested equal),
-        from one forward pass: each class's gradient is taken back to ``cam_layer`` only, where
-        monai runs a full forward and backward pass per class (5x the work, most of it in the
-        full-resolution first stage).
+        ``arch["cam"]`` ``"gradcam"`` (default): the maps of ``monai.visualize.GradCAM`` on
+        ``cam_layer`` (activations weighted by their spatially averaged gradients, ReLU, bilinear
+        upsampling, per-image min-max; tested equal). ``"hirescam"``: each activation times its own
+        gradient, summed over channels (HiResCAM), then the same steps; with the max branch of the
+        ``avgmax`` pooling it keeps the location the logit took its evidence from, which the
+        averaged gradient spreads over the map. From one forward pass: each class's gradient is
+        taken back to ``cam_layer`` only, where monai runs a full forward and backward pass per
+        class (5x the work, most of it in the full-resolution first stage).
         """
         from monai.visualize.visualizer import default_upsampler
 
         x = torch.from_numpy(check_images(images, size=self.input_size)).to(self.device)
         maps = np.zeros((x.shape[0], len(self.findings), *self.input_size), np.float32)
         ks = [int(k) for k in (classes if classes is not None else range(len(self.findings)))]
+        hires = self.arch.get("cam", "gradcam") == "hirescam"
         grabbed: list[torch.Tensor] = []
 
         def cut(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:  # the graph starts at cam_layer
@@ -144,7 +153,8 @@ class CnnDiagnoser:
                 acti = grabbed[0]
                 for j, k in enumerate(ks):
                     (grad,) = torch.autograd.grad(logits[:, k].sum(), acti, retain_graph=j + 1 < len(ks))
-                    cam = torch.relu((grad.mean(dim=(2, 3), keepdim=True) * acti).sum(1, keepdim=True)).detach()
+                    weight = grad if hires else grad.mean(dim=(2, 3), keepdim=True)
+                    cam = torch.relu((weight * acti).sum(1, keepdim=True)).detach()
                     cam = _minmax(default_upsampler(self.input_size)(cam))
                     maps[:, k] = np.nan_to_num(cam[:, 0].float().cpu().numpy()).clip(0, 1)
         finally:
