@@ -70,6 +70,22 @@ def test_images_through_shared_memory_give_the_wire_results(triton_server, requi
     assert name not in _regions(url) and not Path(f"/dev/shm/{name}").exists()
 
 
+def test_the_region_grows_for_a_larger_batch(triton_server, require_model) -> None:
+    require_model("diagnoser_cnn")
+    url = triton_server.grpc_url
+    imgs = _images(12)
+    before = _ours(url)
+    remote = connect("diagnoser", "cnn", url, shared_memory=True)
+    small = remote.diagnose(imgs[:6], heatmaps=False)
+    (name,) = _ours(url) - before
+    size = int(_regions(url)[name]["byte_size"])
+    assert size == imgs[:6].astype(np.float32).nbytes
+    large = remote.diagnose(imgs, heatmaps=False)  # twice the bytes: the region is made again, larger
+    assert _ours(url) - before == {name} and int(_regions(url)[name]["byte_size"]) >= imgs.astype(np.float32).nbytes
+    got = [f.probability for d in large[:6] for f in d.findings]
+    assert got == pytest.approx([f.probability for d in small for f in d.findings], abs=1e-6)  # another batch size
+
+
 def test_a_registration_the_server_lost_is_made_again(triton_server, require_model) -> None:
     require_model("diagnoser_cnn")
     url = triton_server.grpc_url

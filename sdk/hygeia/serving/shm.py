@@ -109,8 +109,8 @@ class SharedInput:
 
         try:
             if nbytes > self.size:
+                size = max(nbytes, 2 * self.size)  # room to grow: a larger batch does not re-register each time
                 self.close()
-                size = max(nbytes, 2 * self.size)
                 self.handle = shm.create_shared_memory_region(self.name, f"/{self.name}", size)
                 self.size = size
                 self._finalizer = weakref.finalize(self, _release, self.handle)
