@@ -198,8 +198,9 @@ def _spec(name: str, weights: Path, factory: Any, train: str, default: bool, sum
     """The spec of a shipped bundle: its served tensors come from the bundle's config."""
     cfg = _shipped(weights, "config.json")
     h, w = (int(v) for v in cfg.get("input_size", (64, 64)))
+    cam = {"gradcam": "Grad-CAM", "hirescam": "HiResCAM"}.get(cfg.get("arch", {}).get("cam", "gradcam"), "CAM")
     return PluginSpec(kind="diagnoser", name=name, version=VERSION,
-                      description=f"{summary} (MONAI ResNet, {h}x{w}) with Grad-CAM regions", factory=factory,
+                      description=f"{summary} (MONAI ResNet, {h}x{w}) with {cam} regions", factory=factory,
                       **tensors.diagnoser(channels=1, size=(h, w), findings=len(cfg.get("findings", FINDING_LABELS))),
                       model_card=_shipped_card(weights), train=train, default=default)
 
