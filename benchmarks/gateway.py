@@ -89,18 +89,25 @@ def storescu(port: int, files: list[Path], aec: str = "HYGEIA") -> subprocess.Co
 
 
 def diagnoser_rate(diagnoser: Any, files: list[Path], batches=(1, 2, 4, 8, 16, 32, 64),
-                   seconds: float = 1.0) -> dict[str, Any]:
-    """The diagnoser's own images/s in-process on these images (prepared once), per batch size."""
-    from hygeia.data.io import load_image, prepare_image
+                   seconds: float = 1.0, sample: int = 32) -> dict[str, Any]:
+    """The diagnoser's own images/s in-process on these images (prepared once), per batch size,
+    asked for what the gateway asks it for (heat maps of present findings only, where it can).
 
-    images = np.stack([prepare_image(load_image(p).pixels, diagnoser.input_size) for p in files])
+    The cost then depends on each image's findings, so every batch size runs through the same
+    ``sample`` images in turn (consecutive batches, wrapping round) for at least ``seconds`` and at
+    least once through all of them: the same mix of findings the gateway sees."""
+    from hygeia.data.io import load_image, prepare_image
+    from hygeia_pacs.gateway import diagnose_options
+
+    kw = diagnose_options(diagnoser)
+    images = np.stack([prepare_image(load_image(p).pixels, diagnoser.input_size) for p in files[:sample]])
     rates = {}
     for bs in batches:
-        batch = np.resize(images, (bs, *images.shape[1:]))
-        diagnoser.diagnose(batch)  # warm-up
+        chunks = [np.take(images, range(i, i + bs), axis=0, mode="wrap") for i in range(0, len(images), bs)]
+        diagnoser.diagnose(chunks[0], **kw)  # warm-up
         n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            diagnoser.diagnose(batch)
+        while time.perf_counter() - t0 < seconds or n < len(images):
+            diagnoser.diagnose(chunks[(n // bs) % len(chunks)], **kw)
             n += bs
         rates[bs] = n / (time.perf_counter() - t0)
     best = max(rates, key=rates.get)

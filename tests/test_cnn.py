@@ -203,6 +203,29 @@ def test_hirescam_equals_its_definition_on_the_full_graph(cnn):
     assert not np.allclose(got, cnn.gradcam(x), atol=1e-3)  # not Grad-CAM's maps
 
 
+def test_maps_for_present_findings_only_give_the_same_regions():
+    """``heatmaps="present"``: the maps of the findings called present (equal to the full call's),
+    None for the others, and the very regions of ``heatmaps=True``; anything else is refused."""
+    import hygeia
+
+    cxr = hygeia.create("diagnoser", "cxr", device="cpu")
+    x = make_phantom_set(6, "test", size=256, difficulty=2.0, findings=["cardiomegaly"]).images
+    full, some = cxr.diagnose(x, heatmaps=True), cxr.diagnose(x, heatmaps="present")
+    n_present = 0
+    for df, ds in zip(full, some):
+        for ff, fs in zip(df.findings, ds.findings):
+            assert (ff.probability, ff.present, ff.region) == (fs.probability, fs.present, fs.region)
+            if fs.present:
+                n_present += 1
+                np.testing.assert_allclose(fs.heatmap, ff.heatmap, atol=1e-6)
+            else:
+                assert fs.heatmap is None and ff.heatmap is not None
+    assert 0 < n_present < 5 * len(x)
+    assert "present" in cxr.heatmap_modes
+    with pytest.raises(InputError, match="heatmaps: expected None, True, False or 'present', got 'some'"):
+        cxr.diagnose(x[:1], heatmaps="some")
+
+
 def test_unknown_cam_method_is_refused(tmp_path):
     import json
     import shutil

@@ -42,6 +42,13 @@ def clinical_text(ds: Any) -> str:
     return " ".join(p for p in parts if p)
 
 
+def diagnose_options(diagnoser: Any) -> dict[str, Any]:
+    """What the gateway passes to ``diagnose()``: the SR needs the regions, not the heat maps, so a
+    diagnoser that can make maps for its present findings only (``"present"`` in its
+    ``heatmap_modes``, as ``cxr`` and ``cnn``) is asked for those."""
+    return {"heatmaps": "present"} if "present" in getattr(diagnoser, "heatmap_modes", ()) else {}
+
+
 class Gateway(Listener):
     """Runs the SCP and the worker. ``diagnoser``: any object with ``diagnose(images, texts)`` and
     ``input_size``; None builds it from the config (local plugin or Triton)."""
@@ -302,9 +309,10 @@ class Gateway(Listener):
         texts = [t for _, ts in studies for t in ts]
         texts_arg = texts if any(texts) else None
         diag, bs, out = self.diagnoser(), max(1, self.config.batch_size), []
+        kw = diagnose_options(diag)
         with self._diagnose_lock:
             for i in range(0, len(images), bs):
-                out.extend(diag.diagnose(images[i:i + bs], texts=None if texts_arg is None else texts_arg[i:i + bs]))
+                out.extend(diag.diagnose(images[i:i + bs], texts=None if texts_arg is None else texts_arg[i:i + bs], **kw))
         if len(out) != len(images):
             raise InputError("diagnoser output", f"one Diagnosis per image ({len(images)})", got=len(out))
         ends = np.cumsum([len(im) for im, _ in studies])

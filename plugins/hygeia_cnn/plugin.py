@@ -87,6 +87,8 @@ class CnnDiagnoser:
 
     name, default_weights = NAME, WEIGHTS
     max_batch_size = 64  # the largest batch Triton forms (1 MiB of images; 64 was the best in-process batch)
+    heatmap_modes = (False, True, "present")
+    """What ``diagnose(heatmaps=...)`` takes besides None; ``"present"``: maps for present findings only."""
 
     def __init__(self, bundle: str | Path | None = None, device: str | None = None, heatmaps: bool = True,
                  batch_size: int = 256) -> None:
@@ -121,8 +123,12 @@ class CnnDiagnoser:
             out.append(torch.sigmoid(self.net(xb)).float().cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 
-    def gradcam(self, images: Any, classes: Sequence[int] | None = None) -> np.ndarray:
+    def gradcam(self, images: Any, classes: Sequence[int] | None = None, where: np.ndarray | None = None) -> np.ndarray:
         """Class activation maps float32 ``[B, F, H, W]`` in [0, 1] (zeros for classes not asked for).
+
+        ``where`` (bool ``[B, F]``) asks for the maps of each image's own True classes only; they take
+        as many backward passes as the most classes one image has (each pass takes every image's
+        next class: an image's gradient depends on that image alone), not one per class.
 
         ``arch["cam"]`` ``"gradcam"`` (default): the maps of ``monai.visualize.GradCAM`` on
         ``cam_layer`` (activations weighted by their spatially averaged gradients, ReLU, bilinear
@@ -138,6 +144,12 @@ class CnnDiagnoser:
         x = torch.from_numpy(check_images(images, size=self.input_size)).to(self.device)
         maps = np.zeros((x.shape[0], len(self.findings), *self.input_size), np.float32)
         ks = [int(k) for k in (classes if classes is not None else range(len(self.findings)))]
+        rounds = [np.full(len(x), k) for k in ks]  # per backward pass: each image's class (-1: none)
+        if where is not None:
+            own = [np.flatnonzero(row) for row in np.asarray(where, bool)]
+            rounds = [np.array([int(c[r]) if r < len(c) else -1 for c in own]) for r in range(max(map(len, own), default=0))]
+        if not rounds:
+            return maps
         hires = self.arch.get("cam", "gradcam") == "hirescam"
         grabbed: list[torch.Tensor] = []
 
@@ -151,32 +163,44 @@ class CnnDiagnoser:
             with torch.enable_grad():
                 logits = self.net(x)
                 acti = grabbed[0]
-                for j, k in enumerate(ks):
-                    (grad,) = torch.autograd.grad(logits[:, k].sum(), acti, retain_graph=j + 1 < len(ks))
+                for j, sel in enumerate(rounds):
+                    rows = np.flatnonzero(sel >= 0)
+                    target = logits[torch.from_numpy(rows), torch.from_numpy(sel[rows])].sum()
+                    (grad,) = torch.autograd.grad(target, acti, retain_graph=j + 1 < len(rounds))
                     weight = grad if hires else grad.mean(dim=(2, 3), keepdim=True)
                     cam = torch.relu((weight * acti).sum(1, keepdim=True)).detach()
                     cam = _minmax(default_upsampler(self.input_size)(cam))
-                    maps[:, k] = np.nan_to_num(cam[:, 0].float().cpu().numpy()).clip(0, 1)
+                    maps[rows, sel[rows]] = np.nan_to_num(cam[rows, 0].float().cpu().numpy()).clip(0, 1)
         finally:
             hook.remove()
             self._cam_lock.release()
         return maps
 
-    def diagnose(self, images: Any, texts: Sequence[str] | None = None, heatmaps: bool | None = None) -> list[Diagnosis]:
+    def diagnose(self, images: Any, texts: Sequence[str] | None = None, heatmaps: bool | str | None = None
+                 ) -> list[Diagnosis]:
+        """One Diagnosis per image. ``heatmaps``: None = the plugin's default (``heatmaps`` of the
+        constructor), False = none, True = a map per finding, ``"present"`` = maps only for the
+        findings called present (the others' ``heatmap`` is None): the same regions for a fraction
+        of the maps' cost, what the PACS gateway asks for (:attr:`heatmap_modes`)."""
         x = check_images(images, size=self.input_size)
         check_texts(texts, len(x))  # accepted and checked; this model is image-only
+        if heatmaps not in self.heatmap_modes and heatmaps is not None:
+            raise InputError("heatmaps", "None, True, False or 'present'", got=repr(heatmaps))
         probs = self.predict_proba(x)
-        want = self.heatmaps if heatmaps is None else bool(heatmaps)
+        present = np.asarray(probs, np.float64) >= self.thresholds[None, :]
+        want = self.heatmaps if heatmaps is None else heatmaps
         maps = None
         if want:
-            maps = np.concatenate([self.gradcam(x[i:i + self.batch_size])
-                                   for i in range(0, len(x), self.batch_size)])
+            maps = np.zeros((len(x), len(self.findings), *self.input_size), np.float32)
+            for i in range(0, len(x), self.batch_size):
+                where = present[i:i + self.batch_size] if want == "present" else None
+                maps[i:i + self.batch_size] = self.gradcam(x[i:i + self.batch_size], where=where)
         out = []
         for b in range(len(x)):
             fs = []
             for k, label in enumerate(self.findings):
                 p, t = float(probs[b, k]), float(self.thresholds[k])
-                heat = None if maps is None else maps[b, k]
+                heat = None if maps is None or (want == "present" and not present[b, k]) else maps[b, k]
                 region = region_from_heatmap(heat) if heat is not None and p >= t else None
                 fs.append(Finding(label, self.codes[label], p, t, region, heat))
             out.append(Diagnosis(fs, self.identity, self.input_size))
