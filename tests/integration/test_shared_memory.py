@@ -34,6 +34,19 @@ def _ours(url: str) -> set[str]:
     return {k for k in _regions(url) if k.startswith(f"hygeia-{os.getpid()}-")}
 
 
+def _probs(diagnoses) -> list[float]:
+    return [f.probability for d in diagnoses for f in d.findings]
+
+
+def _first_call(url: str, imgs: np.ndarray):
+    """A client with shared memory, its first result, and the one region that call registered."""
+    before = _ours(url)
+    remote = connect("diagnoser", "cnn", url, shared_memory=True)
+    result = remote.diagnose(imgs, heatmaps=False)
+    (name,) = _ours(url) - before
+    return remote, result, name
+
+
 def test_auto_is_on_for_a_loopback_address_without_tls_only() -> None:
     assert wanted("auto", "127.0.0.1", False) and wanted("auto", "localhost", False) and wanted("auto", "::1", False)
     assert not wanted("auto", "10.1.2.3", False) and not wanted("auto", "127.0.0.1", True)
@@ -74,29 +87,23 @@ def test_the_region_grows_for_a_larger_batch(triton_server, require_model) -> No
     require_model("diagnoser_cnn")
     url = triton_server.grpc_url
     imgs = _images(12)
-    before = _ours(url)
-    remote = connect("diagnoser", "cnn", url, shared_memory=True)
-    small = remote.diagnose(imgs[:6], heatmaps=False)
-    (name,) = _ours(url) - before
+    remote, small, name = _first_call(url, imgs[:6])
+    regions = _ours(url)
     size = int(_regions(url)[name]["byte_size"])
     assert size == imgs[:6].astype(np.float32).nbytes
     large = remote.diagnose(imgs, heatmaps=False)  # twice the bytes: the region is made again, larger
-    assert _ours(url) - before == {name} and int(_regions(url)[name]["byte_size"]) >= imgs.astype(np.float32).nbytes
-    got = [f.probability for d in large[:6] for f in d.findings]
-    assert got == pytest.approx([f.probability for d in small for f in d.findings], abs=1e-6)  # another batch size
+    assert _ours(url) == regions and int(_regions(url)[name]["byte_size"]) >= imgs.astype(np.float32).nbytes
+    assert _probs(large[:6]) == pytest.approx(_probs(small), abs=1e-6)  # another batch size
 
 
 def test_a_registration_the_server_lost_is_made_again(triton_server, require_model) -> None:
     require_model("diagnoser_cnn")
     url = triton_server.grpc_url
     imgs = _images(6)
-    before = _ours(url)
-    remote = connect("diagnoser", "cnn", url, shared_memory=True)
-    first = remote.diagnose(imgs, heatmaps=False)
-    (name,) = _ours(url) - before
+    remote, first, name = _first_call(url, imgs)
     grpcclient.InferenceServerClient(url).unregister_system_shared_memory(name)  # as after a server restart
     again = remote.diagnose(imgs, heatmaps=False)
-    assert [f.probability for d in again for f in d.findings] == [f.probability for d in first for f in d.findings]
+    assert _probs(again) == _probs(first)
     assert name in _regions(url)
 
 
@@ -118,7 +125,7 @@ def test_a_region_the_server_refuses_sends_on_the_wire(triton_server, require_mo
         with caplog.at_level(logging.INFO, logger="hygeia.serving"):
             got = remote.diagnose(imgs, heatmaps=False)
             remote.diagnose(imgs, heatmaps=False)
-        assert [f.probability for d in got for f in d.findings] == [f.probability for d in expect for f in d.findings]
+        assert _probs(got) == _probs(expect)
         lines = [r.getMessage() for r in caplog.records if "shared memory" in r.getMessage()]
         assert len(lines) == 1 and "images go over gRPC" in lines[0], lines  # said once, then on the wire
         assert "\n" not in lines[0] and not conn._local.shared.enabled

@@ -138,17 +138,19 @@ class Connection:
         outs = [grpcclient.InferRequestedOutput(o) for o in outputs]
         params = dict(parameters) if parameters else None
 
+        def send(c: Any) -> Any:
+            return c.infer(model, self._inputs(inputs), outputs=outs, headers=self.headers,
+                           client_timeout=self.timeout, parameters=params)
+
         def run(c: Any) -> Any:
             try:
-                return c.infer(model, self._inputs(inputs), outputs=outs, headers=self.headers,
-                               client_timeout=self.timeout, parameters=params)
+                return send(c)
             except Exception as exc:
                 shared = getattr(self._local, "shared", None)
                 if shared is None or not shared.registered or not shm.is_lost_region(exc):
                     raise
                 shared.forget()  # the server restarted and lost the registration: register again, once
-                return c.infer(model, self._inputs(inputs), outputs=outs, headers=self.headers,
-                               client_timeout=self.timeout, parameters=params)
+                return send(c)
         return self.call(model, run)
 
     def call(self, model: str, fn: Callable[[Any], Any]) -> Any:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 import uuid
 import weakref
 from typing import Any
@@ -73,19 +72,13 @@ class SharedInput:
     client, and clients are per thread.
     """
 
-    _counter = 0
-    _counter_lock = threading.Lock()
-
     def __init__(self, client: Any, headers: dict[str, str], timeout: float, server: str) -> None:
         self.client, self.headers, self.timeout, self.server = client, headers, timeout, server
         self.enabled = True
         self.handle: Any = None
         self.size = 0
         self.registered = False
-        with SharedInput._counter_lock:
-            SharedInput._counter += 1
-            n = SharedInput._counter
-        self.name = f"hygeia-{os.getpid()}-{n}-{uuid.uuid4().hex[:8]}"
+        self.name = f"hygeia-{os.getpid()}-{uuid.uuid4().hex[:12]}"
         self._finalizer: Any = None
 
     def place(self, name: str, array: np.ndarray) -> Any | None:
