@@ -50,13 +50,26 @@ def rss_mb(pids: list[int]) -> float:
     return total / 1024
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc)."""
+def cpu_s(pid: int, task: bool = False) -> float:
+    """User + system CPU seconds of a process (or, ``task``: of a thread of this process) so far (Linux /proc)."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(f"/proc/self/task/{pid}/stat" if task else f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds so far of this process's live threads, by thread name without its number
+    (``hygeia-gateway-sender-2`` -> ``hygeia-gateway-sender``; Linux /proc/self/task)."""
+    import re
+    import threading
+
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        name = re.sub(r"[-@ ]?\(?[\d]+.*$", "", t.name) or t.name
+        out[name] = out.get(name, 0.0) + cpu_s(t.native_id or 0, task=True)
+    return out
 
 
 def cpu_now(gw: Any, orthanc: Any) -> dict[str, float]:
@@ -145,6 +158,7 @@ class LoadResult:
     rss_max_mb: float = 0.0
     rss_samples_mb: list[float] = field(default_factory=list)
     cpu_ms_per_study: dict[str, float] = field(default_factory=dict)
+    gateway_threads_cpu_ms_per_study: dict[str, float] = field(default_factory=dict)  # live threads, by name
 
     @property
     def studies_per_s(self) -> float:
@@ -178,7 +192,7 @@ def run_load(gw: Any, orthanc: Any, studies: list[list[Path]], chunk: int = 0, w
     base_done = gw.counters["sent"] + gw.counters["failed"]
     chunk = chunk or len(studies)
     runs = ([studies[:warmup]] if warmup else []) + [studies[i:i + chunk] for i in range(warmup, len(studies), chunk)]
-    acked, t0, sent_so_far, cpu0 = 0, time.perf_counter(), 0, cpu_now(gw, orthanc)
+    acked, t0, sent_so_far, cpu0, thr0 = 0, time.perf_counter(), 0, cpu_now(gw, orthanc), thread_cpu_s()
     for k, run in enumerate(runs):
         before = gw.counters["accepted"]
         r = storescu(gw.config.port, [f for files in run for f in files], aec=gw.config.ae_title)
@@ -194,6 +208,8 @@ def run_load(gw: Any, orthanc: Any, studies: list[list[Path]], chunk: int = 0, w
     _wait_done(gw, base_done + len(studies), timeout)
     res.elapsed_s = time.perf_counter() - t0
     res.cpu_ms_per_study = {k: round(1000 * (v - cpu0[k]) / len(studies), 1) for k, v in cpu_now(gw, orthanc).items()}
+    res.gateway_threads_cpu_ms_per_study = {k: round(1000 * (v - thr0.get(k, 0.0)) / len(studies), 1)
+                                            for k, v in sorted(thread_cpu_s().items(), key=lambda kv: -kv[1])}
     res.rss_end_mb = rss_mb(gateway_pids(gw))
     res.rss_max_mb = max([res.rss_end_mb, *res.rss_samples_mb])
     res.acknowledged = acked
@@ -290,6 +306,7 @@ def report(out: dict[str, Any], as_json: bool) -> None:
         print(f"diagnoser alone, in-process: {d['images_per_s']:.1f} images/s at batch {d['best_batch']} "
               f"(per batch: {d['per_batch']}; best before/after the gateway run: {d['before_after']})")
         print(f"CPU per study (ms): {t['cpu_ms_per_study']} (SR build alone, median: {t['sr_build_ms']:.0f} ms)")
+        print(f"  the gateway's threads still running at the end (ms per study): {t['gateway_threads_cpu_ms_per_study']}")
         ok = "ok" if t["ratio"] >= t["target"] else "MISSED"
         print(f"ratio gateway / diagnoser: {t['ratio']:.3f} (target >= {t['target']}) [{ok}]; "
               f"failures {t['failures']}, duplicates {t['duplicates']}, lost {t['lost']}")

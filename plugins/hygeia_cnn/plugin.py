@@ -128,7 +128,10 @@ class CnnDiagnoser:
 
         ``where`` (bool ``[B, F]``) asks for the maps of each image's own True classes only; they take
         as many backward passes as the most classes one image has (each pass takes every image's
-        next class: an image's gradient depends on that image alone), not one per class.
+        next class: an image's gradient depends on that image alone), not one per class. Images are
+        grouped by how many classes they ask for, so each takes part in as many passes as it has
+        classes (one forward pass and ``c`` backward passes per group of ``c``), and images with none
+        in no pass.
 
         ``arch["cam"]`` ``"gradcam"`` (default): the maps of ``monai.visualize.GradCAM`` on
         ``cam_layer`` (activations weighted by their spatially averaged gradients, ReLU, bilinear
@@ -141,15 +144,23 @@ class CnnDiagnoser:
         """
         from monai.visualize.visualizer import default_upsampler
 
-        x = torch.from_numpy(check_images(images, size=self.input_size)).to(self.device)
-        maps = np.zeros((x.shape[0], len(self.findings), *self.input_size), np.float32)
+        arr = check_images(images, size=self.input_size)
+        maps = np.zeros((len(arr), len(self.findings), *self.input_size), np.float32)
         ks = [int(k) for k in (classes if classes is not None else range(len(self.findings)))]
-        rounds = [np.full(len(x), k) for k in ks]  # per backward pass: each image's class (-1: none)
-        if where is not None:
-            own = [np.flatnonzero(row) for row in np.asarray(where, bool)]
+        rounds = [np.full(len(arr), k) for k in ks]  # per backward pass: each image's class (-1: none)
+        if where is not None:  # images in groups of as many classes: each image takes part in its own passes only
+            where = np.asarray(where, bool)
+            counts = where.sum(1)
+            if len(set(counts.tolist())) > 1:
+                for c in set(counts.tolist()) - {0}:
+                    group = np.flatnonzero(counts == c)
+                    maps[group] = self.gradcam(arr[group], where=where[group])
+                return maps
+            own = [np.flatnonzero(row) for row in where]
             rounds = [np.array([int(c[r]) if r < len(c) else -1 for c in own]) for r in range(max(map(len, own), default=0))]
         if not rounds:
             return maps
+        x = torch.from_numpy(arr).to(self.device)
         hires = self.arch.get("cam", "gradcam") == "hirescam"
         grabbed: list[torch.Tensor] = []
 
