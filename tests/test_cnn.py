@@ -175,6 +175,31 @@ def test_gradcam_equals_monai(cnn):
     assert not only[:, [0, 1, 3, 4]].any()
 
 
+@pytest.mark.parametrize("stage", ["net.layer1", "net.layer2", "net.layer3", "net.layer4"])
+def test_features_and_tail_compute_the_forward_pass(cnn, stage):
+    """``CnnNet.features`` gives forward's logits bit for bit and the stage's output (as a hook on it
+    sees it); ``tail`` from that output gives the logits again; other layers are refused."""
+    import torch
+
+    x = torch.from_numpy(make_phantom_set(3, split="test").images)
+    seen = []
+    hook = dict(cnn.net.named_modules())[stage].register_forward_hook(lambda _m, _i, out: seen.append(out))
+    with torch.no_grad():
+        want = cnn.net(x)
+        hook.remove()
+        logits, h = cnn.net.features(x, stage)
+        again = cnn.net.tail(h, stage)
+    assert torch.equal(logits, want) and torch.equal(h, seen[0]) and torch.equal(again, want)
+    with pytest.raises(ValueError, match="cam_layer: expected one of net.layer1"):
+        cnn.net.features(x, "net.fc")
+
+
+def test_maps_do_not_change_the_probabilities(cnn):
+    x = make_phantom_set(4, split="test", findings=["cardiomegaly"]).images
+    probs = [[f.probability for f in d.findings] for d in cnn.diagnose(x, heatmaps=False)]
+    assert probs == [[f.probability for f in d.findings] for d in cnn.diagnose(x, heatmaps=True)]
+
+
 def test_hirescam_equals_its_definition_on_the_full_graph(cnn):
     """``cam: "hirescam"``: each activation of ``cam_layer`` times its own gradient, summed over
     channels, ReLU, upsampled, min-max; the one-pass maps equal that computed on the whole graph."""
@@ -244,7 +269,7 @@ def test_unknown_cam_method_is_refused(tmp_path):
 
 def test_heatmaps_are_thread_safe(cnn):
     """Threads sharing one diagnoser (the gateway's workers, an in-process server) get the maps of
-    their own images: the Grad-CAM hook on the shared network is taken one call at a time."""
+    their own images (the maps use no hooks on the shared network)."""
     from concurrent.futures import ThreadPoolExecutor
 
     xs = [make_phantom_set(2, split="test", findings=[f], start=10 * i).images for i, f in enumerate(FINDING_LABELS)]

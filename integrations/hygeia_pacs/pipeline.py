@@ -4,8 +4,9 @@
 
     listener threads --fsync--> incoming/<study>/
     closer (1 thread)   idle study --one rename--> processing/<job>/
-    feeder (1 thread)   ready jobs -> read + prepare -> diagnose(), batch_size images per call,
-                        several studies per call -> one SR build per study submitted
+    reader (1 thread)   ready jobs, about batch_size images -> read + prepare (one batch ahead)
+    feeder (1 thread)   a read batch -> diagnose(), several studies per call -> one SR build per
+                        study submitted
     SR builds           sr_processes spawned processes (0: `workers` threads)
     senders (`workers`) SR bytes -> sr.dcm (fsync) -> each destination not yet done (C-STORE on an
                         association each sender keeps open) -> done/<job>.json
@@ -16,8 +17,10 @@ loses nothing acknowledged: after a restart each job in processing/ starts again
 model, so a rebuilt SR is the same SR and the PACS keeps one copy). A job is claimed from the
 moment the feeder takes it until a sender settles it (done, failed, or waiting for a retry), so
 each job is in one stage at a time and is sent by one sender. Back-pressure: at most
-``2 * batch_size`` jobs are claimed at once, and with a longer queue the feeder waits for room
-for a whole batch, so diagnose() calls stay batched under load.
+``3 * batch_size`` jobs are claimed at once (one batch being sent, one diagnosed, one read), and
+with a longer queue the reader waits for room for a whole batch, so diagnose() calls stay batched
+under load. The reader reads the next batch while the feeder diagnoses this one, so reading is off
+the diagnosis's path.
 """
 from __future__ import annotations
 
@@ -58,8 +61,9 @@ class Pipeline:
 
     def __init__(self, gw: Any) -> None:
         self.gw = gw
-        self.limit = max(2 * gw.config.batch_size, 2 * gw.config.workers)  # jobs claimed at once
+        self.limit = max(3 * gw.config.batch_size, 2 * gw.config.workers)  # jobs claimed at once
         self.sends: queue.Queue[tuple[Path, dict[str, Any], Any, dict[str, float]] | None] = queue.Queue()
+        self.reads: queue.Queue[list[_Read] | None] = queue.Queue(maxsize=1)  # one batch read ahead
         self._due: dict[str, float] = {}  # unclaimed job -> time of its next attempt (read from state.json once)
         self._threads: list[threading.Thread] = []
 
@@ -68,6 +72,7 @@ class Pipeline:
         senders = [threading.Thread(target=self._send_loop, name=f"hygeia-gateway-sender-{i}", daemon=True)
                    for i in range(self.gw.config.workers)]
         self._threads = [threading.Thread(target=self._close_loop, name="hygeia-gateway-closer", daemon=True),
+                         threading.Thread(target=self._read_loop, name="hygeia-gateway-reader", daemon=True),
                          threading.Thread(target=self._feed_loop, name="hygeia-gateway-feeder", daemon=True),
                          *senders]
         for t in self._threads:
@@ -79,6 +84,15 @@ class Pipeline:
         stay in processing/ (their claims were in memory only) for the next start."""
         for _ in range(self.gw.config.workers):
             self.sends.put(None)
+        while True:  # the feeder: stop after the batch in hand (a batch read ahead stays in processing/)
+            try:
+                self.reads.put_nowait(None)
+                break
+            except queue.Full:
+                try:
+                    self.reads.get_nowait()
+                except queue.Empty:
+                    pass
         end = time.monotonic() + timeout
         for t in self._threads:
             t.join(max(0.0, end - time.monotonic()))
@@ -144,21 +158,31 @@ class Pipeline:
             except Exception as exc:  # never let the closer die (a full disk): one line, and go on
                 log.error("gateway closer step failed: %s", describe_error(exc))
 
-    # -- the feeder: claim, read, diagnose, submit the SR builds ------------------------
-    def _feed_loop(self) -> None:
+    # -- the reader: claim and read; the feeder: diagnose, submit the SR builds ------------
+    def _read_loop(self) -> None:
         gw = self.gw
         while not gw._stop.is_set():
             try:
                 busy = self.feed()
-            except Exception as exc:  # never let the feeder die: one line, and go on
-                log.error("gateway feeder step failed: %s", describe_error(exc))
+            except Exception as exc:  # never let the reader die: one line, and go on
+                log.error("gateway reader step failed: %s", describe_error(exc))
                 busy = False
             if not busy:
                 gw._wake.wait(gw.config.poll_s)
                 gw._wake.clear()
 
+    def _feed_loop(self) -> None:
+        while (reads := self.reads.get()) is not None:
+            try:
+                self._diagnose(reads)
+            except Exception as exc:  # never let the feeder die: one line; the jobs are tried again
+                log.error("gateway feeder step failed: %s", describe_error(exc))
+                for r in reads:
+                    self._settle(r.job, r.state, exc)
+
     def feed(self) -> bool:
-        """Claim ready jobs (about ``batch_size`` images) and start them; True if it took any."""
+        """Claim ready jobs (about ``batch_size`` images), read them and hand them to the feeder
+        (waiting while it still has a batch read ahead); True if it took any."""
         gw, cfg = self.gw, self.gw.config
         now = gw._clock()
         with gw._claim_lock:
@@ -179,8 +203,12 @@ class Pipeline:
             if images >= cfg.batch_size:
                 break
         reads = [r for r in (self._read(job, state) for job, state in batch) if r is not None]
-        if reads:
-            self._diagnose(reads)
+        while reads and not gw._stop.is_set():
+            try:
+                self.reads.put(reads, timeout=cfg.poll_s)
+                break
+            except queue.Full:
+                continue
         return True
 
     def _read(self, job: Path, state: dict[str, Any]) -> _Read | None:

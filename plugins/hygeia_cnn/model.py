@@ -37,6 +37,9 @@ ARCH_256: dict[str, Any] = {**DEFAULT_ARCH, "block_inplanes": [64, 128, 256, 512
 ``layer2`` (stride 8: 32x32 at 256 px), which located findings best on validation phantoms (see
 docs/plugins/cnn.md)."""
 
+STAGES = ("net.layer1", "net.layer2", "net.layer3", "net.layer4")
+"""The ResNet stages a heat map can be taken on (``arch["cam_layer"]``)."""
+
 CAM_METHODS = ("gradcam", "hirescam")
 """``arch["cam"]``: how heat maps weight the ``cam_layer`` activations (see ``CnnDiagnoser.gradcam``)."""
 
@@ -65,6 +68,31 @@ class CnnNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
+
+    def features(self, x: torch.Tensor, stage: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The logits and the output of ``stage`` (one of :data:`STAGES`), from one pass that computes
+        what :meth:`forward` computes, in the same order (MONAI ``ResNet.forward``)."""
+        n = self.net
+        h = n.act(n.bn1(n.conv1((x - self.mean) / self.std)))
+        if not n.no_max_pool:
+            h = n.maxpool(h)
+        for name in STAGES[:_stage(stage) + 1]:
+            h = getattr(n, name.removeprefix("net."))(h)
+        return self.tail(h, stage), h
+
+    def tail(self, h: torch.Tensor, stage: str) -> torch.Tensor:
+        """The logits from the output ``h`` of ``stage``: the later stages, pooling and the linear head."""
+        n = self.net
+        for name in STAGES[_stage(stage) + 1:]:
+            h = getattr(n, name.removeprefix("net."))(h)
+        h = n.avgpool(h).view(h.size(0), -1)
+        return n.fc(h) if n.fc is not None else h
+
+
+def _stage(stage: str) -> int:
+    if stage not in STAGES:
+        raise ValueError(f"cam_layer: expected one of {', '.join(STAGES)}, got {stage!r}")
+    return STAGES.index(stage)
 
 
 def _minmax(t: torch.Tensor) -> torch.Tensor:

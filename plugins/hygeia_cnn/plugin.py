@@ -14,7 +14,6 @@ around the hottest blob of its heat map. This module also holds the model card a
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.errors import InputError
 from hygeia.validation import check_images, check_texts
 from hygeia.vocab import FINDING_LABELS, bundle_codes
-from torch import nn
 
 from .model import CAM_METHODS, DEFAULT_ARCH, CnnNet, _minmax
 
@@ -93,7 +91,6 @@ class CnnDiagnoser:
     def __init__(self, bundle: str | Path | None = None, device: str | None = None, heatmaps: bool = True,
                  batch_size: int = 256) -> None:
         self.device = pick_device(device)
-        self._cam_lock = threading.Lock()  # the Grad-CAM hook is on the shared network: one at a time
         b = load_bundle(bundle or self.default_weights)
         self.config = dict(b.config)
         self.card = b.card
@@ -126,66 +123,66 @@ class CnnDiagnoser:
     def gradcam(self, images: Any, classes: Sequence[int] | None = None, where: np.ndarray | None = None) -> np.ndarray:
         """Class activation maps float32 ``[B, F, H, W]`` in [0, 1] (zeros for classes not asked for).
 
-        ``where`` (bool ``[B, F]``) asks for the maps of each image's own True classes only; they take
-        as many backward passes as the most classes one image has (each pass takes every image's
-        next class: an image's gradient depends on that image alone), not one per class. Images are
-        grouped by how many classes they ask for, so each takes part in as many passes as it has
-        classes (one forward pass and ``c`` backward passes per group of ``c``), and images with none
-        in no pass.
+        ``where`` (bool ``[B, F]``) asks for the maps of each image's own True classes only. One
+        forward pass of the whole network gives the ``cam_layer`` activations; then the images are
+        grouped by how many classes they ask for, and each group of ``c`` runs the network's tail
+        (the stages after ``cam_layer``, pooling, head) once with gradients and takes ``c``
+        backward passes back to ``cam_layer``, each pass one class per image (an image's gradient
+        depends on that image alone). So an image takes part in as many passes as it has classes
+        and costs the same in a batch as alone; images with none take no pass.
 
         ``arch["cam"]`` ``"gradcam"`` (default): the maps of ``monai.visualize.GradCAM`` on
         ``cam_layer`` (activations weighted by their spatially averaged gradients, ReLU, bilinear
         upsampling, per-image min-max; tested equal). ``"hirescam"``: each activation times its own
         gradient, summed over channels (HiResCAM), then the same steps; with the max branch of the
         ``avgmax`` pooling it keeps the location the logit took its evidence from, which the
-        averaged gradient spreads over the map. From one forward pass: each class's gradient is
-        taken back to ``cam_layer`` only, where monai runs a full forward and backward pass per
-        class (5x the work, most of it in the full-resolution first stage).
+        averaged gradient spreads over the map. monai instead runs a full forward and backward
+        pass per class (5x the work, most of it in the full-resolution first stage).
         """
+        x = torch.from_numpy(check_images(images, size=self.input_size)).to(self.device)
+        if where is None:
+            where = np.zeros((len(x), len(self.findings)), bool)
+            where[:, [int(k) for k in (classes if classes is not None else range(len(self.findings)))]] = True
+        with torch.no_grad():
+            _, acti = self.net.features(x, self.arch["cam_layer"])
+        return self._cams(acti, np.asarray(where, bool))
+
+    def _cams(self, acti: torch.Tensor, where: np.ndarray) -> np.ndarray:
+        """The maps of ``where``'s True classes from the ``cam_layer`` activations (see :meth:`gradcam`)."""
         from monai.visualize.visualizer import default_upsampler
 
-        arr = check_images(images, size=self.input_size)
-        maps = np.zeros((len(arr), len(self.findings), *self.input_size), np.float32)
-        ks = [int(k) for k in (classes if classes is not None else range(len(self.findings)))]
-        rounds = [np.full(len(arr), k) for k in ks]  # per backward pass: each image's class (-1: none)
-        if where is not None:  # images in groups of as many classes: each image takes part in its own passes only
-            where = np.asarray(where, bool)
-            counts = where.sum(1)
-            if len(set(counts.tolist())) > 1:
-                for c in set(counts.tolist()) - {0}:
-                    group = np.flatnonzero(counts == c)
-                    maps[group] = self.gradcam(arr[group], where=where[group])
-                return maps
-            own = [np.flatnonzero(row) for row in where]
-            rounds = [np.array([int(c[r]) if r < len(c) else -1 for c in own]) for r in range(max(map(len, own), default=0))]
-        if not rounds:
-            return maps
-        x = torch.from_numpy(arr).to(self.device)
-        hires = self.arch.get("cam", "gradcam") == "hirescam"
-        grabbed: list[torch.Tensor] = []
-
-        def cut(_m: nn.Module, _i: Any, out: torch.Tensor) -> torch.Tensor:  # the graph starts at cam_layer
-            grabbed.append(out.detach().requires_grad_(True))
-            return grabbed[-1]
-
-        self._cam_lock.acquire()  # another thread's forward pass would run this hook too
-        hook = dict(self.net.named_modules())[self.arch["cam_layer"]].register_forward_hook(cut)
-        try:
+        maps = np.zeros((len(acti), len(self.findings), *self.input_size), np.float32)
+        hires, layer = self.arch.get("cam", "gradcam") == "hirescam", self.arch["cam_layer"]
+        counts = where.sum(1)
+        for c in sorted(set(counts.tolist()) - {0}):
+            group = np.flatnonzero(counts == c)
+            own = np.stack([np.flatnonzero(where[g]) for g in group])  # [G, c]: each image's classes
+            a = acti[torch.from_numpy(group).to(acti.device)].detach().requires_grad_(True)
             with torch.enable_grad():
-                logits = self.net(x)
-                acti = grabbed[0]
-                for j, sel in enumerate(rounds):
-                    rows = np.flatnonzero(sel >= 0)
-                    target = logits[torch.from_numpy(rows), torch.from_numpy(sel[rows])].sum()
-                    (grad,) = torch.autograd.grad(target, acti, retain_graph=j + 1 < len(rounds))
+                logits = self.net.tail(a, layer)
+                rows = torch.arange(len(group), device=a.device)
+                for r in range(c):
+                    target = logits[rows, torch.from_numpy(own[:, r]).to(a.device)].sum()
+                    (grad,) = torch.autograd.grad(target, a, retain_graph=r + 1 < c)
                     weight = grad if hires else grad.mean(dim=(2, 3), keepdim=True)
-                    cam = torch.relu((weight * acti).sum(1, keepdim=True)).detach()
-                    cam = _minmax(default_upsampler(self.input_size)(cam))
-                    maps[rows, sel[rows]] = np.nan_to_num(cam[rows, 0].float().cpu().numpy()).clip(0, 1)
-        finally:
-            hook.remove()
-            self._cam_lock.release()
+                    cam = _minmax(default_upsampler(self.input_size)(torch.relu((weight * a).sum(1, keepdim=True)).detach()))
+                    maps[group, own[:, r]] = np.nan_to_num(cam[:, 0].float().cpu().numpy()).clip(0, 1)
         return maps
+
+    def _probs_and_maps(self, x: np.ndarray, want: bool | str) -> tuple[np.ndarray, np.ndarray]:
+        """Probabilities and heat maps (every finding's, or ``"present"``: the present ones') from one
+        forward pass per batch: the maps start from the very activations the probabilities came from."""
+        probs = np.zeros((len(x), len(self.findings)), np.float32)
+        maps = np.zeros((len(x), len(self.findings), *self.input_size), np.float32)
+        for i in range(0, len(x), self.batch_size):
+            xb = torch.from_numpy(x[i:i + self.batch_size]).to(self.device)
+            with torch.no_grad():
+                logits, acti = self.net.features(xb, self.arch["cam_layer"])
+            p = torch.sigmoid(logits).float().cpu().numpy()
+            probs[i:i + len(xb)] = p
+            where = p >= self.thresholds[None, :] if want == "present" else np.ones(p.shape, bool)
+            maps[i:i + len(xb)] = self._cams(acti, where)
+        return probs, maps
 
     def diagnose(self, images: Any, texts: Sequence[str] | None = None, heatmaps: bool | str | None = None
                  ) -> list[Diagnosis]:
@@ -197,15 +194,9 @@ class CnnDiagnoser:
         check_texts(texts, len(x))  # accepted and checked; this model is image-only
         if heatmaps not in self.heatmap_modes and heatmaps is not None:
             raise InputError("heatmaps", "None, True, False or 'present'", got=repr(heatmaps))
-        probs = self.predict_proba(x)
-        present = np.asarray(probs, np.float64) >= self.thresholds[None, :]
         want = self.heatmaps if heatmaps is None else heatmaps
-        maps = None
-        if want:
-            maps = np.zeros((len(x), len(self.findings), *self.input_size), np.float32)
-            for i in range(0, len(x), self.batch_size):
-                where = present[i:i + self.batch_size] if want == "present" else None
-                maps[i:i + self.batch_size] = self.gradcam(x[i:i + self.batch_size], where=where)
+        probs, maps = self._probs_and_maps(x, want) if want else (self.predict_proba(x), None)
+        present = np.asarray(probs, np.float64) >= self.thresholds[None, :]
         out = []
         for b in range(len(x)):
             fs = []
