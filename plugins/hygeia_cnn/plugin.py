@@ -165,7 +165,8 @@ class CnnDiagnoser:
                     target = logits[rows, torch.from_numpy(own[:, r]).to(a.device)].sum()
                     (grad,) = torch.autograd.grad(target, a, retain_graph=r + 1 < c)
                     weight = grad if hires else grad.mean(dim=(2, 3), keepdim=True)
-                    cam = _minmax(default_upsampler(self.input_size)(torch.relu((weight * a).sum(1, keepdim=True)).detach()))
+                    cam = torch.relu((weight * a).sum(1, keepdim=True)).detach()
+                    cam = _minmax(default_upsampler(self.input_size)(cam))
                     maps[group, own[:, r]] = np.nan_to_num(cam[:, 0].float().cpu().numpy()).clip(0, 1)
         return maps
 

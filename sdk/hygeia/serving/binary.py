@@ -83,7 +83,24 @@ def backend_directory() -> Path:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A free TCP port (the OS picks one from the ephemeral, high range)."""
+    """A free TCP port, below the OS's ephemeral range where it can (from 20000 up to that range's
+    start), so that no outgoing connection takes it between this call and the server's bind (a
+    server that boots for seconds, such as RabbitMQ, met that); else one the OS picks."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    pick = random.SystemRandom()
+    for _ in range(64 if low > 21000 else 0):
+        port = pick.randrange(20000, low)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+                s.bind(("", port))  # any address: free for whatever the server binds
+            return port
+        except OSError:
+            continue
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
