@@ -15,7 +15,7 @@ Stages hand jobs on in memory; the spool stays the only record of progress, so a
 loses nothing acknowledged: after a restart each job in processing/ starts again from its files
 (sr.dcm written: send it; otherwise read and diagnose again; SR UIDs come from the study and the
 model, so a rebuilt SR is the same SR and the PACS keeps one copy). A job is claimed from the
-moment the feeder takes it until a sender settles it (done, failed, or waiting for a retry), so
+moment the reader takes it until a sender settles it (done, failed, or waiting for a retry), so
 each job is in one stage at a time and is sent by one sender. Back-pressure: at most
 ``3 * batch_size`` jobs are claimed at once (one batch being sent, one diagnosed, one read), and
 with a longer queue the reader waits for room for a whole batch, so diagnose() calls stay batched
@@ -175,10 +175,8 @@ class Pipeline:
         while (reads := self.reads.get()) is not None:
             try:
                 self._diagnose(reads)
-            except Exception as exc:  # never let the feeder die: one line; the jobs are tried again
+            except Exception as exc:  # never let the feeder die: one line (the jobs stay in processing/)
                 log.error("gateway feeder step failed: %s", describe_error(exc))
-                for r in reads:
-                    self._settle(r.job, r.state, exc)
 
     def feed(self) -> bool:
         """Claim ready jobs (about ``batch_size`` images), read them and hand them to the feeder
