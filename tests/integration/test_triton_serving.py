@@ -204,6 +204,17 @@ def test_diagnoser_same_as_local(triton_server, require_model) -> None:
             assert fr.heatmap is not None and np.allclose(fr.heatmap, fl.heatmap, atol=1e-4)
     fast = remote.diagnose(imgs, heatmaps=False)
     assert all(f.heatmap is None for d in fast for f in d.findings)
+    assert "present" in remote.heatmap_modes  # what the PACS gateway asks for: the present findings' maps
+    some_r, some_l = remote.diagnose(imgs, heatmaps="present"), local.diagnose(imgs, heatmaps="present")
+    for dr, dl in zip(some_r, some_l):
+        for fr, fl in zip(dr.findings, dl.findings):
+            assert fr.present == fl.present and fr.region == fl.region
+            assert (fr.heatmap is None) == (not fl.present) == (fl.heatmap is None)
+            if fr.heatmap is not None:
+                assert np.allclose(fr.heatmap, fl.heatmap, atol=1e-4)
+    assert {f.heatmap is None for d in some_r for f in d.findings} == {True, False}
+    with pytest.raises(InputError, match="heatmaps: expected None, True, False or 'present', got 'some'"):
+        remote.diagnose(imgs, heatmaps="some")
 
 
 def test_served_diagnoser_runs_compiled_as_its_config_records(triton_server, triton_repo: Path, require_model) -> None:

@@ -201,27 +201,32 @@ class TritonPythonModel:
         self.plugin = None
 
     # ----------------------------------------------------------------- diagnoser
-    def _diagnose_call(self, images: np.ndarray, texts: list[str] | None, heatmaps: bool | None) -> dict[str, np.ndarray]:
-        """``heatmaps``: False = not requested; None = the plugin's default; True = asked for."""
+    def _diagnose_call(self, images: np.ndarray, texts: list[str] | None, heatmaps: bool | str | None
+                       ) -> dict[str, np.ndarray]:
+        """``heatmaps``: False = not requested; None = the plugin's default; True = asked for;
+        ``"present"`` = the present findings' maps (the others travel as NaN, decoded as None)."""
         kw = {self.heatmap_kw: heatmaps} if self.heatmap_kw and heatmaps is not None else {}
         result = self.plugin.diagnose(images, texts, **kw)
         if len(result) != len(images):
             raise RuntimeError(f"{self.name}.diagnose returned {len(result)} results for {len(images)} images")
         return wire.encode_diagnoses(result, self.labels, heatmaps=heatmaps is not False)
 
-    @staticmethod
-    def _want_heatmaps(request: Any) -> bool | None:
+    def _want_heatmaps(self, request: Any) -> bool | str | None:
+        """False, None (the plugin's default), True, or ``"present"`` where the plugin offers it
+        (``heatmap_modes``; else every map, a superset of what was asked)."""
         if wire.HEATMAPS not in request.requested_output_names():
             return False
         try:
             value = json.loads(request.parameters() or "{}").get("heatmaps")
         except (ValueError, AttributeError):
             value = None
+        if value == "present":
+            return "present" if "present" in getattr(self.plugin, "heatmap_modes", ()) else True
         return None if value is None else bool(value)
 
     def _diagnose(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)
-        groups: dict[tuple[bool, bool | None], list[tuple[int, np.ndarray, list[str] | None]]] = {}
+        groups: dict[tuple[bool, bool | str | None], list[tuple[int, np.ndarray, list[str] | None]]] = {}
         for i, r in enumerate(requests):
             try:
                 raw = self._input(r, wire.IMAGES)

@@ -103,6 +103,10 @@ class RemoteDiagnoser(_Remote):
     """A :class:`hygeia.api.Diagnoser` served by Triton."""
 
     kind = "diagnoser"
+    heatmap_modes = (False, True, "present")
+    """What ``diagnose(heatmaps=...)`` takes besides None. ``"present"``: maps (and so regions) of the
+    findings called present only, where the served plugin offers it; one that does not answers
+    with every finding's map."""
 
     def __init__(self, name: str, server: Any, **opts: Any) -> None:
         super().__init__(name, server, **opts)
@@ -111,14 +115,17 @@ class RemoteDiagnoser(_Remote):
         self.channels = int(self.info.get("channels", 1))
         self.codes: dict[str, dict[str, str]] = self.info.get("codes", {})
 
-    def diagnose(self, images: Any, texts: Sequence[str] | None = None, heatmaps: bool | None = None
+    def diagnose(self, images: Any, texts: Sequence[str] | None = None, heatmaps: bool | str | None = None
                  ) -> list[Diagnosis]:
         """One Diagnosis per image. ``heatmaps``: None = the model's default, False = none (faster),
-        True = ask for them (models that cannot make them return none)."""
+        True = ask for them (models that cannot make them return none), ``"present"`` = the maps
+        of the findings called present (see :attr:`heatmap_modes`)."""
+        if heatmaps not in self.heatmap_modes and heatmaps is not None:
+            raise InputError("heatmaps", "None, True, False or 'present'", got=repr(heatmaps))
         a = check_images(images, size=self.input_size, channels=self.channels)
         tx = check_texts(texts, len(a))
         outputs = [wire.PROBS, wire.THRESHOLDS, wire.REGIONS] + ([wire.HEATMAPS] if heatmaps is not False else [])
-        params = {"heatmaps": True} if heatmaps else None
+        params = {"heatmaps": heatmaps} if heatmaps else None
         result: list[Diagnosis] = []
         for i in range(0, len(a), self.max_batch_size):
             inputs = {wire.IMAGES: a[i:i + self.max_batch_size]}
