@@ -24,7 +24,7 @@ from hygeia import tensors
 from hygeia.api import Diagnosis, Finding, ModelCard, ModelIdentity, PluginSpec, Region
 from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.errors import InputError
-from hygeia.validation import check_images, check_texts
+from hygeia.validation import check_heatmaps, check_images, check_texts
 from hygeia.vocab import FINDING_LABELS, bundle_codes
 
 from .model import CAM_METHODS, DEFAULT_ARCH, CnnNet, _minmax
@@ -193,8 +193,7 @@ class CnnDiagnoser:
         of the maps' cost, what the PACS gateway asks for (:attr:`heatmap_modes`)."""
         x = check_images(images, size=self.input_size)
         check_texts(texts, len(x))  # accepted and checked; this model is image-only
-        if heatmaps not in self.heatmap_modes and heatmaps is not None:
-            raise InputError("heatmaps", "None, True, False or 'present'", got=repr(heatmaps))
+        check_heatmaps(heatmaps, self.heatmap_modes)
         want = self.heatmaps if heatmaps is None else heatmaps
         probs, maps = self._probs_and_maps(x, want) if want else (self.predict_proba(x), None)
         present = np.asarray(probs, np.float64) >= self.thresholds[None, :]

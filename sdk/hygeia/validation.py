@@ -89,6 +89,16 @@ def check_guidance_scale(scale: Any, max_scale: float = 20.0, name: str = "guida
     return float(scale)
 
 
+def check_heatmaps(value: Any, modes: Sequence[Any], name: str = "heatmaps") -> Any:
+    """``value`` if it is None or one of ``modes`` (a diagnoser's ``heatmap_modes``), else an
+    InputError naming it and listing what it takes."""
+    if value is not None and value not in modes:
+        shown = ["None", *(repr(m) for m in (True, False) if m in modes),
+                 *(repr(m) for m in modes if not isinstance(m, bool))]
+        raise InputError(name, ", ".join(shown[:-1]) + " or " + shown[-1], got=repr(value))
+    return value
+
+
 def check_seed(seed: Any, name: str = "seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**63:
         raise InputError(name, "an integer in [0, 2**63)", got=repr(seed))

@@ -145,6 +145,7 @@ class TritonPythonModel:
             self.channels = int(self.info.get("channels", 1))
             self.heatmap_kw = next((k for k in ("heatmaps", "heatmap", "gradcam")
                                     if _accepts(plugin.diagnose, k)), None)
+            self.present_maps = "present" in getattr(plugin, "heatmap_modes", ())
             self.runtime = self._compile(plugin)
         if self.kind == "generator":
             self.takes_progress = _accepts(plugin.generate, "progress")
@@ -221,7 +222,7 @@ class TritonPythonModel:
         except (ValueError, AttributeError):
             value = None
         if value == "present":
-            return "present" if "present" in getattr(self.plugin, "heatmap_modes", ()) else True
+            return "present" if self.present_maps else True
         return None if value is None else bool(value)
 
     def _diagnose(self, requests: list[Any]) -> list[Any]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..api import Diagnosis, GeneratedImage, GeneratedMolecule, ModelIdentity
 from ..errors import InputError, PluginNotFoundError
-from ..validation import check_condition, check_images, check_n, check_seed, check_texts
+from ..validation import check_condition, check_heatmaps, check_images, check_n, check_seed, check_texts
 from . import wire
 from .connection import (  # noqa: F401  (public names, kept here for callers)
     _STUB_RESTART,
@@ -120,8 +120,7 @@ class RemoteDiagnoser(_Remote):
         """One Diagnosis per image. ``heatmaps``: None = the model's default, False = none (faster),
         True = ask for them (models that cannot make them return none), ``"present"`` = the maps
         of the findings called present (see :attr:`heatmap_modes`)."""
-        if heatmaps not in self.heatmap_modes and heatmaps is not None:
-            raise InputError("heatmaps", "None, True, False or 'present'", got=repr(heatmaps))
+        check_heatmaps(heatmaps, self.heatmap_modes)
         a = check_images(images, size=self.input_size, channels=self.channels)
         tx = check_texts(texts, len(a))
         outputs = [wire.PROBS, wire.THRESHOLDS, wire.REGIONS] + ([wire.HEATMAPS] if heatmaps is not False else [])
