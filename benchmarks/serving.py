@@ -53,33 +53,52 @@ import numpy as np
 WAYS = ("eager", "pytriton", "hygeia", "compiled")
 
 
-def _run(call: Callable[[int], Any], concurrency: int, duration: float) -> tuple[list[float], float]:
-    """Run ``call(worker)`` from ``concurrency`` threads for ``duration`` s: (latencies, wall time)."""
-    lat: list[list[float]] = [[] for _ in range(concurrency)]
-    stop = time.monotonic() + duration
+WARMUP_S = 0.3  # load runs this long before each measurement window opens (ramp excluded)
+
+
+def _run(call: Callable[[int], Any], concurrency: int, duration: float,
+         warmup: float = WARMUP_S) -> tuple[list[float], float, float]:
+    """Run ``call(worker)`` from ``concurrency`` threads: ``warmup`` s of load, then a window of
+    ``duration`` s, then each thread finishes its call. Returns (latencies of the calls that overlap
+    the window, calls done inside the window, window length). A call that straddles an edge counts
+    by the fraction of it inside the window, so ramp-up and drain bias no way (perf_analyzer, too,
+    counts in a window while the load keeps running)."""
+    spans: list[list[tuple[float, float]]] = [[] for _ in range(concurrency)]
     barrier = threading.Barrier(concurrency + 1)
+    edges: list[float] = []
 
     def worker(w: int) -> None:
         barrier.wait()
-        while time.monotonic() < stop:
+        stop = edges[1]
+        while True:
             t = time.perf_counter()
+            if t >= stop:
+                break
             call(w)
-            lat[w].append(time.perf_counter() - t)
+            spans[w].append((t, time.perf_counter()))
 
     threads = [threading.Thread(target=worker, args=(w,)) for w in range(concurrency)]
     for t in threads:
         t.start()
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() + warmup
+    edges.extend((t0, t0 + duration))
     barrier.wait()
     for t in threads:
         t.join()
-    return [x for ws in lat for x in ws], time.perf_counter() - t0
+    lo, hi = edges
+    lat, done = [], 0.0
+    for a, b in (x for ws in spans for x in ws):
+        inside = min(b, hi) - max(a, lo)
+        if inside > 0:
+            lat.append(b - a)
+            done += inside / max(b - a, 1e-9)
+    return lat, done, duration
 
 
-def _stats(lat: list[float], wall: float) -> dict[str, float]:
+def _stats(lat: list[float], done: float, window: float) -> dict[str, float]:
     s = sorted(lat)
     return {"p50_ms": 1e3 * statistics.median(s), "p99_ms": 1e3 * s[int(0.99 * (len(s) - 1))],
-            "per_s": len(s) / wall, "calls": len(s)}
+            "per_s": done / window, "calls": len(s)}
 
 
 def _paired(calls: dict[str, tuple[Callable[[int], Any], int]], duration: float,
@@ -89,11 +108,11 @@ def _paired(calls: dict[str, tuple[Callable[[int], Any], int]], duration: float,
     for call, concurrency in calls.values():
         for w in range(concurrency):
             call(w)
-    acc: dict[str, tuple[list[float], float]] = {k: ([], 0.0) for k in calls}
+    acc: dict[str, tuple[list[float], float, float]] = {k: ([], 0.0, 0.0) for k in calls}
     for _ in range(rounds):
         for k, (call, concurrency) in calls.items():
-            lat, wall = _run(call, concurrency, duration / rounds)
-            acc[k] = (acc[k][0] + lat, acc[k][1] + wall)
+            lat, done, window = _run(call, concurrency, duration / rounds)
+            acc[k] = (acc[k][0] + lat, acc[k][1] + done, acc[k][2] + window)
     return {k: _stats(*v) for k, v in acc.items()}
 
 
@@ -106,17 +125,18 @@ def _best_batch(diagnose: Callable[[np.ndarray], Any], shape: tuple[int, ...], d
         x = rng.random((bs, *shape), dtype=np.float32)
         diagnose(x)
         for c in (1, 2):
-            lat, wall = _run(lambda _w, x=x: diagnose(x), c, duration)
-            ips = len(lat) * bs / wall
+            _lat, done, window = _run(lambda _w, x=x: diagnose(x), c, duration)
+            ips = done * bs / window
             if ips > best["items_per_s"]:
                 best = {"items_per_s": ips, "batch": bs, "threads": c}
     return best
 
 
 # ---------------------------------------------------------------- (b): PyTriton, in a child process
-def pytriton_child(name: str, instances: int, max_batch: int, text: bool = False) -> None:
+def pytriton_child(name: str, instances: int, max_batch: int, text: bool, port_file: Path) -> None:
     """Serve ``name``'s eager plugin with PyTriton (``text``: with a TEXTS input, one line per image);
-    print the gRPC port; serve until stdin closes."""
+    write the gRPC port to ``port_file`` when ready (not to stdout, where PyTriton's log thread
+    writes too); serve until stdin closes."""
     import hygeia
     from hygeia.serving.binary import free_port
     from pytriton.decorators import batch
@@ -149,7 +169,9 @@ def pytriton_child(name: str, instances: int, max_batch: int, text: bool = False
                     outputs=[Tensor(name="PROBS", dtype=np.float32, shape=(-1,))],
                     config=ModelConfig(max_batch_size=max_batch, batcher=DynamicBatcher(max_queue_delay_microseconds=0)))
         triton.run()
-        print(f"PORT {grpc}", flush=True)
+        part = port_file.with_suffix(".part")
+        part.write_text(str(grpc))
+        part.replace(port_file)
         sys.stdin.read()
 
 
@@ -174,17 +196,23 @@ def _patch_pytriton_proxy() -> None:
     Model.get_proxy_model_files = patched  # type: ignore[method-assign]
 
 
-def _start_pytriton(name: str, instances: int, max_batch: int, threads: int,
-                    text: bool = False) -> tuple[subprocess.Popen[str], str]:
+def _start_pytriton(name: str, instances: int, max_batch: int, threads: int, tmp: Path,
+                    text: bool = False) -> tuple[subprocess.Popen[bytes], str]:
+    """Start :func:`pytriton_child` (its log in ``tmp``); wait for its port file."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    proc = subprocess.Popen([sys.executable, __file__, "--pytriton-child", name, str(instances), str(max_batch),
-                             "1" if text else "0"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if line.startswith("PORT "):
-            return proc, f"127.0.0.1:{line.split()[1]}"
-    raise RuntimeError(f"the PyTriton server exited with code {proc.wait()} before it was ready")
+    port_file, log = tmp / f"pytriton-{name}.port", tmp / f"pytriton-{name}.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, __file__, "--pytriton-child", name, str(instances), str(max_batch),
+                                 "1" if text else "0", str(port_file)],
+                                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=env)
+    deadline = time.monotonic() + 300
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+            raise RuntimeError(f"the PyTriton server was not ready (exit code {proc.wait()}); {log}: {' | '.join(tail)}")
+        time.sleep(0.2)
+    return proc, f"127.0.0.1:{port_file.read_text()}"
 
 
 def _raw_client(url: str, text: str | None = None) -> Callable[[np.ndarray], Any]:
@@ -345,7 +373,7 @@ def bench_diagnoser(name: str, args: argparse.Namespace, tmp: Path, console: Any
     cfg = (tmp / name / model / "config.pbtxt").read_text()
     instances = int(cfg.split("count: ")[1].split()[0])
     max_batch = int(cfg.split("max_batch_size: ")[1].split()[0])
-    proc, url_b = _start_pytriton(name, instances, max_batch, args.threads, text=line is not None)
+    proc, url_b = _start_pytriton(name, instances, max_batch, args.threads, tmp, text=line is not None)
     out: dict[str, Any] = {"runtime": runtime, "runtime_ms": json.loads(params["hygeia_runtime_ms"] or "{}"),
                            "runtime_reason": params.get("hygeia_runtime_reason", ""), "instances": instances}
     try:
@@ -471,7 +499,7 @@ def cold_start(tmp: Path, threads: int, console: Any) -> dict[str, Any]:
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--pytriton-child":
-        pytriton_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), len(sys.argv) > 5 and sys.argv[5] == "1")
+        pytriton_child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1", Path(sys.argv[6]))
         return 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--diagnosers", nargs="+", default=None, help="default: the default diagnoser")
