@@ -43,10 +43,15 @@ def clinical_text(ds: Any) -> str:
 
 
 def diagnose_options(diagnoser: Any) -> dict[str, Any]:
-    """What the gateway passes to ``diagnose()``: the SR needs the regions, not the heat maps, so a
-    diagnoser that can make maps for its present findings only (``"present"`` in its
-    ``heatmap_modes``, as ``cxr`` and ``cnn``) is asked for those."""
-    return {"heatmaps": "present"} if "present" in getattr(diagnoser, "heatmap_modes", ()) else {}
+    """What the gateway passes to ``diagnose()``: the SR needs the regions, not the heat maps. A
+    remote diagnoser sends the regions alone (``"regions"`` in its ``heatmap_modes``); a local one
+    that can make maps for its present findings only (``"present"``, as ``cxr`` and ``cnn``) is
+    asked for those."""
+    modes = getattr(diagnoser, "heatmap_modes", ())
+    for mode in ("regions", "present"):
+        if mode in modes:
+            return {"heatmaps": mode}
+    return {}
 
 
 class Gateway(Listener):

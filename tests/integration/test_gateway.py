@@ -234,7 +234,7 @@ def test_gateway_killed_after_ack_resumes(orthanc, tmp_path):
 def test_remote_diagnoser_on_triton_down_then_up(orthanc, triton_repo, require_model, tmp_path):
     """The gateway diagnoses on Triton (RemoteDiagnoser over gRPC). Triton is down when the study
     arrives: the gateway retries with back-off; once Triton is up the SR reaches Orthanc, with the
-    same findings as the local cnn gives."""
+    same findings and regions as the local cnn gives (asked for as ``heatmaps="regions"``)."""
     import highdicom as hd
     import numpy as np
     from pydicom.sr.codedict import codes
@@ -243,9 +243,10 @@ def test_remote_diagnoser_on_triton_down_then_up(orthanc, triton_repo, require_m
     from hygeia.data.io import load_image, prepare_image
     from hygeia.serving.server import TritonServer
     from hygeia_pacs import Gateway, GatewayConfig
+    from hygeia_pacs.gateway import diagnose_options
 
     require_model("diagnoser_cnn")
-    files = phantom_study(tmp_path / "study", seed=401, n=2)
+    files = phantom_study(tmp_path / "study", seed=404, n=2)  # two located findings
     grpc_port = free_port()
     cfg = GatewayConfig.from_dict(gateway_config(tmp_path, orthanc, server=f"127.0.0.1:{grpc_port}", stow=None))
     with Gateway(cfg) as gw:  # no diagnoser object: built with hygeia.serving.connect on first use
@@ -255,6 +256,7 @@ def test_remote_diagnoser_on_triton_down_then_up(orthanc, triton_repo, require_m
         assert done_records(cfg.spool) == []
         with TritonServer(triton_repo, grpc_port=grpc_port, models=["diagnoser_cnn"], startup_timeout=180):
             assert gw.wait_idle(180), gw.status()
+        assert diagnose_options(gw.diagnoser()) == {"heatmaps": "regions"}
     (record,) = done_records(cfg.spool)
     assert record["sent"] == ["cstore"] and record["attempts"] >= 3
     client = dicomweb(orthanc)
@@ -264,5 +266,9 @@ def test_remote_diagnoser_on_triton_down_then_up(orthanc, triton_repo, require_m
     remote_probs = sorted(g.get_measurements(name=codes.DCM.Probability)[0].value for g in groups)
     local = hygeia.create("diagnoser", "cnn")
     batch = np.stack([prepare_image(load_image(f).pixels, local.input_size) for f in files])
-    local_probs = sorted(round(f.probability, 6) for d in local.diagnose(batch) for f in d.findings)
+    local_dx = local.diagnose(batch, heatmaps="present")
+    local_probs = sorted(round(f.probability, 6) for d in local_dx for f in d.findings)
     np.testing.assert_allclose(remote_probs, local_probs, atol=1e-4)
+    # the gateway asked Triton for regions without maps: every located finding still has its region
+    located = sum(f.region is not None for d in local_dx for f in d.findings)
+    assert located and len(report.get_planar_roi_measurement_groups()) == located

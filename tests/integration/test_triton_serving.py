@@ -213,7 +213,13 @@ def test_diagnoser_same_as_local(triton_server, require_model) -> None:
             if fr.heatmap is not None:
                 assert np.allclose(fr.heatmap, fl.heatmap, atol=1e-4)
     assert {f.heatmap is None for d in some_r for f in d.findings} == {True, False}
-    with pytest.raises(InputError, match="heatmaps: expected None, True, False or 'present', got 'some'"):
+    # what the PACS gateway asks a remote diagnoser for: the same regions, and no map on the wire
+    only = remote.diagnose(imgs, heatmaps="regions")
+    assert [[(f.probability, f.present, f.region) for f in d.findings] for d in only] == \
+        [[(f.probability, f.present, f.region) for f in d.findings] for d in some_r]
+    assert all(f.heatmap is None for d in only for f in d.findings)
+    assert any(f.region is not None for d in only for f in d.findings)
+    with pytest.raises(InputError, match="heatmaps: expected None, True, False, 'present' or 'regions', got 'some'"):
         remote.diagnose(imgs, heatmaps="some")
 
 

@@ -202,28 +202,35 @@ class TritonPythonModel:
         self.plugin = None
 
     # ----------------------------------------------------------------- diagnoser
-    def _diagnose_call(self, images: np.ndarray, texts: list[str] | None, heatmaps: bool | str | None
+    def _diagnose_call(self, images: np.ndarray, texts: list[str] | None, want: tuple[bool | str | None, bool]
                        ) -> dict[str, np.ndarray]:
-        """``heatmaps``: False = not requested; None = the plugin's default; True = asked for;
-        ``"present"`` = the present findings' maps (the others travel as NaN, decoded as None)."""
+        """``want``: (what the plugin is asked for, whether the maps travel back). The first is False
+        = no maps; None = the plugin's default; True = every map; ``"present"`` = the present
+        findings' maps (the others travel as NaN, decoded as None)."""
+        heatmaps, send = want
         kw = {self.heatmap_kw: heatmaps} if self.heatmap_kw and heatmaps is not None else {}
         result = self.plugin.diagnose(images, texts, **kw)
         if len(result) != len(images):
             raise RuntimeError(f"{self.name}.diagnose returned {len(result)} results for {len(images)} images")
-        return wire.encode_diagnoses(result, self.labels, heatmaps=heatmaps is not False)
+        return wire.encode_diagnoses(result, self.labels, heatmaps=send and heatmaps is not False)
 
-    def _want_heatmaps(self, request: Any) -> bool | str | None:
-        """False, None (the plugin's default), True, or ``"present"`` where the plugin offers it
-        (``heatmap_modes``; else every map, a superset of what was asked)."""
-        if wire.HEATMAPS not in request.requested_output_names():
-            return False
+    def _want_heatmaps(self, request: Any) -> tuple[bool | str | None, bool]:
+        """(what to ask the plugin for, whether to send the maps). The request parameter
+        ``heatmaps``: ``"present"`` asks for the present findings' maps where the plugin offers it
+        (``heatmap_modes``; else every map, a superset of what was asked); ``"regions"`` asks the
+        same and sends the regions without the maps (the HEATMAPS output is not requested then)."""
         try:
             value = json.loads(request.parameters() or "{}").get("heatmaps")
         except (ValueError, AttributeError):
             value = None
+        present = "present" if self.present_maps else True
+        if value == "regions":
+            return present, False
+        if wire.HEATMAPS not in request.requested_output_names():
+            return False, False
         if value == "present":
-            return "present" if self.present_maps else True
-        return None if value is None else bool(value)
+            return present, True
+        return (None if value is None else bool(value)), True
 
     def _diagnose(self, requests: list[Any]) -> list[Any]:
         responses: list[Any] = [None] * len(requests)

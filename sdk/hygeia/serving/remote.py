@@ -103,10 +103,11 @@ class RemoteDiagnoser(_Remote):
     """A :class:`hygeia.api.Diagnoser` served by Triton."""
 
     kind = "diagnoser"
-    heatmap_modes = (False, True, "present")
+    heatmap_modes = (False, True, "present", "regions")
     """What ``diagnose(heatmaps=...)`` takes besides None. ``"present"``: maps (and so regions) of the
     findings called present only, where the served plugin offers it; one that does not answers
-    with every finding's map."""
+    with every finding's map. ``"regions"``: the server makes the same maps but sends only the
+    regions (no map travels; every ``heatmap`` is None), what a DICOM SR needs."""
 
     def __init__(self, name: str, server: Any, **opts: Any) -> None:
         super().__init__(name, server, **opts)
@@ -119,11 +120,13 @@ class RemoteDiagnoser(_Remote):
                  ) -> list[Diagnosis]:
         """One Diagnosis per image. ``heatmaps``: None = the model's default, False = none (faster),
         True = ask for them (models that cannot make them return none), ``"present"`` = the maps
-        of the findings called present (see :attr:`heatmap_modes`)."""
+        of the findings called present, ``"regions"`` = their regions without the maps (see
+        :attr:`heatmap_modes`)."""
         check_heatmaps(heatmaps, self.heatmap_modes)
         a = check_images(images, size=self.input_size, channels=self.channels)
         tx = check_texts(texts, len(a))
-        outputs = [wire.PROBS, wire.THRESHOLDS, wire.REGIONS] + ([wire.HEATMAPS] if heatmaps is not False else [])
+        maps = heatmaps is not False and heatmaps != "regions"
+        outputs = [wire.PROBS, wire.THRESHOLDS, wire.REGIONS] + ([wire.HEATMAPS] if maps else [])
         params = {"heatmaps": heatmaps} if heatmaps else None
         result: list[Diagnosis] = []
         for i in range(0, len(a), self.max_batch_size):
