@@ -14,6 +14,12 @@
     python benchmarks/gateway.py                      # 200 studies, then a 1,000-study soak
     python benchmarks/gateway.py --studies 200 --soak 0 --json
     python benchmarks/gateway.py --studies 0 --soak 1000 --sr-processes 1
+    python benchmarks/gateway.py --studies 200 --soak 0 --triton   # the diagnoser on a local tritonserver
+
+With ``--triton`` the diagnoser is built into a Triton repository and served by a local
+tritonserver; the gateway and the reference both call it through ``RemoteDiagnoser`` (the gateway
+asks for regions without maps, ``heatmaps="regions"``), so the ratio is the gateway against the
+served diagnoser on the same machine.
 
 ``run_load`` is also what ``tests/integration/test_gateway_soak.py`` runs (with fewer studies).
 Needs the Debian packages dcmtk and orthanc.
@@ -21,6 +27,7 @@ Needs the Debian packages dcmtk and orthanc.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -245,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, help="gateway config (default: the gateway's)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (diagnoser and gateway alike)")
     ap.add_argument("--diagnoser", help="diagnoser plugin (default: the default diagnoser, what the gateway runs)")
+    ap.add_argument("--triton", action="store_true",
+                    help="the diagnoser served by a local tritonserver (`hygeia triton build`), called over gRPC "
+                         "by the gateway and by the reference alike")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     import torch
@@ -260,10 +270,36 @@ def main(argv: list[str] | None = None) -> int:
     from hygeia.plugins import get_registry
 
     name = args.diagnoser or get_registry().default_name("diagnoser")
-    cnn = hygeia.create("diagnoser", name)
     over = {"workers": args.workers, "sr_processes": args.sr_processes, "batch_size": args.batch_size, "diagnoser": name}
     out: dict[str, Any] = {"machine": f"{os.cpu_count()} CPU cores, torch threads {args.threads}", "config": {},
-                           "diagnoser": name}
+                           "diagnoser": name + (" on Triton" if args.triton else "")}
+    with contextlib.ExitStack() as stack:
+        if args.triton:
+            cnn = stack.enter_context(triton_diagnoser(name, tmp, args.threads))
+        else:
+            cnn = hygeia.create("diagnoser", name)
+        _measure(cnn, over, args, tmp, out, Orthanc, Gateway)
+    report(out, args.json)
+    return 0
+
+
+@contextlib.contextmanager
+def triton_diagnoser(name: str, tmp: Path, threads: int) -> Any:
+    """``name`` built into a Triton repository and served by a local tritonserver: its RemoteDiagnoser."""
+    from hygeia.serving import connect
+    from hygeia.serving.repository import build_repository
+    from hygeia.serving.server import TritonServer
+
+    model = f"diagnoser_{name}"
+    res = build_repository(tmp / "triton", names=[name])
+    if model not in res.models:
+        raise SystemExit(f"{model} cannot be built: {res.failed.get(model)}")
+    with TritonServer(tmp / "triton", threads=threads, models=[model], startup_timeout=300) as srv:
+        yield connect("diagnoser", name, srv.grpc_url, timeout=120)
+
+
+def _measure(cnn: Any, over: dict[str, Any], args: argparse.Namespace, tmp: Path, out: dict[str, Any],
+             Orthanc: Any, Gateway: Any) -> None:
     orthanc = Orthanc(tmp / "orthanc").start()
     try:
         with Gateway(gateway_config(tmp / "spool", orthanc, **over), diagnoser=cnn) as gw:
@@ -290,8 +326,6 @@ def main(argv: list[str] | None = None) -> int:
                 out["soak"] = {**asdict(res), "studies_per_s": res.studies_per_s, "rss_growth": res.rss_growth}
     finally:
         orthanc.stop()
-    report(out, args.json)
-    return 0
 
 
 def report(out: dict[str, Any], as_json: bool) -> None:
@@ -303,7 +337,8 @@ def report(out: dict[str, Any], as_json: bool) -> None:
         t, d = out["throughput"], out["throughput"]["diagnoser"]
         print(f"gateway end to end: {t['sent']} studies ({t['images']} images) in {t['elapsed_s']:.1f} s "
               f"(storescu {t['storescu_s']:.1f} s): {t['studies_per_s']:.2f} studies/s, {t['images_per_s']:.2f} images/s")
-        print(f"diagnoser alone, in-process: {d['images_per_s']:.1f} images/s at batch {d['best_batch']} "
+        where = "over gRPC" if out["diagnoser"].endswith("on Triton") else "in-process"
+        print(f"diagnoser {out['diagnoser']} alone, {where}: {d['images_per_s']:.1f} images/s at batch {d['best_batch']} "
               f"(per batch: {d['per_batch']}; best before/after the gateway run: {d['before_after']})")
         print(f"CPU per study (ms): {t['cpu_ms_per_study']} (SR build alone, median: {t['sr_build_ms']:.0f} ms)")
         print(f"  the gateway's threads still running at the end (ms per study): {t['gateway_threads_cpu_ms_per_study']}")
