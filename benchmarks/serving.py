@@ -1,6 +1,6 @@
 """Serving benchmark: a diagnoser four ways, side by side in one run.
 
-    .venv/bin/python benchmarks/serving.py                       # the default diagnoser, ~2 minutes
+    .venv/bin/python benchmarks/serving.py                       # the default diagnoser, ~3 minutes
     .venv/bin/python benchmarks/serving.py --diagnosers cxr fusion --duration 2 --json out.json
     .venv/bin/python benchmarks/serving.py --cold-start          # also: every built-in model, launch -> ready
     .venv/bin/python benchmarks/serving.py --perf-analyzer       # also: NVIDIA perf_analyzer against (c)
