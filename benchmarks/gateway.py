@@ -79,14 +79,39 @@ def thread_cpu_s() -> dict[str, float]:
     return out
 
 
+TRITON: list[int] = []  # the pid of the tritonserver serving the diagnoser (--triton)
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (Linux /proc)."""
+    parent: dict[int, int] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                pass
+    out, todo = [pid], [pid]
+    while todo:
+        top = todo.pop()
+        kids = [c for c, p in parent.items() if p == top]
+        out += kids
+        todo += kids
+    return out
+
+
 def cpu_now(gw: Any, orthanc: Any) -> dict[str, float]:
-    """CPU seconds so far: the gateway's process, its SR processes, Orthanc, finished children (storescu)."""
+    """CPU seconds so far: the gateway's process, its SR processes, Orthanc, finished children
+    (storescu), and with ``--triton`` the tritonserver with its stubs."""
     import resource
 
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return {"gateway": me.ru_utime + me.ru_stime, "sr_processes": sum(cpu_s(p) for p in gateway_pids(gw)[1:]),
-            "orthanc": cpu_s(orthanc.proc.pid) if orthanc.proc is not None else 0.0,
-            "storescu": kids.ru_utime + kids.ru_stime}
+    out = {"gateway": me.ru_utime + me.ru_stime, "sr_processes": sum(cpu_s(p) for p in gateway_pids(gw)[1:]),
+           "orthanc": cpu_s(orthanc.proc.pid) if orthanc.proc is not None else 0.0,
+           "storescu": kids.ru_utime + kids.ru_stime}
+    if TRITON:
+        out["triton"] = sum(cpu_s(p) for p in descendants(TRITON[0]))
+    return out
 
 
 def gateway_pids(gw: Any) -> list[int]:
@@ -295,7 +320,11 @@ def triton_diagnoser(name: str, tmp: Path, threads: int) -> Any:
     if model not in res.models:
         raise SystemExit(f"{model} cannot be built: {res.failed.get(model)}")
     with TritonServer(tmp / "triton", threads=threads, models=[model], startup_timeout=300) as srv:
-        yield connect("diagnoser", name, srv.grpc_url, timeout=120)
+        TRITON[:] = [srv.proc.pid]
+        try:
+            yield connect("diagnoser", name, srv.grpc_url, timeout=120)
+        finally:
+            TRITON.clear()
 
 
 def _measure(cnn: Any, over: dict[str, Any], args: argparse.Namespace, tmp: Path, out: dict[str, Any],
