@@ -104,8 +104,9 @@ class GatewayConfig:
     port: int = 11112
     allowed_callers: tuple[str, ...] = ()
     diagnoser: str | None = None  # None: the installed default diagnoser (HYGEIA_DIAGNOSER, or the spec marked default)
-    diagnoser_bundle: str | None = None  # in-process only: a bundle folder instead of the shipped weights
+    diagnoser_bundle: str | None = None  # in process (and the local_fallback): a bundle folder instead of the shipped weights
     server: str | None = None  # Triton gRPC HOST:PORT; None = run the diagnoser in-process
+    local_fallback: bool = False  # with a server: diagnose in process while the server cannot be reached
     study_timeout_s: float = 10.0
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
@@ -151,6 +152,8 @@ class GatewayConfig:
         if isinstance(self.sr_processes, bool) or not isinstance(self.sr_processes, int) or not 0 <= self.sr_processes <= 64:
             raise InputError("gateway config sr_processes", "an integer from 0 to 64 (0: no separate processes)",
                              got=repr(self.sr_processes))
+        if not isinstance(self.local_fallback, bool):
+            raise InputError("gateway config local_fallback", "true or false", got=repr(self.local_fallback))
         if self.broker is not None and not str(self.broker).startswith(("amqp://", "amqps://")):
             raise InputError("gateway config broker", "an amqp:// or amqps:// URL", got="another scheme")
         if not self.consume and self.broker is None:

@@ -28,6 +28,7 @@ import numpy as np
 from hygeia.errors import InputError
 
 from .config import GatewayConfig
+from .diagnosers import Diagnosers, diagnose_options  # noqa: F401  (diagnose_options: public here too)
 from .senders import PermanentError, send_cstore, send_stow
 from .listener import Listener, describe_error, study_tag  # noqa: F401  (study_tag: public here too)
 from .reports import _warm_sr_process, encode_sr, report_uids
@@ -42,18 +43,6 @@ def clinical_text(ds: Any) -> str:
     return " ".join(p for p in parts if p)
 
 
-def diagnose_options(diagnoser: Any) -> dict[str, Any]:
-    """What the gateway passes to ``diagnose()``: the SR needs the regions, not the heat maps. A
-    remote diagnoser sends the regions alone (``"regions"`` in its ``heatmap_modes``); a local one
-    that can make maps for its present findings only (``"present"``, as ``cxr`` and ``cnn``) is
-    asked for those."""
-    modes = getattr(diagnoser, "heatmap_modes", ())
-    for mode in ("regions", "present"):
-        if mode in modes:
-            return {"heatmaps": mode}
-    return {}
-
-
 class Gateway(Listener):
     """Runs the SCP and the worker. ``diagnoser``: any object with ``diagnose(images, texts)`` and
     ``input_size``; None builds it from the config (local plugin or Triton)."""
@@ -62,7 +51,7 @@ class Gateway(Listener):
                  clock: Callable[[], float] = time.time) -> None:
         self.config = config
         self.spool = Spool(config.spool)
-        self._diagnoser = diagnoser
+        self._diagnosers = Diagnosers(config, diagnoser)
         self._clock = clock
         self._server: Any = None
         self._workers: list[threading.Thread] = []
@@ -74,13 +63,13 @@ class Gateway(Listener):
         self._sr_pool: Any = None  # concurrent.futures.ProcessPoolExecutor when config.sr_processes > 0
         self._sr_threads: Any = None  # a ThreadPoolExecutor building SRs when there are no SR processes
         self._pipeline: Any = None  # the local queue's stages (pipeline.Pipeline); None with a broker
-        self.counters = {"accepted": 0, "rejected": 0, "sent": 0, "failed": 0, "retries": 0}
+        self.counters = {"accepted": 0, "rejected": 0, "sent": 0, "failed": 0, "retries": 0, "diagnosed_locally": 0}
         self._counter_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------
     def start(self) -> "Gateway":
         """Start listening and processing (returns at once; see :meth:`stop`)."""
-        if self._diagnoser is None and not self.config.server and self.config.consume:
+        if not self.config.server and self.config.consume:
             self.diagnoser()  # a local plugin that cannot load is a configuration error: fail now
         if self.config.receive:
             self._start_listener()
@@ -143,20 +132,9 @@ class Gateway(Listener):
         self.stop()
 
     def diagnoser(self) -> Any:
-        """The diagnoser, built on first use (a remote one may fail now and succeed later)."""
-        if self._diagnoser is None:
-            from hygeia.plugins import get_registry
-
-            name = self.config.diagnoser or get_registry().default_name("diagnoser")
-            if self.config.server:
-                from hygeia.serving import connect
-
-                self._diagnoser = connect("diagnoser", name, self.config.server)
-            elif self.config.diagnoser_bundle:  # e.g. a model trained on the site's own studies
-                self._diagnoser = get_registry().create_from_bundle("diagnoser", name, self.config.diagnoser_bundle)
-            else:
-                self._diagnoser = get_registry().create("diagnoser", name)
-        return self._diagnoser
+        """The configured diagnoser, built on first use (a remote one may fail now and succeed later;
+        see :mod:`hygeia_pacs.diagnosers` for the in-process fallback)."""
+        return self._diagnosers.primary()
 
     # -- receiving -----------------------------------------------------------------
     def _count(self, key: str, n: int = 1) -> None:
@@ -300,7 +278,7 @@ class Gateway(Listener):
             raise InputError("study", "at least one received image", got="none")
         datasets = [pydicom.dcmread(f) for f in files]
         datasets.sort(key=lambda d: (str(getattr(d, "SeriesInstanceUID", "")), int(getattr(d, "InstanceNumber", 0) or 0)))
-        size = tuple(getattr(self.diagnoser(), "input_size", (64, 64)))
+        size = tuple(getattr(self._diagnosers.current(), "input_size", (64, 64)))
         images = np.stack([prepare_image(load_dataset(d).pixels, size=size) for d in datasets])
         for d in datasets:  # the SR needs headers only: no pixels to keep, pickle or copy
             if "PixelData" in d:
@@ -313,11 +291,10 @@ class Gateway(Listener):
         images = np.concatenate([im for im, _ in studies])
         texts = [t for _, ts in studies for t in ts]
         texts_arg = texts if any(texts) else None
-        diag, bs, out = self.diagnoser(), max(1, self.config.batch_size), []
-        kw = diagnose_options(diag)
         with self._diagnose_lock:
-            for i in range(0, len(images), bs):
-                out.extend(diag.diagnose(images[i:i + bs], texts=None if texts_arg is None else texts_arg[i:i + bs], **kw))
+            out, way = self._diagnosers.diagnose(images, texts_arg, max(1, self.config.batch_size))
+        if way == "local":
+            self._count("diagnosed_locally", len(images))
         if len(out) != len(images):
             raise InputError("diagnoser output", f"one Diagnosis per image ({len(images)})", got=len(out))
         ends = np.cumsum([len(im) for im, _ in studies])

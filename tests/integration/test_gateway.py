@@ -272,3 +272,39 @@ def test_remote_diagnoser_on_triton_down_then_up(orthanc, triton_repo, require_m
     # the gateway asked Triton for regions without maps: every located finding still has its region
     located = sum(f.region is not None for d in local_dx for f in d.findings)
     assert located and len(report.get_planar_roi_measurement_groups()) == located
+
+
+def test_local_fallback_while_triton_is_down(orthanc, tmp_path, caplog):
+    """``local_fallback``: no tritonserver answers at ``server``, so after the connection's retries the
+    gateway diagnoses in process; the SR reaches Orthanc on the first attempt, one log line says so,
+    and the images are counted as diagnosed locally. Without the option the same study waits (the
+    test above)."""
+    import logging
+
+    import highdicom as hd
+
+    from hygeia_pacs import Gateway, GatewayConfig
+
+    files = phantom_study(tmp_path / "study", seed=404, n=2)
+    cfg = GatewayConfig.from_dict(gateway_config(tmp_path, orthanc, server=f"127.0.0.1:{free_port()}",
+                                                 local_fallback=True, stow=None))
+    with caplog.at_level(logging.WARNING, logger="hygeia_pacs.gateway"), Gateway(cfg) as gw:
+        assert storescu(cfg.port, files).returncode == 0
+        assert gw.wait_idle(120), gw.status()
+        assert gw.counters["diagnosed_locally"] == 2 and gw.counters["retries"] == 0
+    (record,) = done_records(cfg.spool)
+    assert record["sent"] == ["cstore"] and record["attempts"] == 1
+    switches = [r.getMessage() for r in caplog.records if "in process until it answers" in r.getMessage()]
+    assert len(switches) == 1, switches
+    ds = dicomweb(orthanc).retrieve_instance(record["study_uid"], record["sr_series_instance_uid"],
+                                             record["sr_sop_instance_uid"])
+    groups = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_planar_roi_measurement_groups()
+    assert len(groups) == 2  # the two located findings of this study, as the local cnn gives them
+
+
+def test_local_fallback_must_be_a_boolean(orthanc, tmp_path):
+    from hygeia.errors import InputError
+    from hygeia_pacs import GatewayConfig
+
+    with pytest.raises(InputError, match="invalid gateway config local_fallback: expected true or false, got 'yes'"):
+        GatewayConfig.from_dict(gateway_config(tmp_path, orthanc, local_fallback="yes"))

@@ -1,0 +1,115 @@
+"""The diagnoser the gateway runs: a plugin in process, or one served by Triton (``server``), with
+an optional in-process fallback (``local_fallback``) while that server cannot be reached.
+
+With the fallback, a batch whose remote call fails with
+:class:`hygeia.serving.connection.ServerUnavailableError` (after the connection's own retries) is
+diagnosed in process by the same plugin (``diagnoser_bundle`` if set) and the next batch tries the
+server again. One log line marks each switch, and the gateway counts the images diagnosed on the
+fallback (``Gateway.counters["diagnosed_locally"]``). Without the fallback the study's attempt fails and is retried with back-off, as before.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Sequence
+
+import numpy as np
+
+from .config import GatewayConfig
+
+log = logging.getLogger("hygeia_pacs.gateway")
+
+
+def diagnose_options(diagnoser: Any) -> dict[str, Any]:
+    """What the gateway passes to ``diagnose()``: the SR needs the regions, not the heat maps. A
+    remote diagnoser sends the regions alone (``"regions"`` in its ``heatmap_modes``); a local one
+    that can make maps for its present findings only (``"present"``, as ``cxr`` and ``cnn``) is
+    asked for those."""
+    modes = getattr(diagnoser, "heatmap_modes", ())
+    for mode in ("regions", "present"):
+        if mode in modes:
+            return {"heatmaps": mode}
+    return {}
+
+
+def _unavailable(exc: BaseException) -> bool:
+    from hygeia.serving.connection import ServerUnavailableError
+
+    return isinstance(exc, ServerUnavailableError)
+
+
+class Diagnosers:
+    """The configured diagnoser (``given``, or built on first use) and the local fallback of a
+    remote one. Calls never overlap (the gateway holds its diagnose lock)."""
+
+    def __init__(self, config: GatewayConfig, given: Any | None = None) -> None:
+        self.config = config
+        self._primary = given
+        self._local: Any = None
+        self.on_local = False  # the last batch ran on the fallback
+
+    def _name(self) -> str:
+        from hygeia.plugins import get_registry
+
+        return self.config.diagnoser or get_registry().default_name("diagnoser")
+
+    def local(self) -> Any:
+        """The plugin in process (its bundle if ``diagnoser_bundle`` is set), built on first use."""
+        if self._local is None:
+            from hygeia.plugins import get_registry
+
+            reg, name = get_registry(), self._name()
+            bundle = self.config.diagnoser_bundle  # e.g. a model trained on the site's own studies
+            self._local = reg.create_from_bundle("diagnoser", name, bundle) if bundle else reg.create("diagnoser", name)
+        return self._local
+
+    def primary(self) -> Any:
+        """The configured diagnoser: Triton's over gRPC when ``server`` is set, else :meth:`local`."""
+        if self._primary is None:
+            if self.config.server:
+                from hygeia.serving import connect
+
+                self._primary = connect("diagnoser", self._name(), self.config.server)
+            else:
+                self._primary = self.local()
+        return self._primary
+
+    def _fall_back(self, exc: BaseException) -> Any:
+        if not (self.config.local_fallback and self.config.server and _unavailable(exc)):
+            raise exc
+        if not self.on_local:
+            log.warning("diagnoser server unavailable (%s); diagnosing in process until it answers again",
+                        str(exc).splitlines()[0][:200])
+            self.on_local = True
+        return self.local()
+
+    def current(self) -> Any:
+        """The primary, or the local fallback while a remote primary cannot be built."""
+        try:
+            return self.primary()
+        except Exception as exc:
+            return self._fall_back(exc)
+
+    def diagnose(self, images: np.ndarray, texts: Sequence[str] | None, batch_size: int) -> tuple[list[Any], str]:
+        """Diagnoses of ``images``, ``batch_size`` at a time, and the way they ran: ``"server"`` or
+        ``"local"`` (the fallback) or ``"in-process"`` (no server configured)."""
+        diag = self.current()
+        try:
+            out = _run(diag, images, texts, batch_size)
+        except Exception as exc:
+            if diag is not self._primary or diag is self._local:
+                raise
+            diag = self._fall_back(exc)
+            return _run(diag, images, texts, batch_size), "local"
+        if diag is self._local and self.config.server:
+            return out, "local"
+        if self.on_local:
+            log.warning("diagnoser server answers again; diagnosing on it")
+            self.on_local = False
+        return out, "server" if self.config.server else "in-process"
+
+
+def _run(diag: Any, images: np.ndarray, texts: Sequence[str] | None, bs: int) -> list[Any]:
+    kw, out = diagnose_options(diag), []
+    for i in range(0, len(images), bs):
+        out.extend(diag.diagnose(images[i:i + bs], texts=None if texts is None else texts[i:i + bs], **kw))
+    return out
