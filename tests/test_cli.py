@@ -64,6 +64,22 @@ def test_diagnose_dicom_json(tmp_path):
     assert (tmp_path / "o.png").stat().st_size > 0
 
 
+def test_diagnose_without_png_gives_the_same_regions(tmp_path):
+    """Without --png the CLI asks for the present findings' maps only (hygeia.api.regions_options):
+    the same probabilities, calls and regions as the full maps give."""
+    from hygeia_lab import write_phantom_dicom
+
+    from hygeia.api import regions_options
+    from hygeia.plugins import get_registry
+
+    assert regions_options(get_registry().create("diagnoser", "cxr")) == {"heatmaps": "present"}
+    dcm = write_phantom_dicom(tmp_path / "p.dcm", seed=7, finding="effusion")
+    quick = json.loads(hygeia("diagnose", str(dcm), "--json").stdout)
+    full = json.loads(hygeia("diagnose", str(dcm), "--json", "--png", str(tmp_path / "o.png")).stdout)
+    assert quick == full
+    assert any(f["region"] is not None for f in quick[0]["findings"])
+
+
 def test_diagnose_png(tmp_path):
     from hygeia_lab import make_phantom
     from hygeia.outputs import write_png

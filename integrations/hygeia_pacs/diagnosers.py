@@ -14,21 +14,18 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hygeia.api import regions_options
+
 from .config import GatewayConfig
 
 log = logging.getLogger("hygeia_pacs.gateway")
 
 
 def diagnose_options(diagnoser: Any) -> dict[str, Any]:
-    """What the gateway passes to ``diagnose()``: the SR needs the regions, not the heat maps. A
-    remote diagnoser sends the regions alone (``"regions"`` in its ``heatmap_modes``); a local one
-    that can make maps for its present findings only (``"present"``, as ``cxr`` and ``cnn``) is
-    asked for those."""
-    modes = getattr(diagnoser, "heatmap_modes", ())
-    for mode in ("regions", "present"):
-        if mode in modes:
-            return {"heatmaps": mode}
-    return {}
+    """What the gateway passes to ``diagnose()``: the SR needs the regions, not the heat maps
+    (:func:`hygeia.api.regions_options`: a remote diagnoser sends the regions alone, a local
+    ``cxr`` or ``cnn`` makes the maps of its present findings only)."""
+    return regions_options(diagnoser)
 
 
 def _unavailable(exc: BaseException) -> bool:

@@ -293,3 +293,16 @@ class Diagnoser(Protocol):
 
     def diagnose(self, images: Any, texts: Sequence[str] | None = None) -> list[Diagnosis]:
         ...
+
+
+def regions_options(diagnoser: Any) -> dict[str, Any]:
+    """The ``diagnose()`` keywords that give every present finding's region at the least cost, for
+    callers that need the regions but not the heat maps (a DICOM SR, a findings table):
+    ``heatmaps="regions"`` where the diagnoser's ``heatmap_modes`` offers it (a remote diagnoser:
+    no map travels), else ``heatmaps="present"`` (maps of the present findings only, as ``cxr``
+    and ``cnn`` make them), else nothing (the diagnoser's default)."""
+    modes = getattr(diagnoser, "heatmap_modes", ())
+    for mode in ("regions", "present"):
+        if mode in modes:
+            return {"heatmaps": mode}
+    return {}

@@ -151,7 +151,10 @@ def diagnose(
     texts = None
     if text:
         texts = list(text) * len(inputs) if len(text) == 1 else list(text)
-    results = diag.diagnose(batch, texts=texts)
+    from .api import regions_options
+
+    # the table, JSON and SR need the regions only; --png draws the heat maps (the model's default)
+    results = diag.diagnose(batch, texts=texts, **({} if png is not None else regions_options(diag)))
     if json_out:
         console.print_json(json.dumps([{"input": str(p), **d.to_dict()} for p, d in zip(inputs, results)]))
     else:
