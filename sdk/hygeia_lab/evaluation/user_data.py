@@ -13,6 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from hygeia.api import regions_options
 from hygeia.errors import InputError
 
 BOOTSTRAP = 1000
@@ -63,6 +64,9 @@ def predict(diagnoser: Any, items: Sequence[Any], batch_size: int = 32, workers:
 
     size = int(max(diagnoser.input_size))
     reads_text = "text" in set(getattr(diagnoser, "condition_kinds", ()) or ())
+    # heat maps only where regions are scored, and then at the least cost
+    no_maps = {"heatmaps": False} if False in getattr(diagnoser, "heatmap_modes", ()) else {}
+    kw = regions_options(diagnoser) if regions is not None else no_maps
     dl = loader(dataset(items, size), batch_size, ShardedPermutation(len(items), 0, shuffle=False), workers)
     probs: list[np.ndarray] = []
     thresholds = np.full(len(diagnoser.findings), np.nan)
@@ -73,7 +77,8 @@ def predict(diagnoser: Any, items: Sequence[Any], batch_size: int = 32, workers:
         for batch in dl:
             check_batch(batch)
             texts = list(batch["text"]) if reads_text and any(batch["text"]) else None
-            out = diagnoser.diagnose(batch["image"].numpy(), texts=texts) if texts else diagnoser.diagnose(batch["image"].numpy())
+            out = diagnoser.diagnose(batch["image"].numpy(), texts=texts, **kw) if texts else \
+                diagnoser.diagnose(batch["image"].numpy(), **kw)
             for d, shape in zip(out, batch["shape"].numpy()):
                 by = {f.label: f for f in d.findings}
                 probs.append(np.array([by[f].probability if f in by else np.nan for f in diagnoser.findings]))
