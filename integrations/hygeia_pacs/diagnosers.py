@@ -5,7 +5,8 @@ With the fallback, a batch whose remote call fails with
 :class:`hygeia.serving.connection.ServerUnavailableError` (after the connection's own retries) is
 diagnosed in process by the same plugin (``diagnoser_bundle`` if set) and the next batch tries the
 server again. One log line marks each switch, and the gateway counts the images diagnosed on the
-fallback (``Gateway.counters["diagnosed_locally"]``). Without the fallback the study's attempt fails and is retried with back-off, as before.
+fallback (``Gateway.counters["diagnosed_locally"]``). Without the fallback the study's attempt
+fails and is retried with back-off.
 """
 from __future__ import annotations
 
