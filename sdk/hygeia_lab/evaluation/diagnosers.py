@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 
-from hygeia.api import regions_options
 from hygeia.errors import InputError
 from hygeia.outputs import atomic_path
 from hygeia.vocab import FINDING_LABELS
@@ -68,7 +67,9 @@ def evaluate(diagnoser: Any, phantom_set: Any, batch_size: int = 256, progress: 
 
     def run(i: int) -> None:
         sl = slice(i, min(n, i + batch_size))
-        kw: dict[str, Any] = regions_options(diagnoser) if localisation else {}  # anchors of present calls only
+        # anchors are needed for present calls only (the region, else the heat map's peak: maps kept)
+        present = localisation and "present" in getattr(diagnoser, "heatmap_modes", ())
+        kw: dict[str, Any] = {"heatmaps": "present"} if present else {}
         if not localisation and "heatmaps" in _params(diagnoser.diagnose):
             kw["heatmaps"] = False
         res = diagnoser.diagnose(x[sl], texts=texts[sl] if texts is not None else None, **kw)
