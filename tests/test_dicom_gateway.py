@@ -229,6 +229,19 @@ def test_config_validation(tmp_path):
             GatewayConfig.from_dict({**base, "allowed_callers": ["A"], "sr_processes": bad})
 
 
+def test_command_line_overrides_server_and_local_fallback(tmp_path):
+    from hygeia_pacs.cli import load_config
+
+    base = {"spool": "q", "allowed_callers": ["A"], "cstore": {"ae_title": "PACS", "host": "127.0.0.1", "port": 104}}
+    (tmp_path / "g.json").write_text(json.dumps(base))
+    plain = load_config(tmp_path / "g.json")
+    assert plain.server is None and plain.local_fallback is False
+    cfg = load_config(tmp_path / "g.json", server="10.0.0.5:8001", local_fallback=True)
+    assert cfg.server == "10.0.0.5:8001" and cfg.local_fallback is True
+    (tmp_path / "f.json").write_text(json.dumps({**base, "local_fallback": True}))
+    assert load_config(tmp_path / "f.json").local_fallback is True  # the flag only turns it on
+
+
 def test_dead_sr_process_is_replaced_and_the_study_retried(cnn, phantom, tmp_path):
     """sr_processes: an SR process that dies fails that attempt (retried later), the pool is
     replaced, and the next attempt builds the SR."""

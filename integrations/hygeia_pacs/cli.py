@@ -12,6 +12,8 @@ import typer
 
 gateway_app = typer.Typer(help="The PACS gateway: DICOM in, diagnosis, TID 1500 SR back.", no_args_is_help=True)
 _CONFIG = typer.Argument(..., exists=True, dir_okay=False, help="Gateway config (.json or .toml).")
+_FALLBACK = typer.Option(False, "--local-fallback",
+                         help="With a server: diagnose in process while it cannot be reached (sets local_fallback).")
 
 
 @gateway_app.command("run")
@@ -19,9 +21,10 @@ def run(
     config: Path = _CONFIG,
     server: Optional[str] = typer.Option(None, "--server", help="Diagnose on Triton HOST:PORT[,HOST:PORT] (overrides config)."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log every instance and association."),
+    local_fallback: bool = _FALLBACK,
 ) -> None:
     """Run the gateway: C-STORE in, diagnosis, TID 1500 SR back to the PACS (C-STORE/STOW-RS)."""
-    _serve(config, server, verbose, work_only=False)
+    _serve(config, server, verbose, work_only=False, local_fallback=local_fallback)
 
 
 @gateway_app.command("work")
@@ -29,9 +32,10 @@ def work(
     config: Path = _CONFIG,
     server: Optional[str] = typer.Option(None, "--server", help="Diagnose on Triton HOST:PORT[,HOST:PORT] (overrides config)."),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
+    local_fallback: bool = _FALLBACK,
 ) -> None:
     """A worker without a DICOM listener: process studies from the config's broker queue."""
-    _serve(config, server, verbose, work_only=True)
+    _serve(config, server, verbose, work_only=True, local_fallback=local_fallback)
 
 
 @gateway_app.command("status")
@@ -73,13 +77,22 @@ def retry(config: Path = _CONFIG) -> None:
     typer.echo(f"{moved} stud{'y' if moved == 1 else 'ies'} queued again")
 
 
-def _serve(config: Path, server: Optional[str], verbose: bool, work_only: bool) -> None:
+def load_config(config: Path, server: Optional[str] = None, local_fallback: bool = False) -> Any:
+    """The config file with the command line's overrides (``--server``, ``--local-fallback``)."""
     from .config import GatewayConfig
-    from .gateway import Gateway
 
     cfg = GatewayConfig.load(config)
     if server:
         cfg.server = server
+    if local_fallback:
+        cfg.local_fallback = True
+    return cfg
+
+
+def _serve(config: Path, server: Optional[str], verbose: bool, work_only: bool, local_fallback: bool = False) -> None:
+    from .gateway import Gateway
+
+    cfg = load_config(config, server, local_fallback)
     if work_only:
         if not cfg.broker:
             from hygeia.errors import InputError
