@@ -274,32 +274,43 @@ def test_remote_diagnoser_on_triton_down_then_up(orthanc, triton_repo, require_m
     assert located and len(report.get_planar_roi_measurement_groups()) == located
 
 
-def test_local_fallback_while_triton_is_down(orthanc, tmp_path, caplog):
+def test_local_fallback_while_triton_is_down(orthanc, triton_repo, require_model, tmp_path, caplog):
     """``local_fallback``: no tritonserver answers at ``server``, so after the connection's retries the
     gateway diagnoses in process; the SR reaches Orthanc on the first attempt, one log line says so,
-    and the images are counted as diagnosed locally. Without the option the same study waits (the
-    test above)."""
+    and the images are counted as diagnosed locally. Once a tritonserver listens there, the next
+    study is diagnosed on it (one more log line, no more local images). Without the option a study
+    waits for Triton (the test above)."""
     import logging
 
     import highdicom as hd
 
+    from hygeia.serving.server import TritonServer
     from hygeia_pacs import Gateway, GatewayConfig
 
-    files = phantom_study(tmp_path / "study", seed=404, n=2)
-    cfg = GatewayConfig.from_dict(gateway_config(tmp_path, orthanc, server=f"127.0.0.1:{free_port()}",
+    require_model("diagnoser_cnn")
+    first = phantom_study(tmp_path / "first", seed=404, n=2)
+    second = phantom_study(tmp_path / "second", seed=406, n=2)
+    grpc_port = free_port()
+    cfg = GatewayConfig.from_dict(gateway_config(tmp_path, orthanc, server=f"127.0.0.1:{grpc_port}",
                                                  local_fallback=True, stow=None))
     with caplog.at_level(logging.WARNING, logger="hygeia_pacs.gateway"), Gateway(cfg) as gw:
-        assert storescu(cfg.port, files).returncode == 0
+        assert storescu(cfg.port, first).returncode == 0
         assert gw.wait_idle(120), gw.status()
         assert gw.counters["diagnosed_locally"] == 2 and gw.counters["retries"] == 0
-    (record,) = done_records(cfg.spool)
-    assert record["sent"] == ["cstore"] and record["attempts"] == 1
-    switches = [r.getMessage() for r in caplog.records if "in process until it answers" in r.getMessage()]
-    assert len(switches) == 1, switches
-    ds = dicomweb(orthanc).retrieve_instance(record["study_uid"], record["sr_series_instance_uid"],
-                                             record["sr_sop_instance_uid"])
+        with TritonServer(triton_repo, grpc_port=grpc_port, models=["diagnoser_cnn"], startup_timeout=180):
+            assert storescu(cfg.port, second).returncode == 0
+            wait_for(lambda: len(done_records(cfg.spool)) == 2, 120, "the second study's SR")
+        assert gw.counters["diagnosed_locally"] == 2  # the second study ran on Triton
+    records = done_records(cfg.spool)
+    assert all(r["sent"] == ["cstore"] and r["attempts"] == 1 for r in records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len([m for m in messages if "in process until it answers" in m]) == 1, messages
+    assert len([m for m in messages if "answers again" in m and "until" not in m]) == 1, messages
+    local = next(r for r in records if r["study_uid"] == str(pydicom.dcmread(first[0]).StudyInstanceUID))
+    ds = dicomweb(orthanc).retrieve_instance(local["study_uid"], local["sr_series_instance_uid"],
+                                             local["sr_sop_instance_uid"])
     groups = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_planar_roi_measurement_groups()
-    assert len(groups) == 2  # the two located findings of this study, as the local cnn gives them
+    assert len(groups) == 2  # the two located findings of the first study, as the local cnn gives them
 
 
 def test_local_fallback_must_be_a_boolean(orthanc, tmp_path):
