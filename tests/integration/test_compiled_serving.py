@@ -61,6 +61,13 @@ def test_served_fusion_matches_eager_with_and_without_text(server: TritonServer)
             for fr, fl in zip(dr.findings, dl.findings):
                 assert fr.probability == pytest.approx(fl.probability, abs=1e-4)
                 assert fr.present == fl.present and fr.region == fl.region
+    # regions without maps (what the PACS gateway asks for): fusion has no "present" mode, so the
+    # adapter makes every map and sends the regions alone
+    only, full = remote.diagnose(imgs, texts=texts, heatmaps="regions"), remote.diagnose(imgs, texts=texts)
+    assert [[f.region for f in d.findings] for d in only] == [[f.region for f in d.findings] for d in full]
+    assert all(f.heatmap is None for d in only for f in d.findings)
+    assert all(f.heatmap is not None for d in full for f in d.findings)
+    assert any(f.region is not None for d in only for f in d.findings)
     warm = [ln for ln in server.log_path.read_text(errors="replace").splitlines()
             if "hygeia-warm diagnoser_fusion ok" in ln]
     assert warm and all("runtime onnx" in ln or "runtime torchscript" in ln for ln in warm), warm
