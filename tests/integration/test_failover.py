@@ -22,7 +22,10 @@ def test_two_servers_one_killed_mid_run_loses_no_request(triton_repo: Path, requ
     from hygeia.serving.server import TritonServer
     from hygeia_lab import make_phantom_set
 
+    from hygeia.serving.binary import shm_regions
+
     require_model("diagnoser_cnn")
+    regions_before = shm_regions()
     images = make_phantom_set(8, "test", size=64).images
     expected = [d.to_dict()["findings"] for d in get_registry().create("diagnoser", "cnn").diagnose(images)]
     with TritonServer(triton_repo, threads=1, startup_timeout=180) as a, \
@@ -53,3 +56,5 @@ def test_two_servers_one_killed_mid_run_loses_no_request(triton_repo: Path, requ
             assert got.keys() == want.keys()
             assert max(abs(got[k] - want[k]) for k in got) < 1e-4
         assert remote.conn.describe()[a.grpc_url]["cooling_down_s"] > 0  # the dead one is set aside
+    # the killed server's Python-backend regions are removed from /dev/shm when it is stopped
+    assert not shm_regions() - regions_before, sorted(shm_regions() - regions_before)

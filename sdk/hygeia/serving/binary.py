@@ -130,3 +130,54 @@ def server_env(threads: int | None = None) -> dict[str, str]:
     if threads:
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     return env
+
+
+SHM_PREFIX = "triton_python_backend_shm_region_"  # the Python backend's regions in /dev/shm
+
+
+def shm_regions(folder: str = "/dev/shm") -> set[str]:
+    """Names of the Python backend's shared-memory regions present now."""
+    try:
+        return {f for f in os.listdir(folder) if f.startswith(SHM_PREFIX)}
+    except OSError:
+        return set()
+
+
+def _mapped_regions() -> set[str]:
+    """Regions some live process still maps (Linux /proc/*/maps)."""
+    names: set[str] = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps", errors="replace") as f:
+                for line in f:
+                    i = line.find(SHM_PREFIX)
+                    if i >= 0:
+                        names.add(line[i:].split()[0])
+        except OSError:
+            pass
+    return names
+
+
+def remove_stale_regions(before: set[str], folder: str = "/dev/shm", min_age_s: float = 0.5) -> list[str]:
+    """Unlink the regions that appeared since ``before`` and that no live process maps (unchanged
+    for ``min_age_s``: a server starting beside this one maps a region as soon as it creates it,
+    and this guards that moment). A tritonserver that
+    exits cleanly removes its own; one that is killed leaves them, ~2 MB per stub, in RAM-backed
+    /dev/shm until reboot. Returns the names removed."""
+    import time
+
+    new = shm_regions(folder) - before
+    if not new:
+        return []
+    removed, now = [], time.time()
+    for name in sorted(new - _mapped_regions()):
+        path = os.path.join(folder, name)
+        try:
+            if now - os.stat(path).st_mtime >= min_age_s:
+                os.unlink(path)
+                removed.append(name)
+        except OSError:
+            pass
+    return removed

@@ -13,7 +13,8 @@ fails at start-up; ``hygeia serve`` prints the addresses when ready and each mod
 
 The server runs in its own process group; leaving the block (or :meth:`stop`) sends SIGTERM to
 the group, waits ``exit_timeout`` seconds, then SIGKILLs whatever is left (Python-backend stubs
-included), so no stray processes survive.
+included), so no stray processes survive, and removes the shared-memory regions a killed server
+left in /dev/shm.
 """
 from __future__ import annotations
 
@@ -37,7 +38,9 @@ from .binary import (  # noqa: F401  (public names kept here for callers)
     TritonServerError,
     backend_directory,
     free_port,
+    remove_stale_regions,
     server_env,
+    shm_regions,
     tritonserver_binary,
 )
 
@@ -145,6 +148,7 @@ class TritonServer:
     def start(self) -> "TritonServer":
         """Launch tritonserver in a new process group (returns at once; see :meth:`wait_ready`)."""
         cmd = self.command()
+        self._shm_before = shm_regions()
         logf = open(self.log_path, "ab")
         self._log_start = logf.tell()
         try:
@@ -367,6 +371,7 @@ class TritonServer:
         if p.poll() is None:
             p.wait(timeout=5)
         self.proc = None
+        remove_stale_regions(getattr(self, "_shm_before", set()))  # a killed server leaves its regions
         return p.returncode
 
     def log_tail(self, chars: int = 4000) -> str:
