@@ -79,25 +79,7 @@ def thread_cpu_s() -> dict[str, float]:
     return out
 
 
-TRITON: list[int] = []  # the pid of the tritonserver serving the diagnoser (--triton)
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid`` and every process below it (Linux /proc)."""
-    parent: dict[int, int] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                pass
-    out, todo = [pid], [pid]
-    while todo:
-        top = todo.pop()
-        kids = [c for c, p in parent.items() if p == top]
-        out += kids
-        todo += kids
-    return out
+TRITON: list[Any] = []  # the tritonserver serving the diagnoser (--triton)
 
 
 def cpu_now(gw: Any, orthanc: Any) -> dict[str, float]:
@@ -109,8 +91,9 @@ def cpu_now(gw: Any, orthanc: Any) -> dict[str, float]:
     out = {"gateway": me.ru_utime + me.ru_stime, "sr_processes": sum(cpu_s(p) for p in gateway_pids(gw)[1:]),
            "orthanc": cpu_s(orthanc.proc.pid) if orthanc.proc is not None else 0.0,
            "storescu": kids.ru_utime + kids.ru_stime}
-    if TRITON:
-        out["triton"] = sum(cpu_s(p) for p in descendants(TRITON[0]))
+    if TRITON:  # the server and its Python-backend stubs
+        srv = TRITON[0]
+        out["triton"] = sum(cpu_s(p) for p in (srv.proc.pid, *(p for ps in srv.stubs().values() for p in ps)))
     return out
 
 
@@ -320,7 +303,7 @@ def triton_diagnoser(name: str, tmp: Path, threads: int) -> Any:
     if model not in res.models:
         raise SystemExit(f"{model} cannot be built: {res.failed.get(model)}")
     with TritonServer(tmp / "triton", threads=threads, models=[model], startup_timeout=300) as srv:
-        TRITON[:] = [srv.proc.pid]
+        TRITON[:] = [srv]
         try:
             yield connect("diagnoser", name, srv.grpc_url, timeout=120)
         finally:

@@ -22,11 +22,9 @@ from .config import GatewayConfig
 log = logging.getLogger("hygeia_pacs.gateway")
 
 
-def diagnose_options(diagnoser: Any) -> dict[str, Any]:
-    """What the gateway passes to ``diagnose()``: the SR needs the regions, not the heat maps
-    (:func:`hygeia.api.regions_options`: a remote diagnoser sends the regions alone, a local
-    ``cxr`` or ``cnn`` makes the maps of its present findings only)."""
-    return regions_options(diagnoser)
+diagnose_options = regions_options
+"""What the gateway passes to ``diagnose()``: the SR needs the regions, not the heat maps
+(:func:`hygeia.api.regions_options`)."""
 
 
 def _unavailable(exc: BaseException) -> bool:
@@ -87,9 +85,8 @@ class Diagnosers:
         except Exception as exc:
             return self._fall_back(exc)
 
-    def diagnose(self, images: np.ndarray, texts: Sequence[str] | None, batch_size: int) -> tuple[list[Any], str]:
-        """Diagnoses of ``images``, ``batch_size`` at a time, and the way they ran: ``"server"`` or
-        ``"local"`` (the fallback) or ``"in-process"`` (no server configured)."""
+    def diagnose(self, images: np.ndarray, texts: Sequence[str] | None, batch_size: int) -> tuple[list[Any], bool]:
+        """Diagnoses of ``images``, ``batch_size`` at a time, and whether they ran on the fallback."""
         diag = self.current()
         try:
             out = _run(diag, images, texts, batch_size)
@@ -97,13 +94,13 @@ class Diagnosers:
             if diag is not self._primary or diag is self._local:
                 raise
             diag = self._fall_back(exc)
-            return _run(diag, images, texts, batch_size), "local"
+            return _run(diag, images, texts, batch_size), True
         if diag is self._local and self.config.server:
-            return out, "local"
+            return out, True
         if self.on_local:
             log.warning("diagnoser server answers again; diagnosing on it")
             self.on_local = False
-        return out, "server" if self.config.server else "in-process"
+        return out, False
 
 
 def _run(diag: Any, images: np.ndarray, texts: Sequence[str] | None, bs: int) -> list[Any]:

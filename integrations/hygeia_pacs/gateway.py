@@ -292,8 +292,8 @@ class Gateway(Listener):
         texts = [t for _, ts in studies for t in ts]
         texts_arg = texts if any(texts) else None
         with self._diagnose_lock:
-            out, way = self._diagnosers.diagnose(images, texts_arg, max(1, self.config.batch_size))
-        if way == "local":
+            out, on_fallback = self._diagnosers.diagnose(images, texts_arg, max(1, self.config.batch_size))
+        if on_fallback:
             self._count("diagnosed_locally", len(images))
         if len(out) != len(images):
             raise InputError("diagnoser output", f"one Diagnosis per image ({len(images)})", got=len(out))

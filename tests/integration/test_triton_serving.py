@@ -129,7 +129,7 @@ def test_served_diagnoser_runs_its_instances_as_separate_stubs(triton_server, re
     """The shared server was built with the defaults: the cnn runs in min(2, cores) live stub processes,
     and concurrent requests are answered by them (same results as one by one)."""
     require_model("diagnoser_cnn")
-    pids = triton_server._stubs()["diagnoser_cnn"]
+    pids = triton_server.stubs()["diagnoser_cnn"]
     assert len(pids) == min(2, os.cpu_count() or 1)
     cnn = connect("diagnoser", "cnn", triton_server.grpc_url)
     imgs = np.random.default_rng(3).random((4, 1, 64, 64), dtype=np.float32)
@@ -511,8 +511,8 @@ def test_watchdog_reloads_a_multi_instance_model_once(triton_repo: Path) -> None
     with TritonServer(triton_repo, models=["diagnoser_cnn"]) as server:
         url = server.grpc_url
         image = {"IMAGES": np.zeros((1, 1, 64, 64), np.float32)}
-        old = server._stubs()["diagnoser_cnn"]
-        assert len(old) == 2, server._stubs()
+        old = server.stubs()["diagnoser_cnn"]
+        assert len(old) == 2, server.stubs()
         os.kill(min(old), signal.SIGKILL)
         deadline = time.monotonic() + 90
         while not server.restarts:
@@ -520,6 +520,6 @@ def test_watchdog_reloads_a_multi_instance_model_once(triton_repo: Path) -> None
             time.sleep(0.5)
         time.sleep(5)  # five watchdog ticks
         assert [m for m, _ in server.restarts] == ["diagnoser_cnn"], server.restarts
-        new = server._stubs()["diagnoser_cnn"]
+        new = server.stubs()["diagnoser_cnn"]
         assert len(new) == 2 and not (new & old)
         assert _infer(url, "diagnoser_cnn", image, ["PROBS"]).as_numpy("PROBS").shape[-1] == 5

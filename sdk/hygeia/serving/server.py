@@ -271,7 +271,7 @@ class TritonServer:
             return 0, b""
 
     # ------------------------------------------------------------------ stub watchdog
-    def _stubs(self) -> dict[str, set[int]]:
+    def stubs(self) -> dict[str, set[int]]:
         """Live Python-backend stubs of this server: model -> pids (zombies have no cmdline)."""
         out: dict[str, set[int]] = {}
         if self.proc is None:
@@ -296,7 +296,7 @@ class TritonServer:
 
     def stub_pids(self) -> dict[str, int]:
         """One Python-backend stub process per model: model name -> pid (Linux /proc)."""
-        return {m: min(p) for m, p in self._stubs().items()}
+        return {m: min(p) for m, p in self.stubs().items()}
 
     def reload(self, model: str) -> None:
         """Reload ``model`` with fresh instances (and stubs), even if its files did not change."""
@@ -315,7 +315,7 @@ class TritonServer:
         retired: set[int] = set()  # stubs of replaced instances: they exit seconds after a reload
 
         def live() -> dict[str, set[int]]:
-            return {m: p - retired for m, p in self._stubs().items()}
+            return {m: p - retired for m, p in self.stubs().items()}
 
         known = live()
         while not self._stop_watch.wait(interval):
