@@ -160,22 +160,42 @@ def _mapped_regions() -> set[str]:
     return names
 
 
-def remove_stale_regions(before: set[str], folder: str = "/dev/shm", min_age_s: float = 0.5) -> list[str]:
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` still runs (zombies hold no mappings; Linux /proc)."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                state, _ppid, pgrp = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[:3]
+            except (OSError, ValueError):
+                continue
+            if int(pgrp) == pgid and state != "Z":
+                return True
+    return False
+
+
+def remove_stale_regions(before: set[str], folder: str = "/dev/shm", min_age_s: float = 0.5,
+                         pgid: int | None = None, wait_s: float = 3.0) -> list[str]:
     """Unlink the regions that appeared since ``before`` and that no live process maps (unchanged
     for ``min_age_s``: a server starting beside this one maps a region as soon as it creates it,
     and this guards that moment). A tritonserver that
     exits cleanly removes its own; one that is killed leaves them, ~2 MB per stub, in RAM-backed
-    /dev/shm until reboot. Returns the names removed."""
+    /dev/shm until reboot. ``pgid``: first wait up to ``wait_s`` for that process group (the
+    server's) to finish exiting; once it has, its regions go whatever their age. Returns the
+    names removed."""
     import time
 
+    deadline = time.monotonic() + wait_s
+    while pgid is not None and time.monotonic() < deadline and _group_alive(pgid):
+        time.sleep(0.05)  # SIGKILLed stubs let go of their regions as they exit
+    gone = pgid is not None and not _group_alive(pgid)
     new = shm_regions(folder) - before
     if not new:
         return []
-    removed, now = [], time.time()
+    removed, now = [], time.time()  # with the group gone, its regions were last touched before now
     for name in sorted(new - _mapped_regions()):
         path = os.path.join(folder, name)
         try:
-            if now - os.stat(path).st_mtime >= min_age_s:
+            if (now - os.stat(path).st_mtime >= min_age_s) or (gone and os.stat(path).st_mtime <= now):
                 os.unlink(path)
                 removed.append(name)
         except OSError:

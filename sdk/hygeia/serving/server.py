@@ -371,7 +371,7 @@ class TritonServer:
         if p.poll() is None:
             p.wait(timeout=5)
         self.proc = None
-        remove_stale_regions(getattr(self, "_shm_before", set()))  # a killed server leaves its regions
+        remove_stale_regions(getattr(self, "_shm_before", set()), pgid=pgid)  # a killed server leaves its regions
         return p.returncode
 
     def log_tail(self, chars: int = 4000) -> str:
