@@ -263,6 +263,10 @@ def _fit(net: FusionNet, tr: PhantomSet, va: PhantomSet, text: dict[str, tuple[t
                    "seconds": round(time.time() - t0, 1)}
             history.append(rec)
             bar.update(task, description=f"training fusion (epoch {ep + 1}, val AUROC {rec['val_macro_auroc']:.3f})")
+            # one line per epoch, also in a log file where the bar is drawn only when it ends
+            if progress:
+                bar.console.print(f"epoch {ep + 1}/{o['epochs']}: train loss {rec['loss']:.4f}, validation macro AUROC "
+                                  f"{rec['val_macro_auroc']:.4f}, {rec['seconds']:.0f} s", highlight=False)
             if callback is not None:
                 callback(ep + 1, rec)
             if rec["val_macro_auroc"] > best[0]:
