@@ -140,6 +140,7 @@ PERF_ANALYZER_WHEEL = "tritonclient==2.51.0"
 def install_perf_analyzer(dest: Path | None = None) -> Path:
     """Copy perf_analyzer out of the tritonclient 2.51.0 wheel into the venv's bin (not installing that
     older tritonclient itself)."""
+    import tempfile
     import zipfile
 
     dest = dest or Path(sys.prefix) / "bin" / "perf_analyzer"

@@ -39,7 +39,9 @@ def publish_closed(gw: Any, q: BrokerQueue) -> int:
                 continue
             gw._claimed.add(job.name)
         try:
-            if not job.is_dir():
+            with gw.spool.lock:  # close_idle makes the folder, then moves the instances in, under this lock
+                ready = (job / "instances").is_dir()
+            if not ready:  # a study being closed right now: the next pass publishes it whole
                 continue
             q.publish_job(job)
             shutil.rmtree(job)
