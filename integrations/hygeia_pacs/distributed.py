@@ -33,15 +33,15 @@ def publish_closed(gw: Any, q: BrokerQueue) -> int:
     """Close idle studies and publish every closed one (each removed locally after the broker confirms)."""
     gw.spool.close_idle(gw.config.study_timeout_s, now=gw._clock())
     published = 0
-    for job in gw.spool.jobs():
+    with gw.spool.lock:  # as the local pipeline lists them: close_idle makes a job whole under this lock
+        jobs = gw.spool.jobs()
+    for job in jobs:
         with gw._claim_lock:
             if job.name in gw._claimed:
                 continue
             gw._claimed.add(job.name)
         try:
-            with gw.spool.lock:  # close_idle makes the folder, then moves the instances in, under this lock
-                ready = (job / "instances").is_dir()
-            if not ready:  # a study being closed right now: the next pass publishes it whole
+            if not job.is_dir():
                 continue
             q.publish_job(job)
             shutil.rmtree(job)
