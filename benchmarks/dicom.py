@@ -73,7 +73,7 @@ def bare_highdicom_sr(diagnoses: list[Any], sources: list[Any]) -> Any:
 
 
 def _bare_group(diagnosis: Any, f: Any, src: Any, identifier: str) -> Any:
-    """One TID 1410 (region) or TID 1501 (no region) group, as Hygeia writes it."""
+    """One TID 1501 group, as Hygeia writes it (a located finding's probability inferred from its region)."""
     import highdicom as hd
     from highdicom.sr import CodedConcept
     from pydicom.sr.codedict import codes
@@ -85,25 +85,26 @@ def _bare_group(diagnosis: Any, f: Any, src: Any, identifier: str) -> Any:
         parameters=[f"weights_sha256={m.weights_sha256}", "input_size={}x{}".format(*diagnosis.image_size),
                     f"threshold={f.threshold:g}"])
     concept = CodedConcept(f.code.value, f.code.scheme, f.code.meaning)
-    common = dict(
+    coordinates = None
+    if f.region is not None:
+        sy, sx = src.Rows / diagnosis.image_size[0], src.Columns / diagnosis.image_size[1]
+        xy = np.clip(np.asarray(f.region.coords, np.float64) * [sx, sy], 0, [src.Columns, src.Rows])
+        gtype = "POINT" if f.region.kind == "point" else "POLYLINE"
+        if f.region.kind == "box":
+            (x0, y0), (x1, y1) = xy
+            xy = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
+        coordinates = [hd.sr.CoordinatesForMeasurement(
+            graphic_type=gtype, graphic_data=xy.astype(np.float32),
+            source_image=hd.sr.SourceImageForRegion(src.SOPClassUID, src.SOPInstanceUID))]
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        source_images=[hd.sr.SourceImageForMeasurementGroup(src.SOPClassUID, src.SOPInstanceUID)],
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=identifier),
         finding_type=concept, algorithm_id=algo,
         measurements=[hd.sr.Measurement(name=codes.DCM.Probability, value=round(float(f.probability), 6),
-                                        unit=CodedConcept("1", "UCUM", "no units"))],
+                                        unit=CodedConcept("1", "UCUM", "no units"),
+                                        referenced_coordinates=coordinates)],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(
             name=concept, value=codes.SCT.Present if f.present else codes.SCT.Absent)])
-    if f.region is None:
-        return hd.sr.MeasurementsAndQualitativeEvaluations(
-            source_images=[hd.sr.SourceImageForMeasurementGroup(src.SOPClassUID, src.SOPInstanceUID)], **common)
-    sy, sx = src.Rows / diagnosis.image_size[0], src.Columns / diagnosis.image_size[1]
-    xy = np.clip(np.asarray(f.region.coords, np.float64) * [sx, sy], 0, [src.Columns, src.Rows])
-    gtype = "POINT" if f.region.kind == "point" else "POLYLINE"
-    if f.region.kind == "box":
-        (x0, y0), (x1, y1) = xy
-        xy = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]])
-    region = hd.sr.ImageRegion(graphic_type=gtype, graphic_data=xy.astype(np.float32),
-                               source_image=hd.sr.SourceImageForRegion(src.SOPClassUID, src.SOPInstanceUID))
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
 
 
 def _sr_inputs(tmp: Path, images: int) -> tuple[list[Any], list[Any]]:

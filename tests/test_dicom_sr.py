@@ -150,8 +150,8 @@ def test_sr_from_cnn_on_phantom_passes_validators(cnn, phantom_files, tmp_path):
     assert observer and observer[0].TextValue == cnn.identity.name
 
     d = diagnoses[0]
-    groups = report.get_planar_roi_measurement_groups() + report.get_image_measurement_groups()
-    assert len(groups) == len(d.findings)
+    groups = report.get_image_measurement_groups()  # TID 1501, one per finding
+    assert len(groups) == len(d.findings) and report.get_planar_roi_measurement_groups() == []
     by_label = {g.tracking_identifier.split(" #")[0]: g for g in groups}
     assert set(by_label) == {f.label for f in d.findings}
     for f in d.findings:
@@ -163,9 +163,11 @@ def test_sr_from_cnn_on_phantom_passes_validators(cnn, phantom_files, tmp_path):
         (prob,) = g.get_measurements(name=codes.DCM.Probability)
         assert prob.value == pytest.approx(f.probability, abs=1e-6)
         assert prob.unit.value == "1" and prob.unit.scheme_designator == "UCUM"
+        (source,) = g.source_images
+        assert source.referenced_sop_instance_uid == src.SOPInstanceUID
+        assert len(prob.referenced_coordinates) == (f.region is not None)
         if f.region is not None:
-            assert isinstance(g, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
-            region = g.roi
+            (region,) = prob.referenced_coordinates  # the probability is inferred from the region
             assert region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
             data = np.asarray(region.value, float)
             # scaled from the model's image_size space to the source's Rows x Columns
@@ -271,8 +273,8 @@ def test_sr_read_back_with_highdicom(sr_variants, name):
     sr = hd.sr.srread(path)
     assert isinstance(sr, hd.sr.Comprehensive3DSR) and isinstance(sr.content, hd.sr.MeasurementReport)
     report = sr.content
-    planar, image = report.get_planar_roi_measurement_groups(), report.get_image_measurement_groups()
-    groups = planar + image
+    assert report.get_planar_roi_measurement_groups() == []  # every group is TID 1501
+    groups = report.get_image_measurement_groups()
     expected = [(d, ds, f) for d, ds in zip(diagnoses, sources) for f in d.findings]
     assert len(groups) == len(expected)
     # the tracking UIDs highdicom reports are exactly those in the file, one per group, all distinct
@@ -290,17 +292,17 @@ def test_sr_read_back_with_highdicom(sr_variants, name):
         assert (prob.unit.value, prob.unit.scheme_designator) == ("1", "UCUM")
         (call,) = g.get_qualitative_evaluations(name=g.finding_type)
         assert call.value == (codes.SCT.Present if f.present else codes.SCT.Absent)
+        (source,) = g.source_images
+        assert source.referenced_sop_instance_uid == ds.SOPInstanceUID
         if f.region is None:
-            assert isinstance(g, hd.sr.MeasurementsAndQualitativeEvaluations)
-            (source,) = g.source_images
-            assert source.referenced_sop_instance_uid == ds.SOPInstanceUID
-        else:
-            assert isinstance(g, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations)
+            assert prob.referenced_coordinates == []
+        else:  # the probability is inferred from the region (TID 300 / TID 320), selected from the image
+            (roi,) = prob.referenced_coordinates
+            assert (roi.name.value, roi.relationship_type.value) == ("260753009", "INFERRED FROM")
             gtype, data = scale_region(f, d.image_size, int(ds.Rows), int(ds.Columns))
-            assert g.roi.graphic_type.value == gtype
-            np.testing.assert_allclose(g.roi.value, data, atol=1e-4)
-            assert g.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
-    assert len(planar) == sum(f.region is not None for _, _, f in expected)
+            assert roi.graphic_type.value == gtype
+            np.testing.assert_allclose(roi.value, data, atol=1e-4)
+            assert roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == ds.SOPInstanceUID
 
 
 def test_dsr2html_renders_every_variant(sr_variants, tmp_path):

@@ -7,25 +7,18 @@ count. On JDK 17 its XPath needs the three ``jdk.xml.*Limit=0`` properties. All 
 through one JVM when ``javac`` is there (a few lines of Java over the validator class), else
 one ``java`` run per file.
 
-Two things pixelmed 20220618 reports are not faults of the SR, and only these are tolerated:
+One thing pixelmed 20220618 reports is not a fault of the SR, and only it is tolerated: the
+Warning "Content Item not in template" on the group's qualitative evaluation (CODE, concept = the
+finding, value = Present/Absent), which is TID 1501 row 11 in the current standard and missing
+from pixelmed's template tables.
 
-* Warning "Content Item not in template" on the group's qualitative evaluation (CODE, concept =
-  the finding, value = Present/Absent): TID 1501 row 11 (and its TID 1410 counterpart) in the
-  current standard, missing from pixelmed's template tables.
-* In a report where exactly one group has an Image Region (the cnn's usual output, tested
-  below on its own), two "Missing conditional content item" errors per group without a region
-  (TID 1410 rows 5 and 7). pixelmed decides which group templates apply once per Imaging
-  Measurements container, not per group: its TID 1500 includes TID 1410 for the whole container
-  when ``count(container[125007]/scoord[111030, CONTAINS]) = 1`` and then checks every
-  Measurement Group in it against TID 1410, which requires an Image Region (row 5) or a
-  Referenced Segmentation Frame (row 7). With 0 or >= 2 regions the count is not 1 and every
-  group is checked against TID 1501 only. No valid encoding of this report avoids it: TID 1500
-  allows one Imaging Measurements container (row 6, VM 1), TID 1501 groups are Measurement
-  Group containers by definition, and the alternatives change the content (an invented region
-  for a finding the model did not locate, an extra group, or moving findings to TID 1500's
-  Qualitative Evaluations container, which holds no probability, algorithm, tracking
-  identifier or source image). ``test_pixelmed_counts_image_regions_per_container`` shows the
-  rule: the same findings with a second region give no error.
+Every group is TID 1501, a located finding's probability inferred from its region (TID 300 row 9,
+TID 320). pixelmed picks the group template once per Imaging Measurements container, not per
+group: with exactly one SCOORD "Image Region" directly in the groups it checks *every* group
+against TID 1410, so a report of one TID 1410 group beside region-less groups (the cnn's usual
+output: one located finding) got two "Missing conditional content item" errors per region-less
+group. ``one_region`` below is that report, and ``two_regions`` the same findings with a second
+located one.
 """
 from __future__ import annotations
 
@@ -68,9 +61,6 @@ _QUALITATIVE_EVALUATION = re.compile(
     r'^Warning: 1\.\d+\.\d+\.\d+: /CONTAINER \(126000,DCM,"Imaging Measurement Report"\)'
     r'/CONTAINER \(126010,DCM,"Imaging Measurements"\)/CONTAINER \(125007,DCM,"Measurement Group"\)'
     r'/CODE \(([^,]+),([^,]+),"[^"]*"\): Content Item not in template$')
-_TID1410_ON_ALL_GROUPS = re.compile(r'^Error: Template 1410 PlanarROIMeasurements/\[Row 1\] CONTAINER '
-                                    r'\(125007,DCM,"Measurement Group"\)/\[Row (5|7)\] .*: within 1\.\d+\.(\d+): .*'
-                                    r'Missing conditional content item$')
 
 
 def pixelmed(paths: list[Path], workdir: Path) -> dict[Path, list[str]]:
@@ -130,35 +120,28 @@ def validated(tmp_path_factory):
     (two_path,) = get_registry().output_format("sr").write(two, d / "two_regions.dcm", sources=[src])
     variants["two_regions"] = (two_path, two, [src])
     reports = pixelmed([v[0] for v in variants.values()], d)
-    return {name: (reports[v[0]], v[1]) for name, v in variants.items()}
+    return {name: (reports[v[0]], v[1], v[0]) for name, v in variants.items()}
 
 
-@pytest.mark.parametrize("name", ["regions", "none_present", "every_finding", "user_labels", "study_of_two"])
+@pytest.mark.parametrize("name", ["regions", "none_present", "every_finding", "user_labels", "study_of_two",
+                                  "one_region", "two_regions"])
 def test_pixelmed_finds_no_errors(validated, name):
-    lines, diagnoses = validated[name]
+    lines, diagnoses, _ = validated[name]
     assert [ln for ln in lines if ln.startswith("Error")] == []
     assert _unexplained_warnings(lines, diagnoses) == []
     # every group's qualitative evaluation is the one warning pixelmed gives
     assert sum(ln.startswith("Warning") for ln in lines) == sum(len(d.findings) for d in diagnoses)
 
 
-def test_pixelmed_with_one_image_region_only_misapplies_tid1410(validated):
-    """With one Image Region in the report, pixelmed's errors are exactly its TID 1410 checks run on
-    the TID 1501 groups (rows 5 and 7, Image Region / Referenced Segmentation Frame), two per group
-    without a region, nothing else (see the module docstring for why no valid encoding avoids them)."""
-    lines, diagnoses = validated["one_region"]
-    errors = [ln for ln in lines if ln.startswith("Error")]
-    matched = [_TID1410_ON_ALL_GROUPS.match(ln) for ln in errors]
-    assert all(matched), [ln for ln, m in zip(errors, matched) if not m]
-    regionless = {str(k) for k, f in enumerate(diagnoses[0].findings, start=1) if f.region is None}
-    assert sorted((m.group(2), m.group(1)) for m in matched) == sorted((k, r) for k in regionless for r in "57")
-    assert len(errors) == 8 and _unexplained_warnings(lines, diagnoses) == []
+def test_one_region_report_keeps_its_region(validated):
+    """The error-free one-region report still carries the region: the nodule's probability is
+    inferred from a SCOORD POINT selected from the source image, and the other groups have none."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
 
-
-def test_pixelmed_counts_image_regions_per_container(validated):
-    """The same report with a second located finding: the container holds two Image Regions, so
-    pixelmed applies TID 1501 to each group and finds nothing, the three region-less groups
-    included, although they are encoded exactly as in the one-region report."""
-    lines, diagnoses = validated["two_regions"]
-    assert [ln for ln in lines if ln.startswith("Error")] == []
-    assert _unexplained_warnings(lines, diagnoses) == []
+    _, _, path = validated["one_region"]
+    groups = hd.sr.srread(path).content.get_image_measurement_groups()
+    coords = {g.tracking_identifier: g.get_measurements(name=codes.DCM.Probability)[0].referenced_coordinates
+              for g in groups}
+    assert [k for k, c in coords.items() if c] == ["nodule #1"] and len(coords) == 5
+    assert coords["nodule #1"][0].graphic_type.value == "POINT"

@@ -7,12 +7,13 @@ codes, region scaling, observation context and TID 4019 items. The public entry 
 
 Per image and finding, one measurement group:
 
-* a finding with a region: TID 1410 (Planar ROI Measurements and Qualitative Evaluations) with
-  the region as its Image Region (SCOORD, selected from the source image);
-* a finding without one: TID 1501 (Measurement and Qualitative Evaluation Group) referencing
-  the source image (IMAGE "Source of Measurement").
+TID 1501 (Measurement and Qualitative Evaluation Group) referencing the source image (IMAGE
+"Source of Measurement"). A located finding's probability (TID 300) is inferred from its region:
+INFERRED FROM SCOORD "Source" (TID 320), selected from the source image. (This is how dcmjs and
+OHIF encode a located measurement; a TID 1410 group per located finding would make pixelmed
+check every group of a one-region report against TID 1410, see docs/dicom.md.)
 
-Both carry a TID 4108 tracking identifier and UID, the Finding (DCM 121071) as the finding's
+Each group carries a TID 4108 tracking identifier and UID, the Finding (DCM 121071) as the finding's
 code, TID 4019 algorithm identification, the probability (NUM) and the call (Present/Absent).
 """
 from __future__ import annotations
@@ -152,22 +153,25 @@ def observation_context(model: Any, manufacturer: str) -> Any:
 
 def measurement_group(f: Finding, ds: Any, scaled: tuple[str, np.ndarray] | None, identifier: str,
                       algorithm: Any) -> Any:
-    """One TID 1410 (with a region) or TID 1501 (without) group for finding ``f`` of image ``ds``."""
+    """One TID 1501 group for finding ``f`` of image ``ds``; with a region (``scaled``), the
+    probability is inferred from it."""
     concept = CodedConcept(f.code.value, f.code.scheme, f.code.meaning)
-    common = dict(
+    coordinates = None
+    if scaled is not None:
+        gtype, data = scaled
+        coordinates = [hd.sr.CoordinatesForMeasurement(
+            graphic_type=gtype, graphic_data=data,
+            source_image=hd.sr.SourceImageForRegion(ds.SOPClassUID, ds.SOPInstanceUID))]
+    probability = hd.sr.Measurement(name=_PROBABILITY, value=round(float(f.probability), 6), unit=_UNIT_NONE,
+                                    referenced_coordinates=coordinates)
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        source_images=[hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)],
         tracking_identifier=hd.sr.TrackingIdentifier(uid=generate_uid(), identifier=identifier),
         finding_type=concept,
         algorithm_id=algorithm,
-        measurements=[hd.sr.Measurement(name=_PROBABILITY, value=round(float(f.probability), 6), unit=_UNIT_NONE)],
+        measurements=[probability],
         qualitative_evaluations=[hd.sr.QualitativeEvaluation(name=concept, value=_PRESENT if f.present else _ABSENT)],
     )
-    if scaled is None:
-        source = hd.sr.SourceImageForMeasurementGroup(ds.SOPClassUID, ds.SOPInstanceUID)
-        return hd.sr.MeasurementsAndQualitativeEvaluations(source_images=[source], **common)
-    gtype, data = scaled
-    region = hd.sr.ImageRegion(graphic_type=gtype, graphic_data=data,
-                               source_image=hd.sr.SourceImageForRegion(ds.SOPClassUID, ds.SOPInstanceUID))
-    return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
 
 
 def measurement_groups(diagnoses: Sequence[Diagnosis], sources: Sequence[Any]) -> list[Any]:

@@ -7,7 +7,8 @@ with the same values (``tests/test_sr_encoding.py`` checks both give the same da
   per model), the image library (TID 1600, from the sources);
 * per group, written here: tracking identifier and UID, finding, algorithm identification
   (highdicom's TID 4019 items, cached per model, input size and threshold), probability,
-  Present/Absent, and the Image Region (TID 1410) or the source image (TID 1501).
+  Present/Absent and the source image (TID 1501); a located finding's probability is inferred
+  from its region (TID 300 row 9 / TID 320: SCOORD "Source", selected from the source image).
 
 Code sequences and other constant elements are encoded once and cached.
 """
@@ -68,7 +69,6 @@ _PROBABILITY: Code = ("122157", "DCM", "Probability")
 _NO_UNITS: Code = ("1", "UCUM", "no units")
 _PRESENT: Code = ("52101004", "SCT", "Present")
 _ABSENT: Code = ("272519000", "SCT", "Absent")
-_IMAGE_REGION: Code = ("111030", "DCM", "Image Region")
 _SOURCE: Code = ("260753009", "SCT", "Source")
 _SOURCE_OF_MEASUREMENT: Code = ("121112", "DCM", "Source of Measurement")
 _MEASUREMENT_GROUP: Code = ("125007", "DCM", "Measurement Group")
@@ -111,14 +111,17 @@ def _code_item(relationship: str, name: Code, value: Code, encodings: Encodings)
                         (CONCEPT_CODE, code_sequence(CONCEPT_CODE, *value, encodings)))
 
 
-def _num_item(name: Code, value: float, unit: Code, encodings: Encodings) -> bytes:
+def _num_item(name: Code, value: float, unit: Code, encodings: Encodings, *children: bytes) -> bytes:
+    """A NUM item; ``children``: its encoded content items (INFERRED FROM ...)."""
     ds = DS(value, auto_format=True)
     number = ds.original_string if hasattr(ds, "original_string") else str(ds)
     measured = enc.item([(_UNITS, code_sequence(_UNITS, *unit, encodings)),
                          (_FLOAT_VALUE, enc.element(_FLOAT_VALUE, "FD", struct.pack("<d", value))),
                          (_NUMERIC_VALUE, enc.text(_NUMERIC_VALUE, "DS", number, encodings))])
-    return content_item("CONTAINS", "NUM", name, encodings,
-                        (MEASURED_VALUE_SEQUENCE, enc.sequence(MEASURED_VALUE_SEQUENCE, [measured])))
+    elements = [(MEASURED_VALUE_SEQUENCE, enc.sequence(MEASURED_VALUE_SEQUENCE, [measured]))]
+    if children:
+        elements.append((CONTENT_SEQUENCE, enc.sequence(CONTENT_SEQUENCE, list(children))))
+    return content_item("CONTAINS", "NUM", name, encodings, *elements)
 
 
 def _sop_reference(ds: Any) -> tuple[int, bytes]:
@@ -150,9 +153,19 @@ def _context(model: _Model, manufacturer: str, encodings: Encodings) -> tuple[by
 
 
 def measurement_group(f: Finding, d: Diagnosis, ds: Any, identifier: str, encodings: Encodings) -> bytes:
-    """One TID 1410 (the finding has a region) or TID 1501 (it has none) group, as
-    :func:`hygeia_dicom._sr_content.measurement_group` builds it."""
+    """One TID 1501 group, as :func:`hygeia_dicom._sr_content.measurement_group` builds it (the
+    probability inferred from the region when the finding has one)."""
     finding: Code = (f.code.value, f.code.scheme, f.code.meaning)
+    region: list[bytes] = []
+    scaled = _sr_content.scale_region(f, d.image_size, int(ds.Rows), int(ds.Columns))
+    if scaled is not None:
+        gtype, data = scaled
+        source = content_item("SELECTED FROM", "IMAGE", _SOURCE, encodings, _sop_reference(ds))
+        region.append(content_item(
+            "INFERRED FROM", "SCOORD", _SOURCE, encodings,
+            (CONTENT_SEQUENCE, enc.sequence(CONTENT_SEQUENCE, [source])),
+            (_GRAPHIC_DATA, enc.element(_GRAPHIC_DATA, "FL", np.ascontiguousarray(data, "<f4").tobytes())),
+            (_GRAPHIC_TYPE, enc.cs(_GRAPHIC_TYPE, gtype))))
     children = [
         content_item("HAS OBS CONTEXT", "TEXT", _TRACKING_IDENTIFIER, encodings,
                      (TEXT_VALUE, enc.text(TEXT_VALUE, "UT", identifier, encodings))),
@@ -160,23 +173,13 @@ def measurement_group(f: Finding, d: Diagnosis, ds: Any, identifier: str, encodi
                      (UID, enc.text(UID, "UI", str(generate_uid()), ()))),
         _code_item("CONTAINS", _FINDING, finding, encodings),
         *_algorithm(_model(d), (int(d.image_size[0]), int(d.image_size[1])), float(f.threshold), encodings),
-        _num_item(_PROBABILITY, round(float(f.probability), 6), _NO_UNITS, encodings),
+        _num_item(_PROBABILITY, round(float(f.probability), 6), _NO_UNITS, encodings, *region),
         _code_item("CONTAINS", finding, _PRESENT if f.present else _ABSENT, encodings),
+        content_item("CONTAINS", "IMAGE", _SOURCE_OF_MEASUREMENT, encodings, _sop_reference(ds)),
     ]
-    scaled = _sr_content.scale_region(f, d.image_size, int(ds.Rows), int(ds.Columns))
-    if scaled is None:
-        children.append(content_item("CONTAINS", "IMAGE", _SOURCE_OF_MEASUREMENT, encodings, _sop_reference(ds)))
-    else:
-        gtype, data = scaled
-        source = content_item("SELECTED FROM", "IMAGE", _SOURCE, encodings, _sop_reference(ds))
-        children.append(content_item(
-            "CONTAINS", "SCOORD", _IMAGE_REGION, encodings,
-            (CONTENT_SEQUENCE, enc.sequence(CONTENT_SEQUENCE, [source])),
-            (_GRAPHIC_DATA, enc.element(_GRAPHIC_DATA, "FL", np.ascontiguousarray(data, "<f4").tobytes())),
-            (_GRAPHIC_TYPE, enc.cs(_GRAPHIC_TYPE, gtype))))
     return content_item("CONTAINS", "CONTAINER", _MEASUREMENT_GROUP, encodings,
                         (CONTINUITY, enc.cs(CONTINUITY, "CONTINUOUS")),
-                        (TEMPLATE_SEQUENCE, _template("1501" if scaled is None else "1410")),
+                        (TEMPLATE_SEQUENCE, _template("1501")),
                         (CONTENT_SEQUENCE, enc.sequence(CONTENT_SEQUENCE, children)))
 
 

@@ -7,14 +7,15 @@ Structure of one report (one per study; several source images may share it)::
       Procedure reported: CID 100 (the source's procedure code if in CID 100, else by Modality)
       Image library (TID 1600): every source image
       Imaging measurements: one measurement group per image and finding
-        TID 1410 (the finding has a region) or TID 1501 (it has none):
+        TID 1501 (Measurement and Qualitative Evaluation Group):
           Tracking identifier "<label> #<n>" + tracking UID (TID 4108)
           Finding (DCM 121071): the finding's code (SNOMED CT for the built-in five)
           Algorithm identification (TID 4019): model name, version, family AI, parameters
             (weights SHA-256, input size, threshold)
-          1410: Image Region, SCOORD POINT/POLYLINE in the source image's pixels
-          1501: Source of Measurement, IMAGE = the source image
+          Source of Measurement, IMAGE = the source image
           Probability: NUM (DCM 122157 "Probability"), UCUM "1" (no units), value in [0, 1]
+            (a located finding) INFERRED FROM SCOORD "Source" (TID 320), POINT/POLYLINE in the
+            source image's pixels, SELECTED FROM the source image
           Qualitative evaluation: <finding> = Present / Absent (SNOMED CT), at the stated threshold
 
 The SR is written to a new series in the source study, marked not verified (VerificationFlag

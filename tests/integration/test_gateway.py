@@ -98,6 +98,14 @@ def cnn():
     return hygeia.create("diagnoser", "cnn")
 
 
+
+def located_groups(report) -> list:  # noqa: ANN001
+    """The measurement groups of a Hygeia SR whose probability is inferred from an image region."""
+    from pydicom.sr.codedict import codes
+
+    return [g for g in report.get_image_measurement_groups()
+            if g.get_measurements(name=codes.DCM.Probability)[0].referenced_coordinates]
+
 def test_study_to_sr_in_orthanc(orthanc, cnn, tmp_path):
     import highdicom as hd
 
@@ -128,7 +136,7 @@ def test_study_to_sr_in_orthanc(orthanc, cnn, tmp_path):
     ds = client.retrieve_instance(study_uid, record["sr_series_instance_uid"], sr_uid)  # WADO-RS
     assert ds.StudyInstanceUID == study_uid and ds.VerificationFlag == "UNVERIFIED"
     report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
-    groups = report.get_planar_roi_measurement_groups() + report.get_image_measurement_groups()
+    groups = report.get_image_measurement_groups()
     assert len(groups) == 3 * len(cnn.findings)  # one group per image and finding
     assert all(g.tracking_identifier and g.tracking_uid for g in groups)
     library = [i for i in ds.ContentSequence if i.ConceptNameCodeSequence[0].CodeMeaning == "Image Library"]
@@ -262,7 +270,7 @@ def test_remote_diagnoser_on_triton_down_then_up(orthanc, triton_repo, require_m
     client = dicomweb(orthanc)
     ds = client.retrieve_instance(record["study_uid"], record["sr_series_instance_uid"], record["sr_sop_instance_uid"])
     report = hd.sr.Comprehensive3DSR.from_dataset(ds).content
-    groups = report.get_planar_roi_measurement_groups() + report.get_image_measurement_groups()
+    groups = report.get_image_measurement_groups()
     remote_probs = sorted(g.get_measurements(name=codes.DCM.Probability)[0].value for g in groups)
     local = hygeia.create("diagnoser", "cnn")
     batch = np.stack([prepare_image(load_image(f).pixels, local.input_size) for f in files])
@@ -271,7 +279,7 @@ def test_remote_diagnoser_on_triton_down_then_up(orthanc, triton_repo, require_m
     np.testing.assert_allclose(remote_probs, local_probs, atol=1e-4)
     # the gateway asked Triton for regions without maps: every located finding still has its region
     located = sum(f.region is not None for d in local_dx for f in d.findings)
-    assert located and len(report.get_planar_roi_measurement_groups()) == located
+    assert located and len(located_groups(report)) == located
 
 
 def test_local_fallback_while_triton_is_down(orthanc, triton_repo, require_model, tmp_path, caplog):
@@ -309,7 +317,7 @@ def test_local_fallback_while_triton_is_down(orthanc, triton_repo, require_model
     local = next(r for r in records if r["study_uid"] == str(pydicom.dcmread(first[0]).StudyInstanceUID))
     ds = dicomweb(orthanc).retrieve_instance(local["study_uid"], local["sr_series_instance_uid"],
                                              local["sr_sop_instance_uid"])
-    groups = hd.sr.Comprehensive3DSR.from_dataset(ds).content.get_planar_roi_measurement_groups()
+    groups = located_groups(hd.sr.Comprehensive3DSR.from_dataset(ds).content)
     assert len(groups) == 2  # the two located findings of the first study, as the local cnn gives them
 
 
