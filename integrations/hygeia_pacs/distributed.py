@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,10 @@ def publish_closed(gw: Any, q: BrokerQueue) -> int:
         try:
             if not job.is_dir():
                 continue
+            if not (job / "instances").is_dir() and not (job / "sr.dcm").exists():  # a crash before it moved in
+                shutil.rmtree(job, ignore_errors=True)
+                log.warning("%s: empty job folder left by a crash, removed", job.name.rsplit(".", 1)[-1])
+                continue
             q.publish_job(job)
             shutil.rmtree(job)
             published += 1
@@ -57,7 +62,20 @@ def handle(gw: Any, q: BrokerQueue, d: Delivery) -> None:
     """Process one delivered study and settle it with the broker."""
     job = work_root(gw) / d.job_name
     shutil.rmtree(job, ignore_errors=True)
-    unpack_job(d.payload, job)
+    tag = d.job_name.rsplit(".", 1)[-1]
+    try:
+        unpack_job(d.payload, job)
+    except (tarfile.TarError, OSError) as exc:  # not a study this gateway packed: no retry can help
+        log.warning("%s: message is not a packed study (%s: %s); dead-lettered", tag, type(exc).__name__,
+                    str(exc)[:120])
+        shutil.rmtree(job, ignore_errors=True)
+        q.dead_letter(d)
+        return
+    if not (job / "instances").is_dir() and not (job / "sr.dcm").exists():  # nothing to diagnose or send
+        log.warning("%s: message holds no instances and no SR; dead-lettered", tag)
+        shutil.rmtree(job, ignore_errors=True)
+        q.dead_letter(d)
+        return
     state = gw.spool.state(job)
     state["attempts"] = max(int(state.get("attempts", 0)), d.deliveries)
     gw.process(job, state)

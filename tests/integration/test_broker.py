@@ -83,3 +83,39 @@ def test_two_workers_one_killed_lose_nothing_and_send_no_duplicate(orthanc_bin, 
                 except subprocess.TimeoutExpired:
                     os.killpg(p.pid, signal.SIGKILL)
         o.stop()
+
+
+def test_empty_or_corrupt_message_is_dead_lettered_on_first_delivery(orthanc_bin, rabbit, tmp_path, caplog):
+    """A message with no instances, or one that is not a packed study, is dead-lettered the first
+    time a worker sees it (it was handed back until the delivery limit), with one log line each;
+    the worker goes on serving: a real study published after them gets its SR."""
+    import logging
+
+    from hygeia_pacs import Gateway, GatewayConfig
+    from hygeia_pacs.broker import BrokerQueue, pack_job
+
+    o = Orthanc(tmp_path / "orthanc").start()
+    recv = GatewayConfig.from_dict(gateway_config(tmp_path / "gw", o, broker=rabbit.url, study_timeout_s=0.5,
+                                                  stow=None, workers=1))
+    q = BrokerQueue(rabbit.url, recv.broker_queue, recv.broker_delivery_limit)
+    try:
+        empty = tmp_path / "empty.job"
+        empty.mkdir()
+        (empty / "state.json").write_text("{}")
+        q.publish("study.empty", pack_job(empty))
+        q.publish("study.garbage", b"this is not a tar archive" * 40)
+        with caplog.at_level(logging.WARNING, logger="hygeia_pacs.distributed"), Gateway(recv) as gw:
+            wait_for(lambda: q.counts()["dead_letters"] == 2, 60, "both messages dead-lettered")
+            r = storescu(gw.config.port, phantom_study(tmp_path / "study", seed=300, n=1))
+            assert r.returncode == 0, r.stderr
+            wait_for(lambda: len(sr_instances(o)) == 1, 120, "the real study's SR")
+        dead = {d["job"]: d for d in q.dead_letters()}
+        assert set(dead) == {"study.empty", "study.garbage"}
+        assert all(d["reason"] == "rejected" for d in dead.values()), dead  # nacked, not the delivery limit
+        lines = [r.getMessage() for r in caplog.records]
+        assert len([m for m in lines if m.startswith("empty: message holds no instances")]) == 1, lines
+        assert len([m for m in lines if m.startswith("garbage: message is not a packed study")]) == 1, lines
+        assert q.counts()["queued"] == 0
+    finally:
+        q.close()
+        o.stop()
