@@ -107,6 +107,7 @@ class GatewayConfig:
     diagnoser_bundle: str | None = None  # in process (and the local_fallback): a bundle folder instead of the shipped weights
     server: str | None = None  # Triton gRPC HOST:PORT; None = run the diagnoser in-process
     local_fallback: bool = False  # with a server: diagnose in process while the server cannot be reached
+    fallback_probe_s: float = 10.0  # on the fallback: try the server again at most this often
     study_timeout_s: float = 10.0
     modalities: tuple[str, ...] = DEFAULT_MODALITIES
     transfer_syntaxes: tuple[str, ...] = DEFAULT_TRANSFER_SYNTAXES
@@ -154,6 +155,9 @@ class GatewayConfig:
                              got=repr(self.sr_processes))
         if not isinstance(self.local_fallback, bool):
             raise InputError("gateway config local_fallback", "true or false", got=repr(self.local_fallback))
+        if isinstance(self.fallback_probe_s, bool) or not isinstance(self.fallback_probe_s, (int, float)) \
+                or not 0 <= self.fallback_probe_s <= 3600:
+            raise InputError("gateway config fallback_probe_s", "seconds from 0 to 3600", got=repr(self.fallback_probe_s))
         if self.broker is not None and not str(self.broker).startswith(("amqp://", "amqps://")):
             raise InputError("gateway config broker", "an amqp:// or amqps:// URL", got="another scheme")
         if not self.consume and self.broker is None:

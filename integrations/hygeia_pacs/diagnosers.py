@@ -3,14 +3,17 @@ an optional in-process fallback (``local_fallback``) while that server cannot be
 
 With the fallback, a batch whose remote call fails with
 :class:`hygeia.serving.connection.ServerUnavailableError` (after the connection's own retries) is
-diagnosed in process by the same plugin (``diagnoser_bundle`` if set) and the next batch tries the
-server again. One log line marks each switch, and the gateway counts the images diagnosed on the
-fallback (``Gateway.counters["diagnosed_locally"]``). Without the fallback the study's attempt
-fails and is retried with back-off.
+diagnosed in process by the same plugin (``diagnoser_bundle`` if set). Batches in the next
+``fallback_probe_s`` seconds run in process straight away (they do not wait out the connection's
+retries again); the first one after that tries the server again. One log line marks each switch,
+and the gateway counts the images diagnosed on the fallback
+(``Gateway.counters["diagnosed_locally"]``). Without the fallback the study's attempt fails and is
+retried with back-off.
 """
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Sequence
 
 import numpy as np
@@ -42,6 +45,11 @@ class Diagnosers:
         self._primary = given
         self._local: Any = None
         self.on_local = False  # the last batch ran on the fallback
+        self._probe_at = 0.0  # on the fallback: when to try the server again
+
+    def _resting(self) -> bool:
+        """On the fallback, and the server was tried less than ``fallback_probe_s`` ago."""
+        return self.on_local and time.monotonic() < self._probe_at
 
     def _name(self) -> str:
         from hygeia.plugins import get_registry
@@ -73,13 +81,17 @@ class Diagnosers:
         if not (self.config.local_fallback and self.config.server and _unavailable(exc)):
             raise exc
         if not self.on_local:
-            log.warning("diagnoser server unavailable (%s); diagnosing in process until it answers again",
-                        str(exc).splitlines()[0][:200])
+            log.warning("diagnoser server unavailable (%s); diagnosing in process until it answers again "
+                        "(trying it every %g s)", str(exc).splitlines()[0][:200], self.config.fallback_probe_s)
             self.on_local = True
+        self._probe_at = time.monotonic() + float(self.config.fallback_probe_s)
         return self.local()
 
     def current(self) -> Any:
-        """The primary, or the local fallback while a remote primary cannot be built."""
+        """The primary, or the local fallback while a remote primary cannot be built (or was
+        unavailable less than ``fallback_probe_s`` ago)."""
+        if self._resting():
+            return self.local()
         try:
             return self.primary()
         except Exception as exc:
@@ -87,6 +99,8 @@ class Diagnosers:
 
     def diagnose(self, images: np.ndarray, texts: Sequence[str] | None, batch_size: int) -> tuple[list[Any], bool]:
         """Diagnoses of ``images``, ``batch_size`` at a time, and whether they ran on the fallback."""
+        if self._resting():
+            return _run(self.local(), images, texts, batch_size), True
         diag = self.current()
         try:
             out = _run(diag, images, texts, batch_size)

@@ -11,8 +11,11 @@ import json
 import os
 import shutil
 import signal
+import socket
+import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -282,12 +285,41 @@ def test_remote_diagnoser_on_triton_down_then_up(orthanc, triton_repo, require_m
     assert located and len(located_groups(report)) == located
 
 
+class ConnectionCounter:
+    """A TCP port that accepts and at once closes every connection, counting them: a server that is
+    down, and a record of every time the gateway tried it."""
+
+    def __init__(self, port: int) -> None:
+        self.count = 0
+        self.sock = socket.create_server(("127.0.0.1", port))
+        threading.Thread(target=self._loop, daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:  # closed
+                return
+            self.count += 1
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # reset: no TIME_WAIT
+            conn.close()
+
+    def close(self) -> None:
+        """Stop listening (the port is free for a real server at once)."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self.sock.close()
+
+
 def test_local_fallback_while_triton_is_down(orthanc, triton_repo, require_model, tmp_path, caplog):
-    """``local_fallback``: no tritonserver answers at ``server``, so after the connection's retries the
+    """``local_fallback``: the server is down at ``server``, so after the connection's retries the
     gateway diagnoses in process; the SR reaches Orthanc on the first attempt, one log line says so,
-    and the images are counted as diagnosed locally. Once a tritonserver listens there, the next
-    study is diagnosed on it (one more log line, no more local images). Without the option a study
-    waits for Triton (the test above)."""
+    and the images are counted as diagnosed locally. For ``fallback_probe_s`` the next study runs in
+    process without trying the server (no connection reaches its port); once a tritonserver listens
+    there and the interval is over, the next study is diagnosed on it (one more log line, no more
+    local images). Without the option a study waits for Triton (the test above)."""
     import logging
 
     import highdicom as hd
@@ -296,19 +328,30 @@ def test_local_fallback_while_triton_is_down(orthanc, triton_repo, require_model
     from hygeia_pacs import Gateway, GatewayConfig
 
     require_model("diagnoser_cnn")
-    first = phantom_study(tmp_path / "first", seed=404, n=2)
-    second = phantom_study(tmp_path / "second", seed=406, n=2)
-    grpc_port = free_port()
+    first, middle, last = (phantom_study(tmp_path / name, seed=seed, n=2)
+                           for name, seed in (("first", 404), ("middle", 405), ("last", 406)))
+    grpc_port, probe_s = free_port(), 20.0
     cfg = GatewayConfig.from_dict(gateway_config(tmp_path, orthanc, server=f"127.0.0.1:{grpc_port}",
-                                                 local_fallback=True, stow=None))
+                                                 local_fallback=True, fallback_probe_s=probe_s, stow=None))
+    down = ConnectionCounter(grpc_port)
     with caplog.at_level(logging.WARNING, logger="hygeia_pacs.gateway"), Gateway(cfg) as gw:
         assert storescu(cfg.port, first).returncode == 0
         assert gw.wait_idle(120), gw.status()
+        fell_back_by = time.monotonic()
         assert gw.counters["diagnosed_locally"] == 2 and gw.counters["retries"] == 0
+        tried = down.count
+        assert tried > 0  # the gateway tried the server before falling back
+        assert storescu(cfg.port, middle).returncode == 0
+        assert gw.wait_idle(120), gw.status()
+        assert gw.counters["diagnosed_locally"] == 4
+        assert time.monotonic() - fell_back_by < probe_s, "the middle study came too late to test the interval"
+        assert down.count == tried  # within fallback_probe_s the server was not tried again
+        down.close()
         with TritonServer(triton_repo, grpc_port=grpc_port, models=["diagnoser_cnn"], startup_timeout=180):
-            assert storescu(cfg.port, second).returncode == 0
-            wait_for(lambda: len(done_records(cfg.spool)) == 2, 120, "the second study's SR")
-        assert gw.counters["diagnosed_locally"] == 2  # the second study ran on Triton
+            time.sleep(max(0.0, fell_back_by + probe_s + 0.5 - time.monotonic()))
+            assert storescu(cfg.port, last).returncode == 0
+            wait_for(lambda: len(done_records(cfg.spool)) == 3, 120, "the last study's SR")
+        assert gw.counters["diagnosed_locally"] == 4  # the last study ran on Triton
     records = done_records(cfg.spool)
     assert all(r["sent"] == ["cstore"] and r["attempts"] == 1 for r in records)
     messages = [r.getMessage() for r in caplog.records]
