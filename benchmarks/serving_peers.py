@@ -84,7 +84,18 @@ def _patch_pytriton_proxy() -> None:
 
 def start_pytriton(name: str, instances: int, max_batch: int, threads: int, tmp: Path,
                     text: bool = False) -> tuple[subprocess.Popen[bytes], str]:
-    """Start :func:`pytriton_child` (its log in ``tmp``); wait for its port file."""
+    """Start :func:`pytriton_child` (its log in ``tmp``); wait for its port file. A start that
+    fails is tried once more (PyTriton's proxy model sometimes misses its own handshake socket:
+    "get_config_from_handshake_server ... Connection refused")."""
+    try:
+        return _start_pytriton_once(name, instances, max_batch, threads, tmp, text)
+    except RuntimeError as exc:
+        print(f"PyTriton did not start ({str(exc)[:160]}); trying once more", file=sys.stderr)
+        return _start_pytriton_once(name, instances, max_batch, threads, tmp, text)
+
+
+def _start_pytriton_once(name: str, instances: int, max_batch: int, threads: int, tmp: Path,
+                         text: bool) -> tuple[subprocess.Popen[bytes], str]:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     port_file, log = tmp / f"pytriton-{name}.port", tmp / f"pytriton-{name}.log"
     with log.open("wb") as out:

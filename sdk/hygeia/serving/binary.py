@@ -165,7 +165,8 @@ def _group_alive(pgid: int) -> bool:
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                state, _ppid, pgrp = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[:3]
+                with open(f"/proc/{pid}/stat") as f:
+                    state, _ppid, pgrp = f.read().rsplit(")", 1)[1].split()[:3]
             except (OSError, ValueError):
                 continue
             if int(pgrp) == pgid and state != "Z":
