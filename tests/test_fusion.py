@@ -314,3 +314,28 @@ def test_trains_on_a_label_file_with_text(tmp_path):
 
     res = main_files("fusion", labels, bundle=out, text_column="Indication", json_out=True)
     assert 0 <= res["macro_auroc"] <= 1 and set(res["per_finding"]) >= {"Cardiomegaly", "Pleural Effusion"}
+
+
+def test_shuffle_texts_gives_other_patients_text():
+    """``text_shuffle``: the chosen rows that kept a text take another row's text (states and mask
+    together), none keeps its own, dropped rows and the rest are untouched; the same seed picks
+    the same rows."""
+    from hygeia_fusion.train import shuffle_texts
+
+    s = torch.arange(8, dtype=torch.float32)[:, None, None].expand(8, 3, 2).clone()
+    m = torch.zeros(8, 3, dtype=torch.bool)
+    for i in range(8):
+        m[i, : 1 + i % 3] = True
+    dropped = torch.zeros(8, dtype=torch.bool)
+    dropped[[1, 5]] = True
+    s0, m0 = s.clone(), m.clone()
+    rows = shuffle_texts(s, m, dropped, 1.0, torch.Generator().manual_seed(0))
+    assert rows.tolist() == [0, 2, 3, 4, 6, 7]
+    for r in rows.tolist():
+        src = int(s[r, 0, 0])
+        assert src != r and src in rows.tolist() and torch.equal(m[r], m0[src])
+    assert sorted(int(s[r, 0, 0]) for r in rows) == rows.tolist()  # a permutation of the chosen rows' texts
+    assert torch.equal(s[[1, 5]], s0[[1, 5]]) and torch.equal(m[[1, 5]], m0[[1, 5]])
+    again = shuffle_texts(s0.clone(), m0.clone(), dropped, 0.5, torch.Generator().manual_seed(3))
+    assert torch.equal(again, shuffle_texts(s0.clone(), m0.clone(), dropped, 0.5, torch.Generator().manual_seed(3)))
+    assert shuffle_texts(s0.clone(), m0.clone(), dropped, 0.0, torch.Generator().manual_seed(0)).numel() == 0

@@ -41,7 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "epochs": 6, "n_train": 8000, "n_val": 1000, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4,
     "text_dropout": 0.3, "shift": 8, "threads": 0, **ARCH_DEFAULTS, "mask_weight": 1.0,
     "mask_pool": "avg", "mask_pos_weight": 4.0, "max_tokens": 128, "init": None, "size": 256, "difficulty": 2.0,
-    "baselines": True,
+    "baselines": True, "text_shuffle": 0.0,
 }
 """The shipped network: the ``cxr`` diagnoser's backbone layout (MONAI ResNet, 7x7 stem, blocks
 2-2-2-2) at widths 16-128, warm-started from an image-only bundle of that layout (``init``), at
@@ -152,7 +152,8 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
 
     Options (``hygeia train fusion --option KEY=VALUE``): ``n_train``, ``n_val``, ``batch_size``,
     ``lr``, ``text_dropout`` (share of training images with the text removed, so image-only mode is
-    learnt too), ``shift`` (max translation in px), ``mask_weight`` (weight of the localisation loss:
+    learnt too), ``text_shuffle`` (share of the others given another patient's text of the same
+    batch, the labels kept: text that does not fit the image is learnt to count for less; 0), ``shift`` (max translation in px), ``mask_weight`` (weight of the localisation loss:
     evidence maps against the phantoms' finding masks; 0 = labels only), ``mask_pool`` (``avg``:
     area share per map cell, or ``max``: any overlap), ``mask_pos_weight``, ``size`` (phantom size
     in pixels, default 256), ``difficulty`` (phantom difficulty, default 2), ``finer`` (evidence maps
@@ -202,6 +203,19 @@ def _arch(o: dict[str, Any]) -> dict[str, Any]:
             "blocks": [int(b) for b in o["blocks"]], "stem": int(o["stem"]), "mean": float(o["mean"]), "std": float(o["std"])}
 
 
+def shuffle_texts(s: torch.Tensor, m: torch.Tensor, dropped: torch.Tensor, share: float,
+                  g: torch.Generator) -> torch.Tensor:
+    """Give a ``share`` of the images that keep a text (not ``dropped``) another patient's text of
+    the batch, in place (text states ``s`` and masks ``m``); the labels stay. Returns the rows changed
+    (each takes the text of the previous one of them, so with two or more none keeps its own)."""
+    wrong = ((torch.rand(len(s), generator=g) < share) & ~dropped).nonzero()[:, 0]
+    if len(wrong) < 2:
+        return wrong[:0]
+    other = wrong.roll(1)
+    s[wrong], m[wrong] = s[other].clone(), m[other].clone()
+    return wrong
+
+
 def _batch_loss(net: FusionNet, batch: Batch, o: dict[str, Any], g: torch.Generator, dev: torch.device) -> torch.Tensor:
     """The loss of one batch: findings BCE (+ ``mask_weight`` x evidence maps against the masks).
 
@@ -212,6 +226,8 @@ def _batch_loss(net: FusionNet, batch: Batch, o: dict[str, Any], g: torch.Genera
     x, mk = _augment(x, g, int(o["shift"]), mk)
     drop = torch.rand(len(x), generator=g) < float(o["text_dropout"])
     m[drop] = 0  # text removed: only the no-text token remains
+    if float(o["text_shuffle"]) > 0:
+        shuffle_texts(s, m, drop, float(o["text_shuffle"]), g)
     out = net(x.to(dev), s.to(dev), m.to(dev))
     loss = F.binary_cross_entropy_with_logits(out["logits"], y.to(dev))
     if mk is not None:  # localisation: evidence maps against the finding masks
