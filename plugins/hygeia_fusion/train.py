@@ -153,7 +153,8 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     Options (``hygeia train fusion --option KEY=VALUE``): ``n_train``, ``n_val``, ``batch_size``,
     ``lr``, ``text_dropout`` (share of training images with the text removed, so image-only mode is
     learnt too), ``text_shuffle`` (share of the others given another patient's text of the same
-    batch, the labels kept: text that does not fit the image is learnt to count for less; 0), ``shift`` (max translation in px), ``mask_weight`` (weight of the localisation loss:
+    batch, the labels kept: text that does not fit the image is learnt to count for less; 0),
+    ``shift`` (max translation in px), ``mask_weight`` (weight of the localisation loss:
     evidence maps against the phantoms' finding masks; 0 = labels only), ``mask_pool`` (``avg``:
     area share per map cell, or ``max``: any overlap), ``mask_pos_weight``, ``size`` (phantom size
     in pixels, default 256), ``difficulty`` (phantom difficulty, default 2), ``finer`` (evidence maps
