@@ -44,7 +44,7 @@ def publish_closed(gw: Any, q: BrokerQueue) -> int:
         try:
             if not job.is_dir():
                 continue
-            if not (job / "instances").is_dir() and not (job / "sr.dcm").exists():  # a crash before it moved in
+            if gw.spool.is_empty(job):  # a crash before the study moved in
                 shutil.rmtree(job, ignore_errors=True)
                 log.warning("%s: empty job folder left by a crash, removed", job.name.rsplit(".", 1)[-1])
                 continue
@@ -71,7 +71,7 @@ def handle(gw: Any, q: BrokerQueue, d: Delivery) -> None:
         shutil.rmtree(job, ignore_errors=True)
         q.dead_letter(d)
         return
-    if not (job / "instances").is_dir() and not (job / "sr.dcm").exists():  # nothing to diagnose or send
+    if gw.spool.is_empty(job):
         log.warning("%s: message holds no instances and no SR; dead-lettered", tag)
         shutil.rmtree(job, ignore_errors=True)
         q.dead_letter(d)

@@ -157,9 +157,9 @@ class Gateway(Listener):
         if self.spool.is_finished(job):  # a crash after the done record, before the clean-up
             self.spool.cleanup(job)
             return 0
-        if not (job / "instances").is_dir() and not (job / "sr.dcm").exists():
+        if self.spool.is_empty(job):
             with self.spool.lock:  # a study being closed now has its folder a moment before its instances
-                empty = not (job / "instances").is_dir() and not (job / "sr.dcm").exists()
+                empty = self.spool.is_empty(job)
                 if empty:  # a crash before the study moved in
                     shutil.rmtree(job, ignore_errors=True)
             if empty:

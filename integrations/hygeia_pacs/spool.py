@@ -157,6 +157,12 @@ class Spool:
         self.cleanup(job)
         return out
 
+    @staticmethod
+    def is_empty(job: Path) -> bool:
+        """A job folder with neither instances nor an SR: nothing to diagnose or send (a crash
+        before the study moved in, or a broker message that carried nothing)."""
+        return not (job / "instances").is_dir() and not (job / "sr.dcm").exists()
+
     def is_finished(self, job: Path) -> bool:
         return (self.done / f"{job.name}.json").exists()
 
