@@ -213,7 +213,7 @@ def shuffle_texts(s: torch.Tensor, m: torch.Tensor, dropped: torch.Tensor, share
     if len(wrong) < 2:
         return wrong[:0]
     other = wrong.roll(1)
-    s[wrong], m[wrong] = s[other].clone(), m[other].clone()
+    s[wrong], m[wrong] = s[other], m[other]  # advanced indexing reads copies first
     return wrong
 
 
