@@ -114,7 +114,8 @@ class BaselineDiagnoser:
         self.kind, self.head, self.image = kind, modules[kind], modules["image"]
         self.thresholds = np.asarray(thresholds, np.float32)
         self.findings, self.input_size, self.device = owner.findings, owner.input_size, owner.device
-        self.max_tokens, self._codes, self._images = owner.max_tokens, owner._codes, owner._images
+        self.max_tokens, self._images = owner.max_tokens, owner._images
+        self._codes = [owner.codes[k] for k in owner.findings]
         self.identity = ModelIdentity(f"{owner.identity.name}:{kind}", owner.identity.version, "diagnoser",
                                       owner.identity.weights_sha256)
 

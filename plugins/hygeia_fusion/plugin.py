@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from hygeia import tensors
-from hygeia.api import Diagnosis, Finding, ModelCard, ModelIdentity, PluginSpec, Region
+from hygeia.api import Diagnosis, ModelCard, ModelIdentity, PluginSpec
 from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.errors import BundleError, InputError
 from hygeia.validation import check_images, check_texts
@@ -37,35 +37,13 @@ from hygeia.vocab import FINDING_LABELS, bundle_codes
 
 from ._baselines import PREFIX as BASELINES
 from .model import FusionNet, encode_texts, encoder_identity
+from .results import diagnoses
 
 NAME, VERSION = "fusion", "1.0.0"
 WEIGHTS = Path(__file__).parent / "weights" / "fusion"
 INPUT_SIZE = (64, 64)
 
 RegionKind = Literal["auto", "point", "polygon", "none"]
-
-
-def heat_region(heat: np.ndarray, kind: Literal["point", "polygon"]) -> Region:
-    """A region from a heat map ``[H, W]`` in [0, 1]: its peak (point), or the hull around it."""
-    from scipy import ndimage
-
-    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    if kind == "point":
-        return Region("point", ((float(c) + 0.5, float(r) + 0.5),))
-    lab, _ = ndimage.label(heat >= 0.5 * float(heat[r, c]))
-    rows, cols = np.nonzero(lab == lab[r, c])
-    box = Region("box", ((float(cols.min()), float(rows.min())), (float(cols.max() + 1), float(rows.max() + 1))))
-    if len(rows) < 2:
-        return box
-    pts = np.concatenate([np.stack([cols + dx, rows + dy], 1) for dx in (0, 1) for dy in (0, 1)]).astype(float)
-    try:
-        from scipy.spatial import ConvexHull
-
-        hull = ConvexHull(pts)
-    except Exception:  # collinear pixels: a box is the honest answer
-        return box
-    poly = [(float(pts[i, 0]), float(pts[i, 1])) for i in hull.vertices]
-    return Region("polyline", tuple(poly + [poly[0]]))
 
 
 class FusionDiagnoser:
@@ -111,7 +89,6 @@ class FusionDiagnoser:
         self.identity = ModelIdentity(NAME, VERSION, "diagnoser", b.sha256)
         self.resize, self.regions, self.use_text, self.batch_size = bool(resize), regions, bool(use_text), int(batch_size)
         self.codes = bundle_codes(self.config, self.findings)
-        self._codes = [self.codes[k] for k in self.findings]
         self._check_encoder()
 
     def _check_encoder(self) -> None:
@@ -168,20 +145,7 @@ class FusionDiagnoser:
         """One :class:`~hygeia.api.Diagnosis` per image; ``texts``: one line per image, or None."""
         probs, heat = self.predict(images, texts, maps=True)
         tx = check_texts(texts, len(probs), name="texts") if self.use_text else None
-        out: list[Diagnosis] = []
-        for b in range(len(probs)):
-            fs: list[Finding] = []
-            thresholds = self.thresholds if tx is not None and tx[b].strip() else self.thresholds_no_text
-            for j, label in enumerate(self.findings):
-                p, thr = float(probs[b, j]), float(thresholds[j])
-                region = None
-                if self.regions != "none" and p >= thr:
-                    kind = self.regions if self.regions != "auto" else ("point" if label == "nodule" else "polygon")
-                    region = heat_region(heat[b, j], kind)  # type: ignore[index, arg-type]
-                fs.append(Finding(label, self._codes[j], p, thr, region,
-                                  heat[b, j] if heatmaps and heat is not None else None))
-            out.append(Diagnosis(fs, self.identity, self.input_size))
-        return out
+        return diagnoses(probs, heat, tx, self, self.identity, heatmaps)
 
     def export_module(self) -> list[tuple[torch.nn.Module, Any]]:
         """The networks :meth:`predict` runs, for compiled execution (:mod:`hygeia.compiled`): the
@@ -200,6 +164,13 @@ class FusionDiagnoser:
             tok = tokenize(["fever and productive cough for three days, CRP 120"], max_tokens=self.max_tokens)
             out.append((encoder, [(Dynamic(tok.input_ids, (1,)), Dynamic(tok.attention_mask, (1,)))]))
         return out
+
+    def freeze(self, folder: Path) -> str:
+        """Save this model's inference for serving without torch (:mod:`hygeia.frozen`): ONNX
+        graphs, tokenizer, thresholds; returns the runner, :class:`~hygeia_fusion.frozen.FrozenFusion`."""
+        from ._freeze import freeze
+
+        return freeze(self, Path(folder))
 
     def baselines(self) -> dict[str, Any]:
         """The bundle's baselines as diagnosers (``text_only``, ``late_fusion``; empty when it has

@@ -45,6 +45,8 @@ def test_build_records_measured_runtimes_and_reasons(compiled_repo: Path) -> Non
     fusion = config_params(compiled_repo / "diagnoser_fusion" / "config.pbtxt")
     assert fusion["hygeia_runtime"] in ("onnx", "torchscript")  # measured faster than eager
     assert set(json.loads(fusion["hygeia_runtime_ms"])) == {"eager", "onnx", "torchscript"}
+    assert fusion["hygeia_frozen"] == "hygeia_fusion.frozen:FrozenFusion"
+    assert (compiled_repo / "diagnoser_fusion" / "1" / "frozen" / "fusion_text.onnx").is_file()
     mol = config_params(compiled_repo / "generator_molecule-vae" / "config.pbtxt")
     assert mol["hygeia_runtime"] == "eager" and "opts out" in mol["hygeia_runtime_reason"]  # says why
 
@@ -70,7 +72,7 @@ def test_served_fusion_matches_eager_with_and_without_text(server: TritonServer)
     assert any(f.region is not None for d in only for f in d.findings)
     warm = [ln for ln in server.log_path.read_text(errors="replace").splitlines()
             if "hygeia-warm diagnoser_fusion ok" in ln]
-    assert warm and all("runtime onnx" in ln or "runtime torchscript" in ln for ln in warm), warm
+    assert warm and all("runtime onnx (frozen graphs, no torch" in ln for ln in warm), warm  # hygeia.frozen
 
 
 def test_served_generator_decoder_matches_eager(server: TritonServer, compiled_repo: Path) -> None:

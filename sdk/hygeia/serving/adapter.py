@@ -79,6 +79,7 @@ class TritonPythonModel:
         self.config = json.loads(args["model_config"])
         self.model_name = args.get("model_name", self.config.get("name", "?"))
         self.model_dir = args.get("model_repository", "")  # this model's folder (a bundle of its own lives there)
+        self.version = args.get("model_version", "1") or "1"
         p = {k: v.get("string_value", "") for k, v in self.config.get("parameters", {}).items()}
         self.params = p
         self.kind, self.name = p["hygeia_kind"], p["hygeia_name"]
@@ -127,6 +128,8 @@ class TritonPythonModel:
 
     def _build(self) -> None:
         p = self.params
+        if self._build_frozen():
+            return
         spec = _lookup(self.kind, self.name, p.get("hygeia_entry_point", ""))
         opts: dict[str, Any] = {"device": self.device} if _accepts(spec.factory, "device") else {}
         if p.get("hygeia_bundle"):  # `hygeia triton build --bundle NAME=PATH`: the copy beside the config
@@ -139,6 +142,44 @@ class TritonPythonModel:
                 f"model {self.model_name} is stale: its config describes version {want[0]} weights "
                 f"{want[1]}, the installed plugin is version {ident.version} weights {ident.weights_sha256}; "
                 "run `hygeia triton build` to refresh the repository")
+        self._serve(plugin)
+        if self.kind == "diagnoser":
+            self.runtime = self._compile(plugin) + self.runtime
+        if self.kind == "generator":
+            self.runtime = self._compile(plugin) + self.runtime
+        self.plugin = plugin
+
+    def _build_frozen(self) -> bool:
+        """Serve the runner of the model's frozen folder (:mod:`hygeia.frozen`: no torch) when its
+        config names one; False (and the reason kept for the log line) to build the plugin instead."""
+        from .runtime import FROZEN_DIR, FROZEN_PARAM
+
+        if not self.params.get(FROZEN_PARAM):
+            return False
+        folder = os.path.join(self.model_dir, self.version, FROZEN_DIR)
+        forced = os.environ.get("HYGEIA_RUNTIME", "")
+        why = ("HYGEIA_FROZEN=0" if os.environ.get("HYGEIA_FROZEN", "1") == "0" else
+               f"HYGEIA_RUNTIME={forced}" if forced not in ("", "onnx") else
+               "not on a CPU instance" if self.device != "cpu" else
+               "no frozen folder (run `hygeia triton build`)" if not os.path.isdir(folder) else "")
+        if why:
+            self.runtime = f"; frozen graphs not used: {why}"
+            return False
+        from ..frozen import load
+
+        runner = load(folder)
+        ident = runner.identity
+        want = (self.params.get("hygeia_version"), self.params.get("hygeia_weights_sha256") or None)
+        if (ident.version, ident.weights_sha256) != want:
+            raise RuntimeError(f"model {self.model_name}: its frozen folder holds version {ident.version} weights "
+                               f"{ident.weights_sha256}, its config describes {want[0]} {want[1]}; run `hygeia triton build`")
+        self._serve(runner)
+        self.runtime = f", runtime onnx (frozen graphs, no torch: {self.params[FROZEN_PARAM]})"
+        self.plugin = runner
+        return True
+
+    def _serve(self, plugin: Any) -> None:
+        """What the request handlers need to know about the plugin (or frozen runner) they call."""
         if self.kind == "diagnoser":
             self.labels = list(self.info["findings"])
             self.size = tuple(self.info["input_size"])
@@ -146,11 +187,8 @@ class TritonPythonModel:
             self.heatmap_kw = next((k for k in ("heatmaps", "heatmap", "gradcam")
                                     if _accepts(plugin.diagnose, k)), None)
             self.present_maps = "present" in getattr(plugin, "heatmap_modes", ())
-            self.runtime = self._compile(plugin)
         if self.kind == "generator":
             self.takes_progress = _accepts(plugin.generate, "progress")
-            self.runtime = self._compile(plugin)
-        self.plugin = plugin
 
     def _compile(self, plugin: Any) -> str:
         """Run the plugin's networks with the runtime its config records (``HYGEIA_RUNTIME`` overrides);

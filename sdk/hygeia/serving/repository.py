@@ -26,7 +26,7 @@ from ..outputs import atomic_dir
 from ..plugins import ENTRY_POINT_GROUP, PluginRegistry, _as_list, get_registry
 from ..vocab import Code, finding
 from . import wire
-from .runtime import config_params, runtime_params
+from .runtime import FROZEN_DIR, FROZEN_PARAM, config_params, freeze_params, runtime_params
 
 log = logging.getLogger(__name__)
 Device = Literal["cpu", "gpu"]
@@ -213,13 +213,16 @@ def render_config(plan: ModelPlan, device: Device = "cpu", instances: int | None
     return "\n".join(lines) + "\n"
 
 
-def _write_model(repo: Path, model: str, config: str, bundle: Path | None = None) -> bool:
-    """Write ``repo/model`` atomically (with a copy of ``bundle`` in ``bundle/``); return False
-    when it is already identical."""
+def _write_model(repo: Path, model: str, config: str, bundle: Path | None = None, frozen: Path | None = None,
+                 keep_frozen: bool = False) -> bool:
+    """Write ``repo/model`` atomically (with a copy of ``bundle`` in ``bundle/``, and ``frozen``
+    moved into ``1/frozen/``, or the one there kept when ``keep_frozen``); return False when it is
+    already identical."""
     dest = repo / model
-    cfg, py = dest / "config.pbtxt", dest / "1" / "model.py"
+    cfg, py, old_frozen = dest / "config.pbtxt", dest / "1" / "model.py", dest / "1" / FROZEN_DIR
     if cfg.is_file() and py.is_file() and cfg.read_text() == config and py.read_text() == MODEL_PY \
-            and bundle is None and not (dest / BUNDLE_DIR).exists():
+            and bundle is None and not (dest / BUNDLE_DIR).exists() and frozen is None \
+            and keep_frozen == old_frozen.is_dir():
         return False
     with atomic_dir(dest) as tmp:
         (tmp / "1").mkdir()
@@ -227,6 +230,12 @@ def _write_model(repo: Path, model: str, config: str, bundle: Path | None = None
         (tmp / "1" / "model.py").write_text(MODEL_PY)
         if bundle is not None:  # the repository stays self-contained: it runs unchanged elsewhere
             shutil.copytree(bundle, tmp / BUNDLE_DIR, ignore=shutil.ignore_patterns(".*"))
+        if frozen is not None:
+            shutil.move(str(frozen), tmp / "1" / FROZEN_DIR)
+        elif keep_frozen:
+            shutil.copytree(old_frozen, tmp / "1" / FROZEN_DIR)
+    if frozen is not None:
+        shutil.rmtree(frozen.parent, ignore_errors=True)
     return True
 
 
@@ -264,18 +273,22 @@ def build_repository(repo: str | os.PathLike[str] = "triton_models", *, device: 
     for spec in reg.all():
         if spec.kind not in kinds or (wanted is not None and spec.name not in wanted):
             continue
-        model = wire.model_name(spec.kind, spec.name)
+        model, fresh = wire.model_name(spec.kind, spec.name), None
         try:
             own = bundles.get(spec.name)
             instance = spec.factory() if own is None else reg.create_from_bundle(spec.kind, spec.name, own)
             plan = plan_model(spec, instance, _entry_point_of(reg, spec), device=device,
                               bundle=None if own is None else BUNDLE_DIR)
             if spec.kind in ("diagnoser", "generator"):
+                frozen, fresh = freeze_params(instance, repo_p / model, runtime, device)
                 prev = config_params(repo_p / model / "config.pbtxt")
-                plan.params.update(runtime_params(instance, plan.params, runtime, device, prev))
+                plan.params.update(runtime_params(instance, plan.params, runtime, device, prev), **frozen)
             config = render_config(plan, device=device, instances=instances, queue_delay_us=queue_delay_us)
-            (result.written if _write_model(repo_p, model, config, own) else result.unchanged).append(model)
+            keep = fresh is None and FROZEN_PARAM in plan.params
+            (result.written if _write_model(repo_p, model, config, own, fresh, keep) else result.unchanged).append(model)
         except Exception as exc:
+            if fresh is not None:  # frozen, then the model failed: no scratch folder left behind
+                shutil.rmtree(fresh.parent, ignore_errors=True)
             log.warning("cannot build Triton model %s: %s: %s", model, type(exc).__name__, exc)
             result.failed[model] = f"{type(exc).__name__}: {exc}"
     if prune and wanted is None:

@@ -8,16 +8,26 @@ rebuild keeps an earlier measured choice for the same plugin version and weights
 re-measuring, no config churn); ``--runtime onnx|torchscript|eager`` forces one. The Triton model compiles its
 plugin's network with the recorded runtime when it builds the plugin
 (:mod:`hygeia.serving.adapter`); ``HYGEIA_RUNTIME`` in the server's environment overrides it.
+
+A plugin that can freeze itself (:mod:`hygeia.frozen`) is frozen into the model's ``1/frozen/``
+folder when its runtime is ``auto`` or ``onnx`` on a CPU host (:func:`freeze_params`); the config
+parameter ``hygeia_frozen`` names the runner the stub constructs instead of the plugin.
 """
 from __future__ import annotations
 
 import json
+import logging
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 PARAMS = ("hygeia_runtime", "hygeia_runtime_ms", "hygeia_runtime_reason")
 CHOICES = ("auto", "onnx", "torchscript", "eager")
+FROZEN_PARAM, FROZEN_DIR = "hygeia_frozen", "frozen"
 
 
 def config_params(config: Path) -> dict[str, str]:
@@ -60,3 +70,29 @@ def runtime_params(instance: Any, params: dict[str, str], runtime: str = "auto",
     ms = {k: [round(v, 2) for v in vs] for k, vs in res.timings.items()}
     return {"hygeia_runtime": res.runtime, "hygeia_runtime_ms": json.dumps(ms, sort_keys=True, separators=(",", ":")),
             "hygeia_runtime_reason": res.reason}
+
+
+def freeze_params(instance: Any, model_dir: Path, runtime: str = "auto", device: str = "cpu"
+                  ) -> tuple[dict[str, str], Path | None]:
+    """``({"hygeia_frozen": runner}, folder)`` for a plugin served frozen: ``folder`` is a fresh
+    frozen folder to move into the model, or None to keep ``model_dir/1/frozen`` (frozen earlier
+    from the same plugin version and weights). ``({}, None)``: served as the plugin (no
+    ``freeze()``, another runtime or device, or a runner that disagrees with the plugin: logged)."""
+    from ..frozen import MANIFEST, freeze, identity
+
+    if device != "cpu" or runtime not in ("auto", "onnx") or not callable(getattr(instance, "freeze", None)):
+        return {}, None
+    ident, current = instance.identity, model_dir / "1" / FROZEN_DIR
+    have = identity(current) or {}
+    if (have.get("name"), have.get("version"), have.get("weights_sha256")) == (ident.name, ident.version,
+                                                                              ident.weights_sha256):
+        return {FROZEN_PARAM: json.loads((current / MANIFEST).read_text())["runner"]}, None
+    model_dir.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.frozen.", dir=model_dir.parent))
+    try:
+        runner = freeze(instance, scratch / FROZEN_DIR)
+    except ValueError as exc:
+        shutil.rmtree(scratch, ignore_errors=True)
+        log.warning("%s: served without freezing: %s", model_dir.name, exc)
+        return {}, None
+    return {FROZEN_PARAM: runner}, scratch / FROZEN_DIR

@@ -1,0 +1,187 @@
+"""Frozen serving: a plugin's inference as saved ONNX graphs plus a runner that needs no torch.
+
+A Triton stub that builds a plugin imports torch and the libraries its networks come from (MONAI,
+transformers, diffusers): several CPU seconds per stub, repeated by every stub, and most of a
+server's cold start. A plugin can instead *freeze* itself when ``hygeia triton build`` writes its
+model: it saves what inference needs (ONNX graphs with the weights in them, tokenizer, thresholds,
+codes) into a folder and names a *runner* class, importable without torch, that loads the folder
+and answers the same calls as the plugin (``diagnose`` for a diagnoser). The stub then constructs
+the runner instead of the plugin.
+
+The protocol, on the plugin instance (optional; without it the plugin is served as it is):
+
+- ``freeze(folder: pathlib.Path) -> str``: write the files into ``folder`` (empty, created) and
+  return the runner as ``"module:Class"``. ``Class(folder)`` must not import torch and must offer
+  what the plugin offers to the server: ``identity``, ``diagnose(images, texts, heatmaps)``,
+  ``findings``, ``input_size`` and ``heatmap_modes`` where the plugin has them.
+
+:func:`freeze` calls it, records the runner and the plugin's identity in ``frozen.json`` and
+then checks the runner against the plugin (:func:`check_diagnoser`: probabilities and heat maps
+within :data:`TOLERANCE`, the same findings present, the same regions); a runner that disagrees
+is discarded and the model is served by the plugin, with the reason logged in one line.
+:func:`load` constructs the runner from a frozen folder. :class:`OnnxGraph` (a saved graph, torch
+free) and :func:`export_onnx` (torch, build time only) are the two halves a runner is made of.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import BundleError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "frozen.json"
+TOLERANCE = 1e-4
+"""Largest accepted |runner - plugin| on a probability or heat-map pixel."""
+THREADS_ENV = "HYGEIA_COMPILED_THREADS"
+
+
+def threads() -> int:
+    """ONNX Runtime intra-op threads: ``HYGEIA_COMPILED_THREADS``, else ``OMP_NUM_THREADS`` (1 in a
+    CPU stub), else every core."""
+    for key in (THREADS_ENV, "OMP_NUM_THREADS"):
+        v = os.environ.get(key, "")
+        if v.isdigit() and int(v) > 0:
+            return int(v)
+    return os.cpu_count() or 1
+
+
+class OnnxGraph:
+    """A saved ONNX graph on ONNX Runtime's CPU provider; ``graph(name=array, ...)`` returns its
+    outputs in order. Inputs the exporter dropped (unused by the graph) are ignored."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads, opts.inter_op_num_threads = threads(), 1
+        opts.log_severity_level = 4
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:  # noqa: BLE001 - a missing or damaged file: one line naming it
+            raise BundleError(f"frozen graph {path}: cannot be loaded ({' '.join(str(exc).split())[:200]})") from None
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def __call__(self, **arrays: np.ndarray) -> list[np.ndarray]:
+        return list(self.session.run(None, {k: v for k, v in arrays.items() if k in self.inputs}))
+
+
+def export_onnx(module: Any, args: tuple[Any, ...], path: str | os.PathLike[str], inputs: Sequence[str],
+                outputs: Sequence[str], dynamic: dict[str, dict[int, str]]) -> None:
+    """Save ``module`` called with ``args`` (tensors) as an ONNX graph (opset 17) at ``path``;
+    ``dynamic``: per input or output name, its axes that vary (name -> {axis: label})."""
+    import warnings
+
+    import torch
+
+    module.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, args, str(path), dynamo=False, input_names=list(inputs),
+                          output_names=list(outputs), dynamic_axes=dynamic, opset_version=17)
+
+
+def freeze(plugin: Any, folder: str | os.PathLike[str]) -> str:
+    """Freeze ``plugin`` into ``folder`` (written atomically) and return its runner's import path.
+
+    Raises ``ValueError`` (one line) when the plugin cannot be frozen or its runner disagrees with it.
+    """
+    from .outputs import atomic_dir
+
+    fn = getattr(plugin, "freeze", None)
+    if not callable(fn):
+        raise ValueError("the plugin has no freeze() method")
+    ident = plugin.identity
+    with atomic_dir(folder) as tmp:
+        try:
+            runner = str(fn(tmp))
+        except Exception as exc:  # noqa: BLE001 - any failure means: serve the plugin itself
+            raise ValueError(f"freeze() failed: {' '.join(f'{type(exc).__name__}: {exc}'.split())[:300]}") from None
+        (tmp / MANIFEST).write_text(json.dumps({
+            "runner": runner, "identity": {"name": ident.name, "version": ident.version, "kind": ident.kind,
+                                           "weights_sha256": ident.weights_sha256}}, indent=1))
+        if ident.kind == "diagnoser":
+            check_diagnoser(plugin, load(tmp))
+    return runner
+
+
+def load(folder: str | os.PathLike[str]) -> Any:
+    """The runner of a frozen folder (``BundleError`` naming the folder when it cannot be loaded)."""
+    folder = Path(folder)
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+        module, _, cls = str(manifest["runner"]).partition(":")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise BundleError(f"frozen model {folder}: no readable {MANIFEST} ({type(exc).__name__})") from None
+    try:
+        factory = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as exc:
+        raise BundleError(f"frozen model {folder}: runner {manifest['runner']!r} not found ({exc})") from None
+    return factory(folder)
+
+
+def identity(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """The identity a frozen folder records (None if it has none)."""
+    try:
+        return dict(json.loads((Path(folder) / MANIFEST).read_text())["identity"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def probe_inputs(size: Sequence[int], channels: int = 1, n: int = 6, seed: int = 0) -> np.ndarray:
+    """Test images for :func:`check_diagnoser`: smooth random fields in [0, 1] (not constant, so
+    maps have a peak)."""
+    rng = np.random.default_rng(seed)
+    h, w = (int(v) for v in size)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    out = np.empty((n, channels, h, w), np.float32)
+    for i in range(n):
+        a, b, c = rng.uniform(-3, 3, 3)
+        out[i] = (0.5 + 0.25 * np.sin(a * 6 * xx + b * 6 * yy + c) + 0.05 * rng.standard_normal((h, w))).clip(0, 1)
+    return out
+
+
+PROBE_TEXTS = ("ex-smoker with weight loss, known malignancy", "",
+               "fever and productive cough for three days, CRP 120, SpO2 91%",
+               "post-procedure: central line placed, sudden dyspnoea and pleuritic pain",
+               "heart failure, ankle oedema, dull left base", "routine pre-operative film")
+
+
+def check_diagnoser(plugin: Any, runner: Any, images: np.ndarray | None = None) -> None:
+    """``ValueError`` (one line) unless ``runner`` gives ``plugin``'s diagnoses on probe images, with
+    and without texts: probabilities and heat maps within :data:`TOLERANCE`, the same findings
+    present and the same regions (points within half a pixel)."""
+    if tuple(getattr(runner, "findings", ())) != tuple(getattr(plugin, "findings", ())):
+        raise ValueError("the runner reports other findings than the plugin")
+    x = probe_inputs(plugin.input_size) if images is None else images
+    texts = [PROBE_TEXTS[i % len(PROBE_TEXTS)] for i in range(len(x))]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. a plugin's notes on its inputs: the build log stays quiet
+        for tx in (None, texts):
+            want, got = plugin.diagnose(x, tx), runner.diagnose(x, tx)
+            for b, (dw, dg) in enumerate(zip(want, got, strict=True)):
+                for fw, fg in zip(dw.findings, dg.findings, strict=True):
+                    _same_finding(fw, fg, f"image {b}{' with text' if tx else ''}, {fw.label}")
+
+
+def _same_finding(fw: Any, fg: Any, where: str) -> None:
+    if fw.label != fg.label or abs(fw.probability - fg.probability) > TOLERANCE or fw.present != fg.present:
+        raise ValueError(f"{where}: runner {fg.probability:.6f} present={fg.present}, plugin "
+                         f"{fw.probability:.6f} present={fw.present}")
+    if (fw.heatmap is None) != (fg.heatmap is None) or (
+            fw.heatmap is not None and float(np.abs(np.asarray(fw.heatmap) - np.asarray(fg.heatmap)).max()) > TOLERANCE):
+        raise ValueError(f"{where}: the heat maps differ")
+    rw, rg = fw.region, fg.region
+    if (rw is None) != (rg is None) or (rw is not None and (rw.kind != rg.kind or len(rw.coords) != len(rg.coords) or
+                                                           float(np.abs(np.subtract(rw.coords, rg.coords)).max()) > 0.5)):
+        raise ValueError(f"{where}: the regions differ ({rg} against {rw})")

