@@ -31,7 +31,7 @@ def fusion():
 @pytest.fixture(scope="module")
 def folder(fusion, tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("frozen") / "fusion"
-    assert frozen.freeze(fusion, d) == "hygeia_fusion.frozen:FrozenFusion"
+    assert frozen.freeze(fusion, d) == "hygeia_fusion._frozen:FrozenFusion"
     return d
 
 
@@ -118,3 +118,33 @@ def test_build_freezes_once_and_keeps_the_folder(tmp_path) -> None:
     assert eager.written == ["diagnoser_fusion"] and not manifest.exists()
     assert "hygeia_frozen" not in config_params(tmp_path / "diagnoser_fusion" / "config.pbtxt")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch folders left
+
+
+@pytest.mark.parametrize("name", ["cnn", "cxr"])
+def test_cnn_runners_give_the_plugins_maps_and_regions(name, tmp_path) -> None:
+    plugin = get_registry().create("diagnoser", name)
+    runner = frozen.load(tmp_path / name) if frozen.freeze(plugin, tmp_path / name) else None
+    ps = make_phantom_set(6, "test", size=plugin.input_size[0])
+    images = np.asarray(ps.images, np.float32)
+    for mode in (None, False, True, "present"):
+        got, want = runner.diagnose(images, heatmaps=mode), plugin.diagnose(images, heatmaps=mode)
+        for dg, dw in zip(got, want):
+            for fg, fw in zip(dg.findings, dw.findings):
+                assert fg.probability == pytest.approx(fw.probability, abs=1e-4) and fg.present == fw.present
+                assert (fg.heatmap is None) == (fw.heatmap is None) and fg.region == fw.region
+                if fw.heatmap is not None:
+                    assert np.abs(fg.heatmap - fw.heatmap).max() <= 1e-4
+    assert any(f.region is not None for d in want for f in d.findings)  # maps and regions were compared
+    with pytest.raises(InputError, match="heatmaps: expected None, True, False or 'present', got 'some'"):
+        runner.diagnose(images, heatmaps="some")
+
+
+def test_a_frozen_runner_that_is_gone_is_frozen_again(tmp_path) -> None:
+    from hygeia.serving.repository import build_repository
+
+    build_repository(tmp_path, names=["cnn"], runtime="onnx")
+    manifest = tmp_path / "diagnoser_cnn" / "1" / "frozen" / "frozen.json"
+    data = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**data, "runner": "hygeia_cnn.renamed:FrozenCnn"}))
+    again = build_repository(tmp_path, names=["cnn"], runtime="onnx")
+    assert again.written == ["diagnoser_cnn"] and json.loads(manifest.read_text())["runner"] == data["runner"]

@@ -21,13 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 from hygeia import tensors
-from hygeia.api import Diagnosis, Finding, ModelCard, ModelIdentity, PluginSpec, Region
+from hygeia.api import Diagnosis, ModelCard, ModelIdentity, PluginSpec
 from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.errors import InputError
 from hygeia.validation import check_heatmaps, check_images, check_texts
 from hygeia.vocab import FINDING_LABELS, bundle_codes
 
 from .model import CAM_METHODS, DEFAULT_ARCH, CnnNet, _minmax
+from ._results import diagnoses, region_from_heatmap  # noqa: F401  (region_from_heatmap: part of this module's API)
 
 NAME, VERSION = "cnn", "1.0.0"
 WEIGHTS = Path(__file__).parent / "weights" / "cnn"
@@ -65,18 +66,6 @@ def _shipped_card(weights: Path = WEIGHTS) -> ModelCard:
         return ModelCard.from_dict(_shipped(weights, "model_card.json"))
     except (ValueError, KeyError, TypeError):
         return CARD
-
-
-def region_from_heatmap(heat: np.ndarray, level: float = 0.5) -> Region | None:
-    """A box (DICOM x=column, y=row pixel coordinates) around the blob holding the heat map's maximum."""
-    from scipy import ndimage
-
-    if not np.isfinite(heat).all() or heat.max() <= 0:
-        return None
-    lab, _ = ndimage.label(heat >= level * heat.max())
-    r, c = np.unravel_index(int(np.argmax(heat)), heat.shape)
-    rows, cols = np.nonzero(lab == lab[r, c])
-    return Region("box", ((float(cols.min()), float(rows.min())), (float(cols.max() + 1), float(rows.max() + 1))))
 
 
 class CnnDiagnoser:
@@ -196,17 +185,14 @@ class CnnDiagnoser:
         check_heatmaps(heatmaps, self.heatmap_modes)
         want = self.heatmaps if heatmaps is None else heatmaps
         probs, maps = self._probs_and_maps(x, want) if want else (self.predict_proba(x), None)
-        present = np.asarray(probs, np.float64) >= self.thresholds[None, :]
-        out = []
-        for b in range(len(x)):
-            fs = []
-            for k, label in enumerate(self.findings):
-                p, t = float(probs[b, k]), float(self.thresholds[k])
-                heat = None if maps is None or (want == "present" and not present[b, k]) else maps[b, k]
-                region = region_from_heatmap(heat) if heat is not None and p >= t else None
-                fs.append(Finding(label, self.codes[label], p, t, region, heat))
-            out.append(Diagnosis(fs, self.identity, self.input_size))
-        return out
+        return diagnoses(probs, maps, want, self, self.identity)
+
+    def freeze(self, folder: Path) -> str:
+        """Save this model's inference, heat maps included, for serving without torch
+        (:mod:`hygeia.frozen`); returns the runner, :class:`~hygeia_cnn._frozen.FrozenCnn`."""
+        from ._freeze import freeze
+
+        return freeze(self, Path(folder))
 
     def save(self, path: str | Path) -> str:
         """Write the current weights, config and model card as a bundle; returns the weights' SHA-256."""

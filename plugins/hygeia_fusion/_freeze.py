@@ -1,6 +1,6 @@
 """Freezing the fusion diagnoser for serving without torch (:mod:`hygeia.frozen`).
 
-Writes the graphs :class:`~hygeia_fusion.frozen.FrozenFusion` runs: the text encoder
+Writes the graphs :class:`~hygeia_fusion._frozen.FrozenFusion` runs: the text encoder
 (``encoder.onnx``: token ids and mask -> token states), the fusion network with text
 (``fusion_text.onnx``: images, token states padded to ``max_tokens``, mask -> probabilities and
 heat maps) and without (``fusion_image.onnx``), each ending in what
@@ -20,7 +20,7 @@ from torch import nn
 
 from hygeia.frozen import export_onnx
 
-RUNNER = "hygeia_fusion.frozen:FrozenFusion"
+RUNNER = "hygeia_fusion._frozen:FrozenFusion"
 
 
 class _Served(nn.Module):

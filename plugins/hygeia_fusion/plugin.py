@@ -37,7 +37,7 @@ from hygeia.vocab import FINDING_LABELS, bundle_codes
 
 from ._baselines import PREFIX as BASELINES
 from .model import FusionNet, encode_texts, encoder_identity
-from .results import diagnoses
+from ._results import diagnoses
 
 NAME, VERSION = "fusion", "1.0.0"
 WEIGHTS = Path(__file__).parent / "weights" / "fusion"
@@ -167,7 +167,7 @@ class FusionDiagnoser:
 
     def freeze(self, folder: Path) -> str:
         """Save this model's inference for serving without torch (:mod:`hygeia.frozen`): ONNX
-        graphs, tokenizer, thresholds; returns the runner, :class:`~hygeia_fusion.frozen.FrozenFusion`."""
+        graphs, tokenizer, thresholds; returns the runner, :class:`~hygeia_fusion._frozen.FrozenFusion`."""
         from ._freeze import freeze
 
         return freeze(self, Path(folder))

@@ -45,7 +45,7 @@ def test_build_records_measured_runtimes_and_reasons(compiled_repo: Path) -> Non
     fusion = config_params(compiled_repo / "diagnoser_fusion" / "config.pbtxt")
     assert fusion["hygeia_runtime"] in ("onnx", "torchscript")  # measured faster than eager
     assert set(json.loads(fusion["hygeia_runtime_ms"])) == {"eager", "onnx", "torchscript"}
-    assert fusion["hygeia_frozen"] == "hygeia_fusion.frozen:FrozenFusion"
+    assert fusion["hygeia_frozen"] == "hygeia_fusion._frozen:FrozenFusion"
     assert (compiled_repo / "diagnoser_fusion" / "1" / "frozen" / "fusion_text.onnx").is_file()
     mol = config_params(compiled_repo / "generator_molecule-vae" / "config.pbtxt")
     assert mol["hygeia_runtime"] == "eager" and "opts out" in mol["hygeia_runtime_reason"]  # says why

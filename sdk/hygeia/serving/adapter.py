@@ -165,9 +165,14 @@ class TritonPythonModel:
         if why:
             self.runtime = f"; frozen graphs not used: {why}"
             return False
+        from ..errors import BundleError
         from ..frozen import load
 
-        runner = load(folder)
+        try:
+            runner = load(folder)
+        except BundleError as exc:  # e.g. a runner renamed since the build: the plugin can still serve
+            self.runtime = f"; frozen graphs not used: {exc}"
+            return False
         ident = runner.identity
         want = (self.params.get("hygeia_version"), self.params.get("hygeia_weights_sha256") or None)
         if (ident.version, ident.weights_sha256) != want:

@@ -86,7 +86,9 @@ def freeze_params(instance: Any, model_dir: Path, runtime: str = "auto", device:
     have = identity(current) or {}
     if (have.get("name"), have.get("version"), have.get("weights_sha256")) == (ident.name, ident.version,
                                                                               ident.weights_sha256):
-        return {FROZEN_PARAM: json.loads((current / MANIFEST).read_text())["runner"]}, None
+        runner = str(json.loads((current / MANIFEST).read_text())["runner"])
+        if _importable(runner.partition(":")[0]):  # else: renamed since, freeze again
+            return {FROZEN_PARAM: runner}, None
     model_dir.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{model_dir.name}.frozen.", dir=model_dir.parent))
     try:
@@ -96,3 +98,12 @@ def freeze_params(instance: Any, model_dir: Path, runtime: str = "auto", device:
         log.warning("%s: served without freezing: %s", model_dir.name, exc)
         return {}, None
     return {FROZEN_PARAM: runner}, scratch / FROZEN_DIR
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False

@@ -1,7 +1,7 @@
 """From probabilities and heat maps to diagnoses: thresholds, regions, coded findings.
 
 No torch here: :class:`~hygeia_fusion.plugin.FusionDiagnoser` and its frozen runner
-(:class:`~hygeia_fusion.frozen.FrozenFusion`) both end in :func:`diagnoses`."""
+(:class:`~hygeia_fusion._frozen.FrozenFusion`) both end in :func:`diagnoses`."""
 from __future__ import annotations
 
 from collections.abc import Sequence

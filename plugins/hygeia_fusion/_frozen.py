@@ -4,7 +4,7 @@
 does this for the Triton model; see :mod:`hygeia.frozen`) and answers ``diagnose`` as
 :class:`~hygeia_fusion.plugin.FusionDiagnoser` does: the same input checks, the text encoded the
 same way (length-sorted batches of 64, empty text = no text, truncation past ``max_tokens`` with a
-warning), the same thresholds and regions (:func:`hygeia_fusion.results.diagnoses`).
+warning), the same thresholds and regions (:func:`hygeia_fusion._results.diagnoses`).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from hygeia.text import MAX_CHARS
 from hygeia.validation import check_images, check_texts
 from hygeia.vocab import bundle_codes
 
-from .results import diagnoses
+from ._results import diagnoses
 
 ENCODER_BATCH = 64  # as hygeia_fusion.model.encode_texts
 
