@@ -148,3 +148,24 @@ def test_a_frozen_runner_that_is_gone_is_frozen_again(tmp_path) -> None:
     manifest.write_text(json.dumps({**data, "runner": "hygeia_cnn.renamed:FrozenCnn"}))
     again = build_repository(tmp_path, names=["cnn"], runtime="onnx")
     assert again.written == ["diagnoser_cnn"] and json.loads(manifest.read_text())["runner"] == data["runner"]
+
+
+@pytest.mark.parametrize(("name", "conditions", "bad"), [
+    ("label", ["effusion", "normal", "nodule"], ["not a finding"]),
+    ("text", ["left pleural effusion", "", None, "cardiomegaly " * 60], [3]),
+    ("property", [{"logP": 2.5}, {"qed": 0.9, "MW": 300}, {}], [{"logP": 99.0}]),
+])
+def test_conditioner_runners_encode_as_the_plugins(name, conditions, bad, tmp_path) -> None:
+    plugin = get_registry().create("conditioner", name)
+    assert frozen.freeze(plugin, tmp_path / name).endswith("Frozen" + name.capitalize())
+    runner = frozen.load(tmp_path / name)
+    assert runner.identity == plugin.identity
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the long text is truncated by both, with a warning
+        want, got = plugin.encode(conditions).numpy(), runner.encode(conditions)
+    assert got.dtype == np.float32 and got.shape == want.shape and np.abs(got - want).max() <= 1e-4
+    with pytest.raises(InputError) as theirs:
+        plugin.encode(bad)
+    with pytest.raises(InputError) as ours:
+        runner.encode(bad)
+    assert str(ours.value) == str(theirs.value)

@@ -100,6 +100,12 @@ class LabelConditioner:
         idx = torch.tensor([self.index(c) for c in conditions], device=self.device)
         return self.table[idx]
 
+    def freeze(self, folder: Path) -> str:
+        """Save the label table for serving without torch (:mod:`hygeia.frozen`); returns its runner."""
+        from ._freeze import freeze_label
+
+        return freeze_label(self, Path(folder))
+
     def save(self, path: str | Path) -> str:
         return save_bundle(path, {"embedding": self.table}, self.config, LABEL_CARD)
 
@@ -169,6 +175,12 @@ class TextConditioner:
         states, masks = scatter_tokens(len(texts), rows, hidden, mask)
         return states.to(self.device), masks.to(self.device)
 
+    def freeze(self, folder: Path) -> str:
+        """Save the text encoder and its tokenizer for serving without torch (:mod:`hygeia.frozen`); returns its runner."""
+        from ._freeze import freeze_text
+
+        return freeze_text(self, Path(folder))
+
 
 # ----------------------------------------------------------------------------- property
 class PropertyConditioner:
@@ -196,6 +208,13 @@ class PropertyConditioner:
     def normalise(values: Sequence[Sequence[float]]) -> torch.Tensor:
         """Measured properties ``[B, 4]`` (logP, QED, SA, MW) -> standardised ``[B, 4]``."""
         return standardise(values)
+
+    def freeze(self, folder: Path) -> str:
+        """Save this conditioner's identity (the encoding is code) for serving without torch
+        (:mod:`hygeia.frozen`); returns its runner."""
+        from ._freeze import freeze_property
+
+        return freeze_property(self, Path(folder))
 
 
 # ----------------------------------------------------------------------------- specs

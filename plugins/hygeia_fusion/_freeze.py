@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hygeia.frozen import export_onnx
+from hygeia.text import export_encoder
 
 RUNNER = "hygeia_fusion._frozen:FrozenFusion"
 
@@ -39,19 +40,8 @@ class _Served(nn.Module):
         return torch.sigmoid(out["logits"]), (m - lo) / (hi - lo).clamp(min=1e-6)
 
 
-class _Encoder(nn.Module):
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return type(self.model).forward(self.model, input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-
-
 def freeze(plugin: Any, folder: Path) -> str:
     """Write ``plugin``'s frozen files into ``folder``; returns the runner's import path."""
-    from hygeia.text import load_encoder
-
     h, w = plugin.input_size
     served = _Served(plugin.net.cpu().eval(), (h, w))
     x = torch.rand(2, 1, h, w)
@@ -65,19 +55,11 @@ def freeze(plugin: Any, folder: Path) -> str:
                            "identity": {"name": plugin.identity.name, "version": plugin.identity.version,
                                         "weights_sha256": plugin.identity.weights_sha256}}
     if plugin.use_text:
-        tok, encoder = load_encoder()
         dim = plugin.net.text_proj[0].in_features
         states, mask = torch.rand(2, plugin.max_tokens, dim), torch.ones(2, plugin.max_tokens, dtype=torch.long)
         mask[1, 12:] = 0
         export_onnx(served, (x, states, mask), folder / "fusion_text.onnx", ["images", "states", "mask"], out,
                     {**dyn, "states": {0: "batch"}, "mask": {0: "batch"}})
-        ids = torch.full((2, 16), int(tok.pad_token_id), dtype=torch.long)
-        ids[:, 0], ids[:, 5] = int(tok.cls_token_id), int(tok.sep_token_id)
-        am = (torch.arange(16) < 6).long().expand(2, 16).contiguous()
-        export_onnx(_Encoder(encoder).eval(), (ids, am), folder / "encoder.onnx", ["input_ids", "attention_mask"],
-                    ["states"], {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"},
-                                 "states": {0: "batch", 1: "tokens"}})
-        tok.backend_tokenizer.save(str(folder / "tokenizer.json"))
-        cfg.update(pad_id=int(tok.pad_token_id), text_dim=dim)
+        cfg.update(export_encoder(folder))
     (folder / "fusion.json").write_text(json.dumps(cfg, indent=1))
     return RUNNER

@@ -9,7 +9,6 @@ warning), the same thresholds and regions (:func:`hygeia_fusion._results.diagnos
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,8 @@ from typing import Any
 import numpy as np
 
 from hygeia.api import Diagnosis, ModelIdentity
-from hygeia.errors import InputError
 from hygeia.frozen import OnnxGraph
-from hygeia.text import MAX_CHARS
+from hygeia.text import FrozenEncoder
 from hygeia.validation import check_images, check_texts
 from hygeia.vocab import bundle_codes
 
@@ -47,43 +45,21 @@ class FrozenFusion:
         self.identity = ModelIdentity(ident["name"], ident["version"], "diagnoser", ident["weights_sha256"])
         self.image_graph = OnnxGraph(folder / "fusion_image.onnx")
         if self.use_text:
-            from tokenizers import Tokenizer
-
-            self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-            self.tokenizer.no_padding()
-            self.tokenizer.no_truncation()
-            self.pad_id, self.text_dim = int(cfg["pad_id"]), int(cfg["text_dim"])
+            self.text_dim = int(cfg["text_dim"])
+            self.encoder = FrozenEncoder(folder, int(cfg["pad_id"]))
             self.text_graph = OnnxGraph(folder / "fusion_text.onnx")
-            self.encoder = OnnxGraph(folder / "encoder.onnx")
-
-    def _tokens(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Token ids and attention mask ``[B, T]`` (T: the longest, at most ``max_tokens``)."""
-        for t in texts:
-            if len(t) > MAX_CHARS:
-                raise InputError("texts", f"text of at most {MAX_CHARS} characters", got=f"{len(t)} characters")
-        enc = [e.ids for e in self.tokenizer.encode_batch(texts)]
-        cut = sum(len(ids) > self.max_tokens for ids in enc)
-        if cut:
-            warnings.warn(f"{cut} of {len(texts)} texts longer than {self.max_tokens} tokens were "
-                          f"truncated to {self.max_tokens} (the text encoder's limit)", stacklevel=3)
-        enc = [ids if len(ids) <= self.max_tokens else ids[:self.max_tokens - 1] + ids[-1:] for ids in enc]
-        t = max(len(ids) for ids in enc)
-        ids = np.full((len(enc), t), self.pad_id, np.int64)
-        mask = np.zeros((len(enc), t), np.int64)
-        for i, row in enumerate(enc):
-            ids[i, :len(row)], mask[i, :len(row)] = row, 1
-        return ids, mask
 
     def _states(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Token states ``[B, max_tokens, D]`` and mask ``[B, max_tokens]``, as the plugin pads them."""
-        ids, am = self._tokens(texts)
+        tok = self.encoder.tokens(texts, self.max_tokens)
+        ids, am = tok.input_ids, tok.attention_mask
         lengths = am.sum(1)
         order = np.argsort(lengths, kind="stable")
         hidden = np.zeros((len(texts), self.max_tokens, self.text_dim), np.float32)
         for i in range(0, len(texts), ENCODER_BATCH):
             j = order[i:i + ENCODER_BATCH]
             t = int(lengths[j].max())
-            hidden[j, :t] = self.encoder(input_ids=ids[j, :t], attention_mask=am[j, :t])[0]
+            hidden[j, :t] = self.encoder.states(ids[j, :t], am[j, :t])
         mask = np.zeros((len(texts), self.max_tokens), np.int64)
         mask[:, :am.shape[1]] = am
         mask[[i for i, t in enumerate(texts) if not t.strip()]] = 0

@@ -110,6 +110,8 @@ def freeze(plugin: Any, folder: str | os.PathLike[str]) -> str:
                                            "weights_sha256": ident.weights_sha256}}, indent=1))
         if ident.kind == "diagnoser":
             check_diagnoser(plugin, load(tmp))
+        elif ident.kind == "conditioner":
+            check_conditioner(plugin, load(tmp))
     return runner
 
 
@@ -185,3 +187,26 @@ def _same_finding(fw: Any, fg: Any, where: str) -> None:
     if (rw is None) != (rg is None) or (rw is not None and (rw.kind != rg.kind or len(rw.coords) != len(rg.coords) or
                                                            float(np.abs(np.subtract(rw.coords, rg.coords)).max()) > 0.5)):
         raise ValueError(f"{where}: the regions differ ({rg} against {rw})")
+
+
+PROBE_CONDITIONS: dict[str, list[Any]] = {
+    "label": ["normal", "nodule", "effusion", "pneumothorax", "cardiomegaly", "consolidation"],
+    "text": ["left pleural effusion", "", "small rounded opacity in the right upper lobe", "   "],
+    "properties": [{"logP": 2.5}, {"QED": 0.9, "MW": 300}, {}, {"logP": -1.0, "QED": 0.5, "SA": 3.0, "MW": 250}],
+}
+"""Conditions :func:`check_conditioner` encodes with the plugin and its runner, per condition kind."""
+
+
+def check_conditioner(plugin: Any, runner: Any) -> None:
+    """``ValueError`` (one line) unless ``runner.encode`` gives ``plugin.encode``'s vectors (within
+    :data:`TOLERANCE`) on the probe conditions of every kind the plugin takes."""
+    for kind in sorted(getattr(plugin, "condition_kinds", ())):
+        conds = PROBE_CONDITIONS.get(kind)
+        if not conds:
+            continue
+        want, got = plugin.encode(conds), runner.encode(conds)
+        want = want.detach().float().cpu().numpy() if hasattr(want, "detach") else np.asarray(want)
+        got = np.asarray(got)
+        diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+        if not diff <= TOLERANCE:
+            raise ValueError(f"{kind} conditions: the runner's vectors differ from the plugin's by {diff:.2e}")

@@ -68,6 +68,77 @@ def tokenize(texts: Sequence[str], max_tokens: int = MAX_TOKENS, name: str = "te
     return Tokens(enc["input_ids"], enc["attention_mask"], truncated)
 
 
+def export_encoder(folder: str | os.PathLike[str]) -> dict[str, int]:
+    """Save the text encoder for serving without torch (:mod:`hygeia.frozen`): ``encoder.onnx``
+    (token ids and attention mask -> token states, both axes dynamic) and the tokenizer's
+    ``tokenizer.json``; returns what :class:`FrozenEncoder` needs besides (pad id, width)."""
+    import torch
+
+    from .frozen import export_onnx
+
+    tok, model = load_encoder()
+
+    class Encoder(torch.nn.Module):  # the eager forward (a compiled graph installed on it is bypassed)
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+            m = self.model
+            return type(m).forward(m, input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    ids = torch.full((2, 16), int(tok.pad_token_id), dtype=torch.long)
+    ids[:, 0], ids[:, 5] = int(tok.cls_token_id), int(tok.sep_token_id)
+    mask = (torch.arange(16) < 6).long().expand(2, 16).contiguous()
+    axes = {0: "batch", 1: "tokens"}
+    export_onnx(Encoder().eval(), (ids, mask), Path(folder) / "encoder.onnx", ["input_ids", "attention_mask"], ["states"],
+                {"input_ids": axes, "attention_mask": axes, "states": axes})
+    tok.backend_tokenizer.save(str(Path(folder) / "tokenizer.json"))
+    return {"pad_id": int(tok.pad_token_id), "text_dim": int(model.config.hidden_size)}
+
+
+class FrozenEncoder:
+    """The text encoder from :func:`export_encoder`'s files: tokens and token states as numpy,
+    without torch or transformers (the ``tokenizers`` library and ONNX Runtime)."""
+
+    def __init__(self, folder: str | os.PathLike[str], pad_id: int) -> None:
+        from tokenizers import Tokenizer
+
+        from .frozen import OnnxGraph
+
+        self.tokenizer = Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        self.pad_id = int(pad_id)
+        self.graph = OnnxGraph(Path(folder) / "encoder.onnx")
+
+    def tokens(self, texts: Sequence[str], max_tokens: int = MAX_TOKENS, name: str = "texts") -> Any:
+        """Token ids and attention mask ``int64 [B, T]`` (T: the longest text, at most
+        ``max_tokens``), checked and truncated (with a warning) as :func:`tokenize` does."""
+        import numpy as np
+
+        for t in texts:
+            if not isinstance(t, str):
+                raise InputError(name, "strings", got=type(t).__name__)
+            if len(t) > MAX_CHARS:
+                raise InputError(name, f"text of at most {MAX_CHARS} characters", got=f"{len(t)} characters")
+        enc = [e.ids for e in self.tokenizer.encode_batch(list(texts))]
+        cut = sum(len(ids) > max_tokens for ids in enc)
+        if cut:
+            warnings.warn(f"{cut} of {len(enc)} {name} longer than {max_tokens} tokens were "
+                          f"truncated to {max_tokens} (the text encoder's limit)", stacklevel=3)
+        enc = [ids if len(ids) <= max_tokens else ids[:max_tokens - 1] + ids[-1:] for ids in enc]  # keep [SEP]
+        ids = np.full((len(enc), max(len(r) for r in enc)), self.pad_id, np.int64)
+        mask = np.zeros(ids.shape, np.int64)
+        for i, row in enumerate(enc):
+            ids[i, :len(row)], mask[i, :len(row)] = row, 1
+        return Tokens(ids, mask, [False] * len(enc))
+
+    def states(self, input_ids: Any, attention_mask: Any) -> Any:
+        """Token states ``float32 [B, T, D]``."""
+        return self.graph(input_ids=input_ids, attention_mask=attention_mask)[0]
+
+
 def mean_pool(hidden: Any, mask: Any) -> Any:
     """Sentence embedding: the attention-masked mean of token states (how all-MiniLM-L6-v2 pools)."""
     m = mask.unsqueeze(-1).to(hidden.dtype)

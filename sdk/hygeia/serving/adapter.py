@@ -176,8 +176,10 @@ class TritonPythonModel:
         ident = runner.identity
         want = (self.params.get("hygeia_version"), self.params.get("hygeia_weights_sha256") or None)
         if (ident.version, ident.weights_sha256) != want:
-            raise RuntimeError(f"model {self.model_name}: its frozen folder holds version {ident.version} weights "
-                               f"{ident.weights_sha256}, its config describes {want[0]} {want[1]}; run `hygeia triton build`")
+            raise RuntimeError(
+                f"model {self.model_name} is stale: its config describes version {want[0]} weights {want[1]}, "
+                f"its frozen folder holds version {ident.version} weights {ident.weights_sha256}; "
+                "run `hygeia triton build` to refresh the repository")
         self._serve(runner)
         self.runtime = f", runtime onnx (frozen graphs, no torch: {self.params[FROZEN_PARAM]})"
         self.plugin = runner

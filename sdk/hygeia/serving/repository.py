@@ -279,10 +279,11 @@ def build_repository(repo: str | os.PathLike[str] = "triton_models", *, device: 
             instance = spec.factory() if own is None else reg.create_from_bundle(spec.kind, spec.name, own)
             plan = plan_model(spec, instance, _entry_point_of(reg, spec), device=device,
                               bundle=None if own is None else BUNDLE_DIR)
+            frozen, fresh = freeze_params(instance, repo_p / model, runtime, device)
+            plan.params.update(frozen)
             if spec.kind in ("diagnoser", "generator"):
-                frozen, fresh = freeze_params(instance, repo_p / model, runtime, device)
                 prev = config_params(repo_p / model / "config.pbtxt")
-                plan.params.update(runtime_params(instance, plan.params, runtime, device, prev), **frozen)
+                plan.params.update(runtime_params(instance, plan.params, runtime, device, prev))
             config = render_config(plan, device=device, instances=instances, queue_delay_us=queue_delay_us)
             keep = fresh is None and FROZEN_PARAM in plan.params
             (result.written if _write_model(repo_p, model, config, own, fresh, keep) else result.unchanged).append(model)
