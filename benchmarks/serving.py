@@ -14,8 +14,9 @@ also given to every Triton stub and to the PyTriton process):
   instances as Hygeia's model has), called with a raw tritonclient gRPC request;
 - (c) ``hygeia``: Hygeia's Triton repository as `hygeia triton build` writes it (the runtime it
   measured and recorded, e.g. ONNX Runtime), called through ``RemoteDiagnoser``;
-- (d) ``compiled``: the same compiled network in-process (:func:`hygeia.compiled.compile_plugin`
-  with the runtime (c) recorded), the limit on this machine.
+- (d) ``compiled``: what (c) runs, in-process: the frozen runner (:mod:`hygeia.frozen`) when the
+  model is frozen, else the compiled network (:func:`hygeia.compiled.compile_plugin` with the
+  runtime (c) recorded); the limit on this machine.
 
 Printed: p50 and p99 at batch 1 and concurrency 1; throughput at c = 1, 2, 4, 8 with batch-1
 requests; every figure also as a ratio to (a) (latency: to (a)'s p50; throughput: to (a)'s best
@@ -154,8 +155,14 @@ def bench_diagnoser(name: str, args: argparse.Namespace, tmp: Path, console: Any
                   f"{params.get('hygeia_runtime_reason') or ''} (measured ms at batch 1, 32: {params['hygeia_runtime_ms']})",
                   highlight=False)
     eager = hygeia.create("diagnoser", name)
-    fast = hygeia.create("diagnoser", name)
-    compile_plugin(fast, runtime)
+    if params.get("hygeia_frozen"):  # (c) serves the frozen runner: (d) is that runner in-process
+        from hygeia.frozen import load
+
+        fast = load(tmp / name / model / "1" / "frozen")
+        runtime = f"{runtime}, frozen ({params['hygeia_frozen']})"
+    else:
+        fast = hygeia.create("diagnoser", name)
+        compile_plugin(fast, runtime)
     h, w = eager.input_size
     shape = (1, h, w)
     img = np.random.default_rng(1).random((1, *shape), dtype=np.float32)

@@ -63,9 +63,12 @@ class FrozenCnn:
         probs = np.zeros((len(x), len(self.findings)), np.float32)
         maps = np.zeros((len(x), len(self.findings), *self.input_size), np.float32) if want else None
         for i in range(0, len(x), self.batch_size):
-            p, acti = self.features(images=np.ascontiguousarray(x[i:i + self.batch_size]))
+            xb = np.ascontiguousarray(x[i:i + self.batch_size])
+            if maps is None:  # the activations stay inside the graph
+                probs[i:i + len(xb)] = self.features.run(["probabilities"], images=xb)[0]
+                continue
+            p, acti = self.features(images=xb)
             probs[i:i + len(p)] = p
-            if maps is not None:
-                where = p >= self.thresholds[None, :] if want == "present" else np.ones(p.shape, bool)
-                maps[i:i + len(p)] = self._maps(acti, where)
+            where = p >= self.thresholds[None, :] if want == "present" else np.ones(p.shape, bool)
+            maps[i:i + len(p)] = self._maps(acti, where)
         return diagnoses(probs, maps, want, self, self.identity)

@@ -56,7 +56,8 @@ def threads() -> int:
 
 class OnnxGraph:
     """A saved ONNX graph on ONNX Runtime's CPU provider; ``graph(name=array, ...)`` returns its
-    outputs in order. Inputs the exporter dropped (unused by the graph) are ignored."""
+    outputs in order (``graph.run(["name"], name=array)``: only those). Inputs the exporter dropped
+    (unused by the graph) are ignored."""
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         import onnxruntime as ort
@@ -71,7 +72,11 @@ class OnnxGraph:
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, **arrays: np.ndarray) -> list[np.ndarray]:
-        return list(self.session.run(None, {k: v for k, v in arrays.items() if k in self.inputs}))
+        return self.run(None, **arrays)
+
+    def run(self, outputs: Sequence[str] | None, **arrays: np.ndarray) -> list[np.ndarray]:
+        return list(self.session.run(None if outputs is None else list(outputs),
+                                     {k: v for k, v in arrays.items() if k in self.inputs}))
 
 
 def export_onnx(module: Any, args: tuple[Any, ...], path: str | os.PathLike[str], inputs: Sequence[str],
