@@ -151,27 +151,14 @@ class TritonPythonModel:
 
     def _build_frozen(self) -> bool:
         """Serve the runner of the model's frozen folder (:mod:`hygeia.frozen`: no torch) when its
-        config names one; False (and the reason kept for the log line) to build the plugin instead."""
-        from .runtime import FROZEN_DIR, FROZEN_PARAM
+        config names one; False (the reason kept for the log line) to build the plugin instead."""
+        from .runtime import FROZEN_PARAM, frozen_runner
 
         if not self.params.get(FROZEN_PARAM):
             return False
-        folder = os.path.join(self.model_dir, self.version, FROZEN_DIR)
-        forced = os.environ.get("HYGEIA_RUNTIME", "")
-        why = ("HYGEIA_FROZEN=0" if os.environ.get("HYGEIA_FROZEN", "1") == "0" else
-               f"HYGEIA_RUNTIME={forced}" if forced not in ("", "onnx") else
-               "not on a CPU instance" if self.device != "cpu" else
-               "no frozen folder (run `hygeia triton build`)" if not os.path.isdir(folder) else "")
-        if why:
+        runner, why = frozen_runner(self.params, os.path.join(self.model_dir, self.version), self.device)
+        if runner is None:
             self.runtime = f"; frozen graphs not used: {why}"
-            return False
-        from ..errors import BundleError
-        from ..frozen import load
-
-        try:
-            runner = load(folder)
-        except BundleError as exc:  # e.g. a runner renamed since the build: the plugin can still serve
-            self.runtime = f"; frozen graphs not used: {exc}"
             return False
         ident = runner.identity
         want = (self.params.get("hygeia_version"), self.params.get("hygeia_weights_sha256") or None)

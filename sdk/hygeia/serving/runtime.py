@@ -100,6 +100,28 @@ def freeze_params(instance: Any, model_dir: Path, runtime: str = "auto", device:
     return {FROZEN_PARAM: runner}, scratch / FROZEN_DIR
 
 
+def frozen_runner(params: dict[str, str], version_dir: str, device: str) -> tuple[Any, str]:
+    """``(runner, "")`` from ``version_dir/frozen``, or ``(None, why not)``: ``HYGEIA_FROZEN=0``,
+    ``HYGEIA_RUNTIME`` set to another runtime, a GPU instance, no folder, or a runner that cannot be
+    loaded (e.g. renamed since the build); the stub then builds the plugin."""
+    import os
+
+    from ..errors import BundleError
+    from ..frozen import load
+
+    folder, forced = os.path.join(version_dir, FROZEN_DIR), os.environ.get("HYGEIA_RUNTIME", "")
+    why = ("HYGEIA_FROZEN=0" if os.environ.get("HYGEIA_FROZEN", "1") == "0" else
+           f"HYGEIA_RUNTIME={forced}" if forced not in ("", "onnx") else
+           "not on a CPU instance" if device != "cpu" else
+           "no frozen folder (run `hygeia triton build`)" if not os.path.isdir(folder) else "")
+    if why:
+        return None, why
+    try:
+        return load(folder), ""
+    except BundleError as exc:
+        return None, str(exc)
+
+
 def _importable(module: str) -> bool:
     import importlib.util
 
