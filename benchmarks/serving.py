@@ -41,7 +41,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,8 +50,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from serving_peers import (PERF_ANALYZER_WHEEL, clinical_text, install_perf_analyzer, perf_analyzer_run, raw_client,
-                           start_pytriton)
+from serving_peers import (PEER_SHM, PERF_ANALYZER_WHEEL, clinical_text, install_perf_analyzer, perf_analyzer_run,
+                           raw_client, start_pytriton, stop_pytriton)
 
 WAYS = ("eager", "pytriton", "hygeia", "compiled")
 
@@ -171,6 +170,9 @@ def bench_diagnoser(name: str, args: argparse.Namespace, tmp: Path, console: Any
     cfg = (tmp / name / model / "config.pbtxt").read_text()
     instances = int(cfg.split("count: ")[1].split()[0])
     max_batch = int(cfg.split("max_batch_size: ")[1].split()[0])
+    from hygeia.serving.binary import shm_regions
+
+    shm_before = shm_regions(prefixes=PEER_SHM)
     proc, url_b = start_pytriton(name, instances, max_batch, args.threads, tmp, text=line is not None)
     out: dict[str, Any] = {"runtime": runtime, "runtime_ms": json.loads(params["hygeia_runtime_ms"] or "{}"),
                            "runtime_reason": params.get("hygeia_runtime_reason", ""), "instances": instances}
@@ -192,11 +194,7 @@ def bench_diagnoser(name: str, args: argparse.Namespace, tmp: Path, console: Any
             if args.perf_analyzer:
                 out["perf_analyzer"] = perf_analyzer_run(srv.grpc_url, model, shape, args, tmp)
     finally:
-        proc.stdin.close()  # type: ignore[union-attr]
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_pytriton(proc, shm_before)
     return out
 
 

@@ -101,7 +101,8 @@ def _start_pytriton_once(name: str, instances: int, max_batch: int, threads: int
     with log.open("wb") as out:
         proc = subprocess.Popen([sys.executable, __file__, "--pytriton-child", name, str(instances), str(max_batch),
                                  "1" if text else "0", str(port_file)],
-                                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=env)
+                                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)  # its own process group: stop_pytriton ends every stub
     deadline = time.monotonic() + 300
     while not port_file.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
@@ -110,6 +111,31 @@ def _start_pytriton_once(name: str, instances: int, max_batch: int, threads: int
             raise RuntimeError(f"the PyTriton server was not ready (exit code {proc.wait()}); {log}: {' | '.join(tail)}")
         time.sleep(0.2)
     return proc, f"127.0.0.1:{port_file.read_text()}"
+
+
+PEER_SHM = ("pytrtion", "triton_python_backend_shm_region_")
+"""Shared-memory region names of PyTriton's server (its own prefix) and of the Python backend."""
+
+
+def stop_pytriton(proc: subprocess.Popen[bytes], shm_before: set[str]) -> None:
+    """Ask the PyTriton child to stop (stdin closed), then end what is left of its process group
+    (PyTriton's Python-backend stubs could outlive it as orphans) and remove the shared-memory
+    regions it left (``shm_before``: the regions there before it started)."""
+    import signal
+
+    from hygeia.serving.binary import remove_stale_regions
+
+    proc.stdin.close()  # type: ignore[union-attr]
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    remove_stale_regions(shm_before, pgid=proc.pid, prefixes=PEER_SHM)
 
 
 def raw_client(url: str, text: str | None = None) -> Callable[[np.ndarray], Any]:

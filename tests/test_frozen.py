@@ -169,3 +169,21 @@ def test_conditioner_runners_encode_as_the_plugins(name, conditions, bad, tmp_pa
     with pytest.raises(InputError) as ours:
         runner.encode(bad)
     assert str(ours.value) == str(theirs.value)
+
+
+def test_the_stub_falls_back_to_the_plugin_and_says_why(folder, monkeypatch) -> None:
+    from hygeia.serving.runtime import frozen_runner
+
+    version_dir = str(folder.parent)  # the fixture's folder is named "fusion": link it as 1/frozen
+    (folder.parent / "1").mkdir(exist_ok=True)
+    link = folder.parent / "1" / "frozen"
+    if not link.exists():
+        link.symlink_to(folder, target_is_directory=True)
+    runner, why = frozen_runner(str(folder.parent / "1"), "cpu")
+    assert why == "" and runner.identity.name == "fusion"
+    assert frozen_runner(str(folder.parent / "1"), "cuda:0") == (None, "not on a CPU instance")
+    assert frozen_runner(version_dir, "cpu")[1] == "no frozen folder (run `hygeia triton build`)"
+    monkeypatch.setenv("HYGEIA_RUNTIME", "eager")
+    assert frozen_runner(str(folder.parent / "1"), "cpu") == (None, "HYGEIA_RUNTIME=eager")
+    monkeypatch.setenv("HYGEIA_FROZEN", "0")
+    assert frozen_runner(str(folder.parent / "1"), "cpu") == (None, "HYGEIA_FROZEN=0")

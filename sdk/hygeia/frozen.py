@@ -13,12 +13,14 @@ The protocol, on the plugin instance (optional; without it the plugin is served 
 - ``freeze(folder: pathlib.Path) -> str``: write the files into ``folder`` (empty, created) and
   return the runner as ``"module:Class"``. ``Class(folder)`` must not import torch and must offer
   what the plugin offers to the server: ``identity``, ``diagnose(images, texts, heatmaps)``,
-  ``findings``, ``input_size`` and ``heatmap_modes`` where the plugin has them.
+  ``findings``, ``input_size`` and ``heatmap_modes`` where the plugin has them (a diagnoser), or
+  ``encode(conditions)`` and ``condition_kinds`` (a conditioner). Generators are not frozen.
 
 :func:`freeze` calls it, records the runner and the plugin's identity in ``frozen.json`` and
 then checks the runner against the plugin (:func:`check_diagnoser`: probabilities and heat maps
-within :data:`TOLERANCE`, the same findings present, the same regions); a runner that disagrees
-is discarded and the model is served by the plugin, with the reason logged in one line.
+within :data:`TOLERANCE`, the same findings present, the same regions; :func:`check_conditioner`:
+the vectors of probe conditions within :data:`TOLERANCE`); a runner that disagrees is discarded
+and the model is served by the plugin, with the reason logged in one line.
 :func:`load` constructs the runner from a frozen folder. :class:`OnnxGraph` (a saved graph, torch
 free) and :func:`export_onnx` (torch, build time only) are the two halves a runner is made of.
 """
@@ -105,6 +107,8 @@ def freeze(plugin: Any, folder: str | os.PathLike[str]) -> str:
     if not callable(fn):
         raise ValueError("the plugin has no freeze() method")
     ident = plugin.identity
+    if ident.kind not in ("diagnoser", "conditioner"):
+        raise ValueError(f"{ident.kind}s are served as plugins (only diagnosers and conditioners are checked frozen)")
     with atomic_dir(folder) as tmp:
         try:
             runner = str(fn(tmp))
@@ -113,10 +117,12 @@ def freeze(plugin: Any, folder: str | os.PathLike[str]) -> str:
         (tmp / MANIFEST).write_text(json.dumps({
             "runner": runner, "identity": {"name": ident.name, "version": ident.version, "kind": ident.kind,
                                            "weights_sha256": ident.weights_sha256}}, indent=1))
-        if ident.kind == "diagnoser":
-            check_diagnoser(plugin, load(tmp))
-        elif ident.kind == "conditioner":
-            check_conditioner(plugin, load(tmp))
+        try:
+            (check_diagnoser if ident.kind == "diagnoser" else check_conditioner)(plugin, load(tmp))
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a runner that fails on the probes is not served
+            raise ValueError(f"the runner fails: {' '.join(f'{type(exc).__name__}: {exc}'.split())[:300]}") from None
     return runner
 
 

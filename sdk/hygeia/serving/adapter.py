@@ -156,7 +156,7 @@ class TritonPythonModel:
 
         if not self.params.get(FROZEN_PARAM):
             return False
-        runner, why = frozen_runner(self.params, os.path.join(self.model_dir, self.version), self.device)
+        runner, why = frozen_runner(os.path.join(self.model_dir, self.version), self.device)
         if runner is None:
             self.runtime = f"; frozen graphs not used: {why}"
             return False

@@ -135,10 +135,11 @@ def server_env(threads: int | None = None) -> dict[str, str]:
 SHM_PREFIX = "triton_python_backend_shm_region_"  # the Python backend's regions in /dev/shm
 
 
-def shm_regions(folder: str = "/dev/shm") -> set[str]:
-    """Names of the Python backend's shared-memory regions present now."""
+def shm_regions(folder: str = "/dev/shm", prefixes: tuple[str, ...] = (SHM_PREFIX,)) -> set[str]:
+    """Names of the Python backend's shared-memory regions present now (``prefixes``: other
+    servers' names too, e.g. PyTriton's ``"pytrtion"``)."""
     try:
-        return {f for f in os.listdir(folder) if f.startswith(SHM_PREFIX)}
+        return {f for f in os.listdir(folder) if f.startswith(prefixes)}
     except OSError:
         return set()
 
@@ -175,7 +176,8 @@ def _group_alive(pgid: int) -> bool:
 
 
 def remove_stale_regions(before: set[str], folder: str = "/dev/shm", min_age_s: float = 0.5,
-                         pgid: int | None = None, wait_s: float = 3.0) -> list[str]:
+                         pgid: int | None = None, wait_s: float = 3.0,
+                         prefixes: tuple[str, ...] = (SHM_PREFIX,)) -> list[str]:
     """Unlink the regions that appeared since ``before`` and that no live process maps (unchanged
     for ``min_age_s``: a server starting beside this one maps a region as soon as it creates it,
     and this guards that moment). A tritonserver that
@@ -189,7 +191,7 @@ def remove_stale_regions(before: set[str], folder: str = "/dev/shm", min_age_s: 
     while pgid is not None and time.monotonic() < deadline and _group_alive(pgid):
         time.sleep(0.05)  # SIGKILLed stubs let go of their regions as they exit
     gone = pgid is not None and not _group_alive(pgid)
-    new = shm_regions(folder) - before
+    new = shm_regions(folder, prefixes) - before
     if not new:
         return []
     removed, now = [], time.time()  # with the group gone, its regions were last touched before now

@@ -100,7 +100,7 @@ def freeze_params(instance: Any, model_dir: Path, runtime: str = "auto", device:
     return {FROZEN_PARAM: runner}, scratch / FROZEN_DIR
 
 
-def frozen_runner(params: dict[str, str], version_dir: str, device: str) -> tuple[Any, str]:
+def frozen_runner(version_dir: str, device: str) -> tuple[Any, str]:
     """``(runner, "")`` from ``version_dir/frozen``, or ``(None, why not)``: ``HYGEIA_FROZEN=0``,
     ``HYGEIA_RUNTIME`` set to another runtime, a GPU instance, no folder, or a runner that cannot be
     loaded (e.g. renamed since the build); the stub then builds the plugin."""
