@@ -114,8 +114,12 @@ def test_build_freezes_once_and_keeps_the_folder(tmp_path) -> None:
     stamp = manifest.stat().st_mtime_ns
     again = build_repository(tmp_path, names=["fusion"], runtime="onnx")
     assert again.unchanged == ["diagnoser_fusion"] and manifest.stat().st_mtime_ns == stamp
+    from hygeia.serving.cli import _served_as
+
+    assert _served_as(tmp_path / "diagnoser_fusion") == "frozen (no torch)"  # what `hygeia triton build` prints
     eager = build_repository(tmp_path, names=["fusion"], runtime="eager")  # eager asked for: served as the plugin
     assert eager.written == ["diagnoser_fusion"] and not manifest.exists()
+    assert _served_as(tmp_path / "diagnoser_fusion") == "plugin (eager)"
     assert "hygeia_frozen" not in config_params(tmp_path / "diagnoser_fusion" / "config.pbtxt")
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch folders left
 

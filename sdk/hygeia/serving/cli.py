@@ -38,11 +38,11 @@ def _build(repo: Path, device: str, instances: int | None, queue_delay_us: int, 
                                queue_delay_us=queue_delay_us, names=plugins or None, runtime=runtime,
                                bundles=bundles)
     if not quiet:
-        t = Table("model", "status", title=f"Triton repository {repo.resolve()}")
+        t = Table("model", "status", "served as", title=f"Triton repository {repo.resolve()}")
         for m in res.written:
-            t.add_row(m, "[green]written[/]")
+            t.add_row(m, "[green]written[/]", _served_as(repo / m))
         for m in res.unchanged:
-            t.add_row(m, "unchanged")
+            t.add_row(m, "unchanged", _served_as(repo / m))
         for m in res.removed:
             t.add_row(m, "[yellow]removed (plugin no longer installed)[/]")
         for m, e in res.failed.items():
@@ -52,6 +52,16 @@ def _build(repo: Path, device: str, instances: int | None, queue_delay_us: int, 
         for m, e in res.failed.items():
             err.print(f"[red]warning:[/] {m} left out: {e}", highlight=False)
     return res
+
+
+def _served_as(model_dir: Path) -> str:
+    """How the stub will run the model: frozen (no torch) or the plugin (with its runtime)."""
+    from .runtime import FROZEN_PARAM, config_params
+
+    p = config_params(model_dir / "config.pbtxt")
+    if p.get(FROZEN_PARAM):
+        return "frozen (no torch)"
+    return f"plugin ({p['hygeia_runtime']})" if p.get("hygeia_runtime") else "plugin"
 
 
 def _check(server: str, timeout: float) -> None:
