@@ -13,6 +13,7 @@ architecture it does not cover (the plugin is then served unfrozen); the parity 
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -109,7 +110,7 @@ def _covered(net: nn.Module) -> str:
 
 def freeze(plugin: Any, folder: Path) -> str:
     """Write ``plugin``'s frozen files into ``folder``; returns the runner's import path."""
-    net = plugin.net.cpu().eval()
+    net = copy.deepcopy(plugin.net).cpu().eval()  # the plugin itself stays on its device
     why = _covered(net)
     if why:
         raise ValueError(f"cannot write out the heat maps' gradient: {why}")

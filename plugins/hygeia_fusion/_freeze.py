@@ -10,6 +10,7 @@ upsampled bilinearly and min-max scaled), the encoder's ``tokenizer.json`` and `
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,7 @@ class _Served(nn.Module):
 def freeze(plugin: Any, folder: Path) -> str:
     """Write ``plugin``'s frozen files into ``folder``; returns the runner's import path."""
     h, w = plugin.input_size
-    served = _Served(plugin.net.cpu().eval(), (h, w))
+    served = _Served(copy.deepcopy(plugin.net).cpu().eval(), (h, w))  # the plugin itself stays on its device
     x = torch.rand(2, 1, h, w)
     out = ["probabilities", "heatmaps"]
     dyn = {"images": {0: "batch"}, "probabilities": {0: "batch"}, "heatmaps": {0: "batch"}}
