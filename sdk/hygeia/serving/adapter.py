@@ -135,19 +135,20 @@ class TritonPythonModel:
         if p.get("hygeia_bundle"):  # `hygeia triton build --bundle NAME=PATH`: the copy beside the config
             opts["bundle"] = os.path.join(self.model_dir, p["hygeia_bundle"])
         plugin = spec.factory(**opts)
-        ident = plugin.identity
-        want = (p.get("hygeia_version"), p.get("hygeia_weights_sha256") or None)
+        self._check_identity(plugin.identity, "the installed plugin is")
+        self._serve(plugin)
+        if self.kind in ("diagnoser", "generator"):
+            self.runtime = self._compile(plugin) + self.runtime
+        self.plugin = plugin
+
+    def _check_identity(self, ident: Any, holder: str) -> None:
+        """RuntimeError (the model is stale) unless ``ident`` is the version and weights the config describes."""
+        want = (self.params.get("hygeia_version"), self.params.get("hygeia_weights_sha256") or None)
         if (ident.version, ident.weights_sha256) != want:
             raise RuntimeError(
                 f"model {self.model_name} is stale: its config describes version {want[0]} weights "
-                f"{want[1]}, the installed plugin is version {ident.version} weights {ident.weights_sha256}; "
+                f"{want[1]}, {holder} version {ident.version} weights {ident.weights_sha256}; "
                 "run `hygeia triton build` to refresh the repository")
-        self._serve(plugin)
-        if self.kind == "diagnoser":
-            self.runtime = self._compile(plugin) + self.runtime
-        if self.kind == "generator":
-            self.runtime = self._compile(plugin) + self.runtime
-        self.plugin = plugin
 
     def _build_frozen(self) -> bool:
         """Serve the runner of the model's frozen folder (:mod:`hygeia.frozen`: no torch) when its
@@ -160,13 +161,7 @@ class TritonPythonModel:
         if runner is None:
             self.runtime = f"; frozen graphs not used: {why}"
             return False
-        ident = runner.identity
-        want = (self.params.get("hygeia_version"), self.params.get("hygeia_weights_sha256") or None)
-        if (ident.version, ident.weights_sha256) != want:
-            raise RuntimeError(
-                f"model {self.model_name} is stale: its config describes version {want[0]} weights {want[1]}, "
-                f"its frozen folder holds version {ident.version} weights {ident.weights_sha256}; "
-                "run `hygeia triton build` to refresh the repository")
+        self._check_identity(runner.identity, "its frozen folder holds")
         self._serve(runner)
         self.runtime = f", runtime onnx (frozen graphs, no torch: {self.params[FROZEN_PARAM]})"
         self.plugin = runner
