@@ -126,7 +126,6 @@ def freeze(plugin: Any, folder: Path) -> str:
                 {"activations": {0: "rows"}, "classes": {0: "rows"}, "heatmaps": {0: "rows"}})
     (folder / "cnn.json").write_text(json.dumps({
         "config": plugin.config, "findings": list(plugin.findings), "input_size": [h, w],
-        "thresholds": plugin.thresholds.tolist(), "heatmaps": plugin.heatmaps, "batch_size": plugin.batch_size,
-        "identity": {"name": plugin.identity.name, "version": plugin.identity.version,
-                     "weights_sha256": plugin.identity.weights_sha256}}, indent=1))
+        "thresholds": plugin.thresholds.tolist(), "heatmaps": plugin.heatmaps, "batch_size": plugin.batch_size},
+        indent=1))
     return RUNNER

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from hygeia.api import Diagnosis, ModelIdentity
-from hygeia.frozen import OnnxGraph
+from hygeia.api import Diagnosis
+from hygeia.frozen import OnnxGraph, model_identity
 from hygeia.validation import check_heatmaps, check_images, check_texts
 from hygeia.vocab import bundle_codes
 
@@ -38,8 +38,7 @@ class FrozenCnn:
         self.thresholds = np.asarray(cfg["thresholds"], np.float64)
         self.codes = bundle_codes(cfg["config"], self.findings)
         self.heatmaps, self.batch_size = bool(cfg["heatmaps"]), int(cfg["batch_size"])
-        ident = cfg["identity"]
-        self.identity = ModelIdentity(ident["name"], ident["version"], "diagnoser", ident["weights_sha256"])
+        self.identity = model_identity(folder)  # recorded by hygeia.frozen.freeze
         self.features = OnnxGraph(folder / "features.onnx")
         self.cams = OnnxGraph(folder / "cams.onnx")
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from hygeia.api import ModelIdentity
 from hygeia.errors import InputError
+from hygeia.frozen import model_identity
 from hygeia.text import FrozenEncoder
 from hygeia.validation import check_condition
 from hygeia.vocab import finding
@@ -29,11 +29,9 @@ def _check_batch(conditions: Any, expected: str, also_reject: tuple[type, ...] =
         raise InputError("conditions", expected, got=repr(conditions)[:100])
 
 
-def _read(folder: str | Path) -> tuple[Path, dict[str, Any], ModelIdentity]:
+def _read(folder: str | Path) -> tuple[Path, dict[str, Any]]:
     folder = Path(folder)
-    cfg = json.loads((folder / "conditioner.json").read_text())
-    ident = cfg["identity"]
-    return folder, cfg, ModelIdentity(ident["name"], ident["version"], "conditioner", ident["weights_sha256"])
+    return folder, json.loads((folder / "conditioner.json").read_text())
 
 
 class FrozenLabel:
@@ -44,7 +42,8 @@ class FrozenLabel:
     def __init__(self, folder: str | Path) -> None:
         from safetensors.numpy import load_file
 
-        folder, cfg, self.identity = _read(folder)
+        folder, cfg = _read(folder)
+        self.identity = model_identity(folder)
         self.labels: tuple[str, ...] = tuple(cfg["labels"])
         self.table = load_file(str(folder / "table.safetensors"))["embedding"]
         self.dim = int(self.table.shape[1])
@@ -62,7 +61,8 @@ class FrozenText:
     condition_kinds = frozenset({"text", "label"})
 
     def __init__(self, folder: str | Path) -> None:
-        folder, cfg, self.identity = _read(folder)
+        folder, cfg = _read(folder)
+        self.identity = model_identity(folder)
         self.encoder = FrozenEncoder(folder, int(cfg["pad_id"]))
         self.dim = int(cfg["text_dim"])
 
@@ -79,11 +79,7 @@ class FrozenText:
         out = np.zeros((len(texts), self.dim), np.float32)
         rows = [i for i, t in enumerate(texts) if t]
         if rows:
-            tok = self.encoder.tokens([texts[i] for i in rows], name="conditions")
-            hidden = self.encoder.states(tok.input_ids, tok.attention_mask)
-            m = tok.attention_mask[..., None].astype(np.float32)
-            pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
-            out[rows] = pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+            out[rows] = self.encoder.sentence_vectors([texts[i] for i in rows], name="conditions")
         return out
 
 
@@ -94,7 +90,7 @@ class FrozenProperty:
     dim = PROPERTY_DIM
 
     def __init__(self, folder: str | Path) -> None:
-        _, _, self.identity = _read(folder)
+        self.identity = model_identity(folder)
 
     def encode(self, conditions: Sequence[Any]) -> np.ndarray:
         _check_batch(conditions, "a non-empty list of property dicts", also_reject=(str, Mapping))

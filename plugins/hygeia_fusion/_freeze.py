@@ -6,7 +6,7 @@ Writes the graphs :class:`~hygeia_fusion._frozen.FrozenFusion` runs: the text en
 heat maps) and without (``fusion_image.onnx``), each ending in what
 :meth:`~hygeia_fusion.plugin.FusionDiagnoser.predict` does after the network (sigmoid; maps
 upsampled bilinearly and min-max scaled), the encoder's ``tokenizer.json`` and ``fusion.json``
-(findings, thresholds, codes, sizes, identity).
+(findings, thresholds, codes, sizes; the identity is in ``frozen.json``).
 """
 from __future__ import annotations
 
@@ -52,9 +52,7 @@ def freeze(plugin: Any, folder: Path) -> str:
     cfg: dict[str, Any] = {"config": plugin.config, "input_size": [h, w], "findings": list(plugin.findings),
                            "thresholds": plugin.thresholds.tolist(), "thresholds_no_text": plugin.thresholds_no_text.tolist(),
                            "max_tokens": plugin.max_tokens, "regions": plugin.regions, "use_text": plugin.use_text,
-                           "batch_size": plugin.batch_size,
-                           "identity": {"name": plugin.identity.name, "version": plugin.identity.version,
-                                        "weights_sha256": plugin.identity.weights_sha256}}
+                           "batch_size": plugin.batch_size}
     if plugin.use_text:
         dim = plugin.net.text_proj[0].in_features
         states, mask = torch.rand(2, plugin.max_tokens, dim), torch.ones(2, plugin.max_tokens, dtype=torch.long)

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from hygeia.api import Diagnosis, ModelIdentity
-from hygeia.frozen import OnnxGraph
+from hygeia.api import Diagnosis
+from hygeia.frozen import OnnxGraph, model_identity
 from hygeia.text import FrozenEncoder
 from hygeia.validation import check_images, check_texts
 from hygeia.vocab import bundle_codes
@@ -41,8 +41,7 @@ class FrozenFusion:
         self.codes = bundle_codes(cfg["config"], self.findings)
         self.max_tokens, self.regions, self.use_text = int(cfg["max_tokens"]), cfg["regions"], bool(cfg["use_text"])
         self.batch_size = int(cfg["batch_size"])
-        ident = cfg["identity"]
-        self.identity = ModelIdentity(ident["name"], ident["version"], "diagnoser", ident["weights_sha256"])
+        self.identity = model_identity(folder)  # recorded by hygeia.frozen.freeze
         self.image_graph = OnnxGraph(folder / "fusion_image.onnx")
         if self.use_text:
             self.text_dim = int(cfg["text_dim"])

@@ -141,12 +141,24 @@ def load(folder: str | os.PathLike[str]) -> Any:
     return factory(folder)
 
 
-def identity(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """The identity a frozen folder records (None if it has none)."""
+def manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A frozen folder's ``frozen.json`` (its runner and the plugin's identity; None if unreadable)."""
     try:
-        return dict(json.loads((Path(folder) / MANIFEST).read_text())["identity"])
-    except (OSError, ValueError, KeyError, TypeError):
+        data = json.loads((Path(folder) / MANIFEST).read_text())
+        return data if isinstance(data, dict) and isinstance(data.get("identity"), dict) else None
+    except (OSError, ValueError):
         return None
+
+
+def model_identity(folder: str | os.PathLike[str]) -> Any:
+    """The :class:`~hygeia.api.ModelIdentity` a frozen folder records (what its runner reports)."""
+    from .api import ModelIdentity
+
+    data = manifest(folder)
+    if data is None:
+        raise BundleError(f"frozen model {folder}: no readable {MANIFEST}")
+    i = data["identity"]
+    return ModelIdentity(i["name"], i["version"], i["kind"], i["weights_sha256"])
 
 
 def probe_inputs(size: Sequence[int], channels: int = 1, n: int = 6, seed: int = 0) -> np.ndarray:

@@ -138,6 +138,17 @@ class FrozenEncoder:
         """Token states ``float32 [B, T, D]``."""
         return self.graph(input_ids=input_ids, attention_mask=attention_mask)[0]
 
+    def sentence_vectors(self, texts: Sequence[str], name: str = "texts") -> Any:
+        """L2-normalised sentence vectors ``float32 [B, D]``, pooled as :func:`sentence_vectors` does
+        (:func:`mean_pool`), in numpy."""
+        import numpy as np
+
+        tok = self.tokens(texts, name=name)
+        hidden = self.states(tok.input_ids, tok.attention_mask)
+        m = tok.attention_mask[..., None].astype(np.float32)
+        pooled = (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+        return pooled / np.maximum(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12)
+
 
 def mean_pool(hidden: Any, mask: Any) -> Any:
     """Sentence embedding: the attention-masked mean of token states (how all-MiniLM-L6-v2 pools)."""

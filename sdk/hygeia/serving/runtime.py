@@ -78,15 +78,15 @@ def freeze_params(instance: Any, model_dir: Path, runtime: str = "auto", device:
     frozen folder to move into the model, or None to keep ``model_dir/1/frozen`` (frozen earlier
     from the same plugin version and weights). ``({}, None)``: served as the plugin (no
     ``freeze()``, another runtime or device, or a runner that disagrees with the plugin: logged)."""
-    from ..frozen import MANIFEST, freeze, identity
+    from ..frozen import freeze, manifest
 
     if device != "cpu" or runtime not in ("auto", "onnx") or not callable(getattr(instance, "freeze", None)):
         return {}, None
     ident, current = instance.identity, model_dir / "1" / FROZEN_DIR
-    have = identity(current) or {}
-    if (have.get("name"), have.get("version"), have.get("weights_sha256")) == (ident.name, ident.version,
-                                                                              ident.weights_sha256):
-        runner = str(json.loads((current / MANIFEST).read_text())["runner"])
+    have = manifest(current) or {"identity": {}}
+    if (have["identity"].get("name"), have["identity"].get("version"), have["identity"].get("weights_sha256")) == (
+            ident.name, ident.version, ident.weights_sha256):
+        runner = str(have.get("runner", ""))
         if _importable(runner.partition(":")[0]):  # else: renamed since, freeze again
             return {FROZEN_PARAM: runner}, None
     model_dir.parent.mkdir(parents=True, exist_ok=True)
