@@ -15,7 +15,8 @@ from hygeia.plugins import get_registry
 from hygeia.testing import GeneratorContract
 
 pytest.importorskip("hygeia_gan")
-from hygeia_gan.plugin import MAX_N, WEIGHTS, GanGenerator  # noqa: E402
+from hygeia_gan._sampling import MAX_N  # noqa: E402
+from hygeia_gan.plugin import WEIGHTS, GanGenerator  # noqa: E402
 from hygeia_gan.train import train  # noqa: E402
 
 

@@ -23,12 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from hygeia.errors import InputError
-from hygeia.vocab import CONDITION_LABELS
 
-SIZE = 64
-"""Image side in pixels."""
-NULL_CLASS = len(CONDITION_LABELS)
-"""Class index of 'no condition': unconditional samples and the guidance baseline."""
+from ._sampling import NULL_CLASS, SIZE  # noqa: F401  (the network's classes and image side)
 
 UNET = dict(
     sample_size=16,

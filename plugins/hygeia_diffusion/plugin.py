@@ -29,53 +29,18 @@ import numpy as np
 import torch
 
 from hygeia import tensors
-from hygeia.api import GeneratedImage, ModelCard, ModelIdentity, PluginSpec
+from hygeia.api import ModelCard, ModelIdentity, PluginSpec
 from hygeia.bundles import CARD as CARD_FILE
 from hygeia.bundles import CONFIG as CONFIG_FILE
 from hygeia.bundles import WEIGHTS as WEIGHTS_FILE
 from hygeia.bundles import load_bundle, pick_device, sha256_file
 from hygeia.errors import BundleError, InputError
 from hygeia.outputs import atomic_dir
-from hygeia.text import MIN_LABEL_SIMILARITY, label_condition
-from hygeia.validation import check_guidance_scale, check_n, check_seed
-from hygeia.vocab import CHEST_FOV_MM as FOV_MM
 
-from .model import NULL_CLASS, SIZE, Space, denoise, make_scheduler
+from ._sampling import NAME, VERSION, Sampling, sampling_defaults
+from .model import Space, denoise, make_scheduler
 
-NAME, VERSION = "diffusion", "1.0.0"
 WEIGHTS = Path(__file__).parent / "weights" / NAME
-PIXEL_SPACING = (FOV_MM / SIZE, FOV_MM / SIZE)
-MAX_N = 1024
-"""Most images per ``generate`` call (the whole batch's noise and results are held in memory)."""
-MAX_STEPS = 1000
-MAX_GUIDANCE = 20.0
-DEFAULT_GUIDANCE = 5.0
-"""Guidance scale recorded as the bundle's sampling default (``hygeia evaluate generator``, shipped
-weights, plain guidance: 2 -> 0.678, 3.5 -> 0.814, 5 -> 0.841 conditional accuracy; with the negative
-condition ``normal``: 3 -> 0.856, 4 -> 0.890, 5 -> 0.916; see docs/plugins/diffusion.md)."""
-SAMPLERS = ("ddim", "dpm")
-NO_NEGATIVE = "none"
-"""``negative_condition`` value for plain classifier-free guidance (the null class as baseline)."""
-DEFAULT_NEGATIVE = "normal"
-"""Negative condition recorded as the sampling default of new bundles: each finding is guided away
-from a *normal* image instead of from the unconditional one (see :func:`hygeia_diffusion.model.denoise`)."""
-
-
-def negative_class(negative: Any, labels: tuple[str, ...], cls: int) -> int:
-    """The guidance baseline class of condition ``cls`` for the ``negative_condition`` option.
-
-    ``negative``: a label of ``labels`` or ``"none"``/``""`` (the null class: plain classifier-free
-    guidance); InputError otherwise. A condition is never guided away from itself (``normal`` with
-    the negative ``normal`` uses the null class).
-    """
-    if negative in ("", NO_NEGATIVE):
-        return NULL_CLASS
-    if not isinstance(negative, str) or negative not in labels:
-        raise InputError("negative_condition", f"one of {', '.join(labels)} or '{NO_NEGATIVE}'", got=repr(negative))
-    base = labels.index(negative)
-    return NULL_CLASS if base == cls else base
-
-
 COMPONENTS = ("unet", "scheduler", "vae")
 _WEIGHT_FILE = "diffusion_pytorch_model.safetensors"
 
@@ -148,7 +113,7 @@ def verify_bundle(path: Path, manifest: dict[str, torch.Tensor]) -> None:
 
 
 # --------------------------------------------------------------------------- plugin
-class DiffusionGenerator:
+class DiffusionGenerator(Sampling):
     """Class-conditional diffusion: ``generate(n, condition="effusion", seed=0, steps=50, guidance_scale=2)``.
 
     ``bundle``: another trained bundle than the shipped one; ``device``: ``"cpu"``, ``"cuda"`` or
@@ -157,11 +122,8 @@ class DiffusionGenerator:
     (a one-time compilation on the first call, then faster sampling: for long-lived servers).
     """
 
-    output = "image"
-    condition_kinds = frozenset({"none", "label", "text"})
-    max_n = MAX_N
-    min_text_similarity = MIN_LABEL_SIMILARITY
-    """A free-text condition whose best cosine similarity to every label's phrases is below this is rejected."""
+    freeze_probes = [{"sampler": "dpm", "steps": 8, "negative_condition": "none"}]
+    """Options :func:`hygeia.frozen.check_generator` also compares the frozen runner on."""
 
     def __init__(self, bundle: str | Path | None = None, device: str | None = None, dtype: str = "float32",
                  compile: bool = False) -> None:
@@ -191,10 +153,7 @@ class DiffusionGenerator:
                            float(self.config.get("latent_scaling", 1.0)))
         self.sample_shape = (self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
         self.labels: tuple[str, ...] = tuple(self.config["labels"])
-        defaults = self.config.get("sampling", {})
-        self.defaults = {"steps": int(defaults.get("steps", 50)), "guidance_scale": float(defaults.get("guidance_scale", 2.0)),
-                         "sampler": str(defaults.get("sampler", "ddim")),
-                         "negative_condition": str(defaults.get("negative_condition", NO_NEGATIVE))}
+        self.defaults = sampling_defaults(self.config)
 
     def export_module(self) -> tuple[torch.nn.Module, tuple[torch.Tensor, ...]] | None:
         """The UNet and how the sampler calls it (a noisy batch, int64 timesteps and class labels,
@@ -205,67 +164,6 @@ class DiffusionGenerator:
         if not isinstance(self.unet, UNet2DModel):
             return None
         return self.unet, (torch.zeros(1, *self.sample_shape), torch.full((1,), 500), torch.zeros(1, dtype=torch.long))
-
-    def generate(
-        self,
-        n: int,
-        condition: Any = None,
-        seed: int = 0,
-        progress: Callable[[int, int], Any] | None = None,
-        steps: int | None = None,
-        guidance_scale: float | None = None,
-        sampler: str | None = None,
-        batch_size: int = 64,
-        negative_condition: str | None = None,
-        **options: Any,
-    ) -> list[GeneratedImage]:
-        """``n`` images for ``condition`` (a finding label, or None), reproducible from ``seed``.
-
-        ``steps`` in [1, 1000] (default from the bundle: 25); ``guidance_scale`` in [0, 20]
-        (1: no guidance, 0: unconditional); ``sampler`` ``ddim`` or ``dpm``;
-        ``negative_condition``: the label guidance steers away from, or ``"none"`` for the
-        unconditional baseline (default from the bundle: ``normal``, so a finding is contrasted
-        with a normal image; ``normal`` itself always uses the unconditional baseline);
-        ``progress(done, total)`` is called after every denoising step of every batch
-        (``None``/``False``: none).
-        """
-        n = check_n(n, max_n=self.max_n)
-        seed = check_seed(seed)
-        if options:
-            raise InputError("generate options", "steps, guidance_scale, sampler, batch_size, negative_condition, progress",
-                             got=", ".join(sorted(options)))
-        kind, label, text_match = label_condition(condition, self.condition_kinds, self.labels, NAME,
-                                                  self.min_text_similarity)
-        steps, gs, sampler = self._sampling_options(steps, guidance_scale, sampler, batch_size)
-        cls = NULL_CLASS if label is None else self.labels.index(label)
-        negative = self.defaults["negative_condition"] if negative_condition is None else negative_condition
-        base = negative_class(negative, self.labels, cls)
-        if gs == 0:  # guidance 0 = the unconditional model
-            cls, gs = NULL_CLASS, 1.0
-        guided = gs != 1.0 and cls != NULL_CLASS
-        pixels = self._sample(n, seed, cls, base, steps, gs, sampler, batch_size, progress)
-        prov = {"generator": NAME, "version": VERSION, "weights_sha256": self.identity.weights_sha256,
-                "condition_kind": kind, "sampler": sampler, "steps": steps, "guidance_scale": float(gs),
-                "negative_condition": self.labels[base] if guided and base != NULL_CLASS else None,
-                "mode": self.config["mode"], **text_match}
-        return [GeneratedImage(np.ascontiguousarray(pixels[i]), PIXEL_SPACING, "DX", seed, label, self.identity,
-                               {**prov, "index": i}) for i in range(n)]
-
-    def _sampling_options(self, steps: Any, guidance_scale: Any, sampler: Any,
-                          batch_size: Any) -> tuple[int, float, str]:
-        """``(steps, guidance scale, sampler)`` with the bundle's defaults filled in; InputError for a
-        value out of range (``batch_size`` too)."""
-        steps = self.defaults["steps"] if steps is None else steps
-        if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_STEPS:
-            raise InputError("steps", f"an integer in [1, {MAX_STEPS}]", got=repr(steps))
-        gs = check_guidance_scale(self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale,
-                                  MAX_GUIDANCE)
-        sampler = self.defaults["sampler"] if sampler is None else sampler
-        if sampler not in SAMPLERS:
-            raise InputError("sampler", f"one of {', '.join(SAMPLERS)}", got=repr(sampler))
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError("batch_size", "a positive integer", got=repr(batch_size))
-        return int(steps), gs, sampler
 
     def _sample(self, n: int, seed: int, cls: int, base: int, steps: int, gs: float, sampler: str,
                 batch_size: int, progress: Callable[[int, int], Any] | None) -> np.ndarray:
@@ -284,13 +182,13 @@ class DiffusionGenerator:
             out.append(self.space.decode(x).cpu().numpy())
         return np.concatenate(out).astype(np.float32)
 
-    def label_for_text(self, text: str) -> tuple[str, float]:
-        """The label a free-text condition asks for, and its cosine similarity
-        (:func:`hygeia.text.label_for_text`: the closest label's phrases; rejected below
-        :attr:`min_text_similarity`; negation is not understood)."""
-        from hygeia.text import label_for_text
+    def freeze(self, folder: Path) -> str:
+        """Save this model's sampling for serving without torch (:mod:`hygeia.frozen`): the UNet and
+        the latent decoder as ONNX graphs, the text encoder for free-text conditions; returns the
+        runner, :class:`~hygeia_diffusion._frozen.FrozenDiffusion`."""
+        from ._freeze import freeze
 
-        return label_for_text(text, self.labels, NAME, self.min_text_similarity)
+        return freeze(self, Path(folder))
 
     def save(self, path: str | Path) -> str:
         """Copy this model's bundle to ``path`` (byte for byte, atomically); returns its SHA-256."""

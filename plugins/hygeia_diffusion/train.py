@@ -24,8 +24,8 @@ from hygeia.vocab import CONDITION_LABELS
 from hygeia_lab.phantoms import class_conditional_set
 
 from .model import NULL_CLASS, SCHEDULER, SIZE, UNET, Space, denoise, make_scheduler
-from .plugin import (DEFAULT_GUIDANCE, DEFAULT_NEGATIVE, MAX_GUIDANCE, NAME, PIXEL_SPACING, WEIGHTS,
-                     card_with_metrics, negative_class, verify_bundle, write_bundle)
+from ._sampling import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE, MAX_GUIDANCE, NAME, PIXEL_SPACING, negative_class
+from .plugin import WEIGHTS, card_with_metrics, verify_bundle, write_bundle
 
 
 def train(

@@ -37,7 +37,8 @@ from hygeia_lab.grids import write_grid
 from ._checkpoint import load_checkpoint, save_checkpoint
 from ._data import conditional_set, prompts
 from .model import UPSAMPLING, Generator
-from .plugin import CARD, DEFAULT_GUIDANCE, DEFAULT_NEGATIVE, MAX_GUIDANCE, NAME, VERSION, WEIGHTS
+from ._sampling import DEFAULT_GUIDANCE, DEFAULT_NEGATIVE, MAX_GUIDANCE, NAME, VERSION
+from .plugin import CARD, WEIGHTS
 
 SUPPORTED = ("label", "text")
 """Conditioners the trainer can condition through."""

@@ -10,9 +10,9 @@ from hygeia.api import ModelCard
 from hygeia.errors import InputError
 from hygeia.vocab import CHEST_FOV_MM as FOV_MM
 
-from .model import SIZE
-
 NAME, VERSION = "vae", "1.0.0"
+SIZE = 64
+"""Image side in pixels (64x64, one channel)."""
 WEIGHTS = Path(__file__).parent / "weights" / NAME
 PIXEL_SPACING = (FOV_MM / SIZE, FOV_MM / SIZE)
 MAX_N = 4096

@@ -22,26 +22,12 @@ from hygeia.vocab import CONDITION_LABELS
 
 
 def sample_prior(prior: dict[str, torch.Tensor], row: int, n: int, seed: int, temperature: float = 1.0) -> torch.Tensor:
-    """``n`` flat latents from prior ``row`` (noise drawn on CPU; row ``i`` of one ``randn`` call is
-    image ``i``'s): the principal-subspace Gaussian mixture when the prior has one (``gmm_*``
-    tensors), else the low-rank-plus-diagonal Gaussian. ``temperature`` scales the Gaussian noise
-    (for the mixture: within the chosen component)."""
-    g = torch.Generator().manual_seed(seed)
-    if "gmm_weights" in prior:
-        keys = ("mean", "basis", "gmm_weights", "gmm_means", "gmm_chol")
-        mean, basis, w, mus, chol = (prior[k][row] for k in keys)
-        # width a multiple of 16: torch's CPU normal sampler fills blocks of 16 values, so only then
-        # is row i the same whatever n is (image i independent of how many are drawn with it)
-        e = torch.randn(n, -(-(1 + basis.shape[1]) // 16) * 16, generator=g).to(mean.device)
-        u = 0.5 * (1 + torch.erf(e[:, 0] / math.sqrt(2)))  # the first draw, made uniform, picks the component
-        comp = torch.searchsorted(torch.cumsum(w, 0), u.contiguous()).clamp(max=w.shape[0] - 1)
-        y = mus[comp] + temperature * (chol[comp] @ e[:, 1:1 + basis.shape[1], None])[..., 0]
-        return mean + y @ basis.T
-    mean, comps, scales, resid = (prior[k][row] for k in ("mean", "components", "scales", "residual"))
-    k = scales.shape[0]
-    e = torch.randn(n, k + mean.shape[0], generator=g).to(mean.device)  # row i: image i's noise
-    e1, e2 = e[:, :k], e[:, k:]
-    return mean + temperature * ((e1 * scales) @ comps.T + e2 * resid)
+    """:func:`hygeia_vae._sampling.sample_prior` (numpy, what sampling uses) for a prior held as
+    tensors: ``n`` flat latents ``[n, D]`` on the prior's device."""
+    from ._sampling import sample_prior as draw
+
+    arrays = {k: v.detach().cpu().numpy() for k, v in prior.items()}
+    return torch.from_numpy(draw(arrays, row, n, seed, temperature)).to(prior["mean"].device)
 
 
 def fit_gmm_prior(latents: torch.Tensor, pcs: int, components: int, seed: int = 0) -> dict[str, torch.Tensor]:

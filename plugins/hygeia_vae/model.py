@@ -26,15 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from hygeia.vocab import CONDITION_LABELS
-
-SIZE = 64
-"""Image side in pixels (64x64, one channel)."""
-PRIORS: tuple[str, ...] = (*CONDITION_LABELS, "none")
-"""Rows of the prior tensors and of the flow's condition embedding: one per condition label, then
-the pooled (unconditional) prior."""
-NO_NEGATIVE = "none"
-"""The pooled prior's row name; as ``negative_condition``, guidance away from the pooled prior."""
+from ._bundle import SIZE
+from ._sampling import GRID, NO_NEGATIVE, PRIORS  # noqa: F401  (defined torch-free, for the frozen runner)
 
 AUTOENCODER = dict(
     in_channels=1,
@@ -52,8 +45,6 @@ AUTOENCODER = dict(
 
 LATENT = (4, 16, 16)
 """The vae latent the flow takes (unscaled latents are multiplied by the scaling factor first)."""
-GRID = (16, 8, 8)
-"""Shape of the flow's base noise per sample: the squeezed ``[4, 16, 16]`` latent."""
 
 
 def build_autoencoder(config: dict[str, Any] | None = None) -> Any:

@@ -25,36 +25,30 @@ Guidance (``guidance_scale`` s, ``negative_condition`` b, defaults from the bund
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from hygeia import tensors
-from hygeia.api import GeneratedImage, ModelIdentity, PluginSpec
+from hygeia.api import ModelIdentity, PluginSpec
 from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.compiled import method_module
-from hygeia.errors import InputError
-from hygeia.text import label_condition
-from hygeia.validation import check_guidance_scale, check_n, check_seed
-from hygeia.vocab import CONDITION_LABELS
 
-from ._bundle import CARD, MAX_GUIDANCE, MAX_N, NAME, PIXEL_SPACING, VERSION, WEIGHTS, check_temperature
-from ._prior import sample_prior
-from .model import GRID as FLOW_GRID
-from .model import NO_NEGATIVE, PRIORS, FlowPrior, build_autoencoder
+from ._bundle import CARD, NAME, VERSION, WEIGHTS
+from ._sampling import PRIORS, Sampling, sampling_defaults
+from .model import FlowPrior, build_autoencoder
 
 
-class ImageVAE:
+class ImageVAE(Sampling):
     """Label-conditional image VAE: ``generate(n, condition="effusion", seed=0)``.
 
     ``bundle``: another trained bundle than the shipped one; ``device``: ``"cpu"``, ``"cuda"``
     or None (CUDA when available).
     """
 
-    output = "image"
-    condition_kinds = frozenset({"none", "label", "text"})  # text: mapped to the closest label
-    max_n = MAX_N
+    freeze_probes = [{"guidance_scale": 1.0, "temperature": 0.8}, {"negative_condition": "none", "batch_size": 1}]
+    """Options :func:`hygeia.frozen.check_generator` also compares the frozen runner on."""
 
     def __init__(self, bundle: str | Path | None = None, device: str | None = None) -> None:
         b = load_bundle(bundle or WEIGHTS)
@@ -79,10 +73,9 @@ class ImageVAE:
             flow.load_state_dict({k[len("prior.flow."):]: v for k, v in b.tensors.items()
                                   if k.startswith("prior.flow.")})
             self.flow = flow.eval().requires_grad_(False).to(self.device)
-        sampling = self.config.get("sampling", {})  # no key: a bundle without sampling defaults, unguided
-        self.defaults = {"guidance_scale": float(sampling.get("guidance_scale", 1.0)),
-                         "negative_condition": str(sampling.get("negative_condition", NO_NEGATIVE)),
-                         "temperature": float(sampling.get("temperature", 1.0))}
+        self.defaults = sampling_defaults(self.config)
+        self.prior_arrays = {k: v.cpu().numpy() for k, v in self.prior.items()}
+        self.has_flow = self.flow is not None
 
     # -- latent space (used by the diffusion plugin's latent mode) ---------------------
     @property
@@ -106,90 +99,23 @@ class ImageVAE:
         size = int(self.autoencoder.config.sample_size) // 2 ** (len(self.autoencoder.config.block_out_channels) - 1)
         return self._decoder, torch.zeros(1, c, size, size)
 
-    # -- generation -------------------------------------------------------------------
-    def generate(
-        self,
-        n: int,
-        condition: Any = None,
-        seed: int = 0,
-        progress: Callable[[int, int], Any] | None = None,
-        temperature: float | None = None,
-        batch_size: int = 256,
-        guidance_scale: float | None = None,
-        negative_condition: str | None = None,
-        **options: Any,
-    ) -> list[GeneratedImage]:
-        """``n`` images for ``condition`` (a finding label, or None), reproducible from ``seed``.
-
-        ``temperature`` in (0, 2] scales the prior's noise (lower: closer to the label's mean
-        image, less diverse; default: the bundle's, else 1). ``guidance_scale`` in [0, 20] (1:
-        unguided) and ``negative_condition`` (a label or ``"none"``: the pooled prior) guide the
-        sample away from the negative (module docstring: flow-paired when the bundle has a guiding
-        flow, else a mean shift); default: the bundle's (shipped: 7 away from ``normal``,
-        flow-paired); the null condition and a condition equal to its negative are not guided.
-        ``progress(done, total)`` is called after each decoded batch.
-        """
-        n = check_n(n, max_n=self.max_n)
-        seed = check_seed(seed)
-        if options:
-            raise InputError("generate options", "temperature, batch_size, guidance_scale, negative_condition, "
-                             "progress", got=", ".join(sorted(options)))
-        kind, label, text_match = label_condition(condition, self.condition_kinds, CONDITION_LABELS, NAME)
-        temperature, scale, negative = self._sampling_options(temperature, batch_size, guidance_scale,
-                                                              negative_condition)
-        row, base = PRIORS.index(label or "none"), PRIORS.index(negative)
-        if row == base or label is None or scale == 1.0:  # nothing to guide
-            scale, negative = 1.0, None
-        z = self._draw(n, row, base, scale, seed, float(temperature))
-        out: list[np.ndarray] = []
-        for start in range(0, n, batch_size):
-            zb = z[start:start + batch_size].to(self.device)
-            if self.prior_kind == "flow":
-                zb = self._flow_latents(zb, row, base, scale)
-            elif scale != 1.0 and self.flow is not None:
-                zb = self._flow_guided(zb, row, base, scale)
-            out.append(self.decode(zb).float().cpu().numpy())
-            if callable(progress):  # progress=False/None: no callback
-                progress(min(start + batch_size, n), n)
-        pixels = np.concatenate(out).astype(np.float32)
-        prov = {"generator": NAME, "version": VERSION, "weights_sha256": self.identity.weights_sha256,
-                "condition_kind": kind, "temperature": float(temperature), "sampler": "label-conditional latent prior",
-                "guidance_scale": scale, "negative_condition": negative,
-                **text_match}
-        return [
-            GeneratedImage(np.ascontiguousarray(pixels[i]), PIXEL_SPACING, "DX", seed, label, self.identity,
-                           {**prov, "index": i})
-            for i in range(n)
-        ]
-
-    def _sampling_options(self, temperature: Any, batch_size: Any, guidance_scale: Any,
-                          negative_condition: Any) -> tuple[Any, float, str]:
-        """Checked ``(temperature, guidance scale, negative condition)``, the bundle's defaults filled in."""
-        if temperature is None:
-            temperature = self.defaults["temperature"]
-        check_temperature(temperature)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InputError("batch_size", "a positive integer", got=repr(batch_size))
-        scale = check_guidance_scale(self.defaults["guidance_scale"] if guidance_scale is None else guidance_scale,
-                                     MAX_GUIDANCE)
-        negative = self.defaults["negative_condition"] if negative_condition is None else negative_condition
-        if not isinstance(negative, str) or negative.strip().lower() not in (*CONDITION_LABELS, NO_NEGATIVE):
-            raise InputError("negative_condition", f"a label of {', '.join(CONDITION_LABELS)} or {NO_NEGATIVE!r}",
-                             got=repr(negative)[:200])
-        return temperature, scale, negative.strip().lower()
-
-    def _draw(self, n: int, row: int, base: int, scale: float, seed: int, temperature: float) -> torch.Tensor:
-        """The ``n`` draws, on the CPU: a flow prior's base noise (image i's is row i of one randn
-        call, mapped per batch in :meth:`generate`), else prior samples (mean-shifted when guided
-        without a flow), shaped as latents."""
+    # -- generation (``generate``: :class:`~hygeia_vae._sampling.Sampling`) ------------------
+    def _images(self, z: np.ndarray, row: int, base: int, scale: float) -> np.ndarray:
+        zb = torch.from_numpy(np.ascontiguousarray(z)).to(self.device)
         if self.prior_kind == "flow":
-            return temperature * torch.randn(n, *FLOW_GRID, generator=torch.Generator().manual_seed(seed))
-        z = sample_prior(self.prior, row, n, seed, temperature)
-        if scale != 1.0 and self.flow is None:  # mean-shift guidance
-            z = z + (scale - 1.0) * (self.prior["mean"][row] - self.prior["mean"][base])
-        return z.view(n, *self.latent_shape)
+            zb = self._flow_latents(zb, row, base, scale)
+        elif scale != 1.0 and self.flow is not None:
+            zb = self._flow_guided(zb, row, base, scale)
+        return self.decode(zb).float().cpu().numpy()
 
-    @torch.no_grad()
+    def freeze(self, folder: Path) -> str:
+        """Save this model's sampling for serving without torch (:mod:`hygeia.frozen`): the decoder
+        and the guiding flow as ONNX graphs, the priors, the text encoder for free-text conditions;
+        returns the runner, :class:`~hygeia_vae._frozen.FrozenVae`."""
+        from ._freeze import freeze
+
+        return freeze(self, Path(folder))
+
     def _flow_latents(self, u: torch.Tensor, row: int, base: int, scale: float) -> torch.Tensor:
         """Flow prior: base noise ``u`` -> latents of condition ``row``; guided (``scale`` != 1) as
         ``z_b + s (z_c - z_b)``, where ``z_b`` is the same noise mapped under the negative ``base``."""

@@ -14,12 +14,15 @@ The protocol, on the plugin instance (optional; without it the plugin is served 
   return the runner as ``"module:Class"``. ``Class(folder)`` must not import torch and must offer
   what the plugin offers to the server: ``identity``, ``diagnose(images, texts, heatmaps)``,
   ``findings``, ``input_size`` and ``heatmap_modes`` where the plugin has them (a diagnoser), or
-  ``encode(conditions)`` and ``condition_kinds`` (a conditioner). Generators are not frozen.
+  ``encode(conditions)`` and ``condition_kinds`` (a conditioner), ``generate(n, condition, seed,
+  progress, **options)``, ``output``, ``condition_kinds`` and ``max_n`` (a generator). A
+  generator's runner draws the plugin's noise without torch with :class:`hygeia.noise.TorchGenerator`.
 
 :func:`freeze` calls it, records the runner and the plugin's identity in ``frozen.json`` and
 then checks the runner against the plugin (:func:`check_diagnoser`: probabilities and heat maps
 within :data:`TOLERANCE`, the same findings present, the same regions; :func:`check_conditioner`:
-the vectors of probe conditions within :data:`TOLERANCE`); a runner that disagrees is discarded
+the vectors of probe conditions within :data:`TOLERANCE`; :func:`check_generator`: the outputs
+of probe calls, images within :data:`IMAGE_TOLERANCE`, molecules identical); a runner that disagrees is discarded
 and the model is served by the plugin, with the reason logged in one line.
 :func:`load` constructs the runner from a frozen folder. :class:`OnnxGraph` (a saved graph, torch
 free) and :func:`export_onnx` (torch, build time only) are the two halves a runner is made of.
@@ -43,6 +46,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "frozen.json"
 TOLERANCE = 1e-4
 """Largest accepted |runner - plugin| on a probability or heat-map pixel."""
+IMAGE_TOLERANCE = 2e-3
+"""Largest accepted |runner - plugin| on a generated pixel in [0, 1] (a sampler's steps add up the
+graphs' float rounding; measured on the shipped generators: at most 2e-4)."""
 THREADS_ENV = "HYGEIA_COMPILED_THREADS"
 
 
@@ -107,8 +113,6 @@ def freeze(plugin: Any, folder: str | os.PathLike[str]) -> str:
     if not callable(fn):
         raise ValueError("the plugin has no freeze() method")
     ident = plugin.identity
-    if ident.kind not in ("diagnoser", "conditioner"):
-        raise ValueError(f"{ident.kind}s are served as plugins (only diagnosers and conditioners are checked frozen)")
     with atomic_dir(folder) as tmp:
         try:
             runner = str(fn(tmp))
@@ -118,7 +122,7 @@ def freeze(plugin: Any, folder: str | os.PathLike[str]) -> str:
             "runner": runner, "identity": {"name": ident.name, "version": ident.version, "kind": ident.kind,
                                            "weights_sha256": ident.weights_sha256}}, indent=1))
         try:
-            (check_diagnoser if ident.kind == "diagnoser" else check_conditioner)(plugin, load(tmp))
+            CHECKS[ident.kind](plugin, load(tmp))
         except ValueError:
             raise
         except Exception as exc:  # noqa: BLE001 - a runner that fails on the probes is not served
@@ -233,3 +237,45 @@ def check_conditioner(plugin: Any, runner: Any) -> None:
         diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
         if not diff <= TOLERANCE:
             raise ValueError(f"{kind} conditions: the runner's vectors differ from the plugin's by {diff:.2e}")
+
+
+PROBE_GENERATE: dict[str, list[Any]] = {"none": [None], "label": ["effusion", "normal"],
+                                        "text": ["large left pleural effusion"], "properties": [{"logP": 2.5}]}
+"""Conditions :func:`check_generator` samples with the plugin and its runner, per condition kind."""
+
+
+def check_generator(plugin: Any, runner: Any) -> None:
+    """``ValueError`` (one line) unless ``runner.generate`` gives ``plugin.generate``'s outputs for
+    the probe conditions of every kind the plugin takes, with the bundle's sampling defaults and
+    with each option set of ``plugin.freeze_probes`` (a list of ``generate`` keyword sets, when
+    the plugin has one): pixels within :data:`IMAGE_TOLERANCE`, molecules identical, the same
+    condition, seed and provenance."""
+    for attr in ("output", "condition_kinds", "max_n"):
+        if getattr(runner, attr, None) != getattr(plugin, attr, None):
+            raise ValueError(f"the runner's {attr} differs from the plugin's")
+    probes = [{}, *getattr(plugin, "freeze_probes", [])]
+    for kind in sorted(plugin.condition_kinds):
+        for cond in PROBE_GENERATE.get(kind, []):
+            for options in probes:
+                want = plugin.generate(2, condition=cond, seed=11, **options)
+                got = runner.generate(2, condition=cond, seed=11, **options)
+                for w, g in zip(want, got, strict=True):
+                    _same_generated(w, g, f"condition {cond!r}, options {options}")
+
+
+def _same_generated(w: Any, g: Any, where: str) -> None:
+    meta = ("condition", "seed", "provenance")
+    if any(getattr(w, k) != getattr(g, k) for k in meta if k != "provenance") or \
+            {k: v for k, v in w.provenance.items() if k != "device"} != {k: v for k, v in g.provenance.items() if k != "device"}:
+        raise ValueError(f"{where}: the runner's condition, seed or provenance differs from the plugin's")
+    if hasattr(w, "pixels"):
+        diff = float(np.abs(np.asarray(g.pixels) - np.asarray(w.pixels)).max()) \
+            if np.shape(g.pixels) == np.shape(w.pixels) else float("inf")
+        if not diff <= IMAGE_TOLERANCE:
+            raise ValueError(f"{where}: the runner's pixels differ from the plugin's by {diff:.2e}")
+    elif getattr(w, "smiles", None) != getattr(g, "smiles", None):
+        raise ValueError(f"{where}: the runner sampled {g.smiles!r}, the plugin {w.smiles!r}")
+
+
+CHECKS = {"diagnoser": check_diagnoser, "conditioner": check_conditioner, "generator": check_generator}
+"""The check :func:`freeze` runs per plugin kind."""

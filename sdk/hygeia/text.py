@@ -189,26 +189,29 @@ def sentence_vectors(texts: Sequence[str], name: str = "texts") -> Any:
 
 
 @functools.lru_cache(maxsize=8)
-def _phrase_table(labels: tuple[str, ...]) -> tuple[list[str], Any]:
+def _phrase_table(labels: tuple[str, ...], vectors: Any) -> tuple[list[str], Any]:
     rows = [(lab, ph) for lab in labels for ph in label_phrases(lab)]
-    return [lab for lab, _ in rows], sentence_vectors([ph for _, ph in rows])
+    return [lab for lab, _ in rows], vectors([ph for _, ph in rows])
 
 
 def label_for_text(text: str, labels: Sequence[str], plugin: str = "generator",
-                   min_similarity: float = MIN_LABEL_SIMILARITY) -> tuple[str, float]:
+                   min_similarity: float = MIN_LABEL_SIMILARITY, vectors: Any = None) -> tuple[str, float]:
     """The label of ``labels`` that free ``text`` asks for, and the cosine similarity.
 
     For models with one embedding per label (class-conditional generators): the label whose
     phrases (:func:`label_phrases`) the text's sentence vector is closest to. Below
     ``min_similarity`` it raises ``UnsupportedConditionError`` naming the text. Sentence vectors do
-    not understand negation: "no effusion" lands next to "effusion".
+    not understand negation: "no effusion" lands next to "effusion". ``vectors``: the sentence
+    encoder, ``vectors(texts, name=...)`` (default :func:`sentence_vectors`; a frozen runner passes
+    :meth:`FrozenEncoder.sentence_vectors`).
     """
     from .errors import UnsupportedConditionError
 
     if not isinstance(text, str) or not text.strip():
         raise InputError(f"text condition for {plugin!r}", "a non-empty string", got=repr(text)[:100])
-    names, table = _phrase_table(tuple(labels))
-    sims = table @ sentence_vectors([text.strip()], name=f"text condition for {plugin!r}")[0]
+    vectors = sentence_vectors if vectors is None else vectors
+    names, table = _phrase_table(tuple(labels), vectors)
+    sims = table @ vectors([text.strip()], name=f"text condition for {plugin!r}")[0]
     best = int(sims.argmax())
     sim = float(sims[best])
     if sim < min_similarity:
@@ -220,12 +223,14 @@ def label_for_text(text: str, labels: Sequence[str], plugin: str = "generator",
 
 
 def label_condition(condition: Any, kinds: Any, labels: Sequence[str], plugin: str,
-                    min_similarity: float = MIN_LABEL_SIMILARITY) -> tuple[str, str | None, dict[str, Any]]:
+                    min_similarity: float = MIN_LABEL_SIMILARITY, vectors: Any = None
+                    ) -> tuple[str, str | None, dict[str, Any]]:
     """For a class-conditional generator: ``(kind, label or None, provenance)`` of a condition.
 
     A label stays itself; free text (when ``"text"`` is in ``kinds``) becomes the closest label
     (:func:`label_for_text`) and the provenance records ``text``, ``label_from_text`` and
     ``text_similarity``; None or "" is unconditional. Anything else raises before any work.
+    ``vectors``: the sentence encoder (:func:`label_for_text`).
     """
     from .validation import check_condition
     from .vocab import finding
@@ -234,6 +239,21 @@ def label_condition(condition: Any, kinds: Any, labels: Sequence[str], plugin: s
     if kind == "label":
         return kind, finding(condition).label, {}
     if kind == "text":
-        label, sim = label_for_text(condition, labels, plugin, min_similarity)
+        label, sim = label_for_text(condition, labels, plugin, min_similarity, vectors)
         return kind, label, {"text": condition, "label_from_text": label, "text_similarity": round(sim, 4)}
     return kind, None, {}
+
+
+class LazySentences:
+    """``vectors(texts, name=...)``: :meth:`FrozenEncoder.sentence_vectors` of an exported encoder,
+    loaded on the first call (a frozen generator meets text conditions rarely; loading the encoder
+    costs a fraction of a CPU second that its start need not pay)."""
+
+    def __init__(self, folder: str | os.PathLike[str], pad_id: int) -> None:
+        self.folder, self.pad_id = folder, int(pad_id)
+        self._encoder: FrozenEncoder | None = None
+
+    def __call__(self, texts: Sequence[str], name: str = "texts") -> Any:
+        if self._encoder is None:
+            self._encoder = FrozenEncoder(self.folder, self.pad_id)
+        return self._encoder.sentence_vectors(texts, name=name)
