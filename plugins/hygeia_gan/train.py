@@ -73,7 +73,7 @@ def train(
     (nearest-neighbour upsampling + 3x3 convolutions, no checkerboard artifacts; see
     :data:`hygeia_gan.model.UPSAMPLING`). ``guidance_scale`` and ``negative_condition``: the
     sampling defaults recorded in the bundle (they do not change training; see
-    :meth:`hygeia_gan.plugin.GanGenerator.guided_vectors`).
+    :meth:`hygeia_gan._sampling.Sampling.guided_vectors`).
     """
     conditioners = _check_options(options, epochs=epochs, n_per_condition=n_per_condition, batch_size=batch_size,
                                   classifier_steps=classifier_steps, aux_weight=aux_weight, mode_seeking=mode_seeking,
