@@ -137,3 +137,27 @@ def test_a_generator_runner_that_disagrees_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="condition None, options {}: the runner's pixels differ from the plugin's by 1.00e-02"):
         frozen.freeze(_Toy(), tmp_path / "toy")
     assert not (tmp_path / "toy").exists()
+
+
+def test_a_pixel_mode_diffusion_bundle_freezes_with_clipping_and_blocks(tmp_path) -> None:
+    """Pixel mode: 4x4 pixel blocks (pixel_shuffle in numpy) and DDIM's clip_sample, on a tiny untrained UNet."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from hygeia.vocab import CONDITION_LABELS
+    from hygeia_diffusion.model import SCHEDULER, UNET
+    from hygeia_diffusion.plugin import CARD, write_bundle
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(**{**UNET, "block_out_channels": [16, 16, 16], "attention_head_dim": 8, "norm_num_groups": 8})
+    config = {"mode": "pixel", "patch": 4, "labels": list(CONDITION_LABELS), "null_class": 6,
+              "sampling": {"steps": 4, "guidance_scale": 2.0}}
+    write_bundle(tmp_path / "pix", unet, DDPMScheduler(**SCHEDULER), None, config, CARD)
+    plugin = get_registry().create("generator", "diffusion", bundle=tmp_path / "pix", device="cpu")
+    assert plugin.scheduler_config["clip_sample"] is True
+    frozen.freeze(plugin, tmp_path / "frozen")
+    runner = frozen.load(tmp_path / "frozen")
+    for options in ({}, {"sampler": "dpm", "steps": 6}):
+        want = plugin.generate(2, "effusion", seed=4, **options)
+        got = runner.generate(2, "effusion", seed=4, **options)
+        assert got[0].pixels.shape == (1, 64, 64) and got[0].provenance["mode"] == "pixel"
+        assert max(float(np.abs(g.pixels - w.pixels).max()) for g, w in zip(got, want)) <= frozen.IMAGE_TOLERANCE
