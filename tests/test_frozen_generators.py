@@ -161,3 +161,22 @@ def test_a_pixel_mode_diffusion_bundle_freezes_with_clipping_and_blocks(tmp_path
         got = runner.generate(2, "effusion", seed=4, **options)
         assert got[0].pixels.shape == (1, 64, 64) and got[0].provenance["mode"] == "pixel"
         assert max(float(np.abs(g.pixels - w.pixels).max()) for g, w in zip(got, want)) <= frozen.IMAGE_TOLERANCE
+
+
+def test_identical_frozen_files_are_linked_to_one_copy(tmp_path) -> None:
+    from hygeia.serving.runtime import link_identical
+
+    same, other = b"\x01" * (1 << 20), b"\x02" * (1 << 20)
+    paths = [tmp_path / m / "1" / "frozen" / sub / "encoder.onnx"
+             for m, sub in (("a", "."), ("b", "text"), ("c", "conditioners/text"))]
+    for p in paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(same)
+    odd = tmp_path / "d" / "1" / "frozen" / "encoder.onnx"
+    odd.parent.mkdir(parents=True)
+    odd.write_bytes(other)
+    assert link_identical(tmp_path) == 2 << 20
+    assert len({p.stat().st_ino for p in paths}) == 1 and paths[0].stat().st_nlink == 3
+    assert all(p.read_bytes() == same for p in paths) and odd.read_bytes() == other and odd.stat().st_nlink == 1
+    assert link_identical(tmp_path) == 0  # linked already: nothing to read
+    assert not list(tmp_path.rglob("*.link"))

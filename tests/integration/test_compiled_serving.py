@@ -47,6 +47,9 @@ def test_build_records_measured_runtimes_and_reasons(compiled_repo: Path) -> Non
     assert set(json.loads(fusion["hygeia_runtime_ms"])) == {"eager", "onnx", "torchscript"}
     assert fusion["hygeia_frozen"] == "hygeia_fusion._frozen:FrozenFusion"
     assert (compiled_repo / "diagnoser_fusion" / "1" / "frozen" / "fusion_text.onnx").is_file()
+    encoders = [compiled_repo / m / "1" / "frozen" / sub / "encoder.onnx" for m, sub in
+                (("diagnoser_fusion", "."), ("generator_vae", "text"), ("generator_diffusion", "text"))]
+    assert len({e.stat().st_ino for e in encoders}) == 1  # one copy of the sentence encoder, linked
     mol = config_params(compiled_repo / "generator_molecule-vae" / "config.pbtxt")
     assert mol["hygeia_runtime"] == "eager" and "opts out" in mol["hygeia_runtime_reason"]  # says why
 

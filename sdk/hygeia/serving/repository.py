@@ -26,7 +26,7 @@ from ..outputs import atomic_dir
 from ..plugins import ENTRY_POINT_GROUP, PluginRegistry, _as_list, get_registry
 from ..vocab import Code, finding
 from . import wire
-from .runtime import FROZEN_DIR, FROZEN_PARAM, config_params, freeze_params, runtime_params
+from .runtime import FROZEN_DIR, FROZEN_PARAM, config_params, freeze_params, link_identical, runtime_params
 
 log = logging.getLogger(__name__)
 Device = Literal["cpu", "gpu"]
@@ -292,6 +292,9 @@ def build_repository(repo: str | os.PathLike[str] = "triton_models", *, device: 
                 shutil.rmtree(fresh.parent, ignore_errors=True)
             log.warning("cannot build Triton model %s: %s: %s", model, type(exc).__name__, exc)
             result.failed[model] = f"{type(exc).__name__}: {exc}"
+    saved = link_identical(repo_p)
+    if saved:
+        log.info("frozen folders: %.0f MB of identical files linked to one copy", saved / 1e6)
     if prune and wanted is None:
         keep = set(result.models)
         for d in sorted(repo_p.iterdir()):

@@ -129,3 +129,44 @@ def _importable(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
+
+
+def link_identical(repo: Path) -> int:
+    """Hard-link identical files of the repository's frozen folders to one copy; returns the bytes saved.
+
+    Several frozen models hold the same large file: the sentence encoder (``encoder.onnx``, 87 MB)
+    is in the ``text`` conditioner's, ``fusion``'s and each image generator's folder. Files of
+    equal size and SHA-256 become links to one of them (each model folder stays complete; nothing
+    writes them in place: a rebuild replaces a folder as a whole). Only files whose size another
+    file shares are read, so a repository linked before costs a directory walk.
+    """
+    import hashlib
+    import os
+
+    by_size: dict[int, dict[int, list[Path]]] = {}  # size -> inode -> its paths
+    for f in sorted(repo.glob(f"*/*/{FROZEN_DIR}/**/*")):
+        if f.is_file() and not f.is_symlink() and not f.name.endswith(".link") and f.stat().st_size >= 1 << 20:
+            by_size.setdefault(f.stat().st_size, {}).setdefault(f.stat().st_ino, []).append(f)
+    saved = 0
+    for size, inodes in by_size.items():
+        if len(inodes) < 2:
+            continue
+        first: dict[str, Path] = {}
+        for paths in inodes.values():
+            with paths[0].open("rb") as fh:
+                keep = first.setdefault(hashlib.file_digest(fh, "sha256").hexdigest(), paths[0])
+            if keep == paths[0]:
+                continue
+            for path in paths:
+                tmp = path.with_name(f".{path.name}.link")
+                try:
+                    tmp.unlink(missing_ok=True)
+                    os.link(keep, tmp)
+                    os.replace(tmp, path)
+                except OSError as exc:  # another filesystem, no hard links: keep the copy
+                    tmp.unlink(missing_ok=True)
+                    log.info("frozen file %s kept as a copy (%s)", path, exc)
+                    break
+            else:
+                saved += size
+    return saved
