@@ -22,8 +22,8 @@ The protocol, on the plugin instance (optional; without it the plugin is served 
 then checks the runner against the plugin (:func:`check_diagnoser`: probabilities and heat maps
 within :data:`TOLERANCE`, the same findings present, the same regions; :func:`check_conditioner`:
 the vectors of probe conditions within :data:`TOLERANCE`; :func:`check_generator`: the outputs
-of probe calls, images within :data:`IMAGE_TOLERANCE`, molecules identical); a runner that disagrees is discarded
-and the model is served by the plugin, with the reason logged in one line.
+of probe calls, images within :data:`IMAGE_TOLERANCE`, molecules identical); a runner that
+disagrees is discarded and the model is served by the plugin, with the reason logged in one line.
 :func:`load` constructs the runner from a frozen folder. :class:`OnnxGraph` (a saved graph, torch
 free) and :func:`export_onnx` (torch, build time only) are the two halves a runner is made of.
 """
@@ -122,7 +122,10 @@ def freeze(plugin: Any, folder: str | os.PathLike[str]) -> str:
             "runner": runner, "identity": {"name": ident.name, "version": ident.version, "kind": ident.kind,
                                            "weights_sha256": ident.weights_sha256}}, indent=1))
         try:
-            CHECKS[ident.kind](plugin, load(tmp))
+            check = CHECKS.get(ident.kind)
+            if check is None:
+                raise ValueError(f"no check for plugin kind {ident.kind!r} (expected one of {', '.join(CHECKS)})")
+            check(plugin, load(tmp))
         except ValueError:
             raise
         except Exception as exc:  # noqa: BLE001 - a runner that fails on the probes is not served
@@ -264,9 +267,11 @@ def check_generator(plugin: Any, runner: Any) -> None:
 
 
 def _same_generated(w: Any, g: Any, where: str) -> None:
-    meta = ("condition", "seed", "provenance")
-    if any(getattr(w, k) != getattr(g, k) for k in meta if k != "provenance") or \
-            {k: v for k, v in w.provenance.items() if k != "device"} != {k: v for k, v in g.provenance.items() if k != "device"}:
+    def meta(item: Any) -> tuple[Any, ...]:
+        prov = {k: v for k, v in getattr(item, "provenance", {}).items() if k != "device"}
+        return item.condition, item.seed, prov, getattr(item, "valid", None)
+
+    if meta(w) != meta(g):
         raise ValueError(f"{where}: the runner's condition, seed or provenance differs from the plugin's")
     if hasattr(w, "pixels"):
         diff = float(np.abs(np.asarray(g.pixels) - np.asarray(w.pixels)).max()) \
