@@ -68,7 +68,7 @@ def frozen_pair(request, tmp_path_factory):
 OPTIONS = {"diffusion": [{"steps": 6}, {"sampler": "dpm", "steps": 12, "guidance_scale": 2.0}],
            "vae": [{"temperature": 0.7}, {"guidance_scale": 3.0, "negative_condition": "none"}],
            "gan": [{"truncation": 0.8}, {"guidance_scale": 2.0, "negative_condition": "effusion"}]}
-BAD = {"diffusion": [{"steps": 0}, {"sampler": "euler"}], "vae": [{"temperature": 9.0}],
+BAD = {"diffusion": [{"steps": 0}, {"sampler": "euler"}, {"sampler": "dpm", "steps": 1000}], "vae": [{"temperature": 9.0}],
        "gan": [{"truncation": 0.1}, {"negative_condition": 3}]}
 
 

@@ -85,7 +85,7 @@ class Sampling:
                  negative_condition: str | None = None, **options: Any) -> list[GeneratedImage]:
         """``n`` images for ``condition`` (a finding label, or None), reproducible from ``seed``.
 
-        ``steps`` in [1, 1000] (default from the bundle: 25); ``guidance_scale`` in [0, 20]
+        ``steps`` in [1, 1000] (999 with ``dpm``; default from the bundle: 25); ``guidance_scale`` in [0, 20]
         (1: no guidance, 0: unconditional); ``sampler`` ``ddim`` or ``dpm``;
         ``negative_condition``: the label guidance steers away from, or ``"none"`` for the
         unconditional baseline (default from the bundle: ``normal``, so a finding is contrasted
@@ -131,6 +131,8 @@ class Sampling:
         sampler = self.defaults["sampler"] if sampler is None else sampler
         if sampler not in SAMPLERS:
             raise InputError("sampler", f"one of {', '.join(SAMPLERS)}", got=repr(sampler))
+        if sampler == "dpm" and steps >= MAX_STEPS:  # DPM-Solver spaces steps + 1 points: 1001 would repeat
+            raise InputError("steps", f"an integer in [1, {MAX_STEPS - 1}] with the dpm sampler", got=repr(steps))
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise InputError("batch_size", "a positive integer", got=repr(batch_size))
         return int(steps), gs, sampler
@@ -194,7 +196,7 @@ def _dpm(ac: np.ndarray, total: int, offset: int, spacing: str, steps: int
          ) -> tuple[np.ndarray, list[tuple[float, ...]]]:
     ts = _timesteps(total, offset, spacing, steps, steps + 1)
     if len(np.unique(ts)) != len(ts):
-        raise InputError("steps", f"fewer than {total} with the dpm sampler (its timesteps would repeat)", got=steps)
+        raise ValueError(f"{steps} DPM-Solver steps repeat timesteps")
     sig_all = ((1 - ac) / ac) ** 0.5
     sigmas = np.concatenate([np.interp(ts, np.arange(len(sig_all)), sig_all), [0.0]]).astype(np.float32).astype(np.float64)
     alpha = 1 / np.sqrt(sigmas ** 2 + 1)
