@@ -110,6 +110,21 @@ class _Contract:
         assert again.identity == plugin.identity
         self.assert_same_outputs(plugin, again)
 
+    # -- frozen serving (optional) -------------------------------------------
+    def test_frozen_runner_agrees(self, plugin: Any, spec: PluginSpec, tmp_path: Path) -> None:
+        """A plugin that offers ``freeze()`` (:mod:`hygeia.frozen`) gets a runner that loads and
+        answers as the plugin does on the probes ``hygeia triton build`` uses."""
+        if not callable(getattr(plugin, "freeze", None)):
+            pytest.skip(f"{spec.name}: no freeze() (served as the plugin itself)")
+        from .. import frozen
+
+        try:
+            runner_path = frozen.freeze(plugin, tmp_path / "frozen")
+        except ValueError as exc:
+            pytest.fail(f"{spec.name}: freeze() or its runner is refused: {exc}")
+        runner = frozen.load(tmp_path / "frozen")
+        assert runner.identity == plugin.identity, f"runner {runner_path} reports another identity"
+
     def assert_same_outputs(self, a: Any, b: Any) -> None:  # pragma: no cover - per kind
         raise NotImplementedError
 
