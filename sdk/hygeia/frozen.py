@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import BundleError
+from .errors import BundleError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -252,7 +252,9 @@ def check_generator(plugin: Any, runner: Any) -> None:
     the probe conditions of every kind the plugin takes, with the bundle's sampling defaults and
     with each option set of ``plugin.freeze_probes`` (a list of ``generate`` keyword sets, when
     the plugin has one): pixels within :data:`IMAGE_TOLERANCE`, molecules identical, the same
-    condition, seed and provenance."""
+    condition, seed and provenance; a probe the plugin refuses (``InputError``, e.g. a text
+    negative condition for a bundle without a text conditioner) must be refused with the same
+    message."""
     for attr in ("output", "condition_kinds", "max_n"):
         if getattr(runner, attr, None) != getattr(plugin, attr, None):
             raise ValueError(f"the runner's {attr} differs from the plugin's")
@@ -260,10 +262,25 @@ def check_generator(plugin: Any, runner: Any) -> None:
     for kind in sorted(plugin.condition_kinds):
         for cond in PROBE_GENERATE.get(kind, []):
             for options in probes:
-                want = plugin.generate(2, condition=cond, seed=11, **options)
+                where = f"condition {cond!r}, options {options}"
+                try:
+                    want = plugin.generate(2, condition=cond, seed=11, **options)
+                except InputError as exc:  # a probe this plugin does not take: the runner must refuse it alike
+                    _same_refusal(runner, cond, options, exc, where)
+                    continue
                 got = runner.generate(2, condition=cond, seed=11, **options)
                 for w, g in zip(want, got, strict=True):
-                    _same_generated(w, g, f"condition {cond!r}, options {options}")
+                    _same_generated(w, g, where)
+
+
+def _same_refusal(runner: Any, cond: Any, options: dict[str, Any], theirs: Exception, where: str) -> None:
+    try:
+        runner.generate(2, condition=cond, seed=11, **options)
+    except InputError as ours:
+        if str(ours) != str(theirs):
+            raise ValueError(f"{where}: the runner refuses with {ours}, the plugin with {theirs}") from None
+        return
+    raise ValueError(f"{where}: the plugin refuses ({theirs}), the runner does not")
 
 
 def _same_generated(w: Any, g: Any, where: str) -> None:
