@@ -1,9 +1,11 @@
 """The ``diffusion`` generator: class-conditional diffusion built on diffusers (64x64 phantoms).
 
 The plugin class :class:`DiffusionGenerator`, its bundle (reading, verifying, writing), the model
-card and :data:`SPEC`. Network, spaces and sampler: :mod:`hygeia_diffusion.model`; trainer
-(``hygeia train diffusion``): :mod:`hygeia_diffusion.train`, which the spec names and which only
-training imports.
+card and :data:`SPEC`. Network, spaces and sampler: :mod:`hygeia_diffusion.model`; ``generate``
+itself (checks, conditions, guidance, provenance), shared with the frozen runner:
+:mod:`hygeia_diffusion._sampling`; serving without torch: :mod:`hygeia_diffusion._freeze` and
+:mod:`hygeia_diffusion._frozen`; trainer (``hygeia train diffusion``): :mod:`hygeia_diffusion.train`,
+which the spec names and which only training imports.
 
 Bundle (one folder, diffusers ``save_pretrained`` layout inside)::
 

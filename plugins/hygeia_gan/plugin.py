@@ -3,8 +3,10 @@
 Conditioned through conditioner plugins: the shipped bundle was trained with the ``label``
 conditioner (finding labels) and the ``text`` conditioner (free-text prompts) at once, so
 ``generate(n, "effusion")`` and ``generate(n, "chest radiograph with a pleural effusion")`` both
-work; ``condition=None`` (or "") is unconditional. Networks: :mod:`hygeia_gan.model`; trainer
-(``hygeia train gan``): :mod:`hygeia_gan.train`, which the spec names and which only training imports.
+work; ``condition=None`` (or "") is unconditional. Networks: :mod:`hygeia_gan.model`; ``generate``,
+guidance and noise, shared with the frozen runner: :mod:`hygeia_gan._sampling`; serving without
+torch: :mod:`hygeia_gan._freeze` and :mod:`hygeia_gan._frozen`; trainer (``hygeia train gan``):
+:mod:`hygeia_gan.train`, which the spec names and which only training imports.
 """
 from __future__ import annotations
 

@@ -9,7 +9,9 @@ of each condition's training images (:mod:`hygeia_vae._prior`). The shipped bund
 Gaussian mixture in the label's top principal directions (``prior="pca-gmm"``); bundles may also
 hold one low-rank-plus-diagonal Gaussian per label (``prior="gaussian"``) or a conditional
 normalizing flow over the whole latent (``prior="flow"``). Sampling draws ``z ~ p(z | c)`` (noise
-scaled by ``temperature``) and decodes it.
+scaled by ``temperature``) and decodes it; ``generate`` and the draws are
+:mod:`hygeia_vae._sampling` (torch-free, shared with the frozen runner of
+:mod:`hygeia_vae._frozen`).
 
 Guidance (``guidance_scale`` s, ``negative_condition`` b, defaults from the bundle) has three forms:
 
