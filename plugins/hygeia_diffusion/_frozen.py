@@ -51,10 +51,10 @@ class FrozenDiffusion(Sampling):
         noise = TorchGenerator(seed).randn(n, *self.sample_shape)
         timesteps, rules = schedule(sampler, self.scheduler_config, self.alphas_cumprod, steps)
         batches = math.ceil(n / batch_size)
+        guided = gs != 1.0 and cls != NULL_CLASS
         out = []
         for bi in range(batches):
             x = noise[bi * batch_size:(bi + 1) * batch_size]
-            guided = gs != 1.0 and cls != NULL_CLASS
             labels = np.array([cls] * len(x) + ([base] * len(x) if guided else []), np.int64)
             x0 = None
             for i, t in enumerate(timesteps):

@@ -71,7 +71,27 @@ def tokenize(texts: Sequence[str], max_tokens: int = MAX_TOKENS, name: str = "te
 def export_encoder(folder: str | os.PathLike[str]) -> dict[str, int]:
     """Save the text encoder for serving without torch (:mod:`hygeia.frozen`): ``encoder.onnx``
     (token ids and attention mask -> token states, both axes dynamic) and the tokenizer's
-    ``tokenizer.json``; returns what :class:`FrozenEncoder` needs besides (pad id, width)."""
+    ``tokenizer.json``; returns what :class:`FrozenEncoder` needs besides (pad id, width).
+
+    The export runs once per process (several frozen models hold the encoder: one build freezes
+    the ``text`` conditioner, ``fusion`` and the image generators); later calls write its bytes."""
+    files, info = _exported_encoder()
+    for name, data in files.items():
+        (Path(folder) / name).write_bytes(data)
+    return dict(info)
+
+
+@functools.lru_cache(maxsize=1)
+def _exported_encoder() -> tuple[dict[str, bytes], dict[str, int]]:
+    """The files :func:`export_encoder` writes, as bytes, and what it returns."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        info = _export_encoder(Path(d))
+        return {f.name: f.read_bytes() for f in Path(d).iterdir()}, info
+
+
+def _export_encoder(folder: Path) -> dict[str, int]:
     import torch
 
     from .frozen import export_onnx
