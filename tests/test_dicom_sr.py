@@ -1,4 +1,4 @@
-"""DICOM outputs: TID 1500 SR from the real ``cnn`` diagnoser on phantom DICOM, synthetic SC.
+"""DICOM outputs: TID 1500 SR from the real ``cnn`` diagnoser on phantom DICOM (synthetic SC: test_dicom_sc.py).
 
 Validated with independent tools: dciodvfy (dicom3tools; no line may start with ``Error``, its
 exit code is unreliable), ``dsrdump -v`` (dcmtk; no ``E:`` or ``W:`` lines) and ``dsr2html``
@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 import hygeia
-from hygeia.api import Diagnosis, Finding, GeneratedImage, ModelIdentity, Region
+from hygeia.api import Diagnosis, Finding, ModelIdentity, Region
 from hygeia.data.io import load_image, prepare_image
 from hygeia.errors import InputError
 from hygeia.plugins import get_registry
@@ -390,69 +390,3 @@ def test_sr_bad_findings_give_one_line_errors(tmp_path, phantom_files, change, w
         get_registry().output_format("sr").write([Diagnosis(fs[:1], MODEL, (0, 64))], tmp_path / "x.dcm",
                                                  sources=[phantom_files[0]])
     assert not (tmp_path / "x.dcm").exists()
-
-
-# --------------------------------------------------------------------------- Secondary Capture
-def _generated(n: int = 2, seed: int = 5) -> list[GeneratedImage]:
-    """Real GeneratedImage results from a registered generator (the procedural phantom one)."""
-    return hygeia.create("generator", "phantom").generate(n, condition="effusion", seed=seed)
-
-
-def test_sc_marked_synthetic_and_valid(tmp_path):
-    images = _generated()
-    paths = get_registry().output_format("dicom-sc").write(images, tmp_path / "sc", sources=None)
-    assert len(paths) == 2
-    datasets = [pydicom.dcmread(p) for p in paths]
-    for p, ds, img in zip(paths, datasets, images):
-        assert dciodvfy_errors(p) == []
-        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
-        assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
-        assert ds.ConversionType == "SYN" and ds.BurnedInAnnotation == "YES"
-        assert "SYNTHETIC" in ds.SeriesDescription and f"{img.model.name} {img.model.version}" in ds.SeriesDescription
-        assert f"seed={img.seed}" in ds.ImageComments and "condition=effusion" in ds.ImageComments
-        assert img.model.name in ds.ImageComments and ds.PatientName == "SYNTHETIC^HYGEIA"
-        assert any(e.PurposeOfReferenceCodeSequence[0].CodeValue == "109100" for e in ds.ContributingEquipmentSequence)
-        li = load_image(p)  # generated pixels come back (the banner strip is below them)
-        h = img.pixels.shape[1]
-        np.testing.assert_allclose(li.pixels[:h], img.pixels[0], atol=2e-5)
-        assert li.pixels[h:].max() > 0.9 and li.pixels[h:].min() < 0.01  # burned-in 'SYNTHETIC' banner
-        assert li.pixel_spacing == pytest.approx(img.pixel_spacing)
-    assert len({ds.StudyInstanceUID for ds in datasets}) == 1 and len({ds.SeriesInstanceUID for ds in datasets}) == 1
-    again = get_registry().output_format("dicom-sc").write(_generated(), tmp_path / "sc2")
-    assert pydicom.dcmread(again[0]).StudyInstanceUID != datasets[0].StudyInstanceUID  # a new study each time
-
-
-def test_sc_into_source_study(tmp_path, phantom_files):
-    src = pydicom.dcmread(phantom_files[0])
-    paths = get_registry().output_format("dicom-sc").write(_generated(1), tmp_path, sources=src)
-    ds = pydicom.dcmread(paths[0])
-    assert ds.StudyInstanceUID == src.StudyInstanceUID and ds.PatientID == src.PatientID
-    assert ds.SeriesInstanceUID != src.SeriesInstanceUID and ds.ConversionType == "SYN"
-    assert dciodvfy_errors(paths[0]) == []
-
-
-def test_sc_bad_input(tmp_path):
-    img = _generated(1)[0]
-    img.pixels = np.zeros((2, 8, 8), np.float32)
-    with pytest.raises(InputError, match="C = 1 or 3"):
-        get_registry().output_format("dicom-sc").write([img], tmp_path)
-    with pytest.raises(InputError, match="GeneratedImage"):
-        get_registry().output_format("dicom-sc").write(["not an image"], tmp_path)
-
-
-def test_cli_generate_writes_synthetic_sc(tmp_path):
-    from typer.testing import CliRunner
-
-    from hygeia.cli import get_app
-
-    app = get_app()
-
-    r = CliRunner().invoke(app, ["generate", "--plugin", "phantom", "-n", "2", "-c", "nodule", "--seed", "3",
-                                 "--out", str(tmp_path / "grid.png"), "--dicom", str(tmp_path / "sc")])
-    assert r.exit_code == 0, r.output
-    paths = sorted((tmp_path / "sc").glob("*.dcm"))
-    assert len(paths) == 2
-    for p in paths:
-        ds = pydicom.dcmread(p)
-        assert ds.ConversionType == "SYN" and "seed=3" in ds.ImageComments and "condition=nodule" in ds.ImageComments
-        assert dciodvfy_errors(p) == []
