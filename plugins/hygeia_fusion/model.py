@@ -6,7 +6,7 @@ and the encoder are imported when first needed.
 
 Shapes (batch ``B``, image tokens ``N = 16 * 16``, text tokens ``T``, width ``d``)::
 
-    image [B,1,64,64] -> ResNet (MONAI) -> feature pyramid -> image tokens [B,N,d]
+    image [B,1,H,W] -> ResNet (MONAI) -> feature pyramid -> image tokens [B,N,d]
     text token states [B,T,384] (frozen all-MiniLM-L6-v2) -> linear -> text tokens [B,1+T,d]
         (a learned "no text" token is always first, so an image with no text still has a key)
     co-attention (x layers): image tokens attend to text tokens and text tokens to image tokens

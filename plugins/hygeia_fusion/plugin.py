@@ -1,12 +1,12 @@
 """The ``fusion`` diagnoser: image + clinical text -> coded findings with heat maps and regions.
 
 ``FusionDiagnoser.diagnose(images, texts=None)`` runs the :class:`~hygeia_fusion.model.FusionNet`
-on chest-radiograph images of its bundle's ``input_size`` (128x128 shipped; grayscale ``[B,1,H,W]``
+on chest-radiograph images of its bundle's ``input_size`` (256x256 shipped; grayscale ``[B,1,H,W]``
 or RGB ``[B,3,H,W]``, float in [0, 1]), with one clinical history/indication line per image or none
 (image-only mode). Text is encoded by the frozen shared encoder (:mod:`hygeia.text`,
 all-MiniLM-L6-v2), truncated with a warning past its 128-token limit.
 
-Localisation: each finding's evidence map (half the input size: 64x64 for the shipped 128 px
+Localisation: each finding's evidence map (half the input size: 128x128 for the shipped 256 px
 weights, trained against the phantoms' finding masks) is upsampled bilinearly to the image size and
 min-max scaled to [0, 1]: that is the heat map. Its peak becomes the finding's region: a point for
 nodules; for the other findings the convex hull of the heat map's connected part at >= 50% of the
