@@ -154,7 +154,7 @@ class FusionNet(nn.Module):
 
     def forward(self, images: torch.Tensor, states: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> dict[str, Any]:
-        """``images`` [B,1,64,64]; ``states`` [B,T,384] frozen text token states (or None); ``mask`` [B,T]."""
+        """``images`` [B,1,H,W]; ``states`` [B,T,384] frozen text token states (or None); ``mask`` [B,T]."""
         bsz = images.shape[0]
         x, f1, x0 = self._image_tokens(images)
         t, t_pad = self.text_tokens(states, mask, bsz)

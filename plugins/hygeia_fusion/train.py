@@ -45,7 +45,7 @@ DEFAULTS: dict[str, Any] = {
 }
 """The shipped network: the ``cxr`` diagnoser's backbone layout (MONAI ResNet, 7x7 stem, blocks
 2-2-2-2) at widths 16-128, warm-started from an image-only bundle of that layout (``init``), at
-256 px on phantoms of difficulty 2."""
+256 px on phantoms of difficulty 2 (the shipped weights then continue at difficulty 3: see the model card)."""
 
 _FILE_OPTIONS = ("data", "image_root", "codes", "uncertain", "text_column")  # --data's companions
 
