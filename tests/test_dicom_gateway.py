@@ -136,18 +136,39 @@ def test_bad_input_is_rejected_and_gateway_keeps_serving(cnn, phantom, tmp_path,
         junk = (struct.pack("<HH", 0x0008, 0x1115) + b"SQ\x00\x00" + struct.pack("<I", 0xFFFFFFFF)
                 + b"\x01\x02\x03\x04" + struct.pack("<I", 8) + b"garbage!")
         assert _send_raw(cfg.port, good.SOPClassUID, "1.2.3.4.5", junk) == STATUS_UNDECODABLE
-        # unsupported transfer syntax (JPEG 2000): not accepted at negotiation, storescu cannot send it
-        r = subprocess.run(["storescu", "-aet", SCU, "-aec", AET, "127.0.0.1", str(cfg.port),
-                            get_testdata_file("JPEG2000.dcm")], capture_output=True, text=True)
-        assert r.returncode != 0 and "transfer syntax" in (r.stdout + r.stderr).lower()
+        # a transfer syntax outside transfer_syntaxes (HTJ2K): no presentation context is accepted
+        from pynetdicom import AE
+
+        scu = AE(ae_title=SCU)
+        scu.add_requested_context(good.SOPClassUID, "1.2.840.10008.1.2.4.201")
+        scu.add_requested_context("1.2.840.10008.1.1")  # Verification: the association itself is accepted
+        assoc = scu.associate("127.0.0.1", cfg.port, ae_title=AET)
+        assert assoc.is_established
+        try:
+            assert [cx.abstract_syntax for cx in assoc.accepted_contexts] == ["1.2.840.10008.1.1"]
+        finally:
+            assoc.release()
+        # JPEG 2000 lossless (in the default transfer_syntaxes): negotiated as it is (dcmtk storescu
+        # proposes it with -xv) and stored; its pixels read back as the uncompressed phantom's
+        j2k = pydicom.dcmread(phantom)
+        j2k.SOPInstanceUID = pydicom.uid.generate_uid()
+        j2k.compress(pydicom.uid.JPEG2000Lossless)
+        j2k.save_as(tmp_path / "j2k.dcm", enforce_file_format=True)
+        r = subprocess.run(["storescu", "-xv", "-aet", SCU, "-aec", AET, "127.0.0.1", str(cfg.port),
+                            str(tmp_path / "j2k.dcm")], capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
         # ... and a good image is still accepted and on disk
         r = subprocess.run(["storescu", "-aet", SCU, "-aec", AET, "127.0.0.1", str(cfg.port), str(phantom)],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         status = gw.status()
-    assert status["rejected"] == 4 and status["accepted"] == 1
-    stored = list((cfg.spool / "incoming").glob("*/*.dcm"))
-    assert [p.stem for p in stored] == [good.SOPInstanceUID]
+    assert status["rejected"] == 4 and status["accepted"] == 2
+    stored = {p.stem: p for p in (cfg.spool / "incoming").glob("*/*.dcm")}
+    assert sorted(stored) == sorted([good.SOPInstanceUID, j2k.SOPInstanceUID])
+    assert str(pydicom.dcmread(stored[j2k.SOPInstanceUID]).file_meta.TransferSyntaxUID) == pydicom.uid.JPEG2000Lossless
+    from hygeia.data.io import load_image
+
+    np.testing.assert_array_equal(load_image(stored[j2k.SOPInstanceUID]).pixels, load_image(phantom).pixels)
     # rejections are logged without patient data
     text = caplog.text
     assert "rejected instance" in text

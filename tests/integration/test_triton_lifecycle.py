@@ -191,3 +191,31 @@ def test_watchdog_reloads_a_multi_instance_model_once(triton_repo: Path) -> None
         new = server.stubs()["diagnoser_cnn"]
         assert len(new) == 2 and not (new & old)
         assert _infer(url, "diagnoser_cnn", image, ["PROBS"]).as_numpy("PROBS").shape[-1] == 5
+
+
+def test_watchdog_tries_a_failed_reload_again(triton_repo: Path) -> None:
+    """A reload that fails (a busy server, say) is tried again after a short delay: the model
+    does not stay with a dead stub."""
+    from hygeia.serving.binary import TritonServerError
+
+    if not (triton_repo / "diagnoser_cnn").is_dir():
+        pytest.skip("diagnoser_cnn not built")
+    with TritonServer(triton_repo, models=["diagnoser_cnn"]) as server:
+        real, calls = server.reload, []
+
+        def flaky(model: str) -> None:
+            calls.append(model)
+            if len(calls) == 1:
+                raise TritonServerError("refused once by the test")
+            real(model)
+
+        server.reload = flaky  # type: ignore[method-assign]
+        old = server.stubs()["diagnoser_cnn"]
+        os.kill(min(old), signal.SIGKILL)
+        deadline = time.monotonic() + 90
+        while not server.restarts:
+            assert time.monotonic() < deadline, (calls, server.log_tail())
+            time.sleep(0.5)
+        assert calls == ["diagnoser_cnn", "diagnoser_cnn"] and [m for m, _ in server.restarts] == ["diagnoser_cnn"]
+        image = {"IMAGES": np.zeros((1, 1, 64, 64), np.float32)}
+        assert _infer(server.grpc_url, "diagnoser_cnn", image, ["PROBS"]).as_numpy("PROBS").shape[-1] == 5

@@ -204,3 +204,22 @@ def remove_stale_regions(before: set[str], folder: str = "/dev/shm", min_age_s: 
         except OSError:
             pass
     return removed
+
+
+def stub_processes(pgid: int) -> dict[str, set[int]]:
+    """Live Python-backend stubs in process group ``pgid`` (a tritonserver's): model -> pids, from
+    /proc (zombies have no cmdline, so dead stubs are not listed)."""
+    out: dict[str, set[int]] = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if os.getpgid(int(d.name)) != pgid:
+                continue
+            args = (d / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ProcessLookupError):
+            continue
+        if args and args[0].endswith(b"triton_python_backend_stub") and len(args) > 1:
+            # argv[1] is the model path: <repo>/<model>/1/model.py
+            out.setdefault(Path(args[1].decode()).parent.parent.name, set()).add(int(d.name))
+    return out

@@ -41,6 +41,7 @@ from .binary import (  # noqa: F401  (public names kept here for callers)
     remove_stale_regions,
     server_env,
     shm_regions,
+    stub_processes,
     tritonserver_binary,
 )
 
@@ -273,26 +274,12 @@ class TritonServer:
     # ------------------------------------------------------------------ stub watchdog
     def stubs(self) -> dict[str, set[int]]:
         """Live Python-backend stubs of this server: model -> pids (zombies have no cmdline)."""
-        out: dict[str, set[int]] = {}
         if self.proc is None:
-            return out
+            return {}
         try:
-            pgid = os.getpgid(self.proc.pid)
+            return stub_processes(os.getpgid(self.proc.pid))
         except ProcessLookupError:
-            return out
-        for d in Path("/proc").iterdir():
-            if not d.name.isdigit():
-                continue
-            try:
-                if os.getpgid(int(d.name)) != pgid:
-                    continue
-                args = (d / "cmdline").read_bytes().split(b"\0")
-            except (OSError, ProcessLookupError):
-                continue
-            if args and args[0].endswith(b"triton_python_backend_stub") and len(args) > 1:
-                # argv[1] is the model path: <repo>/<model>/1/model.py
-                out.setdefault(Path(args[1].decode()).parent.parent.name, set()).add(int(d.name))
-        return out
+            return {}
 
     def stub_pids(self) -> dict[str, int]:
         """One Python-backend stub process per model: model name -> pid (Linux /proc)."""
@@ -311,35 +298,48 @@ class TritonServer:
             if r.status != 200:
                 raise TritonServerError(f"reloading {model}: HTTP {r.status}")
 
-    def _watch(self, interval: float) -> None:
+    def _watch(self, interval: float, known: dict[str, set[int]]) -> None:
+        """Every ``interval`` s: reload a model one of whose stubs in ``known`` is gone."""
         retired: set[int] = set()  # stubs of replaced instances: they exit seconds after a reload
+        retry: dict[str, tuple[float, float]] = {}  # model -> (next attempt, delay) after a failed reload
 
         def live() -> dict[str, set[int]]:
             return {m: p - retired for m, p in self.stubs().items()}
 
-        known = live()
         while not self._stop_watch.wait(interval):
             if self.proc is None or self.proc.poll() is not None:
                 return
             now = live()
             for model, pids in list(known.items()):
-                if pids - now.get(model, set()):
-                    log.warning("tritonserver: the Python stub of %s died; reloading the model", model)
-                    retired |= now.get(model, set())  # the surviving stubs of the old instances
-                    try:
-                        self.reload(model)
-                        self.restarts.append((model, time.time()))
-                        log.warning("tritonserver: %s reloaded, serving again", model)
-                    except Exception as exc:  # noqa: BLE001 - keep watching the others
-                        log.error("tritonserver: reloading %s failed: %s", model, exc)
-                    now = live()
+                if not pids - now.get(model, set()):
+                    continue
+                if model in retry and time.monotonic() < retry[model][0]:
+                    now[model] = pids  # still dead: try again when the delay is over
+                    continue
+                log.warning("tritonserver: the Python stub of %s died; reloading the model", model)
+                retired |= now.get(model, set())  # the surviving stubs of the old instances
+                try:
+                    self.reload(model)
+                except Exception as exc:  # noqa: BLE001 - keep watching, and try this one again
+                    delay = min(30.0, 2 * retry.get(model, (0.0, 0.5))[1])
+                    retry[model] = (time.monotonic() + delay, delay)
+                    log.error("tritonserver: reloading %s failed (%s); trying again in %.0f s", model,
+                              " ".join(str(exc).split())[:200], delay)
+                    now = {**live(), model: pids}
+                    continue
+                retry.pop(model, None)
+                self.restarts.append((model, time.time()))
+                log.warning("tritonserver: %s reloaded, serving again", model)
+                now = live()
             known = now
 
     def start_watchdog(self, interval: float = 1.0) -> None:
         if self._watch_thread is None:
             self._stop_watch.clear()
-            self._watch_thread = threading.Thread(target=self._watch, args=(interval,), daemon=True,
-                                                  name="hygeia-triton-watchdog")
+            # the stubs to watch are listed here, before the caller goes on: a stub that dies
+            # between this call and the thread's first look is still noticed
+            self._watch_thread = threading.Thread(target=self._watch, args=(interval, self.stubs()),
+                                                  daemon=True, name="hygeia-triton-watchdog")
             self._watch_thread.start()
 
     def stop(self) -> int | None:
