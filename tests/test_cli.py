@@ -30,6 +30,7 @@ def test_plugins_json_lists_builtins_and_third_party():
     (["generate", "--plugin", "phantom", "-n", "2", "--condition", "fever and cough"], "condition"),
     (["generate", "--plugin", "phantom", "-n", "2", "--condition", "{not json"], "--condition"),
     (["diagnose", "--plugin", "nope", "README.md"], "unknown diagnoser plugin 'nope'"),
+    (["triton", "build", "--plugin", "cnn", "--target", "docker"], "--target"),
 ])
 def test_bad_input_is_one_line_no_traceback(args, needle):
     p = hygeia(*args, check=False)

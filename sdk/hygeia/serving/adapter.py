@@ -76,6 +76,17 @@ class TritonPythonModel:
         import triton_python_backend_utils as pb  # only exists inside the stub
 
         self.pb = pb
+        self.configure(args)
+        if os.environ.get("HYGEIA_EAGER_LOAD", "") not in ("", "0"):
+            self._warm()
+        else:
+            threading.Thread(target=self._warm, args=(WARM_NICE,), daemon=True,
+                             name=f"hygeia-warm-{self.model_name}").start()
+
+    def configure(self, args: dict[str, str]) -> None:
+        """What the model is, from Triton's ``initialize`` arguments (no stub needed: the container
+        packer builds models with it, :mod:`hygeia.serving.pack`)."""
+        self.pb = getattr(self, "pb", None)
         self.config = json.loads(args["model_config"])
         self.model_name = args.get("model_name", self.config.get("name", "?"))
         self.model_dir = args.get("model_repository", "")  # this model's folder (a bundle of its own lives there)
@@ -96,11 +107,6 @@ class TritonPythonModel:
         self._warmed = threading.Event()
         self._execute = {"diagnoser": self._diagnose, "conditioner": self._condition,
                          "generator": self._generate}[self.kind]
-        if os.environ.get("HYGEIA_EAGER_LOAD", "") not in ("", "0"):
-            self._warm()
-        else:
-            threading.Thread(target=self._warm, args=(WARM_NICE,), daemon=True,
-                             name=f"hygeia-warm-{self.model_name}").start()
 
     def _warm(self, nice: int = 0) -> None:
         """Find and build the plugin, check its identity against the config, log the outcome."""

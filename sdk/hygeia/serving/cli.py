@@ -30,13 +30,14 @@ def _bundles(pairs: list[str] | None) -> dict[str, str]:
 
 
 def _build(repo: Path, device: str, instances: int | None, queue_delay_us: int, plugins: list[str] | None,
-           quiet: bool = False, runtime: str = "auto", bundles: dict[str, str] | None = None) -> Any:
+           quiet: bool = False, runtime: str = "auto", bundles: dict[str, str] | None = None,
+           execution_env: str | None = None) -> Any:
     from .repository import build_repository
 
     with err.status(f"building Triton repository {repo} (instantiating each plugin once)...", spinner="dots"):
         res = build_repository(repo, device=device, instances=instances,  # type: ignore[arg-type]
                                queue_delay_us=queue_delay_us, names=plugins or None, runtime=runtime,
-                               bundles=bundles)
+                               bundles=bundles, execution_env=execution_env)
     if not quiet:
         t = Table("model", "status", "served as", title=f"Triton repository {repo.resolve()}")
         for m in res.written:
@@ -93,8 +94,17 @@ def triton_build(
     bundle: Optional[list[str]] = typer.Option(
         None, "--bundle", help="NAME=PATH: serve this bundle (e.g. from `hygeia train NAME --data`) instead of "
                                "the plugin's shipped weights; copied into the repository (repeatable)."),
+    target: str = typer.Option(
+        "embedded", "--target",
+        help="embedded (`hygeia serve`, this venv's Python) or container: also pack this Python and what the "
+             "models import into the repository, with the matching stub, so it runs unchanged in NVIDIA's "
+             "stock tritonserver:24.10-py3 image."),
 ) -> None:
     """Write one Triton model per installed plugin (third-party ones included)."""
+    if target not in ("embedded", "container"):
+        from ..errors import InputError
+
+        raise InputError("--target", "embedded or container", got=repr(target))
     if device not in ("cpu", "gpu", "auto"):
         from ..errors import InputError
 
@@ -103,9 +113,25 @@ def triton_build(
         from ..errors import InputError
 
         raise InputError("--runtime", "auto, onnx, torchscript or eager", got=repr(runtime))
-    res = _build(repo, device, instances, queue_delay_us, plugin, runtime=runtime, bundles=_bundles(bundle))
+    from .pack import ENV_VALUE
+
+    res = _build(repo, device, instances, queue_delay_us, plugin, runtime=runtime, bundles=_bundles(bundle),
+                 execution_env=ENV_VALUE if target == "container" else None)
     if res.failed:
         raise typer.Exit(1)
+    if target == "container":
+        _pack(repo, res.models)
+
+
+def _pack(repo: Path, models: list[str]) -> None:
+    from .pack import pack_repository
+
+    with err.status("packing the execution environment...", spinner="dots") as status:
+        r = pack_repository(repo, models, progress=lambda m: status.update(m))
+    err.print(f"packed {r.path} ({r.size_bytes / 1e6:.0f} MB, {r.files} files): Python "
+              f"{sys.version_info.major}.{sys.version_info.minor}, {len(r.distributions)} distributions "
+              f"({', '.join(r.distributions)}), {len(r.system_libs)} system libraries from the container's Python; "
+              f"needs glibc >= 2.{r.glibc[1]}; the stub in each of {len(models)} model folders", highlight=False)
 
 
 def serve(

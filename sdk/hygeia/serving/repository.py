@@ -248,7 +248,8 @@ def build_repository(repo: str | os.PathLike[str] = "triton_models", *, device: 
                      kinds: Iterable[str] = ("generator", "conditioner", "diagnoser"),
                      names: Iterable[str] | None = None, instances: int | None = None, queue_delay_us: int = 0,
                      registry: PluginRegistry | None = None, prune: bool = True, runtime: str = "auto",
-                     bundles: dict[str, str | os.PathLike[str]] | None = None) -> BuildResult:
+                     bundles: dict[str, str | os.PathLike[str]] | None = None,
+                     execution_env: str | None = None) -> BuildResult:
     """Write (or refresh) one model per registered plugin into ``repo``.
 
     Each plugin is instantiated once (on CPU) to read its identity and sizes. A plugin that
@@ -257,6 +258,8 @@ def build_repository(repo: str | os.PathLike[str] = "triton_models", *, device: 
     ``runtime``: how diagnosers' networks run (:mod:`hygeia.serving.runtime`: ``auto`` measures).
     ``bundles``: plugin name -> a bundle folder to serve instead of its shipped weights (copied
     into the model's folder as ``bundle/``; ``hygeia triton build --bundle NAME=PATH``).
+    ``execution_env``: the ``EXECUTION_ENV_PATH`` parameter of every model (``--target container``,
+    :mod:`hygeia.serving.pack`).
     """
     bundles = {k: Path(v) for k, v in (bundles or {}).items()}
     if device == "auto":
@@ -281,6 +284,8 @@ def build_repository(repo: str | os.PathLike[str] = "triton_models", *, device: 
                               bundle=None if own is None else BUNDLE_DIR)
             frozen, fresh = freeze_params(instance, repo_p / model, runtime, device)
             plan.params.update(frozen)
+            if execution_env:
+                plan.params["EXECUTION_ENV_PATH"] = execution_env
             if spec.kind in ("diagnoser", "generator"):
                 prev = config_params(repo_p / model / "config.pbtxt")
                 plan.params.update(runtime_params(instance, plan.params, runtime, device, prev))
