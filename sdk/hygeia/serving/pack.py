@@ -96,7 +96,26 @@ def probe_model(model_dir: str | os.PathLike[str]) -> list[str]:
     model.configure({"model_config": json.dumps(config), "model_name": d.name, "model_repository": str(d),
                      "model_version": "1"})
     model._build()
+    _exercise(model)
     return sorted({m.partition(".")[0] for m in list(sys.modules)})
+
+
+def _exercise(model: Any) -> None:
+    """One small request straight to the built plugin, so what it imports only when called (RDKit
+    for molecules, say) is seen too. A request this generic may be refused (a conditioner's
+    vocabulary, say): what was imported up to then still counts."""
+    import numpy as np
+
+    p = model.plugin
+    try:
+        if model.kind == "diagnoser":
+            p.diagnose(np.zeros((1, model.channels, *model.size), np.float32))
+        elif model.kind == "generator":
+            p.generate(1, seed=0)
+        else:
+            p.encode([None])
+    except Exception:  # noqa: BLE001,S110  (see the docstring)
+        pass
 
 
 def imported_modules(model_dir: Path) -> list[str]:
