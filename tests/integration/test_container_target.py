@@ -47,6 +47,24 @@ def test_the_pack_holds_what_the_frozen_model_imports_and_no_more(packed) -> Non
     assert f'string_value: "{ENV_VALUE}"' in (repo / "diagnoser_cnn" / "config.pbtxt").read_text()
 
 
+def test_the_packed_python_runs_on_its_own(packed, tmp_path: Path) -> None:
+    """Unpacked and activated as Triton does, without this venv: the interpreter finds its own
+    standard library (with the extension modules a stub's imports reach) and packages."""
+    import tarfile
+
+    repo, _ = packed
+    with tarfile.open(repo / ENV_FILE) as tar:
+        tar.extractall(tmp_path / "env", filter="tar")
+    code = ("import sys, ssl, sqlite3, unittest, ctypes, lzma, bz2, uuid, decimal, numpy, onnxruntime, hygeia; "
+            "print(sys.prefix, hygeia.__file__)")
+    r = subprocess.run(["bash", "-c", f"source {tmp_path}/env/bin/activate && exec python3 -c '{code}'"],
+                       env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LD_LIBRARY_PATH": f"{tmp_path}/env/lib"},
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    prefix, module = r.stdout.split()
+    assert Path(prefix) == tmp_path / "env" and Path(module).is_relative_to(tmp_path / "env")
+
+
 def _wait_ready(url: str, proc: subprocess.Popen, timeout: float = 240.0) -> None:
     import tritonclient.grpc as grpcclient
 

@@ -57,8 +57,8 @@ CONTAINER_LIBS = {
 """Sonames of the Ubuntu 22.04 packages that the container's Python 3.10 standard library depends on
 (libpython3.10-stdlib: libssl3, libffi8, libsqlite3-0, libtirpc3 with Kerberos, ...): the packed
 3.11 standard library's extension modules find the same sonames there."""
-_STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "lib2to3", "site-packages",
-                "__pycache__", f"config-{PYVER}-x86_64-linux-gnu", "unittest"}
+_STDLIB_SKIP = {"test", "idlelib", "tkinter", "turtledemo", "ensurepip", "site-packages",
+                "__pycache__", f"config-{PYVER}-x86_64-linux-gnu"}
 _ACTIVATE = """# Activates the Python environment packed by `hygeia triton build --target container`.
 _hygeia_env="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export PATH="$_hygeia_env/bin:$PATH"
