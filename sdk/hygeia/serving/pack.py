@@ -13,10 +13,10 @@ Triton release, copied into every model folder, and ``hygeia-python3.X.tar.gz`` 
 root holding this interpreter (``bin/python3.X``, ``lib/libpython3.X.so.1.0``, the standard library)
 and the packages the models import. What they import is measured, not guessed: a child process
 builds each model as its stub would (:func:`probe_model`) and reports its modules, so a frozen
-diagnoser (ONNX Runtime) packs without torch. The native libraries the interpreter and its
-extension modules need from the system (OpenSSL, libffi, ...) are copied into ``lib/``, and every
-ELF file's glibc symbol versions are checked against the container's (glibc 2.35 in 24.10,
-Ubuntu 22.04): a pack that needs a newer glibc is refused.
+diagnoser (ONNX Runtime) packs without torch. Every packed ELF file's glibc symbol versions are
+checked against the container's (glibc 2.35 in 24.10, Ubuntu 22.04), and the system libraries the
+interpreter and its extension modules load (OpenSSL, libffi, ...) must be ones the container's
+own Python brings (:data:`CONTAINER_LIBS`): a pack that would not run there is refused.
 """
 from __future__ import annotations
 
@@ -39,7 +39,6 @@ from ..outputs import atomic_path
 
 PYVER = f"{sys.version_info.major}.{sys.version_info.minor}"
 ENV_FILE = f"hygeia-python{PYVER}.tar.gz"
-ENV_PARAM = "EXECUTION_ENV_PATH"
 ENV_VALUE = f"$$TRITON_MODEL_DIRECTORY/../{ENV_FILE}"
 STUB = "triton_python_backend_stub"
 CONTAINER_GLIBC = (2, 35)
