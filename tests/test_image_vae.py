@@ -33,7 +33,9 @@ def test_conditions_differ_and_prefix_is_stable(vae) -> None:
     b = np.stack([g.pixels for g in vae.generate(4, condition="normal", seed=5)])
     assert np.abs(a - b).mean() > 1e-3, "different labels must give different images"
     first = vae.generate(1, condition="cardiomegaly", seed=5)[0].pixels
-    np.testing.assert_allclose(first, a[0], atol=1e-5)  # image i depends on (seed, i), not on n
+    # Image i depends on (seed, i), not on n. The decoder's float32 convolutions round differently
+    # with the batch size on some CPUs (1.03e-5 seen on an AVX2-only one); another draw differs by ~0.1.
+    np.testing.assert_allclose(first, a[0], atol=1e-4)
 
 
 def test_temperature_controls_diversity(vae) -> None:
