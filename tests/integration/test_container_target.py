@@ -22,7 +22,7 @@ import pytest
 
 pytest.importorskip("pytriton")
 
-from hygeia.serving.binary import _pytriton_root, free_port, stub_processes, tritonserver_binary  # noqa: E402
+from hygeia.serving.binary import _pytriton_root, free_port, stub_path, stub_processes, tritonserver_binary  # noqa: E402
 from hygeia.serving.pack import CONTAINER_GLIBC, ENV_FILE, ENV_VALUE, STUB, pack_repository  # noqa: E402
 from hygeia.serving.repository import build_repository  # noqa: E402
 
@@ -90,7 +90,7 @@ def test_a_stock_triton_serves_it_from_the_packed_environment(packed, tmp_path: 
     root = _pytriton_root()
     backends = tmp_path / "backends"
     shutil.copytree(root / "backends", backends)
-    shutil.copy2(root / "python_backend_stubs" / "3.10" / STUB, backends / "python" / STUB)
+    shutil.copy2(stub_path("3.10"), backends / "python" / STUB)
     ports = [free_port() for _ in range(3)]
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
     log = (tmp_path / "triton.log").open("w")

@@ -41,6 +41,17 @@ def tritonserver_binary() -> Path:
     return _pytriton_root() / "bin" / "tritonserver"
 
 
+def stub_path(pyver: str | None = None) -> Path:
+    """The Python-backend stub the wheel ships for Python ``pyver`` (default: this one)."""
+    pyver = pyver or f"{sys.version_info.major}.{sys.version_info.minor}"
+    return _pytriton_root() / "python_backend_stubs" / pyver / "triton_python_backend_stub"
+
+
+def wheel_libs() -> Path:
+    """The wheel's bundled libraries (a renamed libcudart the stub links through its RPATH)."""
+    return _pytriton_root().parent.parent / "nvidia_pytriton.libs"
+
+
 def backend_directory() -> Path:
     """A backends folder whose python backend has the stub for this Python (3.x).
 
@@ -53,7 +64,7 @@ def backend_directory() -> Path:
         return Path(env)
     root = _pytriton_root()
     pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
-    stub = root / "python_backend_stubs" / pyver / "triton_python_backend_stub"
+    stub = stub_path(pyver)
     if not stub.is_file():
         raise TritonServerError(f"no Python backend stub for Python {pyver} in {stub.parent.parent}")
     src = root / "backends" / "python"
@@ -121,7 +132,7 @@ def server_env(threads: int | None = None) -> dict[str, str]:
     if libdir and ldlib and (Path(libdir) / ldlib).exists():
         paths.append(libdir)
     try:
-        libs = _pytriton_root().parent.parent / "nvidia_pytriton.libs"
+        libs = wheel_libs()
         if libs.is_dir():
             paths.append(str(libs))
     except TritonServerError:

@@ -21,6 +21,7 @@ own Python brings (:data:`CONTAINER_LIBS`): a pack that would not run there is r
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import re
 import shutil
@@ -131,7 +132,8 @@ def imported_modules(model_dir: Path) -> list[str]:
 
 
 def _site_packages() -> list[Path]:
-    return [Path(p) for p in dict.fromkeys((sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]))]
+    """This environment's site-packages folders, resolved."""
+    return [Path(p).resolve() for p in dict.fromkeys((sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]))]
 
 
 def _module_origin(name: str) -> Path | None:
@@ -183,7 +185,7 @@ def _copy_site(modules: list[str], dest: Path) -> list[str]:
         origin = _module_origin(name)
         if origin is None:
             continue
-        inside = any(origin.resolve().is_relative_to(s.resolve()) for s in site)
+        inside = any(origin.resolve().is_relative_to(s) for s in site)
         dists.update(by_module.get(name, []) or ([] if inside else _editable_dists(origin)))
         if not inside:  # an editable install: the source folder itself
             target = dest / origin.name
@@ -195,9 +197,8 @@ def _copy_site(modules: list[str], dest: Path) -> list[str]:
     for dname in sorted(dists):
         dist = distribution(dname)
         for f in dist.files or []:
-            src = Path(str(dist.locate_file(f)))
-            rel = next((src.resolve().relative_to(s.resolve()) for s in site
-                        if src.resolve().is_relative_to(s.resolve())), None)
+            src = Path(str(dist.locate_file(f))).resolve()
+            rel = next((src.relative_to(s) for s in site if src.is_relative_to(s)), None)
             if rel is None or "__pycache__" in rel.parts or rel.name.startswith("__editable__") \
                     or not src.is_file():
                 continue
@@ -267,8 +268,9 @@ def glibc_needed(files: list[Path]) -> tuple[tuple[int, int], Path | None]:
     best, where = (0, 0), None
     pat = re.compile(rb"GLIBC_2\.(\d+)")
     for f in files:
-        data = f.read_bytes()
-        for m in set(pat.findall(data)):
+        with open(f, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            found = set(pat.findall(data))
+        for m in found:
             v = (2, int(m))
             if v > best:
                 best, where = v, f
@@ -276,9 +278,9 @@ def glibc_needed(files: list[Path]) -> tuple[tuple[int, int], Path | None]:
 
 
 def _stub_source() -> Path:
-    from .binary import _pytriton_root
+    from .binary import stub_path
 
-    stub = _pytriton_root() / "python_backend_stubs" / PYVER / STUB
+    stub = stub_path()
     if not stub.is_file():
         raise PackError(f"nvidia-pytriton ships no Python backend stub for Python {PYVER} ({stub})")
     return stub
@@ -288,10 +290,12 @@ def _copy_stub_libs(stub: Path, lib: Path) -> None:
     """The libraries the stub finds through its RPATH into the wheel (``nvidia_pytriton.libs``:
     a renamed libcudart), which a copy of the stub elsewhere cannot reach: Triton puts ``ENV/lib``
     on the stub's ``LD_LIBRARY_PATH``."""
-    wheel_libs = (stub.parents[4] / "nvidia_pytriton.libs").resolve()
+    from .binary import wheel_libs
+
+    libs = wheel_libs().resolve()
     out = subprocess.run(["ldd", str(stub)], capture_output=True, text=True).stdout
     for m in re.finditer(r"^\s*(\S+) => (/\S+)", out, re.M):
-        if Path(m.group(2)).resolve().parent == wheel_libs:
+        if Path(m.group(2)).resolve().parent == libs:
             shutil.copy2(m.group(2), lib / m.group(1))
 
 
