@@ -31,6 +31,13 @@ def test_plugins_json_lists_builtins_and_third_party():
     (["generate", "--plugin", "phantom", "-n", "2", "--condition", "{not json"], "--condition"),
     (["diagnose", "--plugin", "nope", "README.md"], "unknown diagnoser plugin 'nope'"),
     (["triton", "build", "--plugin", "cnn", "--target", "docker"], "--target"),
+    (["nosuchcmd"], "No such command 'nosuchcmd'"),
+    (["plugins", "--jsn"], "--jsn"),
+    (["diagnose", "/nonexistent/x.dcm"], "/nonexistent/x.dcm"),
+    (["generate", "--plugin", "phantom", "-n", "1", "--seed", "-1"], "--seed"),
+    (["train", "molecule-vae", "--option", "lr=abc"], "option lr: expected a number, got 'abc'"),
+    (["train", "cnn", "--seed", "-1"], "--seed"),
+    (["serve", "--repo", "/nonexistent/repo", "--device", "tpu"], "--device"),
 ])
 def test_bad_input_is_one_line_no_traceback(args, needle):
     p = hygeia(*args, check=False)
@@ -93,3 +100,22 @@ def test_diagnose_png(tmp_path):
 def test_help_for_every_command():
     for cmd in ["plugins", "generate", "diagnose", "train", "demo", "evaluate"]:
         assert "Usage" in hygeia(cmd, "--help").stdout
+
+
+def test_refused_paths_and_undecodable_files_are_one_line(tmp_path):
+    """An output under a file, a plugin that is not installed, a SMILES file that is not UTF-8."""
+    a_file = tmp_path / "a.png"
+    a_file.write_bytes(b"not a folder")
+    utf16 = tmp_path / "mols.smi"
+    utf16.write_text("CCO\n", encoding="utf-16")
+    cases = [
+        (["generate", "--plugin", "phantom", "-n", "1", "--out", str(a_file / "grid.png")], f"{a_file} is a file"),
+        (["triton", "build", "--repo", str(tmp_path / "repo"), "--plugin", "nosuch"], "plugin 'nosuch'"),
+        (["evaluate", "molecules", str(utf16)], "a UTF-8 text file of SMILES"),
+    ]
+    for args, needle in cases:
+        p = hygeia(*args, check=False)
+        errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+        assert p.returncode == 2 and len(errors) == 1 and needle in errors[0], (args, p.stderr)
+        assert "Traceback" not in p.stderr + p.stdout
+    assert not (tmp_path / "repo").exists()  # refused before anything was written

@@ -37,3 +37,19 @@ def test_generated_images_are_synthetic_and_png_says_so(tmp_path):
     assert im.info["Synthetic"] == "true" and "toy" in im.info["Software"]
     banner = np.asarray(im)[-10:]
     assert banner.max() > 200  # the burned-in SYNTHETIC banner under the grid
+
+
+def test_atomic_path_refuses_a_folder_or_a_file_on_the_way(tmp_path):
+    from hygeia.errors import InputError
+    from hygeia.outputs import atomic_dir, atomic_path
+
+    with pytest.raises(InputError, match="expected a file path, got a folder"):
+        with atomic_path(tmp_path):
+            pass
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    for ctx in (atomic_path(blocker / "a.png"), atomic_dir(blocker / "d")):
+        with pytest.raises(InputError, match=f"{blocker} is a file"):
+            with ctx:
+                pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f"]

@@ -59,3 +59,37 @@ def test_vocab():
     assert finding_index("cardiomegaly") == 3
     with pytest.raises(InputError, match="finding label"):
         finding("tumour-ish")
+
+
+def test_texts_that_are_not_utf8_are_refused():
+    # undecodable bytes on a command line reach Python as lone surrogates
+    with pytest.raises(InputError, match="UTF-8 text"):
+        check_texts(["\udcff\udcfe breathless"], 1)
+
+
+def test_option_values_have_their_defaults_kind():
+    from hygeia.validation import check_option_values
+
+    defaults = {"lr": 1e-3, "epochs": 5, "augment": False, "mode": "avg", "arch": {"blocks": [2]}, "init": None}
+    check_option_values({"lr": 1, "epochs": 2, "augment": True, "mode": "max", "arch": {}, "init": "x",
+                         "unknown": object()}, defaults)  # ints for floats, None defaults and unknown keys pass
+    for key, value, kind in [("lr", "abc", "a number"), ("epochs", True, "a number"), ("augment", 1, "true or false"),
+                             ("mode", 3, "text"), ("arch", "bogus", "a JSON object")]:
+        with pytest.raises(InputError, match=f"option {key}: expected {kind}"):
+            check_option_values({key: value}, defaults)
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("tpu", "cpu, cuda, cuda:N or mps"), ("meta", "cpu, cuda, cuda:N or mps"),
+    ("cuda:99", "cuda:0 to" if torch.cuda.is_available() else "cpu .this machine has no CUDA device"),
+])
+def test_devices_this_machine_lacks_are_refused(device, expected):
+    from hygeia.bundles import pick_device
+
+    with pytest.raises(InputError, match="invalid device: expected " + expected):
+        pick_device(device)
+    assert pick_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert pick_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA device"):
+            pick_device("cuda")

@@ -21,6 +21,7 @@ from hygeia.api import ModelCard
 from hygeia.bundles import load_bundle, save_bundle
 from hygeia.data.labels import LabelTable
 from hygeia.errors import InputError
+from hygeia.validation import check_option_values
 from hygeia_lab.training import (FitConfig, codes_config, curve_png, export_command, fit, metrics_csv, phantom_export,
                                  split_label_file)
 
@@ -110,6 +111,7 @@ def train_on_files(out: str | Path, seed: int, progress: bool, data: str | Path,
                    **options: Any) -> Path | None:
     """Train on the label file ``data`` and write the bundle to ``out``; None on DDP ranks other than 0."""
     o = _user_options(options)
+    check_option_values({"arch": o["arch"]}, {"arch": DEFAULT_ARCH})
     if o["threads"]:
         torch.set_num_threads(int(o["threads"]))
     t0 = time.time()

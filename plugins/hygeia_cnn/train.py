@@ -18,6 +18,7 @@ import torch
 from hygeia.api import ModelCard
 from hygeia.bundles import pick_device, save_bundle
 from hygeia.errors import InputError
+from hygeia.validation import check_option_values
 from hygeia.vocab import FINDING_LABELS
 from hygeia_lab import DEFAULT_DIFFICULTY, PhantomSet, load_npz, make_phantom_set, save_npz
 from hygeia_lab import phantoms as _phantoms
@@ -83,10 +84,12 @@ def _augment(x: torch.Tensor, g: torch.Generator, shift: int) -> torch.Tensor:
 
 def _options(options: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The network config and the trainer options (defaults filled in), checked."""
+    check_option_values({"arch": options.get("arch")}, {"arch": DEFAULT_ARCH})
     arch = {**DEFAULT_ARCH, **(options.pop("arch", None) or {})}
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise InputError("train options", f"some of {', '.join(sorted(DEFAULTS))} or arch", got=", ".join(sorted(unknown)))
+    check_option_values(options, DEFAULTS)
     o = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
     if int(o["epochs"]) < 1:
         raise InputError("epochs", "a positive integer", got=int(o["epochs"]))

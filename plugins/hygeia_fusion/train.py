@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from hygeia.bundles import pick_device, save_bundle
 from hygeia.errors import InputError
+from hygeia.validation import check_option_values
 from hygeia.vocab import FINDING_LABELS
 from hygeia_lab import PhantomSet, load_npz, make_phantom_set, save_npz
 from hygeia_lab.training import auroc_per_finding
@@ -174,6 +175,7 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     unknown = set(options) - set(DEFAULTS)
     if unknown:
         raise InputError("option", f"one of {', '.join(sorted(DEFAULTS))}", got=", ".join(sorted(unknown)))
+    check_option_values(options, DEFAULTS)
     o = {**DEFAULTS, **options}
     if o["mask_pool"] not in ("avg", "max"):  # checked before any data is drawn
         raise InputError("mask_pool", "'avg' or 'max'", got=repr(o["mask_pool"]))

@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .api import ModelCard
-from .errors import BundleError
+from .errors import BundleError, InputError
 from .outputs import atomic_dir, current_umask
 
 WEIGHTS, CONFIG, CARD = "model.safetensors", "config.json", "model_card.json"
@@ -92,8 +92,28 @@ def load_bundle(path: str | os.PathLike[str], device: str | torch.device = "cpu"
     return Bundle(path, tensors, config, card, sha256_file(path / WEIGHTS))
 
 
-def pick_device(preferred: str | None = None) -> torch.device:
-    """``preferred`` if given, else CUDA when available, else CPU (chosen at run time)."""
-    if preferred:
-        return torch.device(preferred)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(preferred: str | torch.device | None = None) -> torch.device:
+    """``preferred`` if given, else CUDA when available, else CPU (chosen at run time).
+
+    A device this machine does not have (``cuda`` without a CUDA GPU, ``cuda:3`` on a one-GPU
+    host, ``mps`` off Apple silicon) or a name torch does not know raises :class:`InputError`.
+    """
+    if preferred is None or (isinstance(preferred, str) and not preferred.strip()):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    expected = "cpu, cuda, cuda:N or mps"
+    try:
+        dev = preferred if isinstance(preferred, torch.device) else torch.device(str(preferred).strip())
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError("device", expected, got=repr(preferred)) from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise InputError("device", "cpu (this machine has no CUDA device)", got=repr(str(preferred)))
+        if dev.index is not None and dev.index >= n:
+            raise InputError("device", f"cuda:0 to cuda:{n - 1}", got=repr(str(preferred)))
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise InputError("device", "cpu or cuda (MPS is not available here)", got=repr(str(preferred)))
+    elif dev.type != "cpu":
+        raise InputError("device", expected, got=repr(str(preferred)))
+    return dev

@@ -84,7 +84,12 @@ def read_smiles(path: str | os.PathLike[str]) -> list[str]:
     if not path.is_file():
         raise InputError("path", "an existing .smi file (one SMILES per line)", got=str(path))
     out = []
-    for line in path.read_text().splitlines():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(str(path), "a UTF-8 text file of SMILES (one per line)",
+                         got=f"byte {exc.object[exc.start]:#04x} at offset {exc.start}") from None
+    for line in text.splitlines():
         line = line.strip()
         if line and not line.startswith("#"):
             out.append(line.split()[0])

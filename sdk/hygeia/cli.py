@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import HygeiaError, InputError
+from .validation import check_seed
 
 app = typer.Typer(
     name="hygeia",
@@ -80,7 +81,7 @@ def plugins(json_out: bool = typer.Option(False, "--json", help="Print a JSON li
 def generate(
     plugin: str = typer.Option(..., "--plugin", "-p", help="Generator plugin name (see `hygeia plugins`)."),
     n: int = typer.Option(16, "-n", help="How many samples."),
-    seed: int = typer.Option(0, "--seed", help="Random seed: same seed, same output."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Random seed: same seed, same output."),
     condition: Optional[str] = typer.Option(None, "--condition", "-c",
                                             help="A finding label, free text, or JSON properties."),
     out: Path = typer.Option(Path("samples.png"), "--out", "-o",
@@ -206,7 +207,7 @@ def _plugin(kind: Any, name: str, server: Optional[str], bundle: Optional[Path] 
 def train(
     plugin: str = typer.Argument(..., help="Plugin to train (must declare a trainer)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Bundle folder (default: the plugin's default)."),
-    seed: int = typer.Option(0, "--seed", help="Seed: the same seed reproduces the same weights."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed: the same seed reproduces the same weights."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Epochs (default: the plugin's)."),
     resume: bool = typer.Option(False, "--resume", help="Resume from the last checkpoint, if the plugin supports it."),
     data: Optional[Path] = _opt("--data", "Your labelled studies: a CheXpert-style or ChestX-ray14-style CSV, or a "
@@ -227,6 +228,7 @@ def train(
     spec = get_registry().find(plugin)
     if spec.train is None:
         raise InputError("plugin", f"a plugin with a trainer ({spec.kind} {plugin!r} has none)")
+    check_seed(seed, "--seed")
     if nproc != 1:
         _torchrun(nproc)
     opts = parse_options(option)
@@ -235,9 +237,21 @@ def train(
     opts.update({k: v for k, v in given.items() if v is not None})
     if resume:
         opts["resume"] = True
-    path = spec.trainer()(seed=seed, progress=True, **opts)  # type: ignore[misc]
+    trainer = spec.trainer()
+    _check_trainer_options(trainer, opts)
+    path = trainer(seed=seed, progress=True, **opts)  # type: ignore[misc]
     if path is not None:  # None: a DDP rank other than 0
         console.print(f"trained {spec.kind} {plugin!r}; bundle at {path}")
+
+
+def _check_trainer_options(trainer: Any, opts: dict[str, Any]) -> None:
+    """Options the trainer names as keyword arguments must have their default's kind (a number, ...)."""
+    import inspect
+
+    from .validation import check_option_values
+
+    params = inspect.signature(trainer).parameters.values()
+    check_option_values(opts, {p.name: p.default for p in params if p.default is not inspect.Parameter.empty})
 
 
 def _torchrun(nproc: int) -> None:
@@ -292,13 +306,49 @@ def _load_command_plugins() -> None:
     get_registry().pm.hook.hygeia_cli_commands(app=app)
 
 
+def _usage_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions typer raises for bad usage (its vendored click's, and click's own)."""
+    found: list[type[BaseException]] = []
+    if hasattr(typer, "TyperException"):
+        found.append(typer.TyperException)
+    try:
+        import click
+
+        found.append(click.ClickException)
+    except ImportError:
+        pass
+    return tuple(found)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: run the CLI; HygeiaError -> one line on stderr, exit 2."""
+    """Entry point: run the CLI; a usage error, HygeiaError or refused path -> one line on stderr, exit 2."""
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        get_app()(args=argv, standalone_mode=True)
+        rc = get_app()(args=argv, standalone_mode=False)
+    except _usage_errors() as exc:  # unknown option, missing argument, a path that does not exist
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare command group: its help, as typer shows it
+            try:
+                get_app()(args=[*(sys.argv[1:] if argv is None else argv), "--help"], standalone_mode=True)
+            except SystemExit:
+                pass
+            sys.exit(2)
+        ctx = getattr(exc, "ctx", None)
+        see = f" (see: {ctx.command_path} --help)" if ctx is not None else ""
+        err.print(f"error: {exc.format_message()}{see}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except typer.Abort:  # Ctrl-C at a prompt
+        err.print("aborted", markup=False)
+        sys.exit(130)
     except HygeiaError as exc:
         err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)
+    except OSError as exc:  # a file or folder the OS refuses (read-only, not a folder, no space): its reason
+        path = exc.filename2 if exc.filename2 is not None else exc.filename
+        where = f"{path}: " if path is not None else ""
+        why = "a file where a folder is needed" if isinstance(exc, (FileExistsError, NotADirectoryError)) else None
+        err.print(f"error: {where}{why or exc.strerror or exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)

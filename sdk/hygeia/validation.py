@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -67,6 +67,10 @@ def check_texts(texts: Sequence[str] | None, batch: int, name: str = "texts") ->
     for t in texts:
         if not isinstance(t, str):
             raise InputError(name, "strings", got=type(t).__name__)
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError(name, "UTF-8 text", got=ascii(t)[:60]) from None
     return texts
 
 
@@ -126,3 +130,27 @@ def check_condition(condition: Any, supported: frozenset[str] | set[str], plugin
             got=f"{kind} {condition!r}"[:200],
         )
     return kind
+
+
+def check_option_values(values: Mapping[str, Any], defaults: Mapping[str, Any], name: str = "option") -> None:
+    """Each value of a known option has its default's kind: a number for a numeric default (not
+    a bool or a string), true/false for a bool, text for a string, a mapping or list for one.
+    Options without a default (``None``) or not in ``defaults`` are left to the caller."""
+    for key, value in values.items():
+        default = defaults.get(key)
+        if default is None or value is None:
+            continue
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, (int, float)):
+            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+        elif isinstance(default, str):
+            ok, kind = isinstance(value, str), "text"
+        elif isinstance(default, Mapping):
+            ok, kind = isinstance(value, Mapping), 'a JSON object, e.g. {"key": 1}'
+        elif isinstance(default, (list, tuple)):
+            ok, kind = isinstance(value, (list, tuple)), "a JSON list, e.g. [1, 2]"
+        else:
+            continue
+        if not ok:
+            raise InputError(f"{name} {key}", kind, got=repr(value))

@@ -19,7 +19,7 @@ def evaluate_diagnoser(
     n: int = typer.Option(2000, "-n", help="Held-out phantoms."),
     json_out: bool = typer.Option(False, "--json"),
     roc: Optional[Path] = typer.Option(None, "--roc", help="Write ROC curves as PNG."),
-    size: Optional[int] = typer.Option(None, "--size", help="Phantom size in pixels (default: the diagnoser's input size)."),
+    size: Optional[int] = typer.Option(None, "--size", min=8, help="Phantom size in pixels (default: the diagnoser's input size)."),
     baseline: Optional[str] = typer.Option(
         None, "--baseline", help="Image-only diagnoser a text-aware one is compared with (default: the default diagnoser)."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="Bundle folder to evaluate (e.g. from `hygeia train --data`)."),
@@ -55,7 +55,7 @@ def evaluate_generator(
     grid: Optional[Path] = typer.Option(None, "--grid", help="PNG grid of samples per condition."),
     condition_kind: Optional[str] = typer.Option(
         None, "--condition-kind", help="label, text (the TEXT_PROMPTS) or none (default: label when taken)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the samples and of the real phantoms' subsets."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the samples and of the real phantoms' subsets."),
     option: Optional[list[str]] = typer.Option(
         None, "--option", help="Generate option KEY=VALUE for every sample (repeatable), e.g. guidance_scale=1."),
     judge: Optional[str] = typer.Option(
@@ -83,7 +83,7 @@ def evaluate_molecules(
 
 def demo(
     out: Path = typer.Option(Path("out/demo"), "--out", "-o", help="Output folder."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", min=0),
     server: Optional[str] = typer.Option(None, "--server", help="Diagnose through this Triton server."),
     local: bool = typer.Option(False, "--local", help="Diagnose in-process instead of through Triton."),
     plugin: Optional[str] = typer.Option(
@@ -111,7 +111,7 @@ def phantoms_export(
         "explicit", "--transfer-syntax",
         help="DICOM transfer syntax: explicit, deflate, rle, jpegls, jpegls-near, jpeg2000, jpeg2000-lossy, "
              "jpeg-lossless."),
-    seed: int = typer.Option(0, "--seed", help="Seed: the same seed and split write the same dataset."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed: the same seed and split write the same dataset."),
     split: str = typer.Option("train", "--split", help="train, val or test (never the same phantoms)."),
     text: bool = typer.Option(False, "--text", help="Add the clinical indication as the column 'Indication'."),
     difficulty: Optional[float] = typer.Option(

@@ -34,6 +34,10 @@ def _build(repo: Path, device: str, instances: int | None, queue_delay_us: int, 
            execution_env: str | None = None) -> Any:
     from .repository import build_repository
 
+    if device not in ("cpu", "gpu", "auto"):  # `triton build` and `serve` alike
+        from ..errors import InputError
+
+        raise InputError("--device", "cpu, gpu or auto", got=repr(device))
     with err.status(f"building Triton repository {repo} (instantiating each plugin once)...", spinner="dots"):
         res = build_repository(repo, device=device, instances=instances,  # type: ignore[arg-type]
                                queue_delay_us=queue_delay_us, names=plugins or None, runtime=runtime,
@@ -105,10 +109,6 @@ def triton_build(
         from ..errors import InputError
 
         raise InputError("--target", "embedded or container", got=repr(target))
-    if device not in ("cpu", "gpu", "auto"):
-        from ..errors import InputError
-
-        raise InputError("--device", "cpu, gpu or auto", got=repr(device))
     if runtime not in ("auto", "onnx", "torchscript", "eager"):
         from ..errors import InputError
 

@@ -266,11 +266,11 @@ def build_repository(repo: str | os.PathLike[str] = "triton_models", *, device: 
         import torch
 
         device = "gpu" if torch.cuda.is_available() else "cpu"
+    reg = registry or get_registry()
+    for name in [*bundles, *(names or ())]:
+        reg.find(name)  # PluginNotFoundError names the installed plugins
     repo_p = Path(repo)
     repo_p.mkdir(parents=True, exist_ok=True)
-    reg = registry or get_registry()
-    for name in bundles:
-        reg.find(name)  # PluginNotFoundError names the installed plugins
     wanted = set(names) if names is not None else None
     result = BuildResult(repo_p)
     for spec in reg.all():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass, field
+from dataclasses import fields as fields_of
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -20,6 +21,7 @@ import torch
 
 from hygeia.bundles import pick_device
 from hygeia.errors import InputError
+from hygeia.validation import check_option_values
 
 from . import checkpoint
 from .data import Item, ShardedPermutation, check_batch, dataset, loader
@@ -56,6 +58,9 @@ class FitConfig:
     def from_options(cls, o: dict[str, Any], **fields: Any) -> FitConfig:
         """The config a trainer's options give (``size``, ``epochs``, ``batch_size``, ``lr``,
         ``weight_decay``, ``patience``, ``workers``, ``device``, ``augment``, ``precision``), plus ``fields``."""
+        check_option_values(o, {f.name: f.default for f in fields_of(cls)})
+        if int(o["workers"]) < 0:
+            raise InputError("option workers", "0 or more data-loading processes", got=o["workers"])
         precision = str(o.get("precision") or "float32")
         if precision not in PRECISIONS:
             raise InputError("precision", f"one of {', '.join(PRECISIONS)}", got=repr(precision))
