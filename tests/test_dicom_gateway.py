@@ -248,6 +248,18 @@ def test_config_validation(tmp_path):
     for bad in (-1, 1.5, True):
         with pytest.raises(InputError, match="sr_processes"):
             GatewayConfig.from_dict({**base, "allowed_callers": ["A"], "sr_processes": bad})
+    # each value has its field's kind: a string where a list is meant is not split into letters
+    ok = {**base, "allowed_callers": ["PACS"]}
+    for key, bad, why in [("allowed_callers", "PACS", "a list of strings"), ("modalities", "DX", "a list of strings"),
+                          ("port", "abc", "an integer"), ("port", 70000, "a TCP port"), ("spool", 5, "a string"),
+                          ("study_timeout_s", "abc", "a number"), ("tls", 5, "a JSON object"),
+                          ("cstore", {"host": "x"}, "cstore: expected the key ae_title"),
+                          ("stow", {}, "stow: expected the key url"),
+                          ("transfer_syntaxes", ["bogus"], "transfer syntax UIDs"),
+                          ("server", "notaport", "HOST:PORT")]:
+        with pytest.raises(InputError, match=why):
+            GatewayConfig.from_dict({**ok, key: bad})
+    assert GatewayConfig.from_dict({**ok, "server": "triton:8001"}).allowed_callers == ("PACS",)
 
 
 def test_command_line_overrides_server_and_local_fallback(tmp_path):
@@ -259,6 +271,8 @@ def test_command_line_overrides_server_and_local_fallback(tmp_path):
     assert plain.server is None and plain.local_fallback is False
     cfg = load_config(tmp_path / "g.json", server="10.0.0.5:8001", local_fallback=True)
     assert cfg.server == "10.0.0.5:8001" and cfg.local_fallback is True
+    with pytest.raises(InputError, match="server"):
+        load_config(tmp_path / "g.json", server="notaport")
     (tmp_path / "f.json").write_text(json.dumps({**base, "local_fallback": True}))
     assert load_config(tmp_path / "f.json").local_fallback is True  # the flag only turns it on
 

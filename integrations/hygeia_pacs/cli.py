@@ -81,12 +81,15 @@ def load_config(config: Path, server: Optional[str] = None, local_fallback: bool
     """The config file with the command line's overrides (``--server``, ``--local-fallback``)."""
     from .config import GatewayConfig
 
+    import dataclasses
+
     cfg = GatewayConfig.load(config)
+    changes: dict[str, Any] = {}
     if server:
-        cfg.server = server
+        changes["server"] = server
     if local_fallback:
-        cfg.local_fallback = True
-    return cfg
+        changes["local_fallback"] = True
+    return dataclasses.replace(cfg, **changes) if changes else cfg  # checked again, as from the file
 
 
 def _serve(config: Path, server: Optional[str], verbose: bool, work_only: bool, local_fallback: bool = False) -> None:

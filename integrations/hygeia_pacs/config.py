@@ -1,8 +1,11 @@
 """Gateway configuration: a JSON (or TOML) file, every field documented in docs/gateway.md."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,51 @@ DEFAULT_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
 )
 """Accepted at association negotiation: every syntax :mod:`hygeia.data.decode` reads (pylibjpeg)."""
+
+
+def _kind_error(hint: Any, value: Any) -> str | None:
+    """What ``value`` should have been for the field type ``hint``, or None if it fits."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        return _kind_error(next(a for a in args if a is not type(None)), value)
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if hint in (int, float):
+        ok = isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
+        return None if ok else ("an integer" if hint is int else "a number")
+    if hint in (str, Path):
+        return None if isinstance(value, str) else "a string"
+    if origin is tuple:
+        ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+        return None if ok else 'a list of strings, e.g. ["A", "B"]'
+    if origin is dict or dataclasses.is_dataclass(hint):
+        return None if isinstance(value, dict) else "a JSON object"
+    return None
+
+
+def check_keys(cls: type, d: Any, where: str) -> None:
+    """``d`` may build ``cls``: an object with only its keys, every required key, each of its kind
+    (nested objects checked the same way), so a config file never half-works."""
+    if not isinstance(d, dict):
+        raise InputError(where, "a JSON object", got=type(d).__name__)
+    fs = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(d) - set(fs))
+    if unknown:
+        raise InputError(where, f"only the keys {', '.join(sorted(fs))}", got=f"unknown {unknown}")
+    missing = [n for n, f in fs.items() if n not in d and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise InputError(where, f"the key {missing[0]}", got="none")
+    hints = typing.get_type_hints(cls)
+    for key, value in d.items():
+        why = _kind_error(hints[key], value)
+        if why is not None:
+            raise InputError(f"{where} {key}", why, got=repr(value)[:80])
+        nested = next((a for a in (hints[key], *typing.get_args(hints[key])) if dataclasses.is_dataclass(a)), None)
+        if nested is not None and isinstance(value, dict):
+            check_keys(nested, value, f"{where} {key}")
 
 
 @dataclass
@@ -140,6 +188,11 @@ class GatewayConfig:
                 raise InputError("gateway config AE title", "1-16 characters without backslash", got=repr(a))
         self.modalities = tuple(str(m).upper() for m in self.modalities)
         self.transfer_syntaxes = tuple(str(t) for t in self.transfer_syntaxes)
+        from pydicom.uid import UID
+
+        for t in self.transfer_syntaxes:
+            if not UID(t).is_transfer_syntax:
+                raise InputError("gateway config transfer_syntaxes", "DICOM transfer syntax UIDs", got=repr(t))
         if isinstance(self.tls, dict):
             self.tls = TlsOptions(**self.tls)
         if isinstance(self.cstore, dict):
@@ -166,18 +219,21 @@ class GatewayConfig:
         if not self.receive and self.broker is None:
             raise InputError("gateway config receive", "true unless a broker is set (a worker needs a broker queue)",
                              got="false without a broker")
+        if not 0 <= self.port <= 65535:
+            raise InputError("gateway config port", "a TCP port from 0 to 65535", got=self.port)
+        for addr in (str(self.server).split(",") if self.server is not None else ()):
+            host, _, port = addr.strip().split("://", 1)[-1].rpartition(":")
+            if not host or not port.isdigit():
+                raise InputError("gateway config server", "HOST:PORT of Triton's gRPC endpoint", got=repr(self.server))
         if self.study_timeout_s <= 0 or self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise InputError("gateway config timings", "study_timeout_s > 0 and 0 < retry_initial_s <= retry_max_s",
                              got=(self.study_timeout_s, self.retry_initial_s, self.retry_max_s))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GatewayConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise InputError("gateway config", f"only the keys {', '.join(sorted(known))}", got=f"unknown {unknown}")
-        if "spool" not in d:
+        if isinstance(d, dict) and "spool" not in d:
             raise InputError("gateway config", "a 'spool' folder (the durable queue)", got="no spool")
+        check_keys(cls, d, "gateway config")
         return cls(**d)
 
     @classmethod
@@ -185,8 +241,8 @@ class GatewayConfig:
         """Read a ``.json`` or ``.toml`` file; relative spool paths are relative to the file."""
         p = Path(path)
         try:
-            text = p.read_text()
-        except OSError as exc:
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
             raise InputError(f"gateway config {str(p)!r}", "a readable JSON or TOML file", got=str(exc)) from None
         try:
             if p.suffix.lower() == ".toml":
@@ -199,6 +255,6 @@ class GatewayConfig:
             raise InputError(f"gateway config {str(p)!r}", "valid JSON (or TOML for .toml)", got=str(exc)) from None
         if not isinstance(d, dict):
             raise InputError(f"gateway config {str(p)!r}", "a JSON object", got=type(d).__name__)
-        if "spool" in d and not Path(d["spool"]).is_absolute():
+        if isinstance(d.get("spool"), str) and not Path(d["spool"]).is_absolute():
             d["spool"] = str(p.parent / d["spool"])
         return cls.from_dict(d)
