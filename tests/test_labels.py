@@ -283,3 +283,17 @@ def test_builtin_codes_are_in_pydicoms_snomed_dictionary():
     for name, code in BUILTIN_CODES.items():
         assert code.scheme == "SCT" and code.value in sct, name
         assert sct[code.value].lower().startswith(code.meaning.lower()), (name, sct[code.value])
+
+
+def test_a_file_without_any_label_or_with_a_column_twice_is_refused(chexpert: Path):
+    rows = [list(r) for r in CHEXPERT]
+    for r in rows[1:]:
+        r[6:] = ["", "", ""] if r is not rows[3] else ["", "-1", ""]  # -1 is ignored by default
+    write_csv(chexpert, rows)
+    with pytest.raises(InputError, match="at least one 0 or 1 label, got every label blank or ignored"):
+        read_labels(chexpert)
+    assert np.nanmax(read_labels(chexpert, uncertain="u-ones").labels) == 1.0
+    rows = [r + [r[7]] for r in CHEXPERT]  # Cardiomegaly twice: which one would count?
+    write_csv(chexpert, rows)
+    with pytest.raises(InputError, match="each column once, got Cardiomegaly more than once"):
+        read_labels(chexpert)

@@ -162,11 +162,16 @@ def read_labels(path: str | os.PathLike[str], image_root: str | os.PathLike[str]
         table = _read_datalist(path, root, UNCERTAIN[policy], text_column, user, want, split, progress)
     else:
         header, rows = read_csv(path)
+        twice = sorted({h for h in header if h and [x.lower() for x in header].count(h.lower()) > 1})
+        if twice:
+            raise InputError(f"columns of {str(path)!r}", "each column once", got=f"{', '.join(twice)} more than once")
         kind = layout if layout != "auto" else _detect(header, path)
         reader = _read_nih if kind == "nih" else _read_chexpert
         table = reader(path, header, rows, root, UNCERTAIN[policy], text_column, want, progress)
     if not table.rows:
         raise InputError(f"label file {str(path)!r}", "at least one labelled image", got="no rows")
+    if np.isnan(table.labels).all():
+        raise InputError(f"label file {str(path)!r}", "at least one 0 or 1 label", got="every label blank or ignored")
     table = replace(table, user_codes=user)
     if boxes is not None:
         table = _attach_boxes(table, Path(boxes), root)
