@@ -38,6 +38,8 @@ def parse_options(options: list[str] | None) -> dict[str, Any]:
         if "=" not in item:
             raise InputError("--option", "KEY=VALUE", got=repr(item))
         k, v = item.split("=", 1)
+        if not k.strip():
+            raise InputError("--option", "KEY=VALUE with a key", got=repr(item))
         try:
             out[k.strip()] = json.loads(v)
         except ValueError:

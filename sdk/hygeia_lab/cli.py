@@ -43,6 +43,10 @@ def evaluate_diagnoser(
         return
     from .evaluation.run import main as run
 
+    if baseline:  # named by the user: a typo fails now, not after the evaluation
+        from hygeia.plugins import get_registry
+
+        get_registry().find(baseline)
     run(name, n=n, json_out=json_out, roc=roc, size=size, baseline="" if baseline is None else baseline,
         bundle=bundle)
 
@@ -94,6 +98,10 @@ def demo(
 
     from .demo import run_demo
 
+    if local and server:
+        from hygeia.errors import InputError
+
+        raise InputError("--local/--server", "one of them (in process, or through that server)", got="both")
     run_demo(out, seed=seed, server=server, local=local, console=console, plugin=plugin)
 
 

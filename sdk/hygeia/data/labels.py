@@ -152,7 +152,8 @@ def read_labels(path: str | os.PathLike[str], image_root: str | os.PathLike[str]
     if policy not in UNCERTAIN:
         raise InputError("uncertain", f"one of {', '.join(UNCERTAIN)}", got=repr(uncertain))
     if not path.is_file():
-        raise InputError(f"label file {str(path)!r}", "an existing CSV or JSON file", got="no such file")
+        raise InputError(f"label file {str(path)!r}", "an existing CSV or JSON file",
+                         got="a folder" if path.is_dir() else "no such file")
     user = read_codes(codes) if isinstance(codes, (str, os.PathLike)) else dict(codes or {})
     root = Path(image_root) if image_root is not None else None
     if root is not None and not root.is_dir():

@@ -149,7 +149,7 @@ def serve(
                                               help="Load only these Triton models (repeatable)."),
     check: Optional[str] = typer.Option(None, "--check", metavar="HOST:PORT",
                                         help="Do not serve: print the state of every model of that server."),
-    timeout: float = typer.Option(120.0, "--timeout", help="Seconds to wait for readiness (or --check)."),
+    timeout: float = typer.Option(120.0, "--timeout", min=0.1, help="Seconds to wait for readiness (or --check)."),
     log: Optional[Path] = typer.Option(None, "--log", help="Write tritonserver's log here."),
     verbose: int = typer.Option(0, "--log-verbose", help="tritonserver --log-verbose level."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1,
