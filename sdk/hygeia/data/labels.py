@@ -171,7 +171,7 @@ def read_labels(path: str | os.PathLike[str], image_root: str | os.PathLike[str]
         table = reader(path, header, rows, root, UNCERTAIN[policy], text_column, want, progress)
     if not table.rows:
         raise InputError(f"label file {str(path)!r}", "at least one labelled image", got="no rows")
-    if np.isnan(table.labels).all():
+    if table.labels.size and np.isnan(table.labels).all():  # (a ChestX-ray14 file of normals has no columns)
         raise InputError(f"label file {str(path)!r}", "at least one 0 or 1 label", got="every label blank or ignored")
     table = replace(table, user_codes=user)
     if boxes is not None:
