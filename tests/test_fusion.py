@@ -209,9 +209,11 @@ def test_input_size_option(tmp_path):
                 data_dir=tmp_path / "data", progress=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = train(out=tmp_path / "s96", seed=1, **{**opts, "size": 96, "finer": True})
+        out = train(out=tmp_path / "s96", seed=1, **{**opts, "size": 96, "finer": True, "mimics": 0.5})
     diag = get_registry().create("diagnoser", "fusion", bundle=out)
-    assert diag.input_size == (96, 96)
+    assert diag.input_size == (96, 96) and diag.config["mimics"] == 0.5
+    assert sorted(p.name for p in (tmp_path / "data").glob("*.npz")) == ["train_32_96px_m0.5.npz", "val_24_96px_m0.5.npz"]
+    assert "look-alikes 0.5" in diag.card.training_data and "--option mimics=0.5" in diag.card.training_data
     d = diag.diagnose(make_phantom(5, size=96).image[None, None], texts=["cough"])[0]
     assert d.image_size == (96, 96) and d.findings[0].heatmap.shape == (96, 96)
     with pytest.raises(InputError, match="96x96"):
@@ -233,6 +235,8 @@ def test_evaluate_table_json(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     rows = {"fusion", "fusion_no_text", "fusion_shuffled_text", "image_only", "text_only", "late_fusion"}
     assert set(out) == rows | {"comparison"}
+    config = get_registry().create("diagnoser", "fusion").config  # the phantoms the weights were trained on
+    assert out["fusion"]["difficulty"] == config["difficulty"] and out["fusion"]["mimics"] == config.get("mimics", 0.0)
     for key in rows:
         res = out[key]
         for field in ("macro_auroc", "per_finding_auroc", "ece", "localisation_hit_rate"):

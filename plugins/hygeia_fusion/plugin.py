@@ -193,16 +193,16 @@ class FusionDiagnoser:
 
 
 def card(metrics: dict[str, Any] | None = None, n_train: int = 8000, maps: int = 64, size: int = 256,
-         difficulty: float = 2.0, command: str = "") -> ModelCard:
-    """The model card the trainer writes (``n_train``, ``size``, ``difficulty``: the trainer's
-    defaults; ``command``: the training command that reproduces the weights)."""
+         look: tuple[float, float] = (2.0, 0.0), command: str = "") -> ModelCard:
+    """The model card the trainer writes (``n_train``, ``size``, ``look``: the phantoms' difficulty
+    and look-alike rate, the trainer's defaults; ``command``: the command that reproduces the weights)."""
     return ModelCard(
         intended_use=("Research and software testing: multi-label finding detection (nodule, consolidation, "
                       f"effusion, cardiomegaly, pneumothorax) on {size}x{size} chest-radiograph-like images, optionally "
                       "helped by the clinical history/indication line, with per-finding heat maps and regions. "
                       "Not for clinical use."),
         training_data=(f"{n_train} synthetic phantoms (hygeia_lab.phantoms.make_phantom_set, split 'train', difficulty "
-                       f"{difficulty:g}) with their generated clinical indication text; thresholds and model selection "
+                       f"{look[0]:g}, look-alikes {look[1]:g}) with their generated clinical indication text; thresholds and model selection "
                        "on 1000 'val' phantoms. No patient data." + (f" Reproduce with: {command}" if command else "")),
         metrics=dict(metrics or {}),
         limitations=("Trained only on synthetic phantoms: performance on real radiographs is unknown. The text "

@@ -42,7 +42,7 @@ DEFAULTS: dict[str, Any] = {
     "epochs": 6, "n_train": 8000, "n_val": 1000, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4,
     "text_dropout": 0.3, "shift": 8, "threads": 0, **ARCH_DEFAULTS, "mask_weight": 1.0,
     "mask_pool": "avg", "mask_pos_weight": 4.0, "max_tokens": 128, "init": None, "size": 256, "difficulty": 2.0,
-    "baselines": True, "text_shuffle": 0.0,
+    "baselines": True, "text_shuffle": 0.0, "mimics": 0.0,
 }
 """The shipped network: the ``cxr`` diagnoser's backbone layout (MONAI ResNet, 7x7 stem, blocks
 2-2-2-2) at widths 16-128, warm-started from an image-only bundle of that layout (``init``), at
@@ -55,15 +55,16 @@ Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, tor
 
 
 def _dataset(split: str, n: int, data_dir: Path | None, progress: bool, size: int = 64,
-             difficulty: float = 1.0) -> PhantomSet:
+             difficulty: float = 1.0, mimics: float = 0.0) -> PhantomSet:
     f = None
     if data_dir is not None:
-        tag = ("" if size == 64 else f"_{size}px") + ("" if difficulty == 1.0 else f"_d{difficulty:g}")
+        tag = (("" if size == 64 else f"_{size}px") + ("" if difficulty == 1.0 else f"_d{difficulty:g}")
+               + (f"_m{mimics:g}" if mimics else ""))
         f = Path(data_dir) / f"{split}_{n}{tag}.npz"
         if f.is_file():
             return load_npz(f)
     ps = make_phantom_set(n, split, size=size, difficulty=difficulty, progress=progress,
-                          workers=max(1, min(4, os.cpu_count() or 1)))
+                          workers=max(1, min(4, os.cpu_count() or 1)), mimics=mimics)
     if f is not None:
         save_npz(f, ps)
     return ps
@@ -158,7 +159,8 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     ``shift`` (max translation in px), ``mask_weight`` (weight of the localisation loss:
     evidence maps against the phantoms' finding masks; 0 = labels only), ``mask_pool`` (``avg``:
     area share per map cell, or ``max``: any overlap), ``mask_pos_weight``, ``size`` (phantom size
-    in pixels, default 256), ``difficulty`` (phantom difficulty, default 2), ``finer`` (evidence maps
+    in pixels, default 256), ``difficulty`` (phantom difficulty, default 2), ``mimics`` (the rate of
+    look-alikes of absent findings, 0-1, :data:`hygeia_lab.phantoms.MIMIC_RATES`; 0), ``finer`` (evidence maps
     at half the input size, through a stem skip), ``init`` (a bundle to warm-start from: a fusion
     bundle, or an image-only diagnoser's such as ``cxr``, whose ResNet becomes the backbone),
     ``fine`` (evidence maps at a quarter of the input size), ``blocks``, ``widths``, ``stem``,
@@ -319,6 +321,7 @@ def _save(out: str | Path, net: FusionNet, va: PhantomSet, text: tuple[torch.Ten
         "text_encoder": {k: v for k, v in encoder_identity().items() if k != "path"},
         "text_encoder_frozen": True,
         "difficulty": float(o["difficulty"]),
+        "mimics": float(o["mimics"]),
         **({"baselines": baselines[1]} if baselines[1] else {}),
         "training": {"seed": seed, **{k: o[k] for k in DEFAULTS}, "device": str(dev),
                      "seconds": round(time.time() - t0, 1), "history": history},
@@ -326,7 +329,8 @@ def _save(out: str | Path, net: FusionNet, va: PhantomSet, text: tuple[torch.Ten
     with torch.no_grad():
         maps = int(net(torch.zeros(1, 1, size, size, device=dev))["maps"].shape[-1])
     save_bundle(out, {**net.state_dict(), **baselines[0]}, config,
-                card(metrics, int(o["n_train"]), maps, size, float(o["difficulty"]), _command(o, seed)))
+                card(metrics, int(o["n_train"]), maps, size, (float(o["difficulty"]), float(o["mimics"])),
+                     _command(o, seed)))
     return Path(out)
 
 
@@ -346,9 +350,9 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
     t0 = time.time()
     cache = _data_dir(data_dir)
     size = int(o["size"])
-    diff = float(o["difficulty"])
-    tr = _dataset("train", int(o["n_train"]), cache, progress, size, diff)
-    va = _dataset("val", int(o["n_val"]), cache, progress, size, diff)
+    look = float(o["difficulty"]), float(o["mimics"])
+    tr = _dataset("train", int(o["n_train"]), cache, progress, size, *look)
+    va = _dataset("val", int(o["n_val"]), cache, progress, size, *look)
     text = {"train": _text_states(tr.texts, int(o["max_tokens"]), cache),
             "val": _text_states(va.texts, int(o["max_tokens"]), cache)}
     arch = _arch(o)

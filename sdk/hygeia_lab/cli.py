@@ -124,6 +124,8 @@ def phantoms_export(
     text: bool = typer.Option(False, "--text", help="Add the clinical indication as the column 'Indication'."),
     difficulty: Optional[float] = typer.Option(
         None, "--difficulty", help="Phantom difficulty, 0-3 (default 2.0: subtle at 256 px; higher: fainter findings, more noise)."),
+    mimics: float = typer.Option(
+        0.0, "--mimics", help="Look-alikes of absent findings (skin fold, nipple shadow...), 0-1 (default 0: none)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it holds files."),
 ) -> None:
     """Write labelled phantoms as a CheXpert-style CSV, a ChestX-ray14-style CSV or a MONAI datalist."""
@@ -133,7 +135,7 @@ def phantoms_export(
 
     label_file = export_phantoms(out, layout=layout, n=n, size=size, image_format=image_format,
                                  transfer_syntax=transfer_syntax, seed=seed, split=split, text=text,
-                                 difficulty=difficulty, overwrite=overwrite, progress=True)
+                                 difficulty=difficulty, overwrite=overwrite, progress=True, mimics=mimics)
     console.print(f"wrote {n} phantoms ({layout}, {image_format}) to {out}; labels in {label_file}")
 
 

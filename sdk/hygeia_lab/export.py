@@ -254,12 +254,13 @@ def _write_datalist(folder: Path, recs: list[dict[str, Any]], split: str, text: 
 def export_phantoms(out: str | os.PathLike[str], layout: str = "chexpert", n: int = 100, size: int = 256,
                     image_format: str = "dicom", transfer_syntax: str = "explicit", seed: int = 0, split: str = "train",
                     text: bool = False, difficulty: float | None = None, overwrite: bool = False,
-                    progress: bool = True) -> Path:
+                    progress: bool = True, mimics: float = 0.0) -> Path:
     """Write a labelled phantom dataset into the folder ``out``; returns the label file's path.
 
     ``out`` must be new or empty unless ``overwrite``. ``transfer_syntax`` (DICOM only) is one of
     :data:`TRANSFER_SYNTAXES`; a missing encoder is an InputError before anything is drawn.
-    ``text`` adds the phantom's clinical indication as ``Indication``.
+    ``text`` adds the phantom's clinical indication as ``Indication``; ``mimics`` (0-1) draws
+    look-alikes of absent findings (:data:`hygeia_lab.phantoms.MIMIC_RATES`).
     """
     _check_choice("--layout", layout, LAYOUTS)
     difficulty = EXPORT_DIFFICULTY if difficulty is None else difficulty
@@ -268,6 +269,8 @@ def export_phantoms(out: str | os.PathLike[str], layout: str = "chexpert", n: in
     _check_choice("--split", split, tuple(SPLITS))
     n, size = _check_int("-n", n, 1, MAX_N), _check_int("--size", size, 16, 1024)
     seed = _check_int("--seed", seed, 0, 2 ** 32 - 1)
+    if isinstance(mimics, bool) or not isinstance(mimics, (int, float)) or not 0 <= mimics <= 1:
+        raise InputError("--mimics", "a number in [0, 1]", got=repr(mimics))
     if image_format == "png" and transfer_syntax != "explicit":
         raise InputError("--transfer-syntax", "explicit with --format png (transfer syntaxes are DICOM's)",
                          got=transfer_syntax)
@@ -289,7 +292,7 @@ def export_phantoms(out: str | os.PathLike[str], layout: str = "chexpert", n: in
     with atomic_dir(target) as tmp:
         recs = []
         for i in track(range(n), description=f"exporting {layout} phantoms", transient=True, disable=not progress):
-            p = make_phantom(export_seed(split, seed, i), size=size, difficulty=difficulty)
+            p = make_phantom(export_seed(split, seed, i), size=size, difficulty=difficulty, mimics=mimics)
             rec = _record(p, layout, split, _PATIENT_OFFSET[split] + i + 1, ext)
             _write_image(tmp / rec["path"], p, image_format, writer, encode)
             recs.append(rec)
@@ -301,7 +304,8 @@ def export_phantoms(out: str | os.PathLike[str], layout: str = "chexpert", n: in
             label_file = _write_datalist(tmp, recs, split, text)
         _write_provenance(tmp, recs, layout=layout, split=split, seed=seed, n=n, size=size, format=image_format,
                           transfer_syntax=transfer_syntax if image_format == "dicom" else None,
-                          difficulty=float(difficulty), label_file=label_file, text=bool(text))
+                          difficulty=float(difficulty), mimics=float(mimics), label_file=label_file,
+                          text=bool(text))
     return target / label_file
 
 

@@ -110,6 +110,7 @@ def evaluate(diagnoser: Any, phantom_set: Any, batch_size: int = 256, progress: 
         "n": n,
         "split": getattr(phantom_set, "split", ""),
         "difficulty": getattr(phantom_set, "difficulty", None),
+        "mimics": getattr(phantom_set, "mimics", None),
         "per_finding": per,
         "macro_auroc": float(np.mean(aurocs)) if aurocs else float("nan"),
         **_summary(per),

@@ -40,11 +40,12 @@ def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = No
 
     # with --json, stdout carries only the JSON: progress bars go to stderr
     quiet = contextlib.redirect_stdout(sys.stderr) if json_out else contextlib.nullcontext()
+    config = getattr(diag, "config", {})
     if difficulty is None:  # the difficulty the diagnoser was trained at, when its bundle says
-        difficulty = float(getattr(diag, "config", {}).get("difficulty", DEFAULT_DIFFICULTY))
-    with quiet:
+        difficulty = float(config.get("difficulty", DEFAULT_DIFFICULTY))
+    with quiet:  # and the look-alike rate it was trained at (make_phantom's ``mimics``)
         ps = make_phantom_set(n, "test", size=size, difficulty=difficulty, progress=True,
-                              workers=max(1, min(4, os.cpu_count() or 1)))
+                              workers=max(1, min(4, os.cpu_count() or 1)), mimics=float(config.get("mimics", 0.0)))
         if "text" in set(getattr(diag, "condition_kinds", ()) or ()):
             results = compare(name, diag, ps, baseline=baseline)
     if "text" in set(getattr(diag, "condition_kinds", ()) or ()):
@@ -56,7 +57,8 @@ def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = No
         print(json.dumps(public, indent=2))
     else:
         t = Table("finding", "n+", "AUROC", "sens", "spec", "threshold", "ECE", "localisation",
-                  title=f"{name} on {n} held-out phantoms (test split, difficulty {ps.difficulty})")
+                  title=f"{name} on {n} held-out phantoms (test split, difficulty {ps.difficulty}"
+                  + (f", look-alikes {ps.mimics:g})" if ps.mimics else ")"))
         for label, r in res["per_finding"].items():
             f = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
             t.add_row(label, str(r["n_pos"]), f("auroc"), f("sensitivity"), f("specificity"), f("threshold"),

@@ -36,12 +36,13 @@ import hashlib
 from pathlib import Path
 
 from ._geometry import FOV_MM
+from .findings import MIMIC_RATES
 from .render import DEFAULT_DIFFICULTY, Phantom, make_phantom, phantom_labels_text
 from .sets import SPLITS, PhantomSet, class_conditional_set, load_npz, make_phantom_set, save_npz, split_seeds
 from .text import sample_findings
 
 __all__ = [
-    "DEFAULT_DIFFICULTY", "FOV_MM", "SPLITS", "Phantom", "PhantomSet", "make_phantom",
+    "DEFAULT_DIFFICULTY", "FOV_MM", "MIMIC_RATES", "SPLITS", "Phantom", "PhantomSet", "make_phantom",
     "make_phantom_set", "class_conditional_set", "split_seeds", "save_npz", "load_npz", "sample_findings",
     "phantom_labels_text", "code_hash",
 ]

@@ -5,6 +5,7 @@ draws its random numbers from the findings stream (``scene.rng``) and changes th
 added (``extra``), lung air and vessels removed (``air_keep``, ``vessel_keep``), its mask, a score
 map (where to put a one-pixel mask if the finding covers no pixel centre) and its measurements in
 ``meta``. They run in the order of :data:`_DRAW_ORDER`, which fixes the order of the random draws.
+:func:`_draw_mimics` then draws look-alikes of absent findings (``mimics > 0`` only).
 
 A private module of :mod:`hygeia_lab.phantoms`.
 """
@@ -35,6 +36,7 @@ class _Scene:
     scores: dict[str, np.ndarray] = field(default_factory=dict)
     ptx: np.ndarray | None = None  # the pleural space of a pneumothorax
     subtle: float = 0.0  # difficulty above 1: smaller effusions and pneumothoraces (0 at the default)
+    look_alike: bool = False  # drawing a look-alike of an absent finding (smaller: see _draw_mimics)
 
     def __post_init__(self) -> None:
         self.extra = np.zeros_like(self.L.D)  # added density (soft tissue replacing air)
@@ -60,7 +62,7 @@ def _effusion(s: _Scene) -> None:
     a, r, X, Y, px = s.a, s.rng, s.g.X, s.g.Y, s.g.px
     u = r.random()
     sides = [-1] if u < 0.4 else [1] if u < 0.75 else [-1, 1]
-    vol = float(r.uniform(0, 1) ** 1.8)
+    vol = float(r.uniform(0, 1) ** 1.8) * (0.3 if s.look_alike else 1.0)  # thickening: a blunted angle
     emask = np.zeros(X.shape, bool)
     for sg in sides:
         sd = s.L.sd[0 if sg < 0 else 1]
@@ -97,7 +99,7 @@ def _consolidation(s: _Scene) -> None:
     bronchograms; it removes the vessels it covers (silhouette)."""
     a, r, X, Y, px = s.a, s.rng, s.g.X, s.g.Y, s.g.px
     cx, cy, sg = _pick_point(s, 15.0)
-    R = float(r.uniform(12, 58) * a.s)
+    R = float(r.uniform(12, 58) * a.s) * (0.6 if s.look_alike else 1.0)  # atelectasis: smaller
     nb = int(r.integers(4, 10))
     fieldc = np.zeros_like(s.L.D)
     for _ in range(nb):
@@ -163,7 +165,7 @@ def _nodule(s: _Scene) -> None:
     """Projection of a lobulated sphere, 3-30 mm; small ones are faint and often over a rib. Its
     integrated density is kept when it is smaller than a pixel."""
     r, X, Y, px = s.rng, s.g.X, s.g.Y, s.g.px
-    dmm = float(np.clip(np.exp(r.normal(np.log(16.0), 0.45)), 3.0, 30.0))
+    dmm = float(np.clip(np.exp(r.normal(np.log(16.0), 0.45)), 3.0, 15.0 if s.look_alike else 30.0))
     R = dmm / 2
     nx, ny, sg = _pick_point(s, R + 3.0)
     if dmm < 14 and r.random() < 0.45:  # over a posterior rib
@@ -203,3 +205,41 @@ def _draw_findings(s: _Scene, labels: dict[str, bool]) -> None:
     for name, draw in _DRAW_ORDER:
         if labels[name]:
             draw(s)
+
+
+MIMIC_RATES: dict[str, float] = {"nodule": 0.35, "consolidation": 0.30, "effusion": 0.30, "pneumothorax": 0.20}
+"""Per finding, the chance at ``mimics=1`` that an image without the finding shows a look-alike of
+it (the chance is ``mimics`` times this). The look-alikes are the classic mimics of chest
+radiography: a nipple shadow, bone island or healed granuloma for a nodule; atelectasis or scarring
+for consolidation; pleural thickening blunting the costophrenic angle for an effusion; a skin fold
+for a pneumothorax. The reader's borderline cardiothoracic ratio is cardiomegaly's (drawn with the
+anatomy at every ``mimics``)."""
+
+
+def _draw_mimics(s: _Scene, labels: dict[str, bool], mimics: float, rng: np.random.Generator) -> list[str]:
+    """Look-alikes of absent findings, drawn from their own stream ``rng``; their names.
+
+    A look-alike is drawn by the finding's own function, so the image alone cannot always tell it
+    from the finding, but it adds no label, mask, score or measurement. It is smaller than the
+    finding can be: a nodule look-alike is at most 15 mm, pleural thickening blunts the angle with
+    0.3 of an effusion's volume, atelectasis has 0.6 of a consolidation's radius. A skin fold keeps
+    the lung markings beyond it and has no gas space: only the pleural-like line is drawn.
+    """
+    if mimics <= 0:
+        return []
+    drawn: list[str] = []
+    finding_rng, s.rng, s.look_alike = s.rng, rng, True
+    try:
+        for name, draw in _DRAW_ORDER:
+            u = rng.random()  # one draw per finding, present or not: the order of the draws is fixed
+            if labels[name] or name not in MIMIC_RATES or u >= mimics * MIMIC_RATES[name]:
+                continue
+            masks, scores, meta, ptx, vessel_keep = dict(s.masks), dict(s.scores), dict(s.meta), s.ptx, s.vessel_keep.copy()
+            draw(s)
+            s.masks, s.scores, s.meta = masks, scores, meta
+            if name == "pneumothorax":  # a skin fold: the line only
+                s.ptx, s.vessel_keep = ptx, vessel_keep
+            drawn.append(name)
+    finally:
+        s.rng, s.look_alike = finding_rng, False
+    return drawn

@@ -1,13 +1,13 @@
 """Drawing one phantom: :func:`make_phantom` (and :func:`phantom_labels_text`, its labels and text
 without the image).
 
-A phantom is drawn from seven child streams of ``SeedSequence(seed)``: labels, anatomy, findings,
-text, noise, vessels, texture. The anatomy does not depend on the findings (one seed is one
-patient); the order of the draws inside each stream is fixed, so a seed always gives the same
-image. Steps: validate, choose the findings, draw the patient and the normal layers
-(:mod:`.anatomy`), draw the findings (:mod:`.findings`), compose the densities, display them
-(window, gamma, detector blur, noise), turn the masks into regions, write the indication line
-(:mod:`.text`).
+A phantom is drawn from eight child streams of ``SeedSequence(seed)``: labels, anatomy, findings,
+text, noise, vessels, texture, look-alikes (``mimics``). The anatomy does not depend on the
+findings (one seed is one patient); the order of the draws inside each stream is fixed, so a seed
+always gives the same image. Steps: validate, choose the findings, draw the patient and the normal
+layers (:mod:`.anatomy`), draw the findings and the look-alikes of absent ones (:mod:`.findings`),
+compose the densities, display them (window, gamma, detector blur, noise), turn the masks into
+regions, write the indication line (:mod:`.text`).
 
 A private module of :mod:`hygeia_lab.phantoms` (its public names are re-exported there).
 """
@@ -26,7 +26,7 @@ from hygeia.vocab import FINDING_LABELS, NORMAL, finding
 
 from ._geometry import FOV_MM
 from .anatomy import _Anatomy, _grid, _normal_anatomy
-from .findings import _draw_findings, _Scene
+from .findings import _draw_findings, _draw_mimics, _Scene
 from .text import _clinical_text, sample_findings
 
 DEFAULT_DIFFICULTY = 1.0
@@ -54,9 +54,10 @@ class Phantom:
 
 
 def _seq_children(seed: int) -> list[np.random.Generator]:
-    """The seven streams of a seed: labels, anatomy, findings, text, noise, vessels, texture."""
+    """The eight streams of a seed: labels, anatomy, findings, text, noise, vessels, texture,
+    look-alikes (the first seven are those of ``spawn(7)``: adding the eighth changed no image)."""
     ss = np.random.SeedSequence(int(seed))
-    return [np.random.default_rng(c) for c in ss.spawn(7)]
+    return [np.random.default_rng(c) for c in ss.spawn(8)]
 
 
 def _check_findings(findings: Sequence[str] | None) -> list[str] | None:
@@ -91,13 +92,16 @@ def phantom_labels_text(seed: int, findings: Sequence[str] | None = None) -> tup
     return labels, _clinical_text(r_text, labels, a.age, a.female)
 
 
-def _validate(seed: Any, size: Any, difficulty: Any) -> None:
+def _validate(seed: Any, size: Any, difficulty: Any, mimics: Any = 0.0) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2 ** 64:
         raise InputError("seed", "an integer in [0, 2**64)", got=repr(seed))
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 16 <= size <= 1024:
         raise InputError("size", "an integer number of pixels in [16, 1024]", got=repr(size))
     if not isinstance(difficulty, (int, float, np.floating)) or not 0.0 <= float(difficulty) <= 3.0:
         raise InputError("difficulty", "a number in [0, 3]", got=repr(difficulty))
+    if isinstance(mimics, bool) or not isinstance(mimics, (int, float, np.integer, np.floating)) \
+            or not 0.0 <= float(mimics) <= 1.0:
+        raise InputError("mimics", "a number in [0, 1]", got=repr(mimics))
 
 
 def _patient_meta(a: _Anatomy, ctr: float, diff: float) -> dict[str, Any]:
@@ -114,16 +118,19 @@ def make_phantom(
     size: int = 64,
     findings: Sequence[str] | None = None,
     difficulty: float = DEFAULT_DIFFICULTY,
+    mimics: float = 0.0,
 ) -> Phantom:
-    """Draw one phantom; the same ``seed``, ``findings`` and ``difficulty`` give the same image.
+    """Draw one phantom; the same ``seed``, ``findings``, ``difficulty`` and ``mimics`` give the same image.
 
     ``findings=None`` samples findings with a realistic prevalence; ``[]`` or ``["normal"]``
     gives a normal image; ``["effusion", ...]`` exactly these (the anatomy does not depend on
-    the findings: one seed is one patient). An unknown label raises InputError.
+    the findings: one seed is one patient). An unknown label raises InputError. ``mimics`` in
+    [0, 1] scales the chance that an absent finding's look-alike is drawn
+    (:data:`hygeia_lab.phantoms.MIMIC_RATES`); the labels, masks and text do not depend on it.
     """
-    _validate(seed, size, difficulty)
+    _validate(seed, size, difficulty, mimics)
     forced = _check_findings(findings)
-    r_lab, r_anat, r_find, r_text, r_noise, r_vessel, r_tex = _seq_children(int(seed))
+    r_lab, r_anat, r_find, r_text, r_noise, r_vessel, r_tex, r_mimic = _seq_children(int(seed))
     labels = _labels(r_lab, forced)
     size, diff = int(size), float(difficulty)
     cm = 1.0 / (0.4 + 0.6 * diff)  # finding contrast multiplier
@@ -140,6 +147,8 @@ def make_phantom(
 
     scene = _Scene(a, g, layers, r_find, cm, ctr_drawn, meta, subtle=max(0.0, diff - 1.0))
     _draw_findings(scene, labels)
+    if mimics:
+        meta["mimics"] = _draw_mimics(scene, labels, float(mimics), r_mimic)
     image = _display(a, _compose(scene), g.px, size, diff, r_noise)
     regions = _regions(scene.masks, scene.scores)
     text = _clinical_text(r_text, labels, a.age, a.female)

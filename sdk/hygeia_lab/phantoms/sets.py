@@ -35,6 +35,7 @@ class PhantomSet:
     seeds: np.ndarray  # uint64 [N]
     split: str = ""
     difficulty: float = DEFAULT_DIFFICULTY
+    mimics: float = 0.0  # the look-alike rate they were drawn with (make_phantom's ``mimics``)
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -43,7 +44,7 @@ class PhantomSet:
         idx = np.asarray(idx)
         return PhantomSet(self.images[idx], self.labels[idx], self.masks[idx],
                           [self.texts[i] for i in np.arange(len(self))[idx]], self.seeds[idx],
-                          self.split, self.difficulty)
+                          self.split, self.difficulty, self.mimics)
 
 
 def split_seeds(n: int, split: str = "train", start: int = 0) -> np.ndarray:
@@ -65,6 +66,7 @@ def make_phantom_set(
     findings: Sequence[str] | None = None,
     start: int = 0,
     workers: int = 1,
+    mimics: float = 0.0,
 ) -> PhantomSet:
     """``n`` phantoms of a split as arrays; images ``[N,1,H,W]``, labels ``[N,5]``, masks ``[N,5,H,W]``.
 
@@ -74,21 +76,21 @@ def make_phantom_set(
         raise InputError("n", "a positive integer", got=repr(n))
     seeds = split_seeds(int(n), split, start)
     if workers > 1 and n >= 64:
-        return _parallel_set(seeds, split, size, difficulty, progress, findings, int(workers))
+        return _parallel_set(seeds, split, size, (difficulty, mimics), progress, findings, int(workers))
     images = np.empty((n, 1, size, size), np.float32)
     labels = np.zeros((n, len(FINDING_LABELS)), np.float32)
     masks = np.zeros((n, len(FINDING_LABELS), size, size), bool)
     texts: list[str] = []
 
     def work(i: int) -> None:
-        p = make_phantom(int(seeds[i]), size=size, findings=findings, difficulty=difficulty)
+        p = make_phantom(int(seeds[i]), size=size, findings=findings, difficulty=difficulty, mimics=mimics)
         images[i, 0] = p.image
         labels[i] = p.label_vector()
         _fill_masks(masks[i], p.masks)
         texts.append(p.text)
 
     _loop(n, work, progress, f"phantoms ({split}, {size}x{size})")
-    return PhantomSet(images, labels, masks, texts, seeds, split, float(difficulty))
+    return PhantomSet(images, labels, masks, texts, seeds, split, float(difficulty), float(mimics))
 
 
 def _fill_masks(dst: np.ndarray, masks: dict[str, np.ndarray]) -> None:
@@ -98,10 +100,10 @@ def _fill_masks(dst: np.ndarray, masks: dict[str, np.ndarray]) -> None:
             dst[j] = masks[k]
 
 
-def _chunk(args: tuple[np.ndarray, int, float, Sequence[str] | None]) -> tuple[np.ndarray, ...]:
+def _chunk(args: tuple[np.ndarray, int, tuple[float, float], Sequence[str] | None]) -> tuple[np.ndarray, ...]:
     """Phantoms of some seeds as arrays (images, labels, masks, texts): the work of one process."""
-    seeds, size, difficulty, findings = args
-    ps = [make_phantom(int(s), size=size, findings=findings, difficulty=difficulty) for s in seeds]
+    seeds, size, (difficulty, mimics), findings = args
+    ps = [make_phantom(int(s), size=size, findings=findings, difficulty=difficulty, mimics=mimics) for s in seeds]
     masks = np.zeros((len(ps), len(FINDING_LABELS), size, size), bool)
     for i, p in enumerate(ps):
         _fill_masks(masks[i], p.masks)
@@ -109,7 +111,7 @@ def _chunk(args: tuple[np.ndarray, int, float, Sequence[str] | None]) -> tuple[n
             np.array([p.text for p in ps]))
 
 
-def _parallel_set(seeds: np.ndarray, split: str, size: int, difficulty: float, progress: bool,
+def _parallel_set(seeds: np.ndarray, split: str, size: int, look: tuple[float, float], progress: bool,
                   findings: Sequence[str] | None, workers: int) -> PhantomSet:
     """:func:`make_phantom_set` over ``workers`` processes, in chunks of 256 seeds (same result)."""
     from concurrent.futures import ProcessPoolExecutor
@@ -117,13 +119,13 @@ def _parallel_set(seeds: np.ndarray, split: str, size: int, difficulty: float, p
     chunks = [seeds[i:i + 256] for i in range(0, len(seeds), 256)]
     parts: list[tuple[np.ndarray, ...]] = []
     with ProcessPoolExecutor(workers) as ex:
-        results = ex.map(_chunk, [(c, size, difficulty, findings) for c in chunks])
+        results = ex.map(_chunk, [(c, size, look, findings) for c in chunks])
         it = iter(results)
         _loop(len(chunks), lambda i: parts.append(next(it)), progress,
               f"phantoms ({split}, {size}x{size}, {workers} workers, chunks of 256)")
     return PhantomSet(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                       np.concatenate([p[2] for p in parts]), [str(t) for p in parts for t in p[3]], seeds, split,
-                      float(difficulty))
+                      float(look[0]), float(look[1]))
 
 
 def _loop(n: int, fn: Callable[[int], None], progress: bool, what: str) -> None:
@@ -151,6 +153,7 @@ def save_npz(path: str | os.PathLike[str], phantom_set: PhantomSet) -> Path:
         np.savez_compressed(tmp, images=phantom_set.images, labels=phantom_set.labels, masks=phantom_set.masks,
                             texts=np.array(phantom_set.texts, dtype=str), seeds=phantom_set.seeds,
                             split=np.array(phantom_set.split), difficulty=np.array(phantom_set.difficulty),
+                            mimics=np.array(phantom_set.mimics),
                             finding_labels=np.array(FINDING_LABELS), synthetic=np.array(True))
         os.replace(tmp, path)
     except BaseException:
@@ -166,7 +169,8 @@ def load_npz(path: str | os.PathLike[str]) -> PhantomSet:
             if tuple(str(s) for s in z["finding_labels"]) != FINDING_LABELS:
                 raise InputError(str(path), f"a phantom set with findings {FINDING_LABELS}")
             return PhantomSet(z["images"], z["labels"], z["masks"], [str(t) for t in z["texts"]], z["seeds"],
-                              str(z["split"]), float(z["difficulty"]))
+                              str(z["split"]), float(z["difficulty"]),
+                              float(z["mimics"]) if "mimics" in z.files else 0.0)
     except (OSError, KeyError, ValueError) as exc:
         if isinstance(exc, InputError):
             raise
