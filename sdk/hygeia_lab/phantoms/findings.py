@@ -62,7 +62,7 @@ def _effusion(s: _Scene) -> None:
     a, r, X, Y, px = s.a, s.rng, s.g.X, s.g.Y, s.g.px
     u = r.random()
     sides = [-1] if u < 0.4 else [1] if u < 0.75 else [-1, 1]
-    vol = float(r.uniform(0, 1) ** 1.8) * (0.3 if s.look_alike else 1.0)  # thickening: a blunted angle
+    vol = float(r.uniform(0, 1) ** 1.8) * (0.5 if s.look_alike else 1.0)  # thickening: a blunted angle
     emask = np.zeros(X.shape, bool)
     for sg in sides:
         sd = s.L.sd[0 if sg < 0 else 1]
@@ -99,7 +99,7 @@ def _consolidation(s: _Scene) -> None:
     bronchograms; it removes the vessels it covers (silhouette)."""
     a, r, X, Y, px = s.a, s.rng, s.g.X, s.g.Y, s.g.px
     cx, cy, sg = _pick_point(s, 15.0)
-    R = float(r.uniform(12, 58) * a.s) * (0.6 if s.look_alike else 1.0)  # atelectasis: smaller
+    R = float(r.uniform(12, 58) * a.s) * (0.8 if s.look_alike else 1.0)  # atelectasis: smaller
     nb = int(r.integers(4, 10))
     fieldc = np.zeros_like(s.L.D)
     for _ in range(nb):
@@ -165,7 +165,7 @@ def _nodule(s: _Scene) -> None:
     """Projection of a lobulated sphere, 3-30 mm; small ones are faint and often over a rib. Its
     integrated density is kept when it is smaller than a pixel."""
     r, X, Y, px = s.rng, s.g.X, s.g.Y, s.g.px
-    dmm = float(np.clip(np.exp(r.normal(np.log(16.0), 0.45)), 3.0, 15.0 if s.look_alike else 30.0))
+    dmm = float(np.clip(np.exp(r.normal(np.log(16.0), 0.45)), 3.0, 20.0 if s.look_alike else 30.0))
     R = dmm / 2
     nx, ny, sg = _pick_point(s, R + 3.0)
     if dmm < 14 and r.random() < 0.45:  # over a posterior rib
@@ -207,7 +207,7 @@ def _draw_findings(s: _Scene, labels: dict[str, bool]) -> None:
             draw(s)
 
 
-MIMIC_RATES: dict[str, float] = {"nodule": 0.35, "consolidation": 0.30, "effusion": 0.30, "pneumothorax": 0.20}
+MIMIC_RATES: dict[str, float] = {"nodule": 0.50, "consolidation": 0.50, "effusion": 0.50, "pneumothorax": 0.20}
 """Per finding, the chance at ``mimics=1`` that an image without the finding shows a look-alike of
 it (the chance is ``mimics`` times this). The look-alikes are the classic mimics of chest
 radiography: a nipple shadow, bone island or healed granuloma for a nodule; atelectasis or scarring
@@ -221,8 +221,8 @@ def _draw_mimics(s: _Scene, labels: dict[str, bool], mimics: float, rng: np.rand
 
     A look-alike is drawn by the finding's own function, so the image alone cannot always tell it
     from the finding, but it adds no label, mask, score or measurement. It is smaller than the
-    finding can be: a nodule look-alike is at most 15 mm, pleural thickening blunts the angle with
-    0.3 of an effusion's volume, atelectasis has 0.6 of a consolidation's radius. A skin fold keeps
+    finding can be: a nodule look-alike is at most 20 mm, pleural thickening blunts the angle with
+    0.5 of an effusion's volume, atelectasis has 0.8 of a consolidation's radius. A skin fold keeps
     the lung markings beyond it and has no gas space: only the pleural-like line is drawn.
     """
     if mimics <= 0:
