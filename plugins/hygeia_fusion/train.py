@@ -32,6 +32,7 @@ from hygeia.errors import InputError
 from hygeia.validation import check_option_values
 from hygeia.vocab import FINDING_LABELS
 from hygeia_lab import PhantomSet, load_npz, make_phantom_set, save_npz
+from hygeia_lab.phantoms import code_hash
 from hygeia_lab.training import auroc_per_finding
 from hygeia_lab.training import youden_thresholds as lab_youden
 
@@ -59,7 +60,7 @@ def _dataset(split: str, n: int, data_dir: Path | None, progress: bool, size: in
     f = None
     if data_dir is not None:
         tag = (("" if size == 64 else f"_{size}px") + ("" if difficulty == 1.0 else f"_d{difficulty:g}")
-               + (f"_m{mimics:g}" if mimics else ""))
+               + (f"_m{mimics:g}" if mimics else "") + f"_{code_hash()[:12]}")  # a new generator: new sets
         f = Path(data_dir) / f"{split}_{n}{tag}.npz"
         if f.is_file():
             return load_npz(f)
