@@ -55,7 +55,7 @@ class Phantom:
 
 def _seq_children(seed: int) -> list[np.random.Generator]:
     """The eight streams of a seed: labels, anatomy, findings, text, noise, vessels, texture,
-    look-alikes (the first seven are those of ``spawn(7)``: adding the eighth changed no image)."""
+    look-alikes (the first seven are those of ``spawn(7)``, so ``mimics=0`` draws no look-alike stream into an image)."""
     ss = np.random.SeedSequence(int(seed))
     return [np.random.default_rng(c) for c in ss.spawn(8)]
 
