@@ -125,8 +125,7 @@ def _table(name: str, ps: Any, results: dict[str, dict[str, Any]], comp: dict[st
 
     cols = list(results)
     t = Table("metric", *cols, title=f"{name}: {len(ps)} held-out phantoms (test split, {ps.images.shape[-1]} px, "
-                                     f"difficulty {ps.difficulty:g}"
-                                     + (f", look-alikes {ps.mimics:g})" if getattr(ps, "mimics", 0) else ")"))
+                                     f"{ps.look})")
     t.add_row("macro AUROC", *[_num(results[c]["macro_auroc"]) for c in cols])
     for label in FINDING_LABELS:
         t.add_row(f"  AUROC {label}", *[_num(results[c]["per_finding_auroc"].get(label)) for c in cols])

@@ -57,8 +57,7 @@ def main(name: str, n: int = 2000, json_out: bool = False, roc: Path | None = No
         print(json.dumps(public, indent=2))
     else:
         t = Table("finding", "n+", "AUROC", "sens", "spec", "threshold", "ECE", "localisation",
-                  title=f"{name} on {n} held-out phantoms (test split, difficulty {ps.difficulty}"
-                  + (f", look-alikes {ps.mimics:g})" if ps.mimics else ")"))
+                  title=f"{name} on {n} held-out phantoms (test split, {ps.look})")
         for label, r in res["per_finding"].items():
             f = lambda k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
             t.add_row(label, str(r["n_pos"]), f("auroc"), f("sensitivity"), f("specificity"), f("threshold"),

@@ -40,6 +40,11 @@ class PhantomSet:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    @property
+    def look(self) -> str:
+        """How the set was drawn, for titles: ``"difficulty 0.5, look-alikes 1"``."""
+        return f"difficulty {self.difficulty:g}" + (f", look-alikes {self.mimics:g}" if self.mimics else "")
+
     def subset(self, idx: Any) -> PhantomSet:
         idx = np.asarray(idx)
         return PhantomSet(self.images[idx], self.labels[idx], self.masks[idx],
