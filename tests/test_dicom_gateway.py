@@ -251,7 +251,7 @@ def test_config_validation(tmp_path):
     # each value has its field's kind: a string where a list is meant is not split into letters
     ok = {**base, "allowed_callers": ["PACS"]}
     for key, bad, why in [("allowed_callers", "PACS", "a list of strings"), ("modalities", "DX", "a list of strings"),
-                          ("port", "abc", "an integer"), ("port", 70000, "a TCP port"), ("spool", 5, "a string"),
+                          ("port", "abc", "an integer"), ("port", 70000, "a TCP port"), ("spool", 5, "text"),
                           ("study_timeout_s", "abc", "a number"), ("tls", 5, "a JSON object"),
                           ("cstore", {"host": "x"}, "cstore: expected the key ae_title"),
                           ("stow", {}, "stow: expected the key url"),

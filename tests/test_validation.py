@@ -79,6 +79,18 @@ def test_option_values_have_their_defaults_kind():
             check_option_values({key: value}, defaults)
 
 
+def test_server_addresses_are_checked_once_for_clients_and_the_gateway():
+    from hygeia.serving.connection import Connection, split_server
+
+    assert split_server("grpcs://triton.local:8001/") == ("triton.local:8001", True)
+    assert split_server("[::1]:8001") == ("[::1]:8001", False)
+    for bad in ("triton", "triton:grpc", ":8001"):
+        with pytest.raises(InputError, match="invalid server: expected HOST:PORT"):
+            Connection(bad)
+        with pytest.raises(InputError, match="invalid gateway config server: expected HOST:PORT"):
+            split_server(bad, "gateway config server")
+
+
 @pytest.mark.parametrize("device, expected", [
     ("tpu", "cpu, cuda, cuda:N or mps"), ("meta", "cpu, cuda, cuda:N or mps"),
     ("cuda:99", "cuda:0 to" if torch.cuda.is_available() else "cpu .this machine has no CUDA device"),

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from hygeia.errors import InputError
+from hygeia.serving.connection import split_server
+from hygeia.validation import kind_error
 
 DEFAULT_MODALITIES = ("CR", "DX", "CT", "MR", "OT")
 DEFAULT_TRANSFER_SYNTAXES = (
@@ -38,19 +40,13 @@ def _kind_error(hint: Any, value: Any) -> str | None:
         if value is None and type(None) in args:
             return None
         return _kind_error(next(a for a in args if a is not type(None)), value)
-    if hint is bool:
-        return None if isinstance(value, bool) else "true or false"
-    if hint in (int, float):
-        ok = isinstance(value, (int, float) if hint is float else int) and not isinstance(value, bool)
-        return None if ok else ("an integer" if hint is int else "a number")
-    if hint in (str, Path):
-        return None if isinstance(value, str) else "a string"
-    if origin is tuple:
+    if origin is tuple:  # the gateway's lists are lists of names
         ok = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
         return None if ok else 'a list of strings, e.g. ["A", "B"]'
     if origin is dict or dataclasses.is_dataclass(hint):
-        return None if isinstance(value, dict) else "a JSON object"
-    return None
+        return kind_error(dict, value)
+    kind = str if hint is Path else hint
+    return kind_error(kind, value) if kind in (bool, int, float, str) else None
 
 
 def check_keys(cls: type, d: Any, where: str) -> None:
@@ -222,9 +218,7 @@ class GatewayConfig:
         if not 0 <= self.port <= 65535:
             raise InputError("gateway config port", "a TCP port from 0 to 65535", got=self.port)
         for addr in (str(self.server).split(",") if self.server is not None else ()):
-            host, _, port = addr.strip().split("://", 1)[-1].rpartition(":")
-            if not host or not port.isdigit():
-                raise InputError("gateway config server", "HOST:PORT of Triton's gRPC endpoint", got=repr(self.server))
+            split_server(addr.strip(), "gateway config server")
         if self.study_timeout_s <= 0 or self.retry_initial_s <= 0 or self.retry_max_s < self.retry_initial_s:
             raise InputError("gateway config timings", "study_timeout_s > 0 and 0 < retry_initial_s <= retry_max_s",
                              got=(self.study_timeout_s, self.retry_initial_s, self.retry_max_s))

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -132,6 +132,23 @@ def check_condition(condition: Any, supported: frozenset[str] | set[str], plugin
     return kind
 
 
+_KINDS: dict[type, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "text"),
+    dict: (lambda v: isinstance(v, Mapping), 'a JSON object, e.g. {"key": 1}'),
+    list: (lambda v: isinstance(v, (list, tuple)), "a JSON list, e.g. [1, 2]"),
+}
+
+
+def kind_error(kind: type, value: Any) -> str | None:
+    """What ``value`` should have been to be of ``kind`` (``bool``, ``int``, ``float``: any number
+    but a bool, ``str``, ``dict``, ``list``), e.g. ``"a number"``; None when it is."""
+    ok, what = _KINDS[kind]
+    return None if ok(value) else what
+
+
 def check_option_values(values: Mapping[str, Any], defaults: Mapping[str, Any], name: str = "option") -> None:
     """Each value of a known option has its default's kind: a number for a numeric default (not
     a bool or a string), true/false for a bool, text for a string, a mapping or list for one.
@@ -140,17 +157,8 @@ def check_option_values(values: Mapping[str, Any], defaults: Mapping[str, Any], 
         default = defaults.get(key)
         if default is None or value is None:
             continue
-        if isinstance(default, bool):
-            ok, kind = isinstance(value, bool), "true or false"
-        elif isinstance(default, (int, float)):
-            ok, kind = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
-        elif isinstance(default, str):
-            ok, kind = isinstance(value, str), "text"
-        elif isinstance(default, Mapping):
-            ok, kind = isinstance(value, Mapping), 'a JSON object, e.g. {"key": 1}'
-        elif isinstance(default, (list, tuple)):
-            ok, kind = isinstance(value, (list, tuple)), "a JSON list, e.g. [1, 2]"
-        else:
-            continue
-        if not ok:
-            raise InputError(f"{name} {key}", kind, got=repr(value))
+        kind = next((k for k, types in ((bool, bool), (float, (int, float)), (str, str), (dict, Mapping),
+                                        (list, (list, tuple))) if isinstance(default, types)), None)
+        why = kind_error(kind, value) if kind is not None else None
+        if why is not None:
+            raise InputError(f"{name} {key}", why, got=repr(value))

@@ -61,11 +61,19 @@ def map_error(exc: Exception, model: str) -> Exception:
     return RemoteError(f"{model}: {msg}")
 
 
-def _split_server(server: str) -> tuple[str, bool]:
-    for prefix, tls in (("grpcs://", True), ("grpc://", False), ("https://", True), ("http://", False)):
+def split_server(server: str, name: str = "server") -> tuple[str, bool]:
+    """``HOST:PORT`` of a Triton gRPC endpoint given as ``HOST:PORT`` or ``grpc[s]://HOST:PORT``
+    (``http[s]://`` too), and whether its scheme asks for TLS; :class:`InputError` naming ``name``
+    when there is no host or no numeric port."""
+    url, tls = server, False
+    for prefix, secure in (("grpcs://", True), ("grpc://", False), ("https://", True), ("http://", False)):
         if server.startswith(prefix):
-            return server[len(prefix):].rstrip("/"), tls
-    return server, False
+            url, tls = server[len(prefix):].rstrip("/"), secure
+            break
+    host, _, port = url.rpartition(":")
+    if not host or not port.isdigit():
+        raise InputError(name, "HOST:PORT of Triton's gRPC endpoint", got=repr(server))
+    return url, tls
 
 
 class Connection:
@@ -87,9 +95,7 @@ class Connection:
                  ssl: bool = False, root_certificates: str | None = None, private_key: str | None = None,
                  certificate_chain: str | None = None, headers: Mapping[str, str] | None = None,
                  token: str | None = None, shared_memory: bool | str = "auto") -> None:
-        self.url, tls = _split_server(server)
-        if ":" not in self.url:
-            raise InputError("server", "HOST:PORT of Triton's gRPC endpoint", got=repr(server))
+        self.url, tls = split_server(server)
         self.server = server
         self.ssl = ssl or tls or bool(root_certificates)
         self.root_certificates, self.private_key, self.certificate_chain = root_certificates, private_key, certificate_chain
