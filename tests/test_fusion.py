@@ -201,6 +201,42 @@ def test_warm_start_and_finer_maps(tmp_path):
         warm_start(wider, tmp_path / "b")
 
 
+def test_mask_finding_weight_scales_one_findings_map_loss():
+    """``mask_finding_weight`` weighs each finding's map in the localisation loss (the others 1, so
+    ``{}`` is the plain mean); the card's command quotes it for the shell; bad weights are refused."""
+    import json
+    import shlex
+
+    from hygeia_fusion.model import FusionNet
+    from hygeia_fusion.train import DEFAULTS, _batch_loss, _command, _finding_weights, train
+
+    net = FusionNet(widths=(8, 8, 16, 16), width=16, heads=2, blocks=(1, 1, 1, 1), stem=3, grid=8, fine=True).eval()
+    x, y = torch.rand(2, 1, 64, 64), torch.zeros(2, 5)
+    masks = torch.zeros(2, 5, 64, 64)
+    masks[:, 0, 20:26, 30:36] = 1.0  # a small nodule
+    s, m = torch.zeros(2, 3, 384), torch.zeros(2, 3, dtype=torch.long)
+
+    def loss(mask_weight: float, weights: dict) -> float:
+        o = {**DEFAULTS, "shift": 0, "text_dropout": 0.0, "mask_weight": mask_weight, "mask_finding_weight": weights}
+        return float(_batch_loss(net, (x, y, masks, s, m.clone()), o, torch.Generator().manual_seed(0), torch.device("cpu")))
+
+    with torch.no_grad():  # the same seed: the same jitter in every call
+        base, plain, nod, no_nod = loss(0.0, {}), loss(1.0, {}), loss(1.0, {"nodule": 4}), loss(1.0, {"nodule": 0})
+        ones = loss(1.0, dict.fromkeys(FINDING_LABELS, 1))
+        zeros = loss(1.0, dict.fromkeys(FINDING_LABELS, 0))
+    assert ones == pytest.approx(plain) and zeros == pytest.approx(base)
+    assert plain - no_nod > 0  # the nodule's map has a loss of its own
+    assert nod - plain == pytest.approx(3 * (plain - no_nod), rel=1e-3)
+    assert _finding_weights({"nodule": 4}) == [4.0, 1.0, 1.0, 1.0, 1.0]
+    cmd = _command({**DEFAULTS, "mask_finding_weight": {"nodule": 4}}, 0)
+    assert "'mask_finding_weight={\"nodule\":4}'" in cmd
+    value = next(w for w in shlex.split(cmd) if w.startswith("mask_finding_weight="))
+    assert json.loads(value.split("=", 1)[1]) == {"nodule": 4}
+    for bad in ({"tumour": 2}, {"nodule": "high"}, {"nodule": -1}):
+        with pytest.raises(InputError, match="option mask_finding_weight"):
+            train(out="unused", seed=0, mask_finding_weight=bad, progress=False)
+
+
 def test_input_size_option(tmp_path):
     """``size`` trains on phantoms of that size; the bundle's diagnoser takes exactly that size."""
     from hygeia_fusion.train import train

@@ -43,7 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "epochs": 6, "n_train": 8000, "n_val": 1000, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4,
     "text_dropout": 0.3, "shift": 8, "threads": 0, **ARCH_DEFAULTS, "mask_weight": 1.0,
     "mask_pool": "avg", "mask_pos_weight": 4.0, "max_tokens": 128, "init": None, "size": 256, "difficulty": 2.0,
-    "baselines": True, "text_shuffle": 0.0, "mimics": 0.0,
+    "baselines": True, "text_shuffle": 0.0, "mimics": 0.0, "mask_finding_weight": {},
 }
 """The shipped network: the ``cxr`` diagnoser's backbone layout (MONAI ResNet, 7x7 stem, blocks
 2-2-2-2) at widths 16-128, warm-started from an image-only bundle of that layout (``init``), at
@@ -159,7 +159,9 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     batch, the labels kept: text that does not fit the image is learnt to count for less; 0),
     ``shift`` (max translation in px), ``mask_weight`` (weight of the localisation loss:
     evidence maps against the phantoms' finding masks; 0 = labels only), ``mask_pool`` (``avg``:
-    area share per map cell, or ``max``: any overlap), ``mask_pos_weight``, ``size`` (phantom size
+    area share per map cell, or ``max``: any overlap), ``mask_pos_weight``, ``mask_finding_weight``
+    (a JSON object of finding -> weight of its map in the localisation loss, e.g. ``{"nodule": 4}``;
+    the others 1: small findings cover few cells and count for little otherwise), ``size`` (phantom size
     in pixels, default 256), ``difficulty`` (phantom difficulty, default 2), ``mimics`` (the rate of
     look-alikes of absent findings, 0-1, :data:`hygeia_lab.phantoms.MIMIC_RATES`; 0), ``finer`` (evidence maps
     at half the input size, through a stem skip), ``init`` (a bundle to warm-start from: a fusion
@@ -182,6 +184,7 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     o = {**DEFAULTS, **options}
     if o["mask_pool"] not in ("avg", "max"):  # checked before any data is drawn
         raise InputError("mask_pool", "'avg' or 'max'", got=repr(o["mask_pool"]))
+    _finding_weights(o["mask_finding_weight"])
     if epochs is not None:
         o["epochs"] = int(epochs)
     o["init"] = str(o["init"]) if o["init"] else None
@@ -239,9 +242,22 @@ def _batch_loss(net: FusionNet, batch: Batch, o: dict[str, Any], g: torch.Genera
     if mk is not None:  # localisation: evidence maps against the finding masks
         pool = F.adaptive_avg_pool2d if o["mask_pool"] == "avg" else F.adaptive_max_pool2d
         target = pool(mk.to(dev), out["maps"].shape[-2:])
-        loss = loss + float(o["mask_weight"]) * F.binary_cross_entropy_with_logits(
-            out["maps"], target, pos_weight=torch.tensor(float(o["mask_pos_weight"]), device=dev))
+        per_map = F.binary_cross_entropy_with_logits(
+            out["maps"], target, pos_weight=torch.tensor(float(o["mask_pos_weight"]), device=dev), reduction="none")
+        w = torch.tensor(_finding_weights(o["mask_finding_weight"]), device=dev)
+        loss = loss + float(o["mask_weight"]) * (per_map.mean((0, 2, 3)) * w).mean()
     return loss
+
+
+def _finding_weights(weights: Any) -> list[float]:
+    """``mask_finding_weight`` ({finding: weight}, the others 1) as one weight per finding, in order."""
+    if not isinstance(weights, dict) or set(weights) - set(FINDING_LABELS):
+        raise InputError("option mask_finding_weight", f"a JSON object of {', '.join(FINDING_LABELS)} -> weight",
+                         got=repr(weights))
+    out = [weights.get(f, 1.0) for f in FINDING_LABELS]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e4 for v in out):
+        raise InputError("option mask_finding_weight", "weights that are numbers from 0 to 10000", got=repr(weights))
+    return [float(v) for v in out]
 
 
 def _fit(net: FusionNet, tr: PhantomSet, va: PhantomSet, text: dict[str, tuple[torch.Tensor, ...]],
@@ -337,10 +353,15 @@ def _save(out: str | Path, net: FusionNet, va: PhantomSet, text: tuple[torch.Ten
 
 def _command(o: dict[str, Any], seed: int) -> str:
     """The ``hygeia train fusion`` command that reproduces a run (options that differ from the defaults)."""
-    opts = "".join(f" --option {k}={json.dumps(o[k]).replace(' ', '')}" for k in DEFAULTS
+    opts = "".join(_option(k, json.dumps(o[k]).replace(' ', '')) for k in DEFAULTS
                    if k not in ("epochs", "init") and o[k] != DEFAULTS[k])
     init = f" --init {o['init']}" if o["init"] else ""
     return f"hygeia train fusion --seed {seed} --epochs {o['epochs']}{init}{opts}"
+
+
+def _option(key: str, value: str) -> str:
+    """`` --option KEY=VALUE``, single-quoted for the shell when the value holds quotes or braces."""
+    return f" --option '{key}={value}'" if any(c in value for c in "\"{}") else f" --option {key}={value}"
 
 
 def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_dir: str | Path | None,
