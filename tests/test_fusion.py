@@ -237,6 +237,24 @@ def test_mask_finding_weight_scales_one_findings_map_loss():
             train(out="unused", seed=0, mask_finding_weight=bad, progress=False)
 
 
+def test_pointing_loss_rewards_the_peak_on_the_finding():
+    """The pointing loss is -log of the softmax mass inside the mask: log(cells / mask cells) for a
+    flat map, near 0 for a peak inside the mask, large for a peak outside; pairs without a mask
+    do not count."""
+    from hygeia_fusion.train import pointing_loss
+
+    target = torch.zeros(2, 5, 8, 8)
+    target[0, 0, 2:4, 2:4] = 0.5  # one nodule in the first image
+    flat = torch.zeros(2, 5, 8, 8)
+    assert float(pointing_loss(flat, target)) == pytest.approx(float(np.log(64 / 4)))
+    on, off = flat.clone(), flat.clone()
+    on[0, 0, 2, 3], off[0, 0, 6, 6] = 10.0, 10.0
+    off[1, 2] = torch.randn(8, 8) * 5  # a map without a mask: no effect
+    assert float(pointing_loss(on, target)) < 0.01
+    assert float(pointing_loss(off, target)) == pytest.approx(float(np.log((np.exp(10.0) + 63) / 4)), rel=1e-5)
+    assert float(pointing_loss(flat, torch.zeros_like(target))) == 0.0
+
+
 def test_input_size_option(tmp_path):
     """``size`` trains on phantoms of that size; the bundle's diagnoser takes exactly that size."""
     from hygeia_fusion.train import train

@@ -44,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "text_dropout": 0.3, "shift": 8, "threads": 0, **ARCH_DEFAULTS, "mask_weight": 1.0,
     "mask_pool": "avg", "mask_pos_weight": 4.0, "max_tokens": 128, "init": None, "size": 256, "difficulty": 2.0,
     "baselines": True, "text_shuffle": 0.0, "mimics": 0.0, "mask_finding_weight": {},
+    "mask_point_weight": 0.0,
 }
 """The shipped network: the ``cxr`` diagnoser's backbone layout (MONAI ResNet, 7x7 stem, blocks
 2-2-2-2) at widths 16-128, warm-started from an image-only bundle of that layout (``init``), at
@@ -161,7 +162,8 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     evidence maps against the phantoms' finding masks; 0 = labels only), ``mask_pool`` (``avg``:
     area share per map cell, or ``max``: any overlap), ``mask_pos_weight``, ``mask_finding_weight``
     (a JSON object of finding -> weight of its map in the localisation loss, e.g. ``{"nodule": 4}``;
-    the others 1: small findings cover few cells and count for little otherwise), ``size`` (phantom size
+    the others 1: small findings cover few cells and count for little otherwise), ``mask_point_weight``
+    (weight of :func:`pointing_loss`, which rewards each map's maximum landing on its finding; 0), ``size`` (phantom size
     in pixels, default 256), ``difficulty`` (phantom difficulty, default 2), ``mimics`` (the rate of
     look-alikes of absent findings, 0-1, :data:`hygeia_lab.phantoms.MIMIC_RATES`; 0), ``finer`` (evidence maps
     at half the input size, through a stem skip), ``init`` (a bundle to warm-start from: a fusion
@@ -246,7 +248,24 @@ def _batch_loss(net: FusionNet, batch: Batch, o: dict[str, Any], g: torch.Genera
             out["maps"], target, pos_weight=torch.tensor(float(o["mask_pos_weight"]), device=dev), reduction="none")
         w = torch.tensor(_finding_weights(o["mask_finding_weight"]), device=dev)
         loss = loss + float(o["mask_weight"]) * (per_map.mean((0, 2, 3)) * w).mean()
+        if float(o["mask_point_weight"]) > 0:
+            loss = loss + float(o["mask_point_weight"]) * pointing_loss(out["maps"], target)
     return loss
+
+
+def pointing_loss(maps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``-log`` of the share of a softmax over each evidence map's cells that falls inside its
+    finding's mask, averaged over the (image, finding) pairs with a mask; 0 without any.
+
+    The cross-entropy per cell rewards a map that is high over the finding, wherever its maximum
+    lands; this rewards the maximum landing on it, which is what a heat map's peak is used for."""
+    inside = target.flatten(2) > 0  # [B, K, cells]
+    has = inside.any(-1)
+    if not bool(has.any()):
+        return maps.sum() * 0.0
+    logp = torch.log_softmax(maps.flatten(2).float(), -1)
+    mass = torch.logsumexp(logp.masked_fill(~inside, -float("inf")), -1)  # log share inside the mask
+    return -mass[has].mean()
 
 
 def _finding_weights(weights: Any) -> list[float]:
