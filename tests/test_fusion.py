@@ -208,7 +208,8 @@ def test_mask_finding_weight_scales_one_findings_map_loss():
     import shlex
 
     from hygeia_fusion.model import FusionNet
-    from hygeia_fusion.train import DEFAULTS, _batch_loss, _command, _finding_weights, train
+    from hygeia_fusion._losses import finding_weights
+    from hygeia_fusion.train import DEFAULTS, _batch_loss, _command, train
 
     net = FusionNet(widths=(8, 8, 16, 16), width=16, heads=2, blocks=(1, 1, 1, 1), stem=3, grid=8, fine=True).eval()
     x, y = torch.rand(2, 1, 64, 64), torch.zeros(2, 5)
@@ -227,7 +228,7 @@ def test_mask_finding_weight_scales_one_findings_map_loss():
     assert ones == pytest.approx(plain) and zeros == pytest.approx(base)
     assert plain - no_nod > 0  # the nodule's map has a loss of its own
     assert nod - plain == pytest.approx(3 * (plain - no_nod), rel=1e-3)
-    assert _finding_weights({"nodule": 4}) == [4.0, 1.0, 1.0, 1.0, 1.0]
+    assert finding_weights({"nodule": 4}) == [4.0, 1.0, 1.0, 1.0, 1.0]
     cmd = _command({**DEFAULTS, "mask_finding_weight": {"nodule": 4}}, 0)
     assert "'mask_finding_weight={\"nodule\":4}'" in cmd
     value = next(w for w in shlex.split(cmd) if w.startswith("mask_finding_weight="))
@@ -235,13 +236,15 @@ def test_mask_finding_weight_scales_one_findings_map_loss():
     for bad in ({"tumour": 2}, {"nodule": "high"}, {"nodule": -1}):
         with pytest.raises(InputError, match="option mask_finding_weight"):
             train(out="unused", seed=0, mask_finding_weight=bad, progress=False)
+    with pytest.raises(InputError, match="option mask_point_weight"):
+        train(out="unused", seed=0, mask_point_weight=-1, progress=False)
 
 
 def test_pointing_loss_rewards_the_peak_on_the_finding():
     """The pointing loss is -log of the softmax mass inside the mask: log(cells / mask cells) for a
     flat map, near 0 for a peak inside the mask, large for a peak outside; pairs without a mask
     do not count."""
-    from hygeia_fusion.train import pointing_loss
+    from hygeia_fusion._losses import pointing_loss
 
     target = torch.zeros(2, 5, 8, 8)
     target[0, 0, 2:4, 2:4] = 0.5  # one nodule in the first image

@@ -36,6 +36,7 @@ from hygeia_lab.phantoms import code_hash
 from hygeia_lab.training import auroc_per_finding
 from hygeia_lab.training import youden_thresholds as lab_youden
 
+from ._losses import finding_weights, pointing_loss
 from .model import ARCH_DEFAULTS, FusionNet, encode_texts, encoder_identity, warm_start
 from .plugin import WEIGHTS, card
 
@@ -186,7 +187,9 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     o = {**DEFAULTS, **options}
     if o["mask_pool"] not in ("avg", "max"):  # checked before any data is drawn
         raise InputError("mask_pool", "'avg' or 'max'", got=repr(o["mask_pool"]))
-    _finding_weights(o["mask_finding_weight"])
+    finding_weights(o["mask_finding_weight"])
+    if float(o["mask_point_weight"]) < 0:
+        raise InputError("option mask_point_weight", "a weight of 0 or more", got=repr(o["mask_point_weight"]))
     if epochs is not None:
         o["epochs"] = int(epochs)
     o["init"] = str(o["init"]) if o["init"] else None
@@ -246,37 +249,11 @@ def _batch_loss(net: FusionNet, batch: Batch, o: dict[str, Any], g: torch.Genera
         target = pool(mk.to(dev), out["maps"].shape[-2:])
         per_map = F.binary_cross_entropy_with_logits(
             out["maps"], target, pos_weight=torch.tensor(float(o["mask_pos_weight"]), device=dev), reduction="none")
-        w = torch.tensor(_finding_weights(o["mask_finding_weight"]), device=dev)
+        w = torch.tensor(finding_weights(o["mask_finding_weight"]), device=dev)
         loss = loss + float(o["mask_weight"]) * (per_map.mean((0, 2, 3)) * w).mean()
         if float(o["mask_point_weight"]) > 0:
             loss = loss + float(o["mask_point_weight"]) * pointing_loss(out["maps"], target)
     return loss
-
-
-def pointing_loss(maps: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """``-log`` of the share of a softmax over each evidence map's cells that falls inside its
-    finding's mask, averaged over the (image, finding) pairs with a mask; 0 without any.
-
-    The cross-entropy per cell rewards a map that is high over the finding, wherever its maximum
-    lands; this rewards the maximum landing on it, which is what a heat map's peak is used for."""
-    inside = target.flatten(2) > 0  # [B, K, cells]
-    has = inside.any(-1)
-    if not bool(has.any()):
-        return maps.sum() * 0.0
-    logp = torch.log_softmax(maps.flatten(2).float(), -1)
-    mass = torch.logsumexp(logp.masked_fill(~inside, -float("inf")), -1)  # log share inside the mask
-    return -mass[has].mean()
-
-
-def _finding_weights(weights: Any) -> list[float]:
-    """``mask_finding_weight`` ({finding: weight}, the others 1) as one weight per finding, in order."""
-    if not isinstance(weights, dict) or set(weights) - set(FINDING_LABELS):
-        raise InputError("option mask_finding_weight", f"a JSON object of {', '.join(FINDING_LABELS)} -> weight",
-                         got=repr(weights))
-    out = [weights.get(f, 1.0) for f in FINDING_LABELS]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v < 1e4 for v in out):
-        raise InputError("option mask_finding_weight", "weights that are numbers from 0 to 10000", got=repr(weights))
-    return [float(v) for v in out]
 
 
 def _fit(net: FusionNet, tr: PhantomSet, va: PhantomSet, text: dict[str, tuple[torch.Tensor, ...]],
