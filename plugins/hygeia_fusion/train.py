@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shlex
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -349,15 +350,10 @@ def _save(out: str | Path, net: FusionNet, va: PhantomSet, text: tuple[torch.Ten
 
 def _command(o: dict[str, Any], seed: int) -> str:
     """The ``hygeia train fusion`` command that reproduces a run (options that differ from the defaults)."""
-    opts = "".join(_option(k, json.dumps(o[k]).replace(' ', '')) for k in DEFAULTS
+    opts = "".join(" --option " + shlex.quote(f"{k}={json.dumps(o[k]).replace(' ', '')}") for k in DEFAULTS
                    if k not in ("epochs", "init") and o[k] != DEFAULTS[k])
     init = f" --init {o['init']}" if o["init"] else ""
     return f"hygeia train fusion --seed {seed} --epochs {o['epochs']}{init}{opts}"
-
-
-def _option(key: str, value: str) -> str:
-    """`` --option KEY=VALUE``, single-quoted for the shell when the value holds quotes or braces."""
-    return f" --option '{key}={value}'" if any(c in value for c in "\"{}") else f" --option {key}={value}"
 
 
 def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_dir: str | Path | None,
