@@ -25,7 +25,7 @@ from hygeia.errors import InputError
 from hygeia_lab.training import (FitConfig, codes_config, curve_png, export_command, fit, metrics_csv, phantom_export,
                                  split_label_file)
 
-from .model import ARCH_DEFAULTS, FusionNet, encode_texts, encoder_identity, warm_start
+from .model import ARCH_DEFAULTS, FusionNet, arch_config, encode_texts, encoder_identity, warm_start
 
 USER_DEFAULTS: dict[str, Any] = {
     "epochs": 10, "size": 256, "batch_size": 32, "lr": 1e-3, "weight_decay": 1e-4, "patience": 3, "workers": 2,
@@ -62,13 +62,6 @@ def _options(options: dict[str, Any]) -> dict[str, Any]:
     return o
 
 
-def _arch(o: dict[str, Any], n_findings: int) -> dict[str, Any]:
-    return {"n_findings": n_findings, "width": int(o["width"]), "heads": int(o["heads"]), "layers": int(o["layers"]),
-            "widths": [int(w) for w in o["widths"]], "grid": int(o["grid"]), "pool": bool(o["pool"]),
-            "fine": bool(o["fine"]), "finer": bool(o["finer"]), "dropout": 0.0, "blocks": [int(b) for b in o["blocks"]],
-            "stem": int(o["stem"]), "mean": float(o["mean"]), "std": float(o["std"])}
-
-
 def _card(table: Any, n: tuple[int, int], res: Any, o: dict[str, Any], seed: int, text_column: str) -> ModelCard:
     hist = res.history[res.best_epoch - 1] if res.history else {}
     names = ", ".join(table.findings)
@@ -102,7 +95,7 @@ def train_on_files(out: str | Path, seed: int, progress: bool, data: str | Path,
     t0 = time.time()
     table, train_t, val_t = split_label_file(data, image_root, uncertain, text_column, codes, o["val_fraction"], seed,
                                              progress)
-    arch = _arch(o, len(table.findings))
+    arch = arch_config(o, len(table.findings))
     torch.manual_seed(seed)
     net = FusionNet(**{**arch, "widths": tuple(arch["widths"]), "blocks": tuple(arch["blocks"])})
     if init is not None:

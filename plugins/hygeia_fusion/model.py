@@ -13,7 +13,8 @@ Shapes (batch ``B``, image tokens ``N = 16 * 16``, text tokens ``T``, width ``d`
     finding head:
         evidence maps  S = linear(image tokens)          [B,5,16,16]  (the heat maps; ``fine``: fused
                                                                   tokens upsampled + first-stage skip;
-                                                                  ``finer``: + a stem skip, half the input size)
+                                                                  ``finer``: + a stem skip, half the input size;
+                                                                  ``refine``: + a small residual conv head)
         image logit    s_k = LSE-pool(S_k, r_k)          [B,5]        (log-sum-exp pooling)
         text logit     u_k = w_k . attn(q_k, text tokens) [B,5]        (one query per finding)
         logit_k = s_k + u_k + b_k
@@ -42,10 +43,19 @@ ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
 ARCH_DEFAULTS: dict[str, Any] = {
     "width": 64, "heads": 4, "layers": 1, "widths": [16, 32, 64, 128], "blocks": [2, 2, 2, 2], "stem": 7,
     "mean": 0.5, "std": 0.25, "grid": 16, "pool": True, "fine": True, "finer": False,
+    "refine": 0,
 }
 """The trainers' network: the ``cxr`` diagnoser's backbone layout at a quarter of its width (MONAI
 ResNet, 7x7 stem, 2-2-2-2 basic blocks of 16-128 channels, its input normalisation), 16x16
 co-attention grid, evidence maps at a quarter of the input size."""
+
+
+def arch_config(o: dict[str, Any], n_findings: int) -> dict[str, Any]:
+    """The network config a bundle records (``architecture``; ``FusionNet(**config)``), from trainer options."""
+    return {"n_findings": n_findings, "width": int(o["width"]), "heads": int(o["heads"]), "layers": int(o["layers"]),
+            "widths": [int(w) for w in o["widths"]], "grid": int(o["grid"]), "pool": bool(o["pool"]),
+            "fine": bool(o["fine"]), "finer": bool(o["finer"]), "refine": int(o["refine"]), "dropout": 0.0,
+            "blocks": [int(b) for b in o["blocks"]], "stem": int(o["stem"]), "mean": float(o["mean"]), "std": float(o["std"])}
 
 
 class CoAttentionBlock(nn.Module):
@@ -82,6 +92,7 @@ class FusionNet(nn.Module):
         pool: bool = False,
         fine: bool = False,
         finer: bool = False,
+        refine: int = 0,
         blocks: tuple[int, ...] = (1, 1, 1, 1),
         stem: int = 3,
         mean: float = 0.0,
@@ -114,6 +125,12 @@ class FusionNet(nn.Module):
             self.finer_lat = nn.Conv2d(widths[0], width, 1)
             self.finer_norm = nn.LayerNorm(width)
         self.evidence = nn.Linear(width, n_findings)  # per-location logit for each finding
+        self.refine = None
+        if refine:  # a local conv head on the map grid, added to the linear read-out (starts at zero)
+            self.refine = nn.Sequential(nn.Conv2d(width, refine, 1), nn.ReLU(), nn.Conv2d(refine, refine, 3, padding=1),
+                                        nn.ReLU(), nn.Conv2d(refine, n_findings, 3, padding=1))
+            nn.init.zeros_(self.refine[-1].weight)
+            nn.init.zeros_(self.refine[-1].bias)
         self.log_r = nn.Parameter(torch.full((n_findings,), math.log(4.0)))  # LSE sharpness per finding
         self.queries = nn.Parameter(torch.randn(1, n_findings, width) * 0.02)
         self.q_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
@@ -173,6 +190,8 @@ class FusionNet(nn.Module):
                 up = F.interpolate(grid, size=x0.shape[-2:], mode="bilinear", align_corners=False) + self.finer_lat(x0)
                 x = self.finer_norm(up.flatten(2).transpose(1, 2))
         s_map = self.evidence(self.drop(x))  # [B, N, 5]
+        if self.refine is not None:  # x is [B, side*side, d] on the map grid
+            s_map = s_map + self.refine(x.transpose(1, 2).reshape(bsz, -1, side, side)).flatten(2).transpose(1, 2)
         r = self.log_r.exp()
         n = s_map.shape[1]
         s_img = (torch.logsumexp(s_map * r, dim=1) - math.log(n)) / r  # [B, 5]

@@ -38,7 +38,7 @@ from hygeia_lab.training import auroc_per_finding
 from hygeia_lab.training import youden_thresholds as lab_youden
 
 from ._losses import finding_weights, pointing_loss
-from .model import ARCH_DEFAULTS, FusionNet, encode_texts, encoder_identity, warm_start
+from .model import ARCH_DEFAULTS, FusionNet, arch_config, encode_texts, encoder_identity, warm_start
 from .plugin import WEIGHTS, card
 
 DEFAULTS: dict[str, Any] = {
@@ -168,7 +168,8 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     (weight of :func:`pointing_loss`, which rewards each map's maximum landing on its finding; 0), ``size`` (phantom size
     in pixels, default 256), ``difficulty`` (phantom difficulty, default 2), ``mimics`` (the rate of
     look-alikes of absent findings, 0-1, :data:`hygeia_lab.phantoms.MIMIC_RATES`; 0), ``finer`` (evidence maps
-    at half the input size, through a stem skip), ``init`` (a bundle to warm-start from: a fusion
+    at half the input size, through a stem skip), ``refine`` (channels of a small conv head on the
+    evidence-map grid, added to the per-location linear read-out and starting at zero; 0: none), ``init`` (a bundle to warm-start from: a fusion
     bundle, or an image-only diagnoser's such as ``cxr``, whose ResNet becomes the backbone),
     ``fine`` (evidence maps at a quarter of the input size), ``blocks``, ``widths``, ``stem``,
     ``mean``, ``std`` (the backbone's layout and input normalisation; ``cxr``'s at widths 16-128),
@@ -208,14 +209,6 @@ def _data_dir(data_dir: str | Path | None) -> Path | None:
     if data_dir:
         return Path(data_dir)
     return Path(os.environ["HYGEIA_DATA_CACHE"]) if os.environ.get("HYGEIA_DATA_CACHE") else None
-
-
-def _arch(o: dict[str, Any]) -> dict[str, Any]:
-    """The network config recorded in the bundle (``architecture``), from the options."""
-    return {"n_findings": len(FINDING_LABELS), "width": int(o["width"]), "heads": int(o["heads"]),
-            "layers": int(o["layers"]), "widths": [int(w) for w in o["widths"]], "grid": int(o["grid"]), "pool": bool(o["pool"]),
-            "fine": bool(o["fine"]), "finer": bool(o["finer"]), "dropout": 0.0,
-            "blocks": [int(b) for b in o["blocks"]], "stem": int(o["stem"]), "mean": float(o["mean"]), "std": float(o["std"])}
 
 
 def shuffle_texts(s: torch.Tensor, m: torch.Tensor, dropped: torch.Tensor, share: float,
@@ -369,7 +362,7 @@ def _train(out: str | Path, seed: int, progress: bool, o: dict[str, Any], data_d
     va = _dataset("val", int(o["n_val"]), cache, progress, size, *look)
     text = {"train": _text_states(tr.texts, int(o["max_tokens"]), cache),
             "val": _text_states(va.texts, int(o["max_tokens"]), cache)}
-    arch = _arch(o)
+    arch = arch_config(o, len(FINDING_LABELS))
     net = FusionNet(**{**arch, "widths": tuple(arch["widths"])}).to(dev)
     if o["init"]:  # warm start: every tensor of that bundle whose name and shape fit
         warm_start(net, o["init"], progress)
