@@ -127,3 +127,8 @@ def test_refine_head_starts_at_the_linear_read_out_and_learns():
     (out["maps"][:, 0, 10, 10].sum() - out["logits"].sum()).backward()
     assert refined.refine[-1].weight.grad.abs().sum() > 0
     assert FusionNet(**kw).refine is None  # off by default: the bundles without it load as before
+    from hygeia_fusion.model import ARCH_DEFAULTS, arch_config
+
+    assert arch_config({**ARCH_DEFAULTS, "refine": 24}, 5)["refine"] == 24
+    with pytest.raises(InputError, match="option refine"):
+        arch_config({**ARCH_DEFAULTS, "refine": -1}, 5)

@@ -52,6 +52,8 @@ co-attention grid, evidence maps at a quarter of the input size."""
 
 def arch_config(o: dict[str, Any], n_findings: int) -> dict[str, Any]:
     """The network config a bundle records (``architecture``; ``FusionNet(**config)``), from trainer options."""
+    if int(o["refine"]) < 0:
+        raise InputError("option refine", "0 (no conv head) or a number of channels", got=repr(o["refine"]))
     return {"n_findings": n_findings, "width": int(o["width"]), "heads": int(o["heads"]), "layers": int(o["layers"]),
             "widths": [int(w) for w in o["widths"]], "grid": int(o["grid"]), "pool": bool(o["pool"]),
             "fine": bool(o["fine"]), "finer": bool(o["finer"]), "refine": int(o["refine"]), "dropout": 0.0,

@@ -190,6 +190,7 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     if o["mask_pool"] not in ("avg", "max"):  # checked before any data is drawn
         raise InputError("mask_pool", "'avg' or 'max'", got=repr(o["mask_pool"]))
     finding_weights(o["mask_finding_weight"])
+    arch_config(o, len(FINDING_LABELS))  # the network options, checked before any data is drawn
     if float(o["mask_point_weight"]) < 0:
         raise InputError("option mask_point_weight", "a weight of 0 or more", got=repr(o["mask_point_weight"]))
     if epochs is not None:
