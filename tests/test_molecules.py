@@ -124,7 +124,7 @@ def test_syntax_constrained_sampling_leaves_no_parse_errors(gen):
     quiet_rdkit()
 
     def unparseable(syntax: bool) -> list[str]:
-        mols = gen.generate(400, seed=6, syntax=syntax)
+        mols = gen.generate(400, seed=6, syntax=syntax, retries=0)
         return [m.smiles for m in mols if Chem.MolFromSmiles(m.smiles, sanitize=False) is None
                 and len(m.smiles) < 80]  # well short of the 100-token limit
 
@@ -132,6 +132,25 @@ def test_syntax_constrained_sampling_leaves_no_parse_errors(gen):
     assert len(unparseable(False)) >= 3
     with pytest.raises(InputError, match="syntax"):
         gen.generate(4, syntax="yes")
+
+
+def test_retries_redraw_only_the_invalid_samples(gen):
+    """``retries``: a sample valid at its first draw is kept as it is; an invalid one is decoded
+    again from its own latent (the same seed gives the same result); the default is the bundle's."""
+    once = gen.generate(300, seed=9, retries=0)
+    again = gen.generate(300, seed=9, retries=2)
+    assert [m.smiles for m in again] == [m.smiles for m in gen.generate(300, seed=9, retries=2)]
+    redrawn = [i for i, m in enumerate(once) if not m.valid]
+    assert len(redrawn) >= 5
+    assert all(again[i].smiles == m.smiles for i, m in enumerate(once) if m.valid)
+    assert sum(again[i].valid for i in redrawn) >= 0.8 * len(redrawn)
+    assert all(again[i].smiles != once[i].smiles for i in redrawn if again[i].valid)
+    default = int(gen.config["sampling"].get("retries", 0))
+    assert [m.smiles for m in gen.generate(300, seed=9)] == [m.smiles for m in gen.generate(300, seed=9,
+                                                                                              retries=default)]
+    for bad in (-1, 21, 1.5, True):
+        with pytest.raises(InputError, match="retries"):
+            gen.generate(4, retries=bad)
 
 
 def test_bulk_validity_is_rdkits_verdict(gen):

@@ -76,7 +76,7 @@ class MoleculeVAEGenerator:
     def generate(self, n: int, condition: Any = None, seed: int = 0,
                  progress: Callable[[int, int], None] | None = None, batch_size: int = 2048,
                  temperature: float | None = None, properties: bool = False, precision: str | None = None,
-                 syntax: bool = False, **options: Any) -> list[GeneratedMolecule]:
+                 syntax: bool = False, retries: int | None = None, **options: Any) -> list[GeneratedMolecule]:
         """Sample ``n`` molecules from the prior; the same ``seed`` gives the same molecules (at the
         same ``precision``).
 
@@ -84,13 +84,20 @@ class MoleculeVAEGenerator:
         chosen on held-out training molecules); ``properties=True`` also fills each valid
         molecule's logP/QED/SA/MW (slower); ``precision``: of the decoder's hidden-state product,
         ``"float32"`` or ``"bfloat16"`` (default: :func:`default_precision` for the device);
-        ``syntax``: draw only tokens that keep the SMILES parseable (default False: see the plugin page).
+        ``syntax``: draw only tokens that keep the SMILES parseable (default False: see the plugin page);
+        ``retries``: decode an invalid sample again from the same latent and condition, up to this
+        many times (default: the bundle's ``sampling.retries``, else 0: every sample drawn once).
         """
+        sampling = self.config.get("sampling", {})
         if temperature is None:
-            temperature = float(self.config.get("sampling", {}).get("temperature", 1.0))
+            temperature = float(sampling.get("temperature", 1.0))
+        if retries is None:
+            retries = int(sampling.get("retries", 0))
         if options:
-            raise InputError("options", "batch_size, temperature, properties, precision or syntax",
+            raise InputError("options", "batch_size, temperature, properties, precision, syntax or retries",
                              got=", ".join(options))
+        if isinstance(retries, bool) or not isinstance(retries, int) or not 0 <= retries <= 20:
+            raise InputError("retries", "a whole number in [0, 20]", got=repr(retries))
         precision = default_precision(self.device) if precision is None else precision
         if precision not in PRECISIONS:
             raise InputError("precision", " or ".join(PRECISIONS), got=repr(precision))
@@ -102,19 +109,31 @@ class MoleculeVAEGenerator:
         cond = self._conditions(n, condition)
         g = torch.Generator().manual_seed(seed)
         z = torch.randn(n, self.cfg.latent, generator=g).to(self.device)
-        smiles: list[str] = []
-        for start in range(0, n, batch_size):
-            ids = self.model.sample(z[start:start + batch_size], cond[start:start + batch_size], g, temperature,
-                                    precision, syntax)
-            smiles.extend(self.decode(ids))
-            if progress is not None:
-                progress(len(smiles), n)
         from rdkit import Chem
 
         from hygeia.chem import molecular_properties, valid_smiles
 
+        def draw(rows: torch.Tensor, report: bool = False) -> list[str]:
+            smiles: list[str] = []
+            for start in range(0, len(rows), batch_size):
+                part = rows[start:start + batch_size].to(self.device)
+                smiles += self.decode(self.model.sample(z[part], cond[part], g, temperature, precision, syntax))
+                if report and progress is not None:
+                    progress(len(smiles), n)
+            return smiles
+
+        smiles = draw(torch.arange(n), report=True)
+        valid = valid_smiles(smiles)
+        for _ in range(retries):  # invalid samples, decoded again from their own latent and condition
+            again = [i for i, ok in enumerate(valid) if not ok]
+            if not again:
+                break
+            redrawn = draw(torch.tensor(again))
+            for i, s, ok in zip(again, redrawn, valid_smiles(redrawn)):
+                if ok:
+                    smiles[i], valid[i] = s, True
         out = []
-        for s, ok in zip(smiles, valid_smiles(smiles)):
+        for s, ok in zip(smiles, valid):
             mol = Chem.MolFromSmiles(s) if (ok and properties) else None
             try:
                 props = molecular_properties(mol) if mol is not None else {}
