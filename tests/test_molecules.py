@@ -38,8 +38,10 @@ def test_shipped_model_samples_valid_molecules(gen):
     mols = gen.generate(200, seed=0)
     assert len(mols) == 200
     validity = sum(m.valid for m in mols) / len(mols)
-    # the shipped CPU-trained weights measure 0.922 on 30k samples at temperature 1.0 (model card: moses_valid)
-    assert validity >= 0.85, validity
+    # the shipped weights measure 0.999 on 30k samples with their default retries=2 (model card: moses_valid)
+    # and 0.922 with every sample drawn once (moses_valid_one_draw)
+    assert validity >= 0.97, validity
+    assert sum(m.valid for m in gen.generate(200, seed=0, retries=0)) / 200 >= 0.85
     assert len({m.smiles for m in mols if m.valid}) >= 0.95 * sum(m.valid for m in mols)  # not collapsed
     assert all(m.model.name == "molecule-vae" and m.model.weights_sha256 for m in mols)
 
