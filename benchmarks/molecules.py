@@ -54,6 +54,35 @@ def speed(gen: Any, n: int, seed: int, configs: dict[str, dict[str, Any]], repea
             for name, cfg in configs.items()}
 
 
+def report_speed(gen: Any, n: int, seed: int, sampling: dict[str, Any], retries: int,
+                 report: dict[str, Any]) -> dict[str, Any]:
+    """Time ``sampling`` with float32 and (when it redraws) ``retries=0`` beside it, print the rows
+    with their ratios, store them in ``report`` and return the timing of ``sampling``."""
+    precision = sampling["precision"]
+    configs = {"default": sampling}
+    if precision != "float32":  # the exact float32 path, side by side
+        configs["float32"] = {**sampling, "precision": "float32"}
+    if retries:  # every sample drawn once, side by side: what the redraws cost
+        configs["one_draw"] = {**sampling, "retries": 0}
+    runs = speed(gen, n, seed, configs)
+    s = report["speed"] = runs["default"]
+    s["loadavg_1min"] = os.getloadavg()[0]
+    print(f"sampling on CPU ({s['threads']} thread(s), {os.cpu_count()} cores, load average "
+          f"{s['loadavg_1min']:.1f}): {s['n']} samples, {s['valid']} valid, median of {s['repeats']} rounds, "
+          f"the rows below taking turns")
+    print(f"  valid molecules/s   {precision:<9} {s['valid_per_s']:8.0f} (best {s['valid_per_s_best']:.0f})   "
+          f"target {TARGET_VALID_PER_S:6.0f}   ratio {s['valid_per_s'] / TARGET_VALID_PER_S:.2f}x")
+    if "float32" in runs:
+        f = report["speed_float32"] = runs["float32"]
+        print(f"  valid molecules/s   float32   {f['valid_per_s']:8.0f} (best {f['valid_per_s_best']:.0f})   "
+              f"{precision} / float32 {s['valid_per_s'] / f['valid_per_s']:.2f}x")
+    if "one_draw" in runs:
+        o = report["speed_one_draw"] = runs["one_draw"]
+        print(f"  valid molecules/s   retries=0 {o['valid_per_s']:8.0f} (best {o['valid_per_s_best']:.0f}, "
+              f"{o['valid']} valid)   retries={retries} / retries=0 {s['valid_per_s'] / o['valid_per_s']:.2f}x")
+    return s
+
+
 def conditioning(gen: Any, per_target: int, seed: int, sampling: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """For each property: sample at several targets; Pearson r(target, measured) and the means; for
     logP and QED also the share of valid samples within :data:`TOLERANCE` of the target, conditioned
@@ -117,27 +146,7 @@ def main() -> None:
     sampling: dict[str, Any] = {"precision": precision, **({} if args.syntax is None else {"syntax": args.syntax == "on"}),
                                 **({} if args.retries is None else {"retries": args.retries})}
     retries = sampling.get("retries", int(gen.config.get("sampling", {}).get("retries", 0)))
-    configs = {"default": sampling}
-    if precision != "float32":  # the exact float32 path, side by side
-        configs["float32"] = {**sampling, "precision": "float32"}
-    if retries:  # every sample drawn once, side by side: what the redraws cost
-        configs["one_draw"] = {**sampling, "retries": 0}
-    runs = speed(gen, args.n, args.seed, configs)
-    s = report["speed"] = runs["default"]
-    s["loadavg_1min"] = os.getloadavg()[0]
-    print(f"sampling on CPU ({s['threads']} thread(s), {os.cpu_count()} cores, load average "
-          f"{s['loadavg_1min']:.1f}): {s['n']} samples, {s['valid']} valid, median of {s['repeats']} rounds, "
-          f"the rows below taking turns")
-    print(f"  valid molecules/s   {precision:<9} {s['valid_per_s']:8.0f} (best {s['valid_per_s_best']:.0f})   "
-          f"target {TARGET_VALID_PER_S:6.0f}   ratio {s['valid_per_s'] / TARGET_VALID_PER_S:.2f}x")
-    if "float32" in runs:
-        f = report["speed_float32"] = runs["float32"]
-        print(f"  valid molecules/s   float32   {f['valid_per_s']:8.0f} (best {f['valid_per_s_best']:.0f})   "
-              f"{precision} / float32 {s['valid_per_s'] / f['valid_per_s']:.2f}x")
-    if "one_draw" in runs:
-        o = report["speed_one_draw"] = runs["one_draw"]
-        print(f"  valid molecules/s   retries=0 {o['valid_per_s']:8.0f} (best {o['valid_per_s_best']:.0f}, "
-              f"{o['valid']} valid)   retries={retries} / retries=0 {s['valid_per_s'] / o['valid_per_s']:.2f}x")
+    s = report_speed(gen, args.n, args.seed, sampling, retries, report)
     if args.moses:
         from rich.console import Console
 
