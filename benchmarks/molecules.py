@@ -154,8 +154,9 @@ def main() -> None:
         from hygeia_lab.evaluation.molecules import evaluate_smiles, render_table
 
         t = time.perf_counter()
-        smiles = [m.smiles for m in gen.generate(args.moses, seed=args.seed, **sampling)]
-        once = gen.generate(args.moses, seed=args.seed, **{**sampling, "retries": 0})
+        mols = gen.generate(args.moses, seed=args.seed, **sampling)
+        smiles = [m.smiles for m in mols]
+        once = gen.generate(args.moses, seed=args.seed, **{**sampling, "retries": 0}) if retries else mols
         report["valid_one_draw"] = sum(m.valid for m in once) / len(once)
         if args.samples_out:
             write_molecules(smiles, args.samples_out)
