@@ -131,3 +131,44 @@ def test_refine_head_starts_at_the_linear_read_out_and_learns():
     assert arch_config({**ARCH_DEFAULTS, "refine": 24}, 5)["refine"] == 24
     with pytest.raises(InputError, match="option refine"):
         arch_config({**ARCH_DEFAULTS, "refine": -1}, 5)
+
+
+def test_heat_maps_with_text_blend_the_image_only_maps():
+    """With text, the heat map is the mean of the with-text and the image-only heat maps (each
+    upsampled and min-max scaled), scaled again; an image whose text is empty gets its image-only
+    heat map; a nodule's point region is the blended map's peak; ``blend_maps=False`` keeps the
+    with-text maps."""
+    import hygeia
+    import torch.nn.functional as F
+    from hygeia_fusion.model import encode_texts
+    from hygeia_lab import make_phantom
+
+    fusion = hygeia.create("diagnoser", "fusion")
+    size = fusion.input_size
+    images = np.stack([make_phantom(40 + i, size=size[0], findings=["nodule"]).image[None] for i in range(2)])
+    texts = ["ex-smoker, known lung carcinoma, weight loss", ""]
+
+    def scaled(m):
+        m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
+        lo, hi = m.amin(dim=(2, 3), keepdim=True), m.amax(dim=(2, 3), keepdim=True)
+        return (m - lo) / (hi - lo).clamp(min=1e-6)
+
+    states, mask = encode_texts(texts, fusion.max_tokens)
+    with torch.no_grad():
+        x = torch.from_numpy(images)
+        text_heat, image_heat = scaled(fusion.net(x, states, mask)["maps"]), scaled(fusion.net(x)["maps"])
+    want = ((text_heat + image_heat) / 2).numpy()
+    want = (want - want.min(axis=(2, 3), keepdims=True)) / (want.max(axis=(2, 3), keepdims=True)
+                                                            - want.min(axis=(2, 3), keepdims=True))
+    _, heat = fusion.predict(images, texts)
+    assert np.abs(heat - want).max() < 1e-4
+    assert np.abs(heat[1] - image_heat[1].numpy()).max() < 1e-4  # no text: the image-only map
+    assert np.abs(heat[0] - text_heat[0].numpy()).max() > 0.05  # the blend differs from the text map alone
+    _, alone = fusion.predict(images)
+    assert np.abs(alone - image_heat.numpy()).max() < 1e-4
+    _, text_only = hygeia.create("diagnoser", "fusion", blend_maps=False).predict(images, texts)
+    assert np.abs(text_only - text_heat.numpy()).max() < 1e-4  # blend_maps=False: the with-text maps
+    f = fusion.diagnose(images[:1], texts[:1])[0].findings[FINDING_LABELS.index("nodule")]
+    assert f.present and np.abs(f.heatmap - want[0, 0]).max() < 1e-4
+    r, c = np.unravel_index(int(np.argmax(f.heatmap)), size)
+    assert f.region.coords[0] == (c + 0.5, r + 0.5)  # the point region: the blended map's peak
