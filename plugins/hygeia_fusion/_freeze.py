@@ -5,8 +5,7 @@ Writes the graphs :class:`~hygeia_fusion._frozen.FrozenFusion` runs: the text en
 (``fusion_text.onnx``: images, token states padded to ``max_tokens``, mask -> probabilities and
 heat maps) and without (``fusion_image.onnx``), each ending in what
 :meth:`~hygeia_fusion.plugin.FusionDiagnoser.predict` does after the network (sigmoid; maps
-upsampled bilinearly and min-max scaled; with text, blended with the image-only maps: see
-:func:`~hygeia_fusion.model.heat_maps`), the encoder's ``tokenizer.json`` and ``fusion.json``
+upsampled bilinearly and min-max scaled), the encoder's ``tokenizer.json`` and ``fusion.json``
 (findings, thresholds, codes, sizes; the identity is in ``frozen.json``).
 """
 from __future__ import annotations
@@ -17,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from hygeia.frozen import export_onnx
 from hygeia.text import export_encoder
-
-from .model import heat_maps
 
 RUNNER = "hygeia_fusion._frozen:FrozenFusion"
 
@@ -31,23 +29,22 @@ class _Served(nn.Module):
     """The network plus predict()'s tail; calls the eager forward (a compiled graph installed on
     the network by :mod:`hygeia.compiled` is bypassed)."""
 
-    def __init__(self, net: nn.Module, size: tuple[int, int], blend_maps: bool) -> None:
+    def __init__(self, net: nn.Module, size: tuple[int, int]) -> None:
         super().__init__()
-        self.net, self.size, self.blend_maps = net, size, blend_maps
+        self.net, self.size = net, size
 
     def forward(self, images: torch.Tensor, states: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         out = type(self.net).forward(self.net, images, states, mask)
-        image_maps = None
-        if states is not None and self.blend_maps:
-            image_maps = type(self.net).forward(self.net, images)["maps"]
-        return torch.sigmoid(out["logits"]), heat_maps(out["maps"], self.size, image_maps)
+        m = F.interpolate(out["maps"], size=self.size, mode="bilinear", align_corners=False)
+        lo, hi = m.amin(dim=(2, 3), keepdim=True), m.amax(dim=(2, 3), keepdim=True)
+        return torch.sigmoid(out["logits"]), (m - lo) / (hi - lo).clamp(min=1e-6)
 
 
 def freeze(plugin: Any, folder: Path) -> str:
     """Write ``plugin``'s frozen files into ``folder``; returns the runner's import path."""
     h, w = plugin.input_size
-    served = _Served(copy.deepcopy(plugin.net).cpu().eval(), (h, w), plugin.blend_maps)  # the plugin itself stays on its device
+    served = _Served(copy.deepcopy(plugin.net).cpu().eval(), (h, w))  # the plugin itself stays on its device
     x = torch.rand(2, 1, h, w)
     out = ["probabilities", "heatmaps"]
     dyn = {"images": {0: "batch"}, "probabilities": {0: "batch"}, "heatmaps": {0: "batch"}}
@@ -55,7 +52,6 @@ def freeze(plugin: Any, folder: Path) -> str:
     cfg: dict[str, Any] = {"config": plugin.config, "input_size": [h, w], "findings": list(plugin.findings),
                            "thresholds": plugin.thresholds.tolist(), "thresholds_no_text": plugin.thresholds_no_text.tolist(),
                            "max_tokens": plugin.max_tokens, "regions": plugin.regions, "use_text": plugin.use_text,
-                           "blend_maps": plugin.blend_maps,
                            "batch_size": plugin.batch_size}
     if plugin.use_text:
         dim = plugin.net.text_proj[0].in_features

@@ -205,21 +205,6 @@ class FusionNet(nn.Module):
         return {"logits": logits, "maps": maps, "image_logits": s_img, "text_logits": u}
 
 
-def heat_maps(maps: torch.Tensor, size: tuple[int, int], image_maps: torch.Tensor | None = None) -> torch.Tensor:
-    """Heat maps ``[B, F, H, W]`` in [0, 1] from evidence maps ``[B, F, h, w]``: upsampled bilinearly
-    to ``size`` and min-max scaled per map. With ``image_maps`` (the same images' evidence maps
-    without text) the heat map is the mean of both heat maps, scaled again: the text moves the
-    probabilities, and where a finding lies is read from the image with and without it."""
-    def scaled(m: torch.Tensor) -> torch.Tensor:
-        lo, hi = m.amin(dim=(2, 3), keepdim=True), m.amax(dim=(2, 3), keepdim=True)
-        return (m - lo) / (hi - lo).clamp(min=1e-6)
-
-    heat = scaled(F.interpolate(maps, size=size, mode="bilinear", align_corners=False))
-    if image_maps is None:
-        return heat
-    return scaled(heat + scaled(F.interpolate(image_maps, size=size, mode="bilinear", align_corners=False)))
-
-
 @functools.lru_cache(maxsize=4)
 def _file_sha256(path: str) -> str:
     h = hashlib.sha256()

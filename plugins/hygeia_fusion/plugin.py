@@ -8,10 +8,7 @@ all-MiniLM-L6-v2), truncated with a warning past its 128-token limit.
 
 Localisation: each finding's evidence map (half the input size: 128x128 for the shipped 256 px
 weights, trained against the phantoms' finding masks) is upsampled bilinearly to the image size and
-min-max scaled to [0, 1]. With text, the same is done for the image's evidence maps without text (a
-second pass of the network) and the heat map is the mean of the two, scaled again
-(:func:`~hygeia_fusion.model.heat_maps`): the text moves the probabilities, and the image with and
-without it says where the finding lies. Without text the heat map is the image-only one. Its peak becomes the finding's region: a point for
+min-max scaled to [0, 1]: that is the heat map. Its peak becomes the finding's region: a point for
 nodules; for the other findings the convex hull of the heat map's connected part at >= 50% of the
 peak around it (a closed polyline). Regions are given for findings called present (probability >=
 threshold).
@@ -39,7 +36,7 @@ from hygeia.validation import check_images, check_texts
 from hygeia.vocab import FINDING_LABELS, bundle_codes
 
 from ._baselines import PREFIX as BASELINES
-from .model import FusionNet, encode_texts, encoder_identity, heat_maps
+from .model import FusionNet, encode_texts, encoder_identity
 from ._results import diagnoses
 
 NAME, VERSION = "fusion", "1.0.0"
@@ -56,9 +53,7 @@ class FusionDiagnoser:
     available), ``resize`` (False: images of another size than ``input_size`` are rejected; True: they are
     resized with :func:`hygeia.data.io.prepare_image`, MONAI area/bilinear ``Resize``), ``regions``
     (``auto``: nodule -> point, others -> polygon; ``point``; ``polygon``; ``none``),
-    ``use_text`` (False: always image-only, texts are ignored), ``blend_maps`` (True: with text,
-    the heat maps blend in the image-only maps, a second pass of the network; False: the with-text
-    maps alone, faster).
+    ``use_text`` (False: always image-only, texts are ignored).
     """
 
     findings: tuple[str, ...] = FINDING_LABELS
@@ -66,8 +61,7 @@ class FusionDiagnoser:
     condition_kinds = frozenset({"text", "none"})
 
     def __init__(self, bundle: str | Path | None = None, device: str | None = None, resize: bool = False,
-                 regions: RegionKind = "auto", use_text: bool = True, batch_size: int = 256,
-                 blend_maps: bool = True) -> None:
+                 regions: RegionKind = "auto", use_text: bool = True, batch_size: int = 256) -> None:
         if regions not in ("auto", "point", "polygon", "none"):
             raise InputError("regions", "one of auto, point, polygon, none", got=repr(regions))
         path = Path(bundle) if bundle is not None else WEIGHTS
@@ -94,7 +88,6 @@ class FusionDiagnoser:
         self.input_size = (int(size[0]), int(size[1]))
         self.identity = ModelIdentity(NAME, VERSION, "diagnoser", b.sha256)
         self.resize, self.regions, self.use_text, self.batch_size = bool(resize), regions, bool(use_text), int(batch_size)
-        self.blend_maps = bool(blend_maps)
         self.codes = bundle_codes(self.config, self.findings)
         self._check_encoder()
 
@@ -142,8 +135,10 @@ class FusionDiagnoser:
                 out = self.net(x, states, mask)
                 probs.append(torch.sigmoid(out["logits"]).float().cpu().numpy())
                 if maps:
-                    image_maps = self.net(x)["maps"] if states is not None and self.blend_maps else None
-                    heat.append(heat_maps(out["maps"], self.input_size, image_maps).float().cpu().numpy())
+                    m = F.interpolate(out["maps"], size=self.input_size, mode="bilinear", align_corners=False)
+                    lo = m.amin(dim=(2, 3), keepdim=True)
+                    hi = m.amax(dim=(2, 3), keepdim=True)
+                    heat.append(((m - lo) / (hi - lo).clamp(min=1e-6)).float().cpu().numpy())
         return np.concatenate(probs), (np.concatenate(heat) if maps else None)
 
     def diagnose(self, images: Any, texts: Sequence[str] | None = None, heatmaps: bool = True) -> list[Diagnosis]:
