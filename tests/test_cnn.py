@@ -323,3 +323,23 @@ def test_lenient_localisation_tolerance_is_2px_at_128px_scale() -> None:
         assert _near(mask, 50, 50 + int(tol), tol)  # at the tolerance: near
         assert not _near(mask, 50, 50 + int(tol) + 1, tol)  # one pixel further: not
     assert NEAR_PX * 256 / NEAR_SCALE == 4  # the issue's "2 px at 128 px, or the equivalent at 256 px"
+
+
+def test_localisation_interval_and_target_line() -> None:
+    """Each finding's lenient hit rate carries its Wilson 95 % interval; the target line names the
+    findings short of the per-finding target, with rate, interval and number of calls."""
+    from hygeia_lab.evaluation.diagnosers import hit_rate_interval
+    from hygeia_lab.evaluation.fusion import localisation_target
+
+    lo, hi = hit_rate_interval(231, 283)
+    z, p, n = 1.959964, 231 / 283, 283  # the Wilson score interval written out
+    centre, half = (p + z * z / (2 * n)) / (1 + z * z / n), z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    assert (lo, hi) == pytest.approx((centre - half, centre + half), abs=1e-6)
+    assert lo < 0.8 < 0.85 < hi  # 283 calls cannot tell 0.82 from 0.85
+    assert hit_rate_interval(169, 169)[1] == pytest.approx(1.0) and hit_rate_interval(169, 169)[0] > 0.97
+    row = lambda hits, n: {"localisation_n": n, "localisation_within_2px": hits / n,  # noqa: E731
+                           "localisation_within_2px_ci95": hit_rate_interval(hits, n)}
+    line = localisation_target({"per_finding": {"nodule": row(231, 283), "effusion": row(250, 250), "cardiomegaly": {}}})
+    assert "not met: nodule;" in line and "nodule 0.816 [0.767, 0.857] (283 calls)" in line
+    assert "effusion 1.000" in line and "cardiomegaly" not in line
+    assert ": met;" in localisation_target({"per_finding": {"effusion": row(250, 250)}})

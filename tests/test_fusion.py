@@ -210,6 +210,9 @@ def test_evaluate_table_json(tmp_path, capsys):
         for field in ("macro_auroc", "per_finding_auroc", "ece", "localisation_hit_rate"):
             assert field in res, f"{key}: {field} missing"
         assert 0 <= res["macro_auroc"] <= 1 and 0 <= res["ece"] <= 1
+    scored = [r for r in out["fusion"]["per_finding"].values() if r.get("localisation_n")]
+    assert scored and all(r["localisation_within_2px_ci95"][0] <= r["localisation_within_2px"]
+                          <= r["localisation_within_2px_ci95"][1] for r in scored)
     size = get_registry().create("diagnoser", "fusion").input_size[0]
     assert out["image_only"]["model"]["name"] == default_baseline(size, exclude="fusion")
     comp = out["comparison"]
