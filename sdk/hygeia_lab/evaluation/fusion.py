@@ -153,14 +153,15 @@ def localisation_target(result: dict[str, Any]) -> str:
     """The localisation target line: each finding's hit rate within ``NEAR_PX`` px (at 128 px) with
     its Wilson 95 % interval and number of calls, and whether every finding meets the target."""
     key, target = f"localisation_within_{NEAR_PX}px", TARGETS["localisation_each_finding"]
+    head = f"target localisation within {NEAR_PX} px (at 128 px) >= {target} for every finding:"
     rows = {f: r for f, r in result.get("per_finding", {}).items() if r.get("localisation_n")}
     if not rows:
-        return f"target localisation within {NEAR_PX} px (at 128 px) >= {target} for every finding: no calls to score"
+        return f"{head} no calls to score"
     parts = [f"{f} {r[key]:.3f} [{r[key + '_ci95'][0]:.3f}, {r[key + '_ci95'][1]:.3f}] ({r['localisation_n']} calls)"
              for f, r in rows.items()]
     short = [f for f, r in rows.items() if r[key] < target]
     verdict = "met" if not short else "not met: " + ", ".join(short)
-    return f"target localisation within {NEAR_PX} px (at 128 px) >= {target} for every finding: {verdict}; " + "; ".join(parts)
+    return f"{head} {verdict}; " + "; ".join(parts)
 
 
 def _roc_compare_png(path: Path, results: dict[str, dict[str, Any]]) -> Path:
