@@ -18,6 +18,9 @@ Shapes (batch ``B``, image tokens ``N = 16 * 16``, text tokens ``T``, width ``d`
         image logit    s_k = LSE-pool(S_k, r_k)          [B,5]        (log-sum-exp pooling)
         text logit     u_k = w_k . attn(q_k, text tokens) [B,5]        (one query per finding)
         logit_k = s_k + u_k + b_k
+    localiser (optional, ``localise`` = a finding's index): a MONAI UNet on the image alone whose
+        output, average-pooled to the map grid, replaces that finding's evidence map in ``maps``
+        (not in s_k): where the finding lies, given that it is present (hygeia_fusion._localiser)
 
 Without text only the "no text" token is present: ``u_k`` is then a learned constant and the
 model is a pure image classifier whose evidence maps are its class activation maps.
@@ -99,6 +102,8 @@ class FusionNet(nn.Module):
         stem: int = 3,
         mean: float = 0.0,
         std: float = 1.0,
+        localise: int = -1,
+        localiser_channels: Sequence[int] = (),
     ) -> None:
         super().__init__()
         from monai.networks.nets import ResNet
@@ -140,6 +145,8 @@ class FusionNet(nn.Module):
         self.text_w = nn.Parameter(torch.zeros(n_findings, width))
         self.bias = nn.Parameter(torch.zeros(n_findings))
         self.drop = nn.Dropout(dropout)
+        self.localise = int(localise)
+        self.localiser = localiser_net(localiser_channels) if self.localise >= 0 else None
 
     def image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         return self._image_tokens(images)[0]
@@ -202,7 +209,28 @@ class FusionNet(nn.Module):
         u = (self.tnorm(tq) * self.text_w).sum(-1)  # [B, 5]
         logits = s_img + u + self.bias
         maps = s_map.transpose(1, 2).reshape(bsz, self.n_findings, side, side)
+        if self.localiser is not None:
+            k = self.localise
+            maps = torch.cat([maps[:, :k], self.localise_map(images, side), maps[:, k + 1:]], 1)
         return {"logits": logits, "maps": maps, "image_logits": s_img, "text_logits": u}
+
+
+    def localise_map(self, images: torch.Tensor, side: int) -> torch.Tensor:
+        """The localiser's logits ``[B, 1, side, side]`` (average-pooled from the input size)."""
+        y = self.localiser((images - self.mean) / self.std)
+        return F.avg_pool2d(y, y.shape[-1] // side) if y.shape[-1] != side else y
+
+
+def localiser_net(channels: Sequence[int]) -> nn.Module:
+    """The localiser: a 2-D MONAI UNet, one input and one output channel, stride 2 per level, BatchNorm
+    (an affine map at inference, so the compiled graphs agree with eager even on a blank image)."""
+    from monai.networks.nets import UNet
+
+    ch = tuple(int(c) for c in channels)
+    if len(ch) < 2 or min(ch) < 1:
+        raise InputError("localiser channels", "two or more positive channel counts, e.g. [8, 16, 32, 64, 128]",
+                         got=repr(list(channels)))
+    return UNet(2, 1, 1, channels=ch, strides=(2,) * (len(ch) - 1), num_res_units=1, norm="batch")
 
 
 @functools.lru_cache(maxsize=4)

@@ -176,7 +176,17 @@ def train(out: str | Path = WEIGHTS, seed: int = 0, progress: bool = True, epoch
     ``baselines`` (also fit the text-only and late-fusion heads, :mod:`hygeia_fusion._baselines`),
     ``threads`` (CPU threads; 0: every core), ``width``, ``layers``, ``data_dir`` (cache phantom
     sets and text states there).
+
+    ``stage=localiser`` (with ``init``, a fusion bundle) trains a localiser for one finding onto that
+    bundle instead: :func:`hygeia_fusion._localiser.train_localiser` (its options are listed there).
     """
+    stage = options.pop("stage", "fusion")
+    if stage == "localiser":
+        from ._localiser import train_localiser
+
+        return train_localiser(out, seed, progress, epochs=epochs, device=device, **options)
+    if stage != "fusion":
+        raise InputError("option stage", "fusion (the default) or localiser", got=repr(stage))
     if options.get("data") is not None:  # the user's labelled studies (hygeia_fusion._user_data)
         from ._user_data import train_on_files
 
