@@ -83,6 +83,8 @@ def test_hit_rate_tolerance_is_2px_at_128():
     (dict(stage="localiser"), "init"),
     (dict(stage="localiser", init="INIT", finding="fracture"), "finding"),
     (dict(stage="localiser", init="INIT", widths=[8]), "option"),
+    (dict(stage="localiser", init="INIT", n_train="many"), "n_train"),
+    (dict(stage="localiser", init="INIT", n_val=0), "n_val"),
 ])
 def test_localiser_stage_refuses_bad_options(tmp_path, opts, match):
     from hygeia_fusion.plugin import WEIGHTS

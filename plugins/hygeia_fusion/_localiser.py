@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from hygeia.bundles import load_bundle, pick_device, save_bundle
 from hygeia.errors import InputError
+from hygeia.validation import check_option_values
 from hygeia.vocab import FINDING_LABELS
 
 from ._losses import pointing_loss
@@ -51,19 +52,26 @@ def train_localiser(out: str | Path, seed: int = 0, progress: bool = True, epoch
     if unknown:
         raise InputError("option", f"with stage=localiser, one of {', '.join(sorted(LOCALISER_DEFAULTS))}",
                          got=", ".join(sorted(unknown)))
+    check_option_values(options, LOCALISER_DEFAULTS)
     o = {**LOCALISER_DEFAULTS, **options, "epochs": int(epochs) if epochs is not None else 5}
+    if o["epochs"] < 1 or min(int(o["n_train"]), int(o["n_val"]), int(o["batch_size"])) < 1:
+        raise InputError("option", "epochs, n_train, n_val and batch_size of 1 or more",
+                         got=f"{o['epochs']}, {o['n_train']}, {o['n_val']}, {o['batch_size']}")
     if not o["init"]:
         raise InputError("option init", "the fusion bundle the localiser is added to (--init BUNDLE)", got="none")
     o["init"] = str(o["init"])
     b = load_bundle(o["init"])
     findings = list(b.config.get("findings", FINDING_LABELS))
-    if o["finding"] not in findings:
-        raise InputError("option finding", f"one of the bundle's findings ({', '.join(findings)})", got=repr(o["finding"]))
+    if o["finding"] not in findings or o["finding"] not in FINDING_LABELS:  # phantoms draw FINDING_LABELS only
+        ok = [f for f in findings if f in FINDING_LABELS]
+        raise InputError("option finding", f"one of the bundle's phantom findings ({', '.join(ok)})",
+                         got=repr(o["finding"]))
     arch = {**b.config["architecture"], "localise": findings.index(o["finding"]),
             "localiser_channels": [int(c) for c in o["channels"]]}
     torch.manual_seed(seed)  # the localiser's initial weights, then the order of the batches
     net = FusionNet(**{**arch, "widths": tuple(arch["widths"])})
-    keep = {k: v for k, v in b.tensors.items() if not k.startswith((BASELINES, "localiser."))}  # a localiser is replaced
+    # everything but the baselines and an earlier localiser (which is replaced)
+    keep = {k: v for k, v in b.tensors.items() if not k.startswith((BASELINES, "localiser."))}
     missing, _ = net.load_state_dict(keep, strict=False)
     if any(not k.startswith("localiser.") for k in missing):
         raise InputError(f"--init bundle {str(o['init'])!r}", "a fusion bundle", got=f"no tensor {missing[0]}")
@@ -90,7 +98,8 @@ def train_localiser(out: str | Path, seed: int = 0, progress: bool = True, epoch
     card = dataclasses.replace(
         b.card, metrics={**b.card.metrics, f"val_localiser_{o['finding']}_within_{HIT_PX_AT_128}px_at_128":
                          best["val_hit_rate"], "val_localiser_phantoms": int(o["n_val"])},
-        training_data=_before_localiser(b.card.training_data, o["finding"]) + f"; then the {o['finding']} localiser: `{command(o, seed)}`.",
+        training_data=(_before_localiser(b.card.training_data, o["finding"])
+                       + f"; then the {o['finding']} localiser: `{command(o, seed)}`."),
         limitations=_limitations(b.card.limitations, o["finding"]))
     tensors = {**{k: v.detach().cpu() for k, v in net.state_dict().items()},
                **{k: v for k, v in b.tensors.items() if k.startswith(BASELINES)}}

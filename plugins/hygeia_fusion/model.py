@@ -214,7 +214,6 @@ class FusionNet(nn.Module):
             maps = torch.cat([maps[:, :k], self.localise_map(images, side), maps[:, k + 1:]], 1)
         return {"logits": logits, "maps": maps, "image_logits": s_img, "text_logits": u}
 
-
     def localise_map(self, images: torch.Tensor, side: int) -> torch.Tensor:
         """The localiser's logits ``[B, 1, side, side]`` (average-pooled from the input size)."""
         y = self.localiser((images - self.mean) / self.std)

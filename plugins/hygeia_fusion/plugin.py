@@ -9,10 +9,10 @@ all-MiniLM-L6-v2), truncated with a warning past its 128-token limit.
 Localisation: each finding's evidence map (half the input size: 128x128 for the shipped 256 px
 weights, trained against the phantoms' finding masks) is upsampled bilinearly to the image size and
 min-max scaled to [0, 1]: that is the heat map. A bundle with a localiser (the shipped one, for
-nodules: :mod:`hygeia_fusion._localiser`) takes that finding's map from the localiser instead. Its peak becomes the finding's region: a point for
-nodules; for the other findings the convex hull of the heat map's connected part at >= 50% of the
-peak around it (a closed polyline). Regions are given for findings called present (probability >=
-threshold).
+nodules: :mod:`hygeia_fusion._localiser`) takes that finding's map from the localiser instead.
+The peak becomes the finding's region: a point for nodules; for the other findings the convex hull
+of the heat map's connected part at >= 50% of the peak around it (a closed polyline). Regions are
+given for findings called present (probability >= threshold).
 
 This module also holds the model card (:func:`card`) and the plugin's ``SPEC``; the trainer is
 :mod:`hygeia_fusion.train`, named by the spec and imported only when training starts.
