@@ -31,6 +31,8 @@ from hygeia.errors import InputError
 from hygeia.validation import check_option_values
 from hygeia.vocab import FINDING_LABELS
 
+from hygeia_lab.evaluation.diagnosers import NEAR_PX, NEAR_SCALE  # the evaluation's hit tolerance
+
 from ._losses import pointing_loss
 from .model import FusionNet
 
@@ -42,7 +44,6 @@ LOCALISER_DEFAULTS: dict[str, Any] = {
 ``n_train`` / ``n_val`` phantoms that all show the finding (a share ``paired`` of them with one
 other finding too); ``shift`` (max translation in px); ``lr`` (peak of a one-cycle schedule)."""
 BASELINES = "baselines."
-HIT_PX_AT_128 = 2  # the hit tolerance: the peak within 2 px of the mask at 128 px (4 px at 256)
 
 
 def train_localiser(out: str | Path, seed: int = 0, progress: bool = True, epochs: int | None = None,
@@ -96,7 +97,7 @@ def train_localiser(out: str | Path, seed: int = 0, progress: bool = True, epoch
               "localiser_training": {"seed": seed, **{k: o[k] for k in LOCALISER_DEFAULTS}, "epochs": o["epochs"],
                                      "device": str(dev), "seconds": round(time.time() - t0, 1), "history": history}}
     card = dataclasses.replace(
-        b.card, metrics={**b.card.metrics, f"val_localiser_{o['finding']}_within_{HIT_PX_AT_128}px_at_128":
+        b.card, metrics={**b.card.metrics, f"val_localiser_{o['finding']}_within_{NEAR_PX}px_at_{NEAR_SCALE}":
                          best["val_hit_rate"], "val_localiser_phantoms": int(o["n_val"])},
         training_data=(_before_localiser(b.card.training_data, o["finding"])
                        + f"; then the {o['finding']} localiser: `{command(o, seed)}`."),
@@ -156,7 +157,7 @@ def hit_rate(net: FusionNet, images: np.ndarray, masks: np.ndarray, dev: torch.d
     from scipy import ndimage
 
     size = images.shape[-1]
-    px = HIT_PX_AT_128 * size / 128
+    px = NEAR_PX * size / NEAR_SCALE
     hits = 0
     net.eval()
     with torch.no_grad():
